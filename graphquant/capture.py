@@ -10,8 +10,11 @@ and filled in automatically by :meth:`CapturedGraph.__call__`.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,13 +233,19 @@ def capture(model: nn.Module, example_inputs=None) -> CapturedGraph:
     constant_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     was_training = model.training
     model.eval()
+    # torch.export prints the partial FX graph to stderr when it fails: buffer stderr, replay it on
+    # success and drop it on failure (the original exception, chained below, keeps .partial_fx_graph)
+    err = io.StringIO()
     try:
         ds_args, ds_kwargs = _dynamic_shapes(args, kwargs)
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(err):
             dynamic_shapes = (*ds_args, *ds_kwargs.values()) if args else ds_kwargs
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - we re-raise with a clear message
         raise CaptureError(_explain_export_failure(model, e)) from e
+    else:
+        if err.getvalue():
+            sys.stderr.write(err.getvalue())
     finally:
         model.train(was_training)
     gm = ep.module()
@@ -245,6 +254,9 @@ def capture(model: nn.Module, example_inputs=None) -> CapturedGraph:
     for k, hook in list(gm._forward_pre_hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
             del gm._forward_pre_hooks[k]
+    drop_metadata_asserts(gm)
+    if _all_float64(model):
+        promote_downcasts(gm)
     by_id = _param_aliases(model)
     aliases: dict[str, list[str]] = {}
     for target, tensor in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
@@ -255,6 +267,48 @@ def capture(model: nn.Module, example_inputs=None) -> CapturedGraph:
         aliases[target] = sorted(set(names or [target]))
     return CapturedGraph(gm=gm, model_class=type(model).__name__, example_args=args, example_kwargs=tensor_kwargs,
                          constant_kwargs=constant_kwargs, param_aliases=aliases, config=getattr(model, "config", None))
+
+
+def drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """Remove ``_assert_tensor_metadata`` nodes: export's dtype/device asserts, which rewrites
+    that change dtypes (float64 promotion, quantization) would trip."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target == torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(n)
+    gm.recompile()
+
+
+def _all_float64(model: nn.Module) -> bool:
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return bool(floats) and all(d == torch.float64 for d in floats)
+
+
+_DOWNCAST_OPS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout}
+
+
+def promote_downcasts(gm: fx.GraphModule) -> int:
+    """In a float64 model, make casts of float64 values to a narrower float type no-ops.
+
+    Hugging Face norms "upcast" to float32 for precision, which in a float64 model is a downcast
+    that limits the whole model to float32 accuracy. Capture removes those, so a float64 model
+    really computes in float64 (rewrites can then be checked to 1e-9). Returns the count removed.
+    """
+    removed = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in _DOWNCAST_OPS:
+            continue
+        src = n.args[0]
+        val = src.meta.get("val") if isinstance(src, fx.Node) else None
+        dtype = n.args[1] if n.target == torch.ops.aten.to.dtype and len(n.args) > 1 else n.kwargs.get("dtype")
+        if isinstance(val, torch.Tensor) and val.dtype == torch.float64 and dtype in (torch.float32, torch.float16,
+                                                                                       torch.bfloat16):
+            n.replace_all_uses_with(src)
+            gm.graph.erase_node(n)
+            removed += 1
+    if removed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return removed
 
 
 _HINTS = [

