@@ -1,14 +1,15 @@
 """graphquant: a torch.export graph-transformation compiler for post-training quantization of LLMs."""
-from .api import analyze, rewrite
+from . import config
+from .api import ModelQuantizer, analyze, quantize, rewrite
 from .capture import CapturedGraph, capture
 from .errors import (CalibrationError, CaptureError, CheckpointError, ConfigError, EquivalenceError, GraphQuantError,
                      PassError, UnsupportedHadamardSize, UnsupportedModelError)
-from .graph_model import GraphModel
+from .graph_model import GraphModel, QuantizedModel
 from .passes import PassContext, PassManager, register_pass
 from .patterns import Pattern, PatternReport, register_pattern
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "rewrite", "GraphModel", "PassContext", "PassManager", "register_pass", "capture", "CapturedGraph", "Pattern", "PatternReport", "register_pattern",
+__all__ = ["analyze", "rewrite", "quantize", "ModelQuantizer", "QuantizedModel", "config", "GraphModel", "PassContext", "PassManager", "register_pass", "capture", "CapturedGraph", "Pattern", "PatternReport", "register_pattern",
            "GraphQuantError", "CaptureError", "UnsupportedModelError", "ConfigError", "UnsupportedHadamardSize",
            "CalibrationError", "EquivalenceError", "PassError", "CheckpointError"]

@@ -7,7 +7,7 @@ from torch import nn
 
 from .capture import capture
 from .equivalence import EquivalenceGuard
-from .graph_model import GraphModel
+from .graph_model import GraphModel, QuantizedModel
 from .passes import PassContext, PassManager
 from .passes.manager import registered_passes, user_passes
 from .patterns.report import PatternReport, analyze_graph
@@ -61,3 +61,88 @@ def rewrite(model: nn.Module, pre_quant_opt_config, calib_data=None, example_inp
     ctx = PassContext(captured, report, plan, calib_data=calib_data)
     errors = run_pipeline(ctx, plan.passes(), check)
     return GraphModel(captured, report, plan, ctx.log, errors)
+
+
+def _as_config(config):
+    from .config import Config, preset
+
+    if isinstance(config, str):
+        return preset(config)
+    if not isinstance(config, Config):
+        from .errors import ConfigError
+
+        raise ConfigError(f"config must be a graphquant.config.Config or a preset name, got {type(config).__name__}; "
+                          "e.g. graphquant.config.preset('w_int8_a_int8_per_tensor_sym')")
+    return config
+
+
+def _materialize(calib_data):
+    if calib_data is None:
+        return None
+    import torch
+
+    if isinstance(calib_data, (torch.Tensor, dict)):
+        return [calib_data]
+    try:
+        return list(calib_data)
+    except TypeError:
+        from .errors import CalibrationError
+
+        raise CalibrationError(f"calibration data must be an iterable of batches, got {type(calib_data).__name__}") \
+            from None
+
+
+def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, inplace: bool = False,
+             check: bool = True, lower: bool = False, keep_float_weights: bool = False,
+             progress: bool = True) -> QuantizedModel:
+    """Quantize ``model`` as ``config`` says and return a ``QuantizedModel`` that takes the model's
+    inputs and returns its outputs (logits).
+
+    Pipeline: capture -> analyze -> plan -> pre-quantization rewrites (``config.pre_quant_opt_config``:
+    smoothing, R1/R2, online R3/R4; each checked for float equivalence) -> algorithms
+    (``config.algo_config``: GPTQ, AWQ, AutoSmoothQuant) -> Q/DQ insertion and calibration ->
+    lowering to low-precision kernels (``lower=True``).
+
+    ``config``: a ``graphquant.config.Config`` or a preset name. ``calib_data``: an iterable of
+    ``input_ids`` tensors or dicts of model inputs (needed for static activation scales, smoothing
+    and the algorithms). The user's model is not modified unless ``inplace=True``.
+    ``keep_float_weights`` keeps the float weights so ``disable_quantizers()`` can compare.
+    """
+    config = _as_config(config)
+    calib = _materialize(calib_data)
+    captured, report = _prepare(model, example_inputs, inplace)
+    plan = make_plan(report, list(config.pre_quant_opt_config or []), exclude=list(config.exclude or []))
+    ctx = PassContext(captured, report, plan, config=config, calib_data=calib)
+    ctx.stats["keep_float_weights"] = keep_float_weights
+    ctx.stats["progress"] = progress
+    passes = plan.passes() + _algorithm_passes(config) + ["insert_qdq"] + (["lower"] if lower else [])
+    errors = run_pipeline(ctx, passes, check)
+    qm = QuantizedModel(captured, report, plan, ctx.log, errors, config)
+    qm.lowering = ctx.stats.get("lowering", {})
+    return qm
+
+
+def _algorithm_passes(config) -> list[str]:
+    algos = config.algo_config or []
+    if not isinstance(algos, (list, tuple)):
+        algos = [algos]
+    names = []
+    for a in algos:
+        name = getattr(a, "name", type(a).__name__).lower()
+        if name not in registered_passes():
+            from .errors import ConfigError
+
+            raise ConfigError(f"algorithm {name!r} is not available; available: "
+                              f"{[n for n in ('gptq', 'awq', 'autosmoothquant') if n in registered_passes()]}")
+        names.append(name)
+    return names
+
+
+class ModelQuantizer:
+    """Quark-style entry point: ``ModelQuantizer(config).quantize_model(model, calib_dataloader)``."""
+
+    def __init__(self, config):
+        self.config = _as_config(config)
+
+    def quantize_model(self, model: nn.Module, dataloader=None, example_inputs=None, **kwargs) -> QuantizedModel:
+        return quantize(model, self.config, dataloader, example_inputs=example_inputs, **kwargs)

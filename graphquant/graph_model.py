@@ -30,3 +30,67 @@ class GraphModel(nn.Module):
             rest = {k: v for k, v in e.items() if k != "pass"}
             lines.append(f"[{e.get('pass')}] " + ", ".join(f"{k}={v}" for k, v in rest.items()))
         return "\n".join(lines)
+
+
+class QuantizedModel(GraphModel):
+    """A quantized model: call it like the original. Carries ``report``, ``plan``, ``log``,
+    ``config`` (the graphquant ``Config``) and ``lowering`` (what runs on real kernels)."""
+
+    def __init__(self, captured, report=None, plan=None, log=None, equivalence=None, quant_config=None):
+        super().__init__(captured, report, plan, log, equivalence)
+        self.quant_config = quant_config
+        self.lowering: dict = {}
+        self._bypassed: list = []
+
+    def quantizer_nodes(self):
+        from .passes.quantize import QDQ_TAG
+
+        return [n for n in self.gm.graph.nodes if QDQ_TAG in n.meta]
+
+    def disable_quantizers(self) -> None:
+        """Bypass every quantizer: activations pass through, weights are read in float. Needs the
+        float weights (``quantize(..., keep_float_weights=True)``)."""
+        import torch
+
+        from .passes.quantize import QDQ_TAG
+
+        if self._bypassed:
+            return
+        g = self.gm.graph
+        for n in self.quantizer_nodes():
+            info = n.meta[QDQ_TAG]
+            if info["role"] == "weight":
+                target = info["float_weight"]
+                try:
+                    self.captured.param(target)
+                except AttributeError:
+                    raise RuntimeError("the float weights were not kept; quantize with keep_float_weights=True to "
+                                       "compare with quantizers disabled") from None
+                with g.inserting_before(n):
+                    src = g.get_attr(target)
+            else:
+                src = n.args[0]
+            users = list(n.users)
+            for u in users:
+                u.replace_input_with(n, src)
+            self._bypassed.append((n, src, users))
+        self.gm.recompile()
+        _ = torch
+
+    def enable_quantizers(self) -> None:
+        g = self.gm.graph
+        for n, src, users in self._bypassed:
+            for u in users:
+                u.replace_input_with(src, n)
+            if src.op == "get_attr" and not src.users:
+                g.erase_node(src)
+        self._bypassed = []
+        self.gm.recompile()
+
+    def parameter_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.gm.parameters()) + list(self.gm.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
