@@ -446,12 +446,12 @@ class QuantizationConfig:
         for name in ("weight", "bias"):
             s = getattr(self, name)
             if s is not None and not s.is_cast:
-                if s.is_dynamic:
-                    raise ConfigError(f"QuantizationConfig.{name}: {name}s are quantized once, offline; "
-                                      f"set is_dynamic=False")
                 if s.qscheme == QSchemeType.per_token:
                     raise ConfigError(f"QuantizationConfig.{name}: per_token is for activations; use "
                                       f"per_channel (or per_tensor/per_group) for {name}s")
+                if s.is_dynamic:
+                    raise ConfigError(f"QuantizationConfig.{name}: {name}s are quantized once, offline; "
+                                      f"set is_dynamic=False")
 
     @property
     def is_empty(self) -> bool:

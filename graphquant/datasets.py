@@ -33,8 +33,8 @@ import torch
 from .errors import CalibrationError
 
 __all__ = ["DatasetNotFoundError", "shared_dir", "load_text", "gutenberg_books", "encode", "tokenize_stream",
-           "cut_windows", "tokenize_windows", "calibration_batches", "gutenberg_eval_windows", "load_sentences",
-           "sentence_batches", "PACKAGE_DATA"]
+           "cut_windows", "tokenize_windows", "calibration_batches", "gutenberg_eval_stream", "gutenberg_eval_windows",
+           "load_sentences", "sentence_batches", "PACKAGE_DATA"]
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 WIKITEXT_TEST = PACKAGE_DATA / "wikitext2_test.txt"
@@ -236,22 +236,31 @@ def calibration_batches(tokenizer, dataset: str = "wikitext", num_calib_data: in
     return [{"input_ids": picked[i:i + batch_size]} for i in range(0, num_calib_data, batch_size)]
 
 
-def gutenberg_eval_windows(tokenizer, seqlen: int = 512, num_windows: int | None = None) -> torch.Tensor:
-    """gq-llama-20m's evaluation protocol: ``(N, seqlen)`` windows of the Gutenberg validation stream.
+def gutenberg_eval_stream(tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """gq-llama-20m's validation stream: the three books each encoded as ``<s> book </s>``, concatenated.
 
-    The stream is the three books each encoded as ``<s> book </s>``, concatenated (603,347 tokens with
-    gq-llama-20m's tokenizer), cut into non-overlapping windows from offset 0 with the tail dropped:
-    1178 windows of 512 tokens. Score each with ``model(ids, labels=ids).loss`` and take
-    ``exp(mean window loss)``, as :func:`graphquant.eval.perplexity` does. With ``num_windows`` only as many
-    books as needed are tokenized.
+    603,347 tokens with gq-llama-20m's tokenizer. With ``max_tokens``, books are tokenized only until the
+    stream is at least that long (the prefix is the same).
     """
     parts: list[int] = []
-    need = None if num_windows is None else num_windows * seqlen
     for book in gutenberg_books():
         parts.extend(encode(tokenizer, book, bos=True, eos=True))
-        if need is not None and len(parts) >= need:
+        if max_tokens is not None and len(parts) >= max_tokens:
             break
-    return cut_windows(torch.tensor(parts, dtype=torch.long), seqlen, num_windows, what="the Gutenberg validation stream")
+    return torch.tensor(parts, dtype=torch.long)
+
+
+def gutenberg_eval_windows(tokenizer, seqlen: int = 512, num_windows: int | None = None) -> torch.Tensor:
+    """gq-llama-20m's evaluation protocol: ``(N, seqlen)`` windows of :func:`gutenberg_eval_stream`.
+
+    Non-overlapping windows from offset 0, tail dropped: 1178 windows of 512 tokens (all of them by default,
+    or the first ``num_windows``, for which only the books needed are tokenized). Score each with
+    ``model(ids, labels=ids).loss`` and take ``exp(mean window loss)``, as
+    :func:`graphquant.eval.perplexity` does.
+    """
+    need = None if num_windows is None else num_windows * seqlen
+    return cut_windows(gutenberg_eval_stream(tokenizer, need), seqlen, num_windows,
+                       what="the Gutenberg validation stream")
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")

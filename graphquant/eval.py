@@ -98,7 +98,11 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def _token_nll(model, ids: torch.Tensor) -> torch.Tensor:
     """Per-prediction negative log-likelihood ``(batch, seq - 1)`` in float32."""
     logits = _logits(model, ids)
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    b, t, v = logits.shape
+    # (N, V) layout: CPU log_softmax over the last, contiguous dim is the accurate path (the (B, V, T) layout
+    # differs from HF's loss by ~1e-5)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1), reduction="none")
+    return nll.reshape(b, t - 1)
 
 
 def perplexity(model, token_ids, seqlen: int | None = None, stride: int | None = None, batch_size: int = 1,

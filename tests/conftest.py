@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def hadamard_module():
     except ImportError:
         return None
     return hadamard
+
+
+def check_factorization(info: dict, n: int) -> str:
+    """Check a report's Hadamard record for order ``n`` against ``graphquant.hadamard`` and return the
+    ``"m·2^k"`` text. Uses only the public ``is_supported``; the factorization must multiply back to n."""
+    had = hadamard_module()
+    assert info["size"] == n
+    assert info["supported"] is bool(had.is_supported(n)), info
+    if not info["supported"]:
+        assert info["reason"]
+        return "none"
+    m = re.fullmatch(r"(\d+)·2\^(\d+)", info["factorization"])
+    assert m, info
+    assert int(m.group(1)) * 2 ** int(m.group(2)) == n
+    return info["factorization"]
 
 
 @dataclass

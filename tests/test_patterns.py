@@ -9,7 +9,7 @@ import torch
 import graphquant as gq
 from graphquant.models.tiny import ARCHITECTURES
 
-from conftest import hadamard_module
+from conftest import check_factorization, hadamard_module
 
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt")
 ROPE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
@@ -43,7 +43,9 @@ def test_counts_two_layers(tiny_analysis, arch):
     assert rs.details["hidden_size"] == 64
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+# one representative per graph shape keeps the suite fast: separate q/k/v + gate/up (llama), fused
+# qkv + gate_up (phi3), pre-LN LayerNorm with relu (opt), post-LN encoder with gelu (bert)
+@pytest.mark.parametrize("arch", ["llama", "phi3", "opt", "bert"])
 def test_counts_scale_linearly_with_layers(tiny_analysis, arch):
     two, three = tiny_analysis(arch, 2).report.counts(), tiny_analysis(arch, 3).report.counts()
     assert three == expected_counts(arch, 3)
@@ -200,14 +202,16 @@ def test_hadamard_feasibility_recorded(tiny_analysis):
     if had is None:
         pytest.skip("graphquant.hadamard not available yet")
     report = tiny_analysis("llama").report
+    assert had.is_supported(16) and had.is_supported(64) and had.is_supported(128)  # powers of two
     for p in report.of_kind("attention_qk"):
-        info = p.details["hadamard"]
-        m, k = had.factorize(16)
-        assert info["supported"] and info["factorization"] == f"{m}·2^{k}" and m * 2 ** k == 16
-        assert "R3" in p.applies
+        check_factorization(p.details["hadamard"], 16)
+        assert "R3" in p.applies, p.blocked
+    for p in report.of_kind("attention_vo"):
+        check_factorization(p.details["hadamard"], 16)
     for p in report.of_kind("linear_linear"):
-        assert p.details["hadamard"]["supported"] and "R4" in p.applies
-    assert report.residual_stream.details["hadamard"]["supported"]
+        check_factorization(p.details["hadamard"], 128)
+        assert "R4" in p.applies, p.blocked
+    check_factorization(report.residual_stream.details["hadamard"], 64)
 
 
 def test_analyze_leaves_model_unchanged(tiny_analysis):
@@ -360,9 +364,10 @@ def test_all_minilm_l6_v2(minilm_report):
     had = hadamard_module()
     if had is None:
         pytest.skip("graphquant.hadamard not available yet: R4 feasibility cannot be decided")
-    m, k = had.factorize(1536)  # 1536 = 12·2^7 (or 3·2^9 if order 3... has none: 12 is the classical one)
-    assert m * 2 ** k == 1536
+    # 1536 = 12·2^7 (12 is a Paley I order); if the library cannot build it, R4 must say so
     for p in report.of_kind("linear_linear"):
-        info = p.details["hadamard"]
-        assert info["supported"] and info["factorization"] == f"{m}·2^{k}"
-        assert "R4" in p.applies, p.blocked
+        fact = check_factorization(p.details["hadamard"], 1536)
+        if fact == "none":
+            assert "R4" in p.blocked and "1536" in p.blocked["R4"]
+        else:
+            assert "R4" in p.applies, p.blocked

@@ -141,6 +141,22 @@ def test_int_rounding_ties(method, expected):
     assert q.tolist() == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(v=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=20),
+       halves=st.lists(st.integers(-2 ** 24, 2 ** 24), max_size=10),
+       dt=st.sampled_from([torch.float32, torch.float64]))
+def test_round_fns_match_reference(v, halves, dt):
+    """The fast exact rounding equals torch.round / torch.floor and a Python half-away reference,
+    on arbitrary floats, exact ties k + 1/2, and huge values."""
+    x = torch.tensor(v + [h + 0.5 for h in halves] + [2.0 ** 22 + 0.5, -(2.0 ** 23) + 1, 2.0 ** 23, 3e38],
+                     dtype=torch.float32).to(dt)
+    assert torch.equal(F.round_fn("half_even")(x), torch.round(x))
+    assert torch.equal(F.round_fn("floor")(x), torch.floor(x))
+    ref = torch.tensor([math.copysign(math.floor(abs(a) + 0.5), a) if abs(a) % 1 == 0.5 else round(a)
+                        for a in x.tolist()], dtype=dt)
+    assert torch.equal(F.round_fn("round")(x), ref)
+
+
 def test_round_half_away_exact_below_half():
     x = torch.tensor([0.49999997, -0.49999997, 2.5, -2.5, 1e8 + 0.0])
     assert F.round_half_away(x).tolist() == [0.0, -0.0, 3.0, -3.0, 1e8]
@@ -191,7 +207,7 @@ def test_int_fake_quant_properties(x, idx):
 
 
 @SETTINGS
-@given(lo=st.floats(-1e3, -1e-3, width=32), hi=st.floats(1e-3, 1e3, width=32),
+@given(lo=st.floats(-1024, -2.0 ** -10, width=32), hi=st.floats(2.0 ** -10, 1024, width=32),
        dtype=st.sampled_from([Dtype.uint8, Dtype.uint4]))
 def test_asymmetric_unsigned_zero_point_and_endpoints(lo, hi, dtype):
     spec = QuantizationSpec(dtype, symmetric=False)

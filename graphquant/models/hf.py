@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
-from .llama2c import Llama2cTokenizer, find_llama2c_files, is_llama2c_checkpoint, load_llama2c
+from .llama2c import Llama2cTokenizer, find_llama2c_files, load_llama2c, read_header
 
 __all__ = ["load_model", "load_tokenizer", "find_minilm_path", "is_hub_id"]
 
@@ -60,10 +60,14 @@ def find_minilm_path() -> Path | None:
 def _llama2c_source(p: Path) -> tuple[Path, Path | None] | None:
     """``(checkpoint, tokenizer)`` when ``p`` is a llama2.c file or folder, else None."""
     if p.is_file():
-        if p.suffix == ".bin" and is_llama2c_checkpoint(p):
-            found = find_llama2c_files(p.parent)
-            return p, (found[1] if found else None)
-        return None
+        if p.suffix != ".bin" or p.name.startswith("tok"):
+            return None
+        try:
+            read_header(p)  # a plausible header is enough: the loader reports a wrong size as truncation
+        except CheckpointError:
+            return None
+        found = find_llama2c_files(p.parent)
+        return p, (found[1] if found else None)
     found = find_llama2c_files(p)
     if found is None:
         return None
@@ -83,9 +87,10 @@ def _is_hf_config(path: Path) -> bool:
 
 def _offline_error(src: str, err: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"could not download {src!r} from the Hugging Face hub (offline?), and there is no local folder of that "
-        f"name; download it first (e.g. `huggingface-cli download {src} --local-dir DIR`) or pass a local folder "
-        f"with config.json; set HF_HUB_OFFLINE=1 to fail fast when offline. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        f"could not download {src!r} from the Hugging Face hub (offline?); download it first or pass a local "
+        f"folder with config.json (e.g. `huggingface-cli download {src} --local-dir DIR`, then pass DIR; "
+        f"set HF_HUB_OFFLINE=1 to fail fast when offline). [{type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}]")
 
 
 def _wants_causal_lm(config) -> bool | None:

@@ -20,6 +20,7 @@ unchanged because q and k get the same permutation, so attention is exactly the 
 """
 from __future__ import annotations
 
+import heapq
 import struct
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -300,20 +301,49 @@ class Llama2cTokenizer:
                 tokens.append(tid)
             else:
                 tokens.extend(byte + 3 for byte in b)
-        # greedy merges: best-scoring adjacent pair first, leftmost on ties
-        while True:
-            best_score, best_i, best_id = -1e10, -1, -1
-            for i in range(len(tokens) - 1):
-                tid = self._ids.get(self.pieces[tokens[i]] + self.pieces[tokens[i + 1]])
-                if tid is not None and self.scores[tid] > best_score:
-                    best_score, best_i, best_id = self.scores[tid], i, tid
-            if best_i < 0:
-                break
-            tokens[best_i:best_i + 2] = [best_id]
-        ids.extend(tokens)
+        ids.extend(self._merge(tokens))
         if eos:
             ids.append(self.eos_token_id)
         return ids
+
+    def _merge(self, tokens: list[int]) -> list[int]:
+        """llama2.c's merge loop (best-scoring adjacent pair first, leftmost on ties) in O(n log n).
+
+        run.c rescans all pairs after each merge; a heap keyed by (-score, original position) over a linked
+        list picks the same pair each time, since merging keeps the left-to-right order of positions.
+        """
+        n = len(tokens)
+        if n < 2:
+            return tokens
+        tok, nxt, prv = list(tokens), list(range(1, n)) + [-1], list(range(-1, n - 1))
+        alive = [True] * n
+        heap: list[tuple[float, int, int, int, int]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i]
+            if j >= 0:
+                tid = self._ids.get(self.pieces[tok[i]] + self.pieces[tok[j]])
+                if tid is not None:
+                    heapq.heappush(heap, (-self.scores[tid], i, tok[i], tok[j], tid))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, a, b, tid = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else -1
+            if j < 0 or tok[i] != a or tok[j] != b:
+                continue  # stale: one side was merged since this pair was pushed
+            tok[i], alive[j], nxt[i] = tid, False, nxt[j]
+            if nxt[j] >= 0:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        out, i = [], 0
+        while i >= 0:
+            out.append(tok[i])
+            i = nxt[i]
+        return out
 
     def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``: byte pieces become raw bytes, specials are dropped, the dummy-prefix space removed."""

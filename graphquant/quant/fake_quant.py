@@ -191,7 +191,7 @@ def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor,
     if spec.symmetric:
         zp = zeros + F.int_format(spec.dtype).symmetric_zero_point()
     else:
-        zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+        zp = (qmin - F.round_fn("half_even")(lo / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zp
 
 
@@ -218,7 +218,9 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     v = xg / s
     if spec.is_integer_format:
         zp = _group_param(zero_point, xf, a) if grouped else _bcast(zero_point, xf, spec)
-        q = (F.round_fn(spec.round_method)(v) + zp.to(torch.float32)).clamp(spec.qmin, spec.qmax)
+        # |codes| beyond 2^22 clamp to qmin/qmax either way; bounding first keeps rounding cheap
+        v = v.clamp(-F.ROUND_BOUND_F32, F.ROUND_BOUND_F32)
+        q = (F.round_fn(spec.round_method, bounded=True)(v) + zp.to(torch.float32)).clamp(spec.qmin, spec.qmax)
     else:
         q = F.round_to_float_format(v, F.float_format(spec.dtype), spec.round_method)
     if grouped:

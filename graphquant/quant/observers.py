@@ -224,7 +224,7 @@ class PerTensorPercentileObserver(ObserverBase):
             self.hist_range *= f
         R = self.hist_range
         w = R / B
-        idx = torch.floor((flat + R) / w).clamp_(0, 2 * B - 1).to(torch.int64)
+        idx = ((flat + R) / w).clamp_(0, 2 * B - 1).to(torch.int64)  # truncation == floor here
         self.hist += torch.bincount(idx, minlength=2 * B)
         self.count += flat.numel()
 
@@ -284,19 +284,23 @@ class _Reservoir:
 
 
 class PerTensorMSEObserver(ObserverBase):
-    """Chooses the clipping ratio ``r`` of the observed range (``[r min, r max]``, ``r`` from 1.0
-    down to ``min_ratio``) that minimises the quantization MSE on a bounded uniform sample
-    (``sample_size`` values) of everything observed. ``r = 1`` is the min/max range, so the
-    result is never worse than min/max on the sample; ties go to the larger range."""
+    """Chooses the clipping ratio ``r`` of the observed range (``[r min, r max]``) that minimises
+    the quantization MSE on a bounded uniform sample (``sample_size`` values) of everything
+    observed. The search is coarse-to-fine: ``num_ratios`` ratios spaced geometrically from 1.0
+    down to ``min_ratio``, then ``num_ratios // 5`` evenly spaced between the neighbours of the
+    best. ``r = 1`` (the min/max range) is a candidate, so the result is never worse than
+    min/max on the sample; ties go to the larger range."""
 
     qschemes = ("per_tensor",)
 
     def __init__(self, spec: QuantizationSpec | str, sample_size: int = 1 << 16, num_ratios: int = 100,
-                 min_ratio: float = 0.2, seed: int = 0):
+                 min_ratio: float = 0.01, seed: int = 0):
         if not 0.0 < min_ratio <= 1.0:
             raise ConfigError(f"min_ratio must be in (0, 1], got {min_ratio}")
+        if num_ratios < 2:
+            raise ConfigError(f"num_ratios must be >= 2, got {num_ratios}")
         self.sample_size, self.seed = sample_size, seed
-        self.ratios = [1.0 - (1.0 - min_ratio) * i / max(num_ratios - 1, 1) for i in range(num_ratios)]
+        self.ratios = [min_ratio ** (i / (num_ratios - 1)) for i in range(num_ratios)]
         super().__init__(spec)
 
     def reset(self) -> None:
@@ -315,8 +319,14 @@ class PerTensorMSEObserver(ObserverBase):
         return float(((fake_quantize(v, scale, zp, self.spec) - v) ** 2).mean())
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        errs = [self.mse(r) for r in self.ratios]
-        best = min(range(len(errs)), key=lambda i: (errs[i], i))
-        self.best_ratio = self.ratios[best]
+        coarse = self.ratios
+        errs = {r: self.mse(r) for r in coarse}
+        i = min(range(len(coarse)), key=lambda k: (errs[coarse[k]], k))
+        hi, lo = coarse[max(i - 1, 0)], coarse[min(i + 1, len(coarse) - 1)]
+        n = max(len(coarse) // 5, 2)
+        for k in range(n + 1):
+            r = hi - (hi - lo) * k / n
+            if r not in errs:
+                errs[r] = self.mse(r)
+        self.best_ratio = min(errs, key=lambda r: (errs[r], -r))
         return self.min_val * self.best_ratio, self.max_val * self.best_ratio
-

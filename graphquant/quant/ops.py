@@ -15,6 +15,9 @@ under ``torch.export`` (with dynamic dims) and ``torch.compile``. Outputs never 
 
 Call them as ``torch.ops.graphquant.fake_quant(x, scale, zp, spec_str)`` or through the Python
 handles below (``ops.fake_quant(...)``).
+
+The two fake-quant ops have a straight-through gradient (``d out / d x = 1``; none for scale and
+zero point), so gradient-based code can run through a fake-quantized graph.
 """
 from __future__ import annotations
 
@@ -72,3 +75,17 @@ def dynamic_fake_quant(x: torch.Tensor, spec: str) -> torch.Tensor:
 @dynamic_fake_quant.register_fake
 def _(x, spec):
     return torch.empty_like(x)
+
+
+def _straight_through(ctx, grad):
+    return (grad,) + (None,) * ctx.n_other
+
+
+def _setup_st(n_other):
+    def setup(ctx, inputs, output):
+        ctx.n_other = n_other
+    return setup
+
+
+fake_quant.register_autograd(_straight_through, setup_context=_setup_st(3))
+dynamic_fake_quant.register_autograd(_straight_through, setup_context=_setup_st(1))

