@@ -168,7 +168,8 @@ def tokenize_stream(tokenizer, text: str, bos: bool = True, eos: bool = False) -
     return torch.tensor(encode(tokenizer, text, bos=bos, eos=eos), dtype=torch.long)
 
 
-def cut_windows(stream: torch.Tensor, seqlen: int, num_windows: int | None = None, what: str = "the text") -> torch.Tensor:
+def cut_windows(stream: torch.Tensor, seqlen: int, num_windows: int | None = None,
+                what: str = "the text") -> torch.Tensor:
     """Non-overlapping ``seqlen`` windows of a 1-D stream from offset 0, tail dropped: ``(N, seqlen)``.
 
     ``num_windows`` keeps the first N; asking for more than the stream holds is a :class:`CalibrationError`.
@@ -177,11 +178,14 @@ def cut_windows(stream: torch.Tensor, seqlen: int, num_windows: int | None = Non
         raise CalibrationError(f"seqlen must be at least 2 (one prediction per window), got {seqlen}")
     stream = torch.as_tensor(stream, dtype=torch.long).reshape(-1)
     available = stream.numel() // seqlen
+    if num_windows is not None and num_windows < 1:
+        raise CalibrationError(f"num_windows must be positive, got {num_windows}")
     n = available if num_windows is None else num_windows
     if n > available or n < 1:
+        asked = f"{n} were requested" if num_windows is not None else "at least one is needed"
         raise CalibrationError(f"{what} gives {stream.numel():,} tokens, i.e. {available} windows of {seqlen} "
-                               f"tokens, but {n} were requested; lower the number of windows or the sequence "
-                               "length, or use a longer text")
+                               f"tokens, but {asked}; lower the number of windows or the sequence length, or use "
+                               "a longer text")
     return stream[: n * seqlen].reshape(n, seqlen).clone()
 
 
@@ -196,11 +200,11 @@ def tokenize_windows(tokenizer, text: str, seqlen: int, num_windows: int | None 
 
 def calibration_batches(tokenizer, dataset: str = "wikitext", num_calib_data: int = 16, seq_len: int = 512,
                         batch_size: int = 1, split: str | None = None, seed: int | None = 0,
-                        path: str | Path | None = None) -> list[dict[str, torch.Tensor]]:
+                        path: str | Path | None = None, bos: bool | None = None) -> list[dict[str, torch.Tensor]]:
     """Calibration data: a list of ``{"input_ids": LongTensor(batch, seq_len)}`` dicts.
 
-    The text (``dataset``, ``split``, ``path`` as in :func:`load_text`) is tokenized as one stream (BOS at
-    the start) and cut into non-overlapping ``seq_len`` windows. With an integer ``seed`` the
+    The text (``dataset``, ``split``, ``path`` as in :func:`load_text`) is tokenized as one stream (with a
+    BOS at the start when the tokenizer has one, or as ``bos`` says) and cut into non-overlapping ``seq_len`` windows. With an integer ``seed`` the
     ``num_calib_data`` windows are drawn without replacement from all of them (seeded, so repeatable; returned
     in stream order); with ``seed=None`` they are the first ``num_calib_data`` windows. They are grouped
     into batches of ``batch_size`` (the last batch may be smaller).
@@ -222,7 +226,9 @@ def calibration_batches(tokenizer, dataset: str = "wikitext", num_calib_data: in
                               "not available), which is also the default evaluation text; pass split='valid' with "
                               "path=... to a copy of wiki.valid.raw to keep them apart", stacklevel=2)
     text = load_text(dataset, split=split, path=path)
-    stream = tokenize_stream(tokenizer, text, bos=True)
+    if bos is None:
+        bos = getattr(tokenizer, "bos_token_id", None) is not None
+    stream = tokenize_stream(tokenizer, text, bos=bos)
     what = f"{dataset} ({split})" if is_wikitext else str(path or dataset)
     windows = cut_windows(stream, seq_len, None, what=what)
     if num_calib_data > windows.shape[0]:

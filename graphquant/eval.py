@@ -43,7 +43,8 @@ class PerplexityResult:
     num_tokens: int
 
     def __str__(self) -> str:
-        return f"ppl {self.ppl:.4f} (loss {self.mean_loss:.5f} over {self.num_windows} windows, {self.num_tokens} tokens)"
+        return (f"ppl {self.ppl:.4f} (loss {self.mean_loss:.5f} over {self.num_windows} windows, "
+                f"{self.num_tokens} tokens)")
 
 
 def _model_device(model) -> torch.device:

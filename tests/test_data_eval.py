@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 
 import pytest

@@ -189,6 +189,7 @@ def test_int_fake_quant_properties(x, idx):
     assert spec.qmin <= int(q.min()) and int(q.max()) <= spec.qmax
     assert spec.qmin <= int(zp) <= spec.qmax
     fq = fake_quantize(x, scale, zp, spec)
+    assert torch.equal(fq, dequantize(q, scale, zp, spec))
     assert torch.equal(fake_quantize(fq, scale, zp, spec), fq), "not idempotent"
     # error <= half a step everywhere inside the (0-widened) observed range
     tol = scale * 1e-5 + 1e-30
@@ -265,6 +266,7 @@ def test_float_fake_quant_representable_and_idempotent(x, dtype):
     assert q.dtype == storage_dtype(spec)
     assert torch.all(nearest_in(q.float(), signed_grid(dtype.value)) == 0)
     fq = fake_quantize(x, scale, zp, spec)
+    assert torch.equal(fq, dequantize(q, scale, zp, spec))
     assert torch.equal(fake_quantize(fq, scale, zp, spec), fq)
     assert torch.equal(torch.ops.graphquant.fake_quant(x, scale, zp, spec.to_op_str()), fq)
 

@@ -31,7 +31,7 @@ import torch
 from ..errors import CheckpointError
 
 __all__ = ["Llama2cHeader", "read_header", "is_llama2c_checkpoint", "find_llama2c_files", "load_llama2c",
-           "load_llama2c_state", "Llama2cTokenizer", "rope_permutation"]
+           "load_llama2c_state", "llama2c_config", "Llama2cTokenizer", "rope_permutation"]
 
 HEADER_BYTES = 7 * 4
 _LLAMA2C_V1_MAGIC = 0x616B3432  # "ak42": llama2.c's newer export versions 1 and 2, not supported here
@@ -127,8 +127,8 @@ def find_llama2c_files(folder: str | Path) -> tuple[Path, Path | None] | None:
     toks = [p for p in bins if p.name.startswith("tok")]
     ckpts = []
     for p in bins:
-        if p in toks or p.name == "pytorch_model.bin" or p.name.startswith("pytorch_model-") or p.name == "training_args.bin":
-            continue
+        if p in toks or p.name.startswith(("pytorch_model", "training_args")):
+            continue  # tokenizer files and HF / Trainer pickles
         try:
             read_header(p)
         except CheckpointError:
@@ -173,8 +173,8 @@ def load_llama2c_state(path: str | Path) -> tuple[Llama2cHeader, dict[str, np.nd
     actual, expected = ckpt.stat().st_size, header.expected_bytes()
     if actual != expected:
         what = "truncated" if actual < expected else "has trailing data (another format or version?)"
-        raise CheckpointError(f"llama2.c checkpoint {ckpt} is {what}: the header {header} implies {expected:,} bytes, "
-                              f"the file has {actual:,} bytes")
+        raise CheckpointError(f"llama2.c checkpoint {ckpt} is {what}: expected {expected:,} bytes (from its header: "
+                              f"{header}), actual size {actual:,} bytes")
     data = np.fromfile(ckpt, dtype="<f4", offset=HEADER_BYTES)
     arrays, pos = {}, 0
     for name, shape in header.array_shapes():
@@ -286,7 +286,8 @@ class Llama2cTokenizer:
     def __len__(self) -> int:
         return len(self.pieces)
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False, add_special_tokens: bool | None = None) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               add_special_tokens: bool | None = None) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` (HF spelling) overrides ``bos`` when given."""
         if add_special_tokens is not None:
             bos = add_special_tokens

@@ -191,41 +191,65 @@ def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor,
     if spec.symmetric:
         zp = zeros + F.int_format(spec.dtype).symmetric_zero_point()
     else:
-        zp = (qmin - F.round_fn("half_even")(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+        zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zp
 
 
 # =========================================================================== quantize / dequantize
+def _uses_zero_point(spec: QuantizationSpec) -> bool:
+    """Signed symmetric ints and float formats have zero point 0 by definition (ignored)."""
+    return spec.is_integer_format and not (spec.symmetric and F.int_format(spec.dtype).signed)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+           spec: QuantizationSpec) -> torch.Tensor:
+    """Quantized codes/values of ``x`` as float32 (exact integers or grid values)."""
+    xf = x.to(torch.float32)
+    scale = scale.to(torch.float32)
+    grouped = spec.is_mx or spec.qscheme == QSchemeType.per_group
+    if grouped:
+        xg, a = _to_groups(xf, spec)
+        v = xg / _group_param(scale, xf, a)
+    else:
+        v = xf / _bcast(scale, xf, spec)
+    if spec.is_mx:
+        q = F.round_to_element_format(v, F.mx_element_format(spec.mx_element_dtype), spec.round_method)
+    elif spec.is_integer_format:
+        q = F.round_fn(spec.round_method)(v)
+        if _uses_zero_point(spec):
+            zp = _group_param(zero_point, xf, a) if grouped else _bcast(zero_point, xf, spec)
+            q = q + zp.to(torch.float32)
+        q = q.clamp(spec.qmin, spec.qmax)
+    else:
+        q = F.round_to_float_format(v, F.float_format(spec.dtype), spec.round_method)
+    return _from_groups(q, a) if grouped else q
+
+
+def _decode(qf: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+            spec: QuantizationSpec) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` in float32."""
+    scale = scale.to(torch.float32)
+    if spec.is_mx or spec.qscheme == QSchemeType.per_group:
+        qg, a = _to_groups(qf, spec)
+        if _uses_zero_point(spec):
+            qg = qg - _group_param(zero_point, qf, a).to(torch.float32)
+        return _from_groups(qg * _group_param(scale, qf, a), a)
+    if _uses_zero_point(spec):
+        qf = qf - _bcast(zero_point, qf, spec).to(torch.float32)
+    return qf * _bcast(scale, qf, spec)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
              spec: QuantizationSpec | str) -> torch.Tensor:
-    """Quantized codes / values of ``x`` in :func:`storage_dtype` (see the module docstring)."""
+    """Quantized codes / values of ``x`` in :func:`storage_dtype` (see the module docstring).
+
+    ``zero_point`` is ignored where it is 0 by definition (signed symmetric ints, float formats,
+    MX); pass any tensor, e.g. the one :func:`compute_qparams` returns.
+    """
     spec = as_spec(spec)
     if spec.is_cast:
         return x.to(storage_dtype(spec))
-    xf = x.to(torch.float32)
-    scale = scale.to(torch.float32)
-    if spec.is_mx:
-        xg, a = _to_groups(xf, spec)
-        v = xg / _group_param(scale, xf, a)
-        q = F.round_to_element_format(v, F.mx_element_format(spec.mx_element_dtype), spec.round_method)
-        return _from_groups(q, a).to(storage_dtype(spec))
-    grouped = spec.qscheme == QSchemeType.per_group
-    if grouped:
-        xg, a = _to_groups(xf, spec)
-        s = _group_param(scale, xf, a)
-    else:
-        xg, s = xf, _bcast(scale, xf, spec)
-    v = xg / s
-    if spec.is_integer_format:
-        zp = _group_param(zero_point, xf, a) if grouped else _bcast(zero_point, xf, spec)
-        # |codes| beyond 2^22 clamp to qmin/qmax either way; bounding first keeps rounding cheap
-        v = v.clamp(-F.ROUND_BOUND_F32, F.ROUND_BOUND_F32)
-        q = (F.round_fn(spec.round_method, bounded=True)(v) + zp.to(torch.float32)).clamp(spec.qmin, spec.qmax)
-    else:
-        q = F.round_to_float_format(v, F.float_format(spec.dtype), spec.round_method)
-    if grouped:
-        q = _from_groups(q, a)
-    return q.to(storage_dtype(spec))
+    return _codes(x, scale, zero_point, spec).to(storage_dtype(spec))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -234,25 +258,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     spec = as_spec(spec)
     if spec.is_cast:
         return q.to(out_dtype)
-    qf = q.to(torch.float32)
-    scale = scale.to(torch.float32)
-    if spec.is_mx or spec.qscheme == QSchemeType.per_group:
-        qg, a = _to_groups(qf, spec)
-        if spec.is_integer_format:
-            qg = qg - _group_param(zero_point, qf, a).to(torch.float32)
-        return _from_groups(qg * _group_param(scale, qf, a), a).to(out_dtype)
-    if spec.is_integer_format:
-        qf = qf - _bcast(zero_point, qf, spec).to(torch.float32)
-    return (qf * _bcast(scale, qf, spec)).to(out_dtype)
+    return _decode(q.to(torch.float32), scale, zero_point, spec).to(out_dtype)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                   spec: QuantizationSpec | str) -> torch.Tensor:
-    """``dequantize(quantize(x))`` computed in float32, returned in ``x.dtype``."""
+    """``dequantize(quantize(x))`` computed in float32, returned in ``x.dtype`` (bit-identical to
+    the composition; the codes stay in float32, which holds them exactly)."""
     spec = as_spec(spec)
     if spec.is_cast:
         return x.to(storage_dtype(spec)).to(x.dtype)
-    return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec, out_dtype=x.dtype)
+    return _decode(_codes(x, scale, zero_point, spec), scale, zero_point, spec).to(x.dtype)
 
 
 # =========================================================================== dynamic

@@ -44,6 +44,7 @@ MXINT8 elements are 8-bit two's complement with 6 fraction bits: ``k / 64``, ``k
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,7 +53,7 @@ import torch
 __all__ = [
     "IntFormat", "FloatFormat", "FixedPointFormat", "INT_FORMATS", "FLOAT_FORMATS", "CAST_DTYPES",
     "MX_ELEMENT_FORMATS", "E8M0_MIN_EXP", "E8M0_MAX_EXP", "int_range", "int_format", "float_format",
-    "mx_element_format", "round_fn", "round_half_away", "ROUND_BOUND_F32", "floor_log2", "exp2i", "round_up_pow2",
+    "mx_element_format", "round_fn", "round_half_away", "floor_log2", "exp2i", "round_up_pow2",
     "round_to_float_format", "round_to_element_format", "mx_block_scale",
 ]
 
@@ -192,58 +193,27 @@ def mx_element_format(name: str) -> FloatFormat | FixedPointFormat:
 
 
 # --------------------------------------------------------------------------- rounding
-# Rounding uses the "magic number" identity instead of torch.round/floor: for a float format with
-# p mantissa bits and |x| < 2^p, ``(x + s 2^p) - s 2^p`` (s = sign(x)) is x rounded to an integer
-# half-to-even, exactly, because x + s 2^p lies where the float spacing is 1 and IEEE addition
-# rounds to nearest-even. Floats with |x| >= 2^p are integers already. This is exact and, on
-# some CPUs, hundreds of times faster than torch.round. (Callers inside torch.compile regions
-# must not enable reassociating fast-math; graphquant's ops run these functions eagerly.)
-def _magic(x: torch.Tensor) -> float:
-    return 1.0 / torch.finfo(x.dtype).eps  # 2^p
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero (``RoundType.round``), exactly.
+
+    ``floor(|x| + 0.5)`` is wrong for the float just below 0.5, so ties are detected exactly
+    (``x - trunc(x)`` is exact in binary floating point) and the rest uses ``torch.round``.
+    """
+    t = torch.trunc(x)
+    return torch.where((x - t).abs() == 0.5, t + torch.sign(x), torch.round(x))
 
 
-def _rne_bounded(x: torch.Tensor) -> torch.Tensor:
-    m = torch.sign(x) * _magic(x)
-    return (x + m) - m
-
-
-def _floor_bounded(x: torch.Tensor) -> torch.Tensor:
-    r = _rne_bounded(x)
-    return r - (r > x).to(x.dtype)
-
-
-def _half_away_bounded(x: torch.Tensor) -> torch.Tensor:
-    r = _rne_bounded(x)
-    tie = (x - r).abs() == 0.5  # x - r is exact: the fractional part of x
-    return torch.where(tie, x + 0.5 * torch.sign(x), r)
-
-
-_BOUNDED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "half_even": _rne_bounded, "round": _half_away_bounded, "floor": _floor_bounded,
+_ROUND_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "half_even": torch.round,  # IEEE round-half-to-even
+    "round": round_half_away,
+    "floor": torch.floor,
 }
 
 
-def _unbounded(f):
-    def g(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x.abs() < _magic(x), f(x), x)
-    return g
-
-
-_ROUND_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {k: _unbounded(f) for k, f in _BOUNDED.items()}
-
-#: Bound below which :func:`round_fn` with ``bounded=True`` is exact for float32 inputs.
-ROUND_BOUND_F32 = 2.0 ** 22
-
-#: Round to nearest, ties away from zero (``RoundType.round``), exactly.
-round_half_away = _ROUND_FNS["round"]
-
-
-def round_fn(method: str, bounded: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The rounding function of a ``RoundType`` value: ``half_even`` (IEEE ties-to-even),
-    ``round`` (ties away from zero) or ``floor``. Exact for every finite float input; with
-    ``bounded=True`` the caller guarantees ``|x| < 2^p`` (``2^23`` for float32, e.g. after
-    clamping to :data:`ROUND_BOUND_F32`) and saves a select."""
-    return (_BOUNDED if bounded else _ROUND_FNS)[_key(method)]
+def round_fn(method: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rounding function of a ``RoundType`` value: ``half_even`` (IEEE ties-to-even,
+    ``torch.round``), ``round`` (ties away from zero) or ``floor``."""
+    return _ROUND_FNS[_key(method)]
 
 
 # --------------------------------------------------------------------------- exact powers of two
@@ -277,7 +247,6 @@ def round_up_pow2(s: torch.Tensor) -> torch.Tensor:
 
 
 def _frexp_exponent(v: float) -> int:
-    import math
     return math.frexp(v)[1]
 
 
@@ -294,7 +263,7 @@ def round_to_float_format(v: torch.Tensor, fmt: FloatFormat, method: str = "half
     v = v.clamp(-fmt.max_value, fmt.max_value)
     e = floor_log2(v.abs()).clamp_min(fmt.emin)
     step = exp2i(e - fmt.mbits)
-    q = round_fn(method, bounded=True)(v / step) * step  # |v / step| < 2^(mbits + 1)
+    q = round_fn(method)(v / step) * step
     return q.clamp(-fmt.max_value, fmt.max_value)
 
 
@@ -302,8 +271,8 @@ def round_to_element_format(v: torch.Tensor, fmt: FloatFormat | FixedPointFormat
                             method: str = "half_even") -> torch.Tensor:
     """Round to an MX element format (float or fixed point), saturating; float32 result."""
     if isinstance(fmt, FixedPointFormat):
-        v = (v.to(torch.float32) / fmt.step).clamp(-ROUND_BOUND_F32, ROUND_BOUND_F32)
-        return (round_fn(method, bounded=True)(v) * fmt.step).clamp(fmt.min_value, fmt.max_value)
+        q = round_fn(method)(v.to(torch.float32) / fmt.step) * fmt.step
+        return q.clamp(fmt.min_value, fmt.max_value)
     return round_to_float_format(v, fmt, method)
 
 
