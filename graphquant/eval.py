@@ -207,6 +207,11 @@ class EmbeddingFidelity:
     min_cosine: float
     num_sequences: int
 
+    @property
+    def cosine(self) -> float:
+        """The headline figure: the mean cosine similarity over all sequences."""
+        return self.mean_cosine
+
     def __float__(self) -> float:
         return self.mean_cosine
 

@@ -171,6 +171,14 @@ def test_algo_config_defaults_and_validation():
         assert fix in str(e.value)
 
 
+@pytest.mark.parametrize("algo", [SmoothQuantConfig(alpha=0.85, fc_fc=True), AutoSmoothQuantConfig(alphas=(0.3, 0.6)),
+                                  RotationConfig(random=True, seed=3), QuaRotConfig(online_had=False),
+                                  AWQConfig(grid=10), GPTQConfig(desc_act=False, block_size=64)])
+def test_algo_config_dict_round_trip(algo):
+    d = json.loads(json.dumps(algo.to_dict()))
+    assert d["name"] == algo.name and AlgoConfig.from_dict(d) == algo
+
+
 def test_algo_placement_is_checked():
     with pytest.raises(ConfigError, match="pre_quant_opt_config"):
         Config(QuantizationConfig(weight=INT8), algo_config=RotationConfig())

@@ -295,7 +295,7 @@ def test_embedding_fidelity_mean_pools_over_the_mask():
     batch = {"input_ids": ids, "attention_mask": mask}
     fid = embedding_fidelity(bert, PadNoise(bert), [batch])
     assert fid.num_sequences == 3 and fid.min_cosine == pytest.approx(1.0, abs=1e-6)
-    assert float(fid) == fid.mean_cosine
+    assert float(fid) == fid.cosine == fid.mean_cosine
 
 
 @pytest.mark.skipif(__import__("graphquant.models.hf", fromlist=["x"]).find_minilm_path() is None,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Dtype, QSchemeType, QuantizationSpec, ScaleType
+from ..config import QSchemeType, QuantizationSpec, ScaleType
 from ..errors import ConfigError
 from . import formats as F
 

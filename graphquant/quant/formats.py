@@ -252,7 +252,9 @@ def _frexp_exponent(v: float) -> int:
 
 # --------------------------------------------------------------------------- rounding to a grid
 def round_to_float_format(v: torch.Tensor, fmt: FloatFormat, method: str = "half_even") -> torch.Tensor:
-    """Round float32 ``v`` to the nearest value of ``fmt`` (ties by ``method``), saturating.
+    """Round float32 ``v`` onto the grid of ``fmt`` by ``method`` (``half_even``: nearest, ties to
+    the even mantissa; ``round``: nearest, ties away from zero; ``floor``: toward -inf),
+    saturating at ``±max_value``.
 
     The result is float32 holding exactly representable values of ``fmt``. Within the binade of
     ``|v|`` the grid step is ``2^(e - mbits)`` with ``e = max(floor(log2|v|), emin)``; rounding
