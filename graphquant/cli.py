@@ -86,15 +86,147 @@ def _cmd_report(args) -> int:
     return EXIT_OK
 
 
-# --- quantize / eval: filled in by the quantization work ---------------------------------------------
+# --- quantize / eval -----------------------------------------------------------------------------
+def _load_with_tokenizer(args):
+    from .errors import GraphQuantError
+    from .models.hf import load_model
+
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        model, tok = load_model(args.model, dtype=dtype, device=args.device,
+                                trust_remote_code=args.trust_remote_code)
+    except (GraphQuantError, OSError, ValueError, ImportError) as e:
+        raise CliError(f"cannot load model {args.model!r}: {_one_line(e)}", EXIT_USAGE) from e
+    if tok is None:
+        raise CliError(f"{args.model!r} has no tokenizer; calibration and evaluation need one", EXIT_USAGE)
+    return model, tok
+
+
+def build_config(args):
+    """The graphquant Config the quantize flags describe (Quark's quantize_quark.py flags)."""
+    import dataclasses
+
+    from . import config as C
+
+    if not args.quant_scheme:
+        raise CliError("--quant_scheme is required, e.g. w_int8_per_tensor_a_int8_per_tensor; known: "
+                       + ", ".join(C.list_presets()), EXIT_USAGE)
+    try:
+        cfg = C.preset(args.quant_scheme)
+        if args.group_size:
+            g = cfg.global_quant_config
+            if g.weight is None:
+                raise CliError("--group_size needs a scheme with quantized weights", EXIT_USAGE)
+            w = dataclasses.replace(g.weight, qscheme=C.QSchemeType.per_group, group_size=args.group_size,
+                                    ch_axis=None)
+            cfg = dataclasses.replace(cfg, global_quant_config=dataclasses.replace(g, weight=w))
+        pre = []
+        for name in args.pre_quantization_optimization or []:
+            pre.append({"smoothquant": C.SmoothQuantConfig, "rotation": C.RotationConfig,
+                        "quarot": C.QuaRotConfig}[name]())
+        algos = []
+        if args.quant_algo == "autosmoothquant":
+            pre.insert(0, C.AutoSmoothQuantConfig())
+        elif args.quant_algo == "gptq":
+            algos.append(C.GPTQConfig())
+        elif args.quant_algo == "awq":
+            algos.append(C.AWQConfig())
+        cfg = dataclasses.replace(cfg, pre_quant_opt_config=pre, algo_config=algos or None,
+                                  exclude=list(args.exclude_layers or []) or cfg.exclude)
+        if args.kv_cache_dtype:
+            cfg = C.with_kv_cache(cfg, args.kv_cache_dtype)
+    except C.ConfigError as e:
+        raise CliError(_one_line(e), EXIT_USAGE) from e
+    return cfg
+
+
+def _eval_windows(args, tok):
+    from .datasets import gutenberg_eval_windows, load_text, tokenize_windows
+
+    if (args.eval_dataset or "wikitext") == "gutenberg":
+        return gutenberg_eval_windows(tok, args.seq_len or 512, args.eval_windows)
+    text = load_text(args.eval_dataset or "wikitext")
+    return tokenize_windows(tok, text, args.seq_len or 512, args.eval_windows)
+
+
+def _save(qmodel, cfg, out_dir: str) -> None:
+    """Write the quantized state, config, report and pass log; all or nothing."""
+    import json
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".graphquant-", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in qmodel.gm.state_dict().items()}
+        save_file(state, str(tmp / "quantized_model.safetensors"))
+        (tmp / "graphquant_config.json").write_text(cfg.to_json())
+        (tmp / "report.json").write_text(qmodel.report.to_json())
+        (tmp / "pass_log.json").write_text(json.dumps(qmodel.log, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _cmd_quantize(args) -> int:
-    """``graphquant quantize``: NOT YET AVAILABLE (placeholder for the quantization pipeline)."""
-    raise SystemExit("graphquant quantize: not yet available")
+    """``graphquant quantize``: quantize a model as Quark's quantize_quark.py would, optionally
+    print FP vs quantized perplexity and save the result."""
+    import time
+
+    from . import quantize
+    from .datasets import calibration_batches
+    from .errors import GraphQuantError
+
+    cfg = build_config(args)
+    model, tok = _load_with_tokenizer(args)
+    try:
+        calib = calibration_batches(tok, args.dataset or "wikitext", num_calib_data=args.num_calib_data or 16,
+                                    seq_len=args.seq_len or 512, batch_size=4)
+        calib = [{k: v.to(args.device) for k, v in b.items()} for b in calib]
+        t0 = time.time()
+        qmodel = quantize(model, cfg, calib, lower=args.lower)
+        print(f"quantized in {time.time() - t0:.1f}s: scheme {args.quant_scheme}, "
+              f"pre-optimizations {args.pre_quantization_optimization or 'none'}, algorithm {args.quant_algo or 'none'}")
+        for line in qmodel.plan.describe():
+            print("  " + line)
+        if args.eval_ppl:
+            from .eval import perplexity
+
+            windows = _eval_windows(args, tok)
+            fp = perplexity(model, windows, batch_size=args.batch_size)
+            q = perplexity(qmodel, windows, batch_size=args.batch_size)
+            print(f"perplexity on {args.eval_dataset or 'wikitext'} ({fp.num_windows} windows x {windows.shape[1]}):"
+                  f" FP {fp.ppl:.3f} | quantized {q.ppl:.3f} ({100 * (q.ppl / fp.ppl - 1):+.2f}%)")
+        if args.output_dir:
+            _save(qmodel, cfg, args.output_dir)
+            print(f"saved to {args.output_dir}")
+    except GraphQuantError as e:
+        raise CliError(f"quantization failed: {_one_line(e)}", EXIT_ANALYSIS) from e
+    return EXIT_OK
 
 
 def _cmd_eval(args) -> int:
-    """``graphquant eval``: NOT YET AVAILABLE (placeholder for perplexity / fidelity evaluation)."""
-    raise SystemExit("graphquant eval: not yet available")
+    """``graphquant eval``: perplexity of a model (non-overlapping windows)."""
+    from .errors import GraphQuantError
+    from .eval import perplexity
+
+    model, tok = _load_with_tokenizer(args)
+    try:
+        windows = _eval_windows(args, tok)
+        r = perplexity(model, windows, batch_size=args.batch_size)
+    except GraphQuantError as e:
+        raise CliError(f"evaluation failed: {_one_line(e)}", EXIT_ANALYSIS) from e
+    print(f"perplexity on {args.eval_dataset or 'wikitext'} ({r.num_windows} windows x {windows.shape[1]}): "
+          f"{r.ppl:.3f} (loss {r.mean_loss:.5f})")
+    return EXIT_OK
 
 
 # --- argument parsing ------------------------------------------------------------------------------
@@ -102,6 +234,15 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_dir", dest="model", required=True, metavar="PATH_OR_HUB_ID",
                    help="a Hugging Face model folder, a llama2.c checkpoint (folder or .bin), or a hub id")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the hub")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval_dataset", choices=["wikitext", "gutenberg"], default=None,
+                   help="evaluation text (default: the shipped WikiText-2 test split)")
+    p.add_argument("--eval_windows", type=int, default=None, help="evaluate on the first N windows (default: all)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,13 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num_calib_data", type=int)
     q.add_argument("--seq_len", type=int)
     q.add_argument("--output_dir")
-    q.add_argument("--eval_ppl", action="store_true")
+    q.add_argument("--eval_ppl", action="store_true", help="print FP and quantized perplexity side by side")
+    q.add_argument("--lower", action="store_true", help="lower Q/DQ + linear to low-precision kernels")
+    _add_eval_args(q)
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity)")
     _add_model_arg(e)
-    e.add_argument("--dataset")
     e.add_argument("--seq_len", type=int)
+    _add_eval_args(e)
     e.set_defaults(func=_cmd_eval)
     return parser
 

@@ -38,6 +38,7 @@ __all__ = ["DatasetNotFoundError", "shared_dir", "load_text", "gutenberg_books",
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 WIKITEXT_TEST = PACKAGE_DATA / "wikitext2_test.txt"
+WIKITEXT_VALID = PACKAGE_DATA / "wikitext2_valid.txt"
 GUTENBERG_SEPARATOR = "\x1e"  # ASCII record separator between the books of gutenberg_valid.txt
 
 
@@ -115,7 +116,7 @@ def load_text(name_or_path: str | Path, split: str = "test", path: str | Path | 
         if split == "test":
             return _wikitext_rows_to_text(WIKITEXT_TEST.read_text(encoding="utf-8"))
         if split in ("valid", "validation"):
-            f = _shared_file("text", "wikitext-2-raw", "wiki.valid.raw")
+            f = WIKITEXT_VALID if WIKITEXT_VALID.is_file() else _shared_file("text", "wikitext-2-raw", "wiki.valid.raw")
             if f is None:
                 raise DatasetNotFoundError(
                     "the WikiText-2 valid split is not shipped with graphquant (only test is); expected it at "
@@ -219,7 +220,7 @@ def calibration_batches(tokenizer, dataset: str = "wikitext", num_calib_data: in
     if split is None:
         split = "test"
         if is_wikitext and path is None:
-            if _shared_file("text", "wikitext-2-raw", "wiki.valid.raw") is not None:
+            if WIKITEXT_VALID.is_file() or _shared_file("text", "wikitext-2-raw", "wiki.valid.raw") is not None:
                 split = "valid"
             else:
                 warnings.warn("graphquant: calibrating on the shipped WikiText-2 *test* split (the valid split is "

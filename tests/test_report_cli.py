@@ -148,10 +148,12 @@ def test_cli_usage_errors(capsys):
     with pytest.raises(SystemExit) as info:
         main(["report"])  # --model is required
     assert info.value.code == 2
-    for cmd in ("quantize", "eval"):
-        with pytest.raises(SystemExit) as info:
-            main([cmd, "--model", "x"])
-        assert "not yet available" in str(info.value.code)
+    capsys.readouterr()
+    assert main(["quantize", "--model", "x"]) == 2  # no --quant_scheme
+    assert "--quant_scheme is required" in capsys.readouterr().err
+    assert main(["quantize", "--model", "x", "--quant_scheme", "w_int9"]) == 2
+    assert "unknown" in capsys.readouterr().err.lower()
+    assert main(["eval", "--model", "/no/such/dir"]) == 2
 
 
 def test_python_dash_m_entry_point(tiny_saved_llama, tmp_path):
