@@ -119,7 +119,7 @@ def load_text(name_or_path: str | Path, split: str = "test", path: str | Path | 
             f = WIKITEXT_VALID if WIKITEXT_VALID.is_file() else _shared_file("text", "wikitext-2-raw", "wiki.valid.raw")
             if f is None:
                 raise DatasetNotFoundError(
-                    "the WikiText-2 valid split is not shipped with graphquant (only test is); expected it at "
+                    "the WikiText-2 valid split is missing from this installation; expected it at "
                     "<shared>/data/text/wikitext-2-raw/wiki.valid.raw (set GRAPHQUANT_SHARED), or pass "
                     "path=... to a copy of wiki.valid.raw")
             return _wikitext_rows_to_text(f.read_text(encoding="utf-8"))
