@@ -132,11 +132,16 @@ def test_calibration_batches(tmp_path):
         ds.calibration_batches(tok, str(path), num_calib_data=29, seq_len=64)
 
 
-def test_calibration_default_split_warns_without_valid(monkeypatch, tmp_path):
-    monkeypatch.setenv("GRAPHQUANT_SHARED", str(tmp_path))
-    with pytest.warns(UserWarning, match="calibrating on the shipped WikiText-2 \\*test\\* split"):
+def test_calibration_default_split_is_valid(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRAPHQUANT_SHARED", str(tmp_path))  # no shared folder: the shipped valid split is used
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         b = ds.calibration_batches(CharTokenizer(), "wikitext", num_calib_data=2, seq_len=32)
+    valid = ds.calibration_batches(CharTokenizer(), "wikitext", num_calib_data=2, seq_len=32, split="valid")
     assert len(b) == 2 and b[0]["input_ids"].shape == (1, 32)
+    assert torch.equal(b[0]["input_ids"], valid[0]["input_ids"])
 
 
 def test_load_sentences():
