@@ -243,14 +243,15 @@ class PerTensorPercentileObserver(ObserverBase):
         """The percentile-clipped (min, max) used for the qparams."""
         B, R = self.bins, self.hist_range
         w, p = R / B, self.percentile / 100.0
+        dev = self.min_val.device
         if self.spec.symmetric:
             folded = self.hist[B:] + self.hist[:B].flip(0)
             amax = min(self._quantile(folded, 0.0, w, p),
                        float(torch.maximum(-self.min_val, self.max_val)))
-            return torch.tensor(-amax), torch.tensor(amax)
+            return torch.tensor(-amax, device=dev), torch.tensor(amax, device=dev)
         hi = min(self._quantile(self.hist, -R, w, p), float(self.max_val))
         lo = max(self._quantile(self.hist, -R, w, 1.0 - p), float(self.min_val))
-        return torch.tensor(lo), torch.tensor(hi)
+        return torch.tensor(lo, device=dev), torch.tensor(hi, device=dev)
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.clip_range()
