@@ -1,5 +1,5 @@
 """graphquant: a torch.export graph-transformation compiler for post-training quantization of LLMs."""
-from . import config, eval  # noqa: A004  (gq.eval.perplexity is public)
+from . import config, eval, hadamard  # noqa: A004  (gq.eval.perplexity is public)
 from .api import ModelQuantizer, analyze, quantize, rewrite
 from .capture import CapturedGraph, capture
 from .errors import (CalibrationError, CaptureError, CheckpointError, ConfigError, EquivalenceError, GraphQuantError,
@@ -10,6 +10,6 @@ from .patterns import Pattern, PatternReport, register_pattern
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "rewrite", "quantize", "ModelQuantizer", "QuantizedModel", "config", "eval", "GraphModel", "PassContext", "PassManager", "register_pass", "capture", "CapturedGraph", "Pattern", "PatternReport", "register_pattern",
+__all__ = ["analyze", "rewrite", "quantize", "ModelQuantizer", "QuantizedModel", "config", "eval", "hadamard", "GraphModel", "PassContext", "PassManager", "register_pass", "capture", "CapturedGraph", "Pattern", "PatternReport", "register_pattern",
            "GraphQuantError", "CaptureError", "UnsupportedModelError", "ConfigError", "UnsupportedHadamardSize",
            "CalibrationError", "EquivalenceError", "PassError", "CheckpointError"]

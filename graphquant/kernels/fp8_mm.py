@@ -1,0 +1,76 @@
+"""fp8 e4m3 W8A8 linears: ``torch._scaled_mm`` (cuBLASLt) and a Triton kernel for decode.
+
+``fp8_linear(xq, x_scale, w, w_scale, bias, out_dtype)``: ``xq`` fp8 codes with one scale per
+row (per-token) or one scale (per-tensor); ``w`` fp8 (N, K) with one scale per output channel or
+one. On CUDA:
+
+- M <= ``SKINNY_M`` (decode): Triton ``wq_mm`` (fp8 tensor-core dot, fp32 accumulation, split-K);
+- otherwise ``torch._scaled_mm``: per-tensor scales when both are single (any output dtype),
+  row-wise scales otherwise (``scale_a`` (M, 1), ``scale_b`` (1, N); Hopper needs a bf16 output,
+  other output dtypes are cast from it). ``USE_FAST_ACCUM`` selects cuBLAS's fast fp8 accumulation.
+
+On CPU ``torch._scaled_mm`` runs too (fp32 output, per-tensor or row-wise); anything it rejects
+falls back to an exact float matmul of the codes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .int8_mm import _col_scale, _flat, _row_scale, guarded, scale_epilogue_torch, triton_kernels
+
+SKINNY_M = 16
+USE_FAST_ACCUM = True
+
+
+def _reference(a, sa, w, sw, bias, out_dtype):
+    acc = a.to(torch.float32) @ w.to(torch.float32).t()
+    return scale_epilogue_torch(acc, sa, sw, bias, out_dtype)
+
+
+def _scaled_mm(a, sa, w, sw, bias, out_dtype):
+    M, N = a.shape[0], w.shape[0]
+    fast = USE_FAST_ACCUM and a.is_cuda
+    if sa.numel() == 1 and sw.numel() == 1:
+        out = torch._scaled_mm(a, w.t(), scale_a=sa.reshape(()), scale_b=sw.reshape(()), out_dtype=out_dtype,
+                               use_fast_accum=fast)
+    else:
+        mm_dtype = torch.bfloat16 if a.is_cuda else torch.float32
+        out = torch._scaled_mm(a, w.t(), scale_a=sa.expand(M, 1).contiguous(),
+                               scale_b=sw.reshape(1, -1).expand(1, N).contiguous(), out_dtype=mm_dtype,
+                               use_fast_accum=fast)
+    if bias is not None:
+        out = out.to(torch.float32) + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq * x_scale) @ (w * w_scale).T + bias`` with fp8 e4m3 codes."""
+    N, K = w.shape
+    lead = xq.shape[:-1]
+    a = _flat(xq)
+    M = a.shape[0]
+    sa, sw = _row_scale(x_scale), _col_scale(w_scale)
+
+    def reference():
+        return _reference(a, sa, w, sw, bias, out_dtype)
+
+    def scaled():
+        return guarded("_scaled_mm", lambda: _scaled_mm(a, sa, w, sw, bias, out_dtype), reference)
+
+    if M == 0:
+        out = torch.empty((0, N), dtype=out_dtype, device=a.device)
+    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "wq_mm")) is not None:
+        out = guarded("wq_mm", lambda: qt.wq_mm(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
+                                                out_dtype=out_dtype), scaled)
+    elif "_scaled_mm" not in _failed() and (not a.is_cuda or (K % 16 == 0 and N % 16 == 0)):
+        out = scaled()
+    else:
+        out = reference()
+    return out.reshape(*lead, N)
+
+
+def _failed():
+    from .int8_mm import _FAILED
+
+    return _FAILED

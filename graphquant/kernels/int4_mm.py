@@ -1,0 +1,79 @@
+"""Weight-only int4 linears (W4A16): packed int4 weights with per-group scales / zero points.
+
+``int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout)`` computes
+``x @ W.T + bias`` with ``W[n, k] = (u[n, k] - z[n, g]) * s[n, g]``, ``g = k // group_size``,
+where ``u`` are unsigned nibbles (signed codes + 8) and ``z`` the (shifted) zero points (8 when
+``zero_point`` is None). Two storage layouts (chosen when lowering, for the device the weights are
+on; ``graphquant.lowering.layouts`` builds them):
+
+``"nibble"``         ``w_packed`` uint8 (N, K/2), low nibble = even column; ``scale`` fp32 (N, K/g);
+                     ``zero_point`` uint8 (N, K/g) or None. CUDA: Triton ``wq_mm`` (dequantize in
+                     registers, tensor-core dot, split-K) for M <= ``WEIGHT_ONLY_M``, else a Triton
+                     dequantize to the activation dtype + cuBLAS. Without Triton: torch unpack.
+``"cpu_tinygemm"``   ``w_packed`` from ``aten._convert_weight_to_int4pack_for_cpu``; ``scale`` is
+                     ``qScaleAndZeros`` (K/g, N, 2) in the activation dtype (``W = (u - 8) * s + z``);
+                     ``aten._weight_int4pack_mm_for_cpu`` computes the product.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .int8_mm import WEIGHT_ONLY_M, _flat, guarded, triton_kernels
+
+LAYOUTS = ("nibble", "cpu_tinygemm")
+
+
+def unpack_nibbles(w_packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> uint8 codes (N, K), low nibble first."""
+    lo = w_packed & 0xF
+    hi = w_packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(w_packed.shape[0], -1)
+
+
+def dequantize_nibble_torch(w_packed, scale, zero_point, group_size, dtype):
+    u = unpack_nibbles(w_packed).to(torch.float32)
+    N, K = u.shape
+    s = scale.to(torch.float32).repeat_interleave(group_size, dim=1)
+    z = zero_point.to(torch.float32).repeat_interleave(group_size, dim=1) if zero_point is not None else 8.0
+    return ((u - z) * s).to(dtype)
+
+
+def dequantize_nibble(w_packed, scale, zero_point, group_size, dtype):
+    if w_packed.is_cuda and (qt := triton_kernels(w_packed.device, "dequant")) is not None:
+        return guarded("dequant", lambda: qt.dequantize_weight(w_packed, scale, w_kind=qt.W_INT4,
+                                                              K=2 * w_packed.shape[1], w_zero=zero_point,
+                                                              group=group_size, out_dtype=dtype),
+                       lambda: dequantize_nibble_torch(w_packed, scale, zero_point, group_size, dtype))
+    return dequantize_nibble_torch(w_packed, scale, zero_point, group_size, dtype)
+
+
+def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                bias: torch.Tensor | None, group_size: int, layout: str) -> torch.Tensor:
+    N = w_packed.shape[0]
+    lead = x.shape[:-1]
+    a = _flat(x)
+    M = a.shape[0]
+    if layout == "cpu_tinygemm":
+        if a.device.type != "cpu":
+            raise RuntimeError("graphquant.int4_linear: this layer was lowered on CPU (tinygemm layout) and cannot "
+                               f"run on {a.device}; lower the model on the device it will run on")
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(a, w_packed, group_size, scale.to(a.dtype))
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*lead, N)
+    if layout != "nibble":
+        raise ValueError(f"graphquant.int4_linear: unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+    def reference():
+        return F.linear(a, dequantize_nibble(w_packed, scale, zero_point, group_size, a.dtype), bias)
+
+    if M == 0:
+        out = a.new_empty((0, N))
+    elif (a.is_cuda and M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16) and group_size % 16 == 0
+          and (qt := triton_kernels(a.device, "wq_mm")) is not None):
+        out = guarded("wq_mm", lambda: qt.wq_mm(a, w_packed, scale, w_kind=qt.W_INT4, w_zero=zero_point, bias=bias,
+                                                group=group_size, out_dtype=a.dtype), reference)
+    else:
+        out = reference()
+    return out.reshape(*lead, N)

@@ -1,0 +1,175 @@
+"""int8 linears: W8A8 (int8 activation codes x int8 weights) and W8A16 (int8 weights, float input).
+
+Device dispatch, all results ``(..., N)`` in ``out_dtype``:
+
+==========  ===========================================  =========================================
+path        CUDA                                         CPU
+==========  ===========================================  =========================================
+W8A8        M <= ``SKINNY_M``: Triton ``wq_mm`` (int8     ``torch._int_mm`` + fp32 scale epilogue
+            tensor-core dot, split-K); else
+            ``torch._int_mm`` (cuBLASLt) + Triton
+            scale epilogue
+W8A16       M <= ``WEIGHT_ONLY_M``: Triton ``wq_mm``      ``aten._weight_int8pack_mm``
+            (weights dequantized in registers); else
+            Triton dequantize + cuBLAS matmul
+==========  ===========================================  =========================================
+
+Shapes ``torch._int_mm`` rejects on CUDA (M <= 16, K or N not a multiple of 8) fall back to a
+padded call or to an exact float matmul of the codes. A Triton kernel that fails to build is
+reported once (``warnings.warn``) and its torch fallback is used from then on.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+SKINNY_M = 16  # W8A8 rows handled by the Triton skinny kernel on CUDA (decode)
+WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton kernel (above: dequantize + cuBLAS)
+
+_FAILED: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import problem means "no Triton"
+        return False
+    return True
+
+
+def triton_kernels(device: torch.device, name: str = ""):
+    """The ``graphquant.kernels.quant_triton`` module when its kernels can run on ``device`` (CUDA
+    with Triton installed, kernel ``name`` not failed before), else ``None``."""
+    if device.type != "cuda" or name in _FAILED or not _triton_importable():
+        return None
+    from . import quant_triton
+
+    return quant_triton
+
+
+def guarded(name: str, fast, fallback):
+    """Run ``fast()``; if it raises (e.g. the Triton kernel does not build on this GPU), warn once,
+    remember the failure and use ``fallback()`` from then on."""
+    try:
+        return fast()
+    except Exception as e:  # noqa: BLE001 - any kernel failure falls back to torch
+        if torch.compiler.is_compiling():
+            raise
+        _FAILED.add(name)
+        warnings.warn(f"graphquant: kernel {name!r} failed ({type(e).__name__}: {str(e)[:200]}); using the "
+                      "torch fallback for it from now on", RuntimeWarning, stacklevel=3)
+        return fallback()
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _row_scale(x_scale: torch.Tensor) -> torch.Tensor:
+    """Activation scale as (M, 1) (per token) or (1, 1) (per tensor), fp32."""
+    s = x_scale.to(torch.float32)
+    return s.reshape(-1, 1) if s.numel() > 1 else s.reshape(1, 1)
+
+
+def _col_scale(w_scale: torch.Tensor) -> torch.Tensor:
+    return w_scale.to(torch.float32).reshape(-1)
+
+
+def scale_epilogue_torch(acc, sa, sw, bias, out_dtype):
+    out = acc.to(torch.float32) * sa * sw.reshape(1, -1)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+def _codes_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int8 codes product with int32 semantics on any device/shape (padding M for cuBLASLt)."""
+    M, K = a.shape
+    N = w.shape[0]
+    if a.device.type == "cpu":
+        return torch._int_mm(a, w.t())
+    if K % 8 == 0 and N % 8 == 0:
+        if M > 16:
+            return torch._int_mm(a, w.t())
+        pad = torch.zeros((32, K), dtype=a.dtype, device=a.device)
+        pad[:M] = a
+        return torch._int_mm(pad, w.t())[:M]
+    # float32 holds every partial sum exactly while |sum| < 2^24, i.e. for K <= 1040 worst case;
+    # beyond that the rounding is ~1e-7 relative, below what the scales carry anyway
+    return (a.to(torch.float32) @ w.to(torch.float32).t())
+
+
+def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq * x_scale) @ (w * w_scale).T + bias``: int8 codes in, integer accumulation."""
+    N, K = w.shape
+    lead = xq.shape[:-1]
+    a = _flat(xq)
+    M = a.shape[0]
+    sa, sw = _row_scale(x_scale), _col_scale(w_scale)
+
+    def reference():
+        return scale_epilogue_torch(_codes_matmul(a, w), sa, sw, bias, out_dtype)
+
+    if M == 0:
+        out = torch.empty((0, N), dtype=out_dtype, device=a.device)
+    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "wq_mm")) is not None:
+        out = guarded("wq_mm", lambda: qt.wq_mm(a, w, sw, w_kind=qt.W_INT8, a_scale=sa, bias=bias,
+                                                out_dtype=out_dtype), reference)
+    elif a.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0:
+        acc = torch._int_mm(a, w.t())
+        qt = triton_kernels(a.device, "scale_epilogue")
+        if qt is not None:
+            out = guarded("scale_epilogue", lambda: qt.scale_epilogue(acc, sa, sw, bias, out_dtype),
+                          lambda: scale_epilogue_torch(acc, sa, sw, bias, out_dtype))
+        else:
+            out = scale_epilogue_torch(acc, sa, sw, bias, out_dtype)
+    else:
+        out = reference()
+    return out.reshape(*lead, N)
+
+
+def dequantize_int8(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w * w_scale`` computed in fp32 and cast, exactly as ``graphquant::dequantize`` does."""
+    if w.is_cuda and (qt := triton_kernels(w.device, "dequant")) is not None:
+        return guarded("dequant", lambda: qt.dequantize_weight(w, _col_scale(w_scale), w_kind=qt.W_INT8,
+                                                              K=w.shape[1], out_dtype=dtype),
+                       lambda: dequantize_int8_torch(w, w_scale, dtype))
+    return dequantize_int8_torch(w, w_scale, dtype)
+
+
+def dequantize_int8_torch(w, w_scale, dtype):
+    s = w_scale.to(torch.float32)
+    return (w.to(torch.float32) * (s.reshape(-1, 1) if s.numel() > 1 else s)).to(dtype)
+
+
+def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A16: ``x @ (w * w_scale).T + bias`` with ``x`` float, ``w`` int8 (N, K)."""
+    N, K = w.shape
+    lead = x.shape[:-1]
+    a = _flat(x)
+    M = a.shape[0]
+
+    def reference():
+        return F.linear(a, dequantize_int8(w, w_scale, a.dtype), bias)
+
+    if M == 0:
+        out = a.new_empty((0, N))
+    elif (a.is_cuda and M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16)
+          and (qt := triton_kernels(a.device, "wq_mm")) is not None):
+        out = guarded("wq_mm", lambda: qt.wq_mm(a, w, _col_scale(w_scale), w_kind=qt.W_INT8, bias=bias,
+                                                out_dtype=a.dtype), reference)
+    elif a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        scales = w_scale.to(a.dtype).reshape(-1).expand(N).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(a, w, scales)
+        if bias is not None:
+            out = out + bias
+    else:
+        out = reference()
+    return out.reshape(*lead, N)

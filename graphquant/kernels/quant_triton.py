@@ -1,0 +1,338 @@
+"""Triton kernels behind the lowered linears (CUDA only; ``triton`` is imported lazily).
+
+Four kernels, each with a launch wrapper that takes and returns torch tensors:
+
+``quantize_rows``     activation quantization: float rows -> int8 / fp8 e4m3 codes and one fp32
+                      scale per row (dynamic per-token), or codes under a given per-tensor scale
+                      (static). Numerics are those of ``graphquant.quant.fake_quant``:
+                      ``scale = max(amax / qmax, tiny)``, codes ``rint(x / scale)`` (half-even),
+                      clamped; fp8 saturates at +-448 and rounds to nearest even.
+``wq_mm``             "skinny" matmul for decode-sized M: ``out = a @ dequant(w).T`` with the
+                      weight streamed in its low-precision form (int8, fp8 e4m3 or int4 packed two
+                      per byte with per-group scales / zero points), the activation either float
+                      (weight-only: W8A16 / W4A16) or codes with per-row scales (W8A8). Split-K
+                      with fp32 atomics keeps every SM busy when M and N are small.
+``scale_epilogue``    ``out = acc * sa * sw (+ bias)`` for the int32 result of ``torch._int_mm``.
+``dequantize_weight`` int8 / int4-packed weight -> float (the prefill path feeds it to cuBLAS).
+
+Integer / layout conventions (shared with ``graphquant.lowering.layouts``): int4 codes are stored
+as unsigned nibbles ``u`` (signed codes shifted by 8), two per byte, the low nibble holding the
+even column: ``byte[n, j] = u[n, 2j] | u[n, 2j+1] << 4``; the weight is ``(u - z) * s`` with ``z``
+the (shifted) zero point per group, 8 when none is stored.
+
+Import this module only where Triton exists (``graphquant.kernels.int8_mm.triton_kernels()``
+does that check).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
+
+
+@triton.jit
+def _rint(v):
+    """Round to nearest, ties to even (exact for |v| < 2^22; codes are clamped first)."""
+    f = tl.floor(v)
+    d = v - f
+    tie = f + (f - 2.0 * tl.floor(f * 0.5))  # the even neighbour
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tie))
+
+
+@triton.jit
+def _round_e4m3(v):
+    """Round (already saturated) fp32 ``v`` onto the fp8 e4m3 grid, ties to even, so the final cast is
+    exact whatever rounding the conversion instruction uses."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)  # subnormal range of e4m3 shares the step of the smallest binade
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return _rint(v / step) * step
+
+
+@triton.jit
+def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
+                      QMAX: tl.constexpr, FP8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    xp = X + row * stride_xm
+    qp = Q + row * stride_qm
+    offs0 = tl.arange(0, BLOCK)
+    if STATIC:
+        scale = tl.load(SCALE_IN).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + offs0
+            x = tl.load(xp + offs, mask=offs < K, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(x))
+        amax = tl.max(acc, axis=0)
+        scale = tl.maximum(tl.math.div_rn(amax, QMAX), TINY_C)
+        tl.store(S + row, scale)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + offs0
+        x = tl.load(xp + offs, mask=offs < K, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x, scale)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        if FP8:
+            q = _round_e4m3(v).to(tl.float8e4nv)
+        else:
+            q = _rint(v).to(tl.int8)
+        tl.store(qp + offs, q, mask=offs < K)
+
+@triton.jit
+def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
+                 M, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
+                 A_KIND: tl.constexpr,   # 0 float, 1 int8 codes, 2 fp8 codes
+                 W_KIND: tl.constexpr,   # 0 int8, 1 fp8 e4m3, 2 int4 nibble-packed
+                 W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
+                 HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT_K, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_len
+    k_hi = tl.minimum(k_lo + k_len, K)
+    INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
+    if INT_ACC:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if A_KIND == 0 and W_SCALE == 1:
+        sw_n = tl.load(SW + rn, mask=n_ok, other=0.0)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        if A_KIND == 1:
+            a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0)
+        else:
+            a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0.0)
+        if W_KIND == 2:
+            rh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p = tl.load(B + rn[:, None] * stride_bn + rh[None, :],
+                        mask=n_ok[:, None] & (rh[None, :] < K // 2), other=0)
+            u = tl.interleave(p & 0xF, p >> 4).to(tl.float32)
+            g = k0 // GROUP
+            s = tl.load(SW + rn * stride_sw + g, mask=n_ok, other=0.0)
+            if HAS_ZERO:
+                z = tl.load(ZW + rn * stride_sw + g, mask=n_ok, other=0).to(tl.float32)
+                wf = (u - z[:, None]) * s[:, None]
+            else:
+                wf = (u - 8.0) * s[:, None]
+            wt = tl.trans(wf.to(A.dtype.element_ty))
+        else:
+            w_mask = n_ok[None, :] & k_ok[:, None]
+            if W_KIND == 0:
+                wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=w_mask, other=0)
+            else:
+                wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=w_mask, other=0.0)
+            if A_KIND == 0:  # weight-only: dequantize in registers exactly as fake-quant does
+                if W_SCALE == 1:
+                    wt = (wt.to(tl.float32) * sw_n[None, :]).to(A.dtype.element_ty)
+                else:
+                    wt = (wt.to(tl.float32) * tl.load(SW)).to(A.dtype.element_ty)
+        if INT_ACC:
+            acc += tl.dot(a, wt, out_dtype=tl.int32)
+        else:
+            acc += tl.dot(a, wt)
+    out = acc.to(tl.float32)
+    if A_KIND != 0:
+        if SA_ROW:
+            out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
+        else:
+            out = out * tl.load(SA)
+        if W_SCALE == 1:
+            out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
+        else:
+            out = out * tl.load(SW)
+    if HAS_BIAS:
+        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if ATOMIC:
+            b = tl.where(pid_k == 0, b, 0.0)
+        out = out + b[None, :]
+    c_ptrs = C + rm[:, None] * stride_cm + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(c_ptrs, out, mask=mask)
+    else:
+        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
+
+@triton.jit
+def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
+                          SA_ROW: tl.constexpr, SW_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    rm64 = rm.to(tl.int64)
+    out = tl.load(ACC + rm64[:, None] * stride_am + rn[None, :], mask=mask, other=0).to(tl.float32)
+    if SA_ROW:
+        out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
+    else:
+        out = out * tl.load(SA)
+    if SW_COL:
+        out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
+    else:
+        out = out * tl.load(SW)
+    if HAS_BIAS:
+        out = out + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(C + rm64[:, None] * stride_cm + rn[None, :], out.to(C.dtype.element_ty), mask=mask)
+
+@triton.jit
+def dequant_kernel(B, SW, ZW, W, N, K, GROUP, stride_bn, stride_sw,
+                   W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    k_ok = rk < K
+    rn64 = rn.to(tl.int64)
+    if W_KIND == 2:
+        rh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        p = tl.load(B + rn64[:, None] * stride_bn + rh[None, :], mask=n_ok[:, None] & (rh[None, :] < K // 2),
+                    other=0)
+        u = tl.interleave(p & 0xF, p >> 4).to(tl.float32)
+        g = rk // GROUP
+        sp = rn64[:, None] * stride_sw + g[None, :]
+        s = tl.load(SW + sp, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_ZERO:
+            z = tl.load(ZW + sp, mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+        else:
+            z = 8.0
+        w = (u - z) * s
+    else:
+        w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0).to(tl.float32)
+        if W_SCALE == 1:
+            w = w * tl.load(SW + rn, mask=n_ok, other=0.0)[:, None]
+        else:
+            w = w * tl.load(SW)
+    tl.store(W + rn64[:, None] * K + rk[None, :], w.to(W.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+
+# --------------------------------------------------------------------------- launch wrappers
+FP8_MAX = 448.0
+A_FLOAT, A_INT8, A_FP8 = 0, 1, 2
+W_INT8, W_FP8, W_INT4 = 0, 1, 2
+
+
+def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None = None):
+    """Quantize the rows of ``x`` (..., K). Returns ``(codes, scale)``: codes like ``x`` in int8 or
+    float8_e4m3fn; ``scale`` fp32 of shape ``x.shape[:-1] + (1,)`` (dynamic per-token), or ``None``
+    when ``static_scale`` (a one-element fp32 tensor) was given."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    q = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    static = static_scale is not None
+    s = None if static else torch.empty((M,), device=x.device, dtype=torch.float32)
+    block = min(4096, max(128, 1 << (K - 1).bit_length()))
+    if M:
+        quant_rows_kernel[(M,)](x2, q, s if s is not None else q, static_scale if static else q, K, x2.stride(0), K,
+                              QMAX=FP8_MAX if fp8 else 127.0, FP8=fp8, STATIC=static, BLOCK=block,
+                              num_warps=4 if block <= 1024 else 8)
+    q = q.reshape(x.shape)
+    return q, (None if static else s.reshape(*x.shape[:-1], 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+#: ``wq_mm`` tiles by M bucket (16 / 32 / 64 rows) and, optionally, weight kind; ``SPLIT_TARGET``
+#: programs per SM are aimed for with split-K. ``benchmarks/e2e_gpu.py --sweep`` measures options.
+TILES = {16: dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+         32: dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+         64: dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)}
+TILES_BY_KIND: dict[tuple[int, int], dict] = {}
+SPLIT_TARGET = 2
+
+
+def _mm_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dict:
+    """Tile sizes and split-K for ``wq_mm`` (decode-sized M)."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    cfg = dict(TILES_BY_KIND.get((w_kind, bm), TILES[bm]))
+    bk = cfg["BLOCK_K"]
+    if w_kind == W_INT4:
+        while bk > 16 and group % bk:
+            bk //= 2
+    tiles = -(-M // bm) * -(-N // cfg["BLOCK_N"])
+    target = SPLIT_TARGET * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    split = 1
+    while tiles * split * 2 <= target and K >= bk * split * 4:
+        split *= 2
+    return dict(cfg, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split)
+
+
+def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None,
+          w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
+    """``a (M, K) @ dequant(w).T -> (M, N)``. ``a``: float (weight-only) or int8 / fp8 codes with
+    ``a_scale`` (one per row, or one). ``w``: int8 / fp8 (N, K), or int4 nibble-packed (N, K/2) with
+    ``w_scale`` / ``w_zero`` of shape (N, K/group)."""
+    M, K = a.shape
+    N = w.shape[0]
+    a_kind = A_FLOAT if a.is_floating_point() and a.dtype != torch.float8_e4m3fn else (
+        A_FP8 if a.dtype == torch.float8_e4m3fn else A_INT8)
+    out_dtype = out_dtype or a.dtype
+    cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
+    split = cfg["SPLIT_K"]
+    if split > 1:
+        c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
+    else:
+        c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    w_scale_kind = 2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0)
+    grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
+    dummy = w_scale
+    wq_mm_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else dummy,
+                     a_scale if a_scale is not None else dummy, bias if bias is not None else dummy, c,
+                     M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(0),
+                     w_scale.stride(0) if w_scale.dim() == 2 else 0,
+                     A_KIND=a_kind, W_KIND=w_kind, W_SCALE=w_scale_kind, HAS_ZERO=w_zero is not None,
+                     SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
+                     ATOMIC=split > 1, **cfg)
+    return c.to(out_dtype) if split > 1 else c
+
+
+def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """``acc (M, N) int32 * a_scale (M,1 or 1) * w_scale (N or 1) (+ bias)`` in one pass."""
+    M, N = acc.shape
+    c = torch.empty((M, N), device=acc.device, dtype=out_dtype)
+    bm, bn = 32, 128
+    grid = (-(-M // bm), -(-N // bn))
+    scale_epilogue_kernel[grid](acc, a_scale, w_scale, bias if bias is not None else w_scale, c, M, N,
+                              acc.stride(0), c.stride(0), SA_ROW=a_scale.numel() > 1, SW_COL=w_scale.numel() > 1,
+                              HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return c
+
+
+def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, K: int, w_zero=None, group: int = 0,
+                      out_dtype=torch.bfloat16) -> torch.Tensor:
+    """int8 (N, K) with per-channel/one scale, or int4-packed (N, K/2) with group scales -> float (N, K)."""
+    N = w.shape[0]
+    out = torch.empty((N, K), device=w.device, dtype=out_dtype)
+    bn, bk = 32, 128
+    grid = (-(-N // bn), -(-K // bk))
+    dequant_kernel[grid](w, w_scale, w_zero if w_zero is not None else w_scale, out, N, K, max(group, 1), w.stride(0),
+                       w_scale.stride(0) if w_scale.dim() == 2 else 0, W_KIND=w_kind,
+                       W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0),
+                       HAS_ZERO=w_zero is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return out

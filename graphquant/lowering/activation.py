@@ -1,0 +1,90 @@
+"""Activation quantization for the W8A8 kernels: float -> int8 / fp8 codes plus scales.
+
+The numerics are ``graphquant.quant.fake_quant``'s (same scale formula, same rounding), so a
+lowered linear sees exactly the codes its fake-quant twin rounded to. On CUDA the common specs
+(int8 symmetric or fp8 e4m3, per-token dynamic or per-tensor static, ``half_even`` rounding, float
+scales) run one Triton kernel per call; everything else runs the fake-quant math in torch.
+
+``hadamard=True`` first applies the online Hadamard (QuaRot R4) that preceded the quantizer in the
+fake-quant graph, ``graphquant::hadamard_transform(x, False)``; a fused transform+quantize kernel
+from ``graphquant.kernels.hadamard_triton`` is used when it offers one
+(``hadamard_quantize(x, fp8: bool, static_scale) -> (codes, scale)``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Dtype, QSchemeType, RoundType, ScaleType
+from ..kernels.int8_mm import _FAILED, guarded, triton_kernels
+from ..quant import fake_quant as FQ
+
+
+def _triton_spec(spec) -> bool:
+    return (spec.round_method == RoundType.half_even and spec.scale_type == ScaleType.float
+            and ((spec.dtype == Dtype.int8 and spec.symmetric) or spec.dtype == Dtype.fp8_e4m3))
+
+
+def _fused_hadamard_quantize():
+    if "hadamard_quantize" in _FAILED:
+        return None
+    try:
+        from ..kernels import hadamard_triton
+    except Exception:  # noqa: BLE001 - not there (CPU, other engineer's module absent)
+        return None
+    return getattr(hadamard_triton, "hadamard_quantize", None)
+
+
+def _hadamard(x: torch.Tensor) -> torch.Tensor:
+    from .. import hadamard  # noqa: F401  registers graphquant::hadamard_transform
+
+    return torch.ops.graphquant.hadamard_transform(x, False)
+
+
+def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False):
+    """(codes, scale): per-token scale ``x.shape[:-1] + (1,)`` or per-tensor ``()``, fp32."""
+    spec = FQ.as_spec(spec_str)
+    fast = x.is_cuda and _triton_spec(spec) and spec.qscheme == QSchemeType.per_token
+    fp8 = spec.dtype == Dtype.fp8_e4m3
+    if fast and hadamard and (fused := _fused_hadamard_quantize()) is not None:
+        return guarded("hadamard_quantize", lambda: fused(x, fp8, None), lambda: quantize_dynamic(x, spec_str, True))
+    if hadamard:
+        x = _hadamard(x)
+    if fast and (qt := triton_kernels(x.device, "quant_rows")) is not None:
+        return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8), lambda: _dynamic_torch(x, spec))
+    return _dynamic_torch(x, spec)
+
+
+def _dynamic_torch(x, spec):
+    q, scale, _ = FQ.dynamic_quantize(x, spec)
+    return q, scale.to(torch.float32)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec_str: str, hadamard: bool = False) -> torch.Tensor:
+    """Codes of ``x`` under a calibrated per-tensor scale."""
+    spec = FQ.as_spec(spec_str)
+    fast = x.is_cuda and _triton_spec(spec) and scale.numel() == 1
+    fp8 = spec.dtype == Dtype.fp8_e4m3
+    s = scale.to(torch.float32).reshape(())
+    if fast and hadamard and (fused := _fused_hadamard_quantize()) is not None:
+        return guarded("hadamard_quantize", lambda: fused(x, fp8, s)[0],
+                       lambda: quantize_static(x, scale, spec_str, True))
+    if hadamard:
+        x = _hadamard(x)
+    if fast and (qt := triton_kernels(x.device, "quant_rows")) is not None:
+        return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8, static_scale=s)[0],
+                       lambda: _static_torch(x, s, spec))
+    return _static_torch(x, s, spec)
+
+
+def _static_torch(x, scale, spec):
+    zp = torch.zeros((), dtype=torch.int32, device=x.device)
+    return FQ.quantize(x, scale, zp, spec)
+
+
+def codes_dtype(spec_str: str) -> torch.dtype:
+    return FQ.storage_dtype(spec_str)
+
+
+def scale_shape(x_shape, spec_str: str) -> tuple:
+    spec = FQ.as_spec(spec_str)
+    return tuple(x_shape[:-1]) + (1,) if spec.qscheme == QSchemeType.per_token else ()

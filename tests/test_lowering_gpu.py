@@ -1,0 +1,168 @@
+"""Lowering on CUDA (bf16): kernels vs torch references, lowered vs fake-quant logits, compile,
+CUDA graphs, and gq-llama-20m when its folder is present. Skipped without CUDA."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphquant as gq
+from graphquant.config import Config, QuantizationConfig, QuantizationSpec, preset
+from graphquant.lowering import lower_model
+from graphquant.models.tiny import tiny_model
+from graphquant.quant import fake_quant as FQ
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+REPO = Path(__file__).resolve().parents[1]
+GQ20M = next((p for p in (REPO / ".devdata" / "gq-llama-20m",
+                          Path(os.environ.get("GRAPHQUANT_SHARED", REPO.parent / "shared")) / "data" / "models"
+                          / "gq-llama-20m") if (p / "config.json").is_file()), None)
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _grouped(name: str, group: int) -> Config:
+    cfg = preset(name)
+    qc = cfg.global_quant_config
+    return dataclasses.replace(cfg, global_quant_config=dataclasses.replace(qc, weight=qc.weight.evolve(group_size=group)))
+
+
+def _w8a16() -> Config:
+    return Config(global_quant_config=QuantizationConfig(
+        weight=QuantizationSpec(dtype="int8", qscheme="per_channel", ch_axis=0)))
+
+
+SCHEMES = {
+    "int8_token": lambda: preset("w_int8_per_channel_a_int8_per_token"),
+    "int8_tensor_static": lambda: preset("w_int8_per_tensor_a_int8_per_tensor"),
+    "fp8_tensor_static": lambda: preset("w_fp8_a_fp8"),
+    "fp8_token": lambda: preset("w_fp8_a_fp8_per_token"),
+    "int4_sym_g32": lambda: _grouped("w_int4_per_group_sym", 32),
+    "uint4_asym_g32": lambda: _grouped("w_uint4_per_group_asym", 32),
+    "w8a16": _w8a16,
+}
+
+
+# ------------------------------------------------------------------------------------ kernels
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 300])
+def test_quantize_rows_matches_fake_quant_codes(fp8, M):
+    from graphquant.kernels import quant_triton as QT
+
+    x = (torch.randn(M, 4096, device="cuda") * 3).to(torch.bfloat16)
+    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
+    q, s = QT.quantize_rows(x, fp8)
+    q2, s2, _ = FQ.dynamic_quantize(x, spec)
+    assert torch.equal(s, s2.float())
+    assert torch.equal(q.float(), q2.float())
+    st = s2.amax().reshape(())
+    qs, _ = QT.quantize_rows(x, fp8, static_scale=st)
+    assert torch.equal(qs.float(), FQ.quantize(x, st, torch.zeros((), dtype=torch.int32, device="cuda"), spec.replace(
+        "per_token", "per_tensor").replace("dynamic", "static")).float())
+
+
+@pytest.mark.parametrize("M", [1, 16, 64, 300])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (4096, 14336)])
+def test_linear_kernels_match_references(M, N, K):
+    from graphquant.kernels import fp8_mm, int4_mm, int8_mm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8, generator=g)
+    ws = torch.rand(N, device="cuda", generator=g) * 1e-2 + 1e-3
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    # W8A8 int8 per-token
+    q, s, _ = FQ.dynamic_quantize(x, "int8:per_token:sym:dynamic:float:half_even")
+    ref = ((q.float() * s) @ (w.float() * ws[:, None]).t() + bias.float())
+    assert _rel(int8_mm.int8_linear(q, s, w, ws, bias, torch.bfloat16), ref) < 1e-2
+    # W8A8 fp8 per-token x per-channel, and per-tensor
+    wf = (w.float() / 127 * 448).to(torch.float8_e4m3fn)
+    qf, sf, _ = FQ.dynamic_quantize(x, "fp8_e4m3:per_token:sym:dynamic:float:half_even")
+    ref = (qf.float() * sf) @ (wf.float() * ws[:, None]).t()
+    assert _rel(fp8_mm.fp8_linear(qf, sf, wf, ws, None, torch.bfloat16), ref) < 1e-2
+    s1, w1 = sf.amax(), ws[:1].reshape(())
+    qt = FQ.quantize(x, s1, torch.zeros((), dtype=torch.int32, device="cuda"),
+                     "fp8_e4m3:per_tensor:sym:static:float:half_even")
+    ref = (qt.float() * s1) @ (wf.float() * w1).t()
+    assert _rel(fp8_mm.fp8_linear(qt, s1, wf, w1, None, torch.bfloat16), ref) < 1e-2
+    # W8A16
+    ref = x.float() @ (w.float() * ws[:, None]).to(torch.bfloat16).float().t()
+    assert _rel(int8_mm.int8_weight_only_linear(x, w, ws, None), ref) < 1e-2
+    # W4A16, group 128, with and without zero points
+    u = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8, generator=g)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    sc = torch.rand(N, K // 128, device="cuda", generator=g) * 1e-2
+    zp = torch.randint(0, 16, (N, K // 128), device="cuda", dtype=torch.uint8, generator=g)
+    for z in (zp, None):
+        zz = z.float().repeat_interleave(128, 1) if z is not None else 8.0
+        wd = ((u.float() - zz) * sc.repeat_interleave(128, 1)).to(torch.bfloat16)
+        ref = x.float() @ wd.float().t()
+        out = int4_mm.int4_linear(x, packed, sc, z, None, 128, "nibble")
+        assert _rel(out, ref) < 1e-2, (M, N, K, z is None)
+
+
+# ------------------------------------------------------------------------------------ models
+def _fake_vs_lowered(model, config, batches):
+    qm = gq.quantize(model, config, batches[:1], progress=False, check=False)
+    with torch.no_grad():
+        refs = [qm(input_ids=b).logits for b in batches]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = lower_model(qm)
+        outs = [qm(input_ids=b).logits for b in batches]
+    return qm, report, refs, outs
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lowered_matches_fake_quant_bf16(arch, scheme):
+    model = tiny_model(arch).to("cuda", torch.bfloat16)
+    batches = [torch.randint(0, 128, shape, device="cuda") for shape in ((4, 32), (1, 8), (16, 1))]
+    qm, report, refs, outs = _fake_vs_lowered(model, SCHEMES[scheme](), batches)
+    assert report["lowered"] and not [e for e in report["fake_quant"] if "KV" not in e["reason"]]
+    for ref, out in zip(refs, outs):
+        assert _rel(out, ref) <= 1e-2
+
+
+def test_compile_and_cuda_graph_of_lowered_model():
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    qm = gq.quantize(model, preset("w_fp8_a_fp8_per_token"), [ids], progress=False, lower=True)
+    with torch.no_grad():
+        eager = qm(input_ids=ids).logits
+        assert _rel(torch.compile(qm)(input_ids=ids).logits, eager) < 1e-2
+        step = torch.randint(0, 128, (4, 1), device="cuda")
+        want = qm(input_ids=step).logits
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                qm(input_ids=step)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = qm(input_ids=step).logits
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel(got, want) < 1e-3
+
+
+@pytest.mark.skipif(GQ20M is None, reason="gq-llama-20m not found (.devdata/gq-llama-20m or shared data)")
+@pytest.mark.parametrize("scheme", ["int8_token", "fp8_token", "int4_sym_g32", "w8a16"])
+def test_gq_llama_20m_lowered_matches_fake_quant(scheme):
+    from graphquant.models.hf import load_model
+
+    model, _ = load_model(GQ20M)
+    model = model.to("cuda", torch.bfloat16)
+    batches = [torch.randint(0, model.config.vocab_size, shape, device="cuda") for shape in ((2, 128), (1, 1))]
+    qm, report, refs, outs = _fake_vs_lowered(model, SCHEMES[scheme](), batches)
+    assert len(report["lowered"]) >= 7 * model.config.num_hidden_layers
+    for ref, out in zip(refs, outs):
+        assert _rel(out, ref) <= 1e-2, scheme
