@@ -206,7 +206,10 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix for the results files")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default=None, help="gq-llama-20m folder (default: ../shared/data/models/gq-llama-20m)")
+    ap.add_argument("--merge", default=None, help="comma-separated result tags to merge into accuracy.md (no run)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge([t for t in args.merge.split(",")])
     global DEVICE
     DEVICE = args.device
     args.rows = [r for r in args.rows.split(",") if r]
@@ -225,6 +228,28 @@ def main(argv=None):
     print(text)
     (RESULTS / f"accuracy{args.tag}.md").write_text(text)
     (RESULTS / f"accuracy{args.tag}.json").write_text(json.dumps(res, indent=2))
+
+
+def merge(tags: list[str]) -> None:
+    """Combine the JSON results of several partial runs (e.g. row subsets run in parallel)."""
+    parts = [json.loads((RESULTS / f"accuracy{t}.json").read_text()) for t in tags]
+    llama = {"fp": parts[0]["llama"]["fp"], "fp_loss": parts[0]["llama"]["fp_loss"],
+             "windows": parts[0]["llama"]["windows"], "rows": {}}
+    minilm = None
+    for p in parts:
+        llama["rows"].update(p["llama"]["rows"])
+        minilm = p.get("minilm", minilm)
+    rows = [r for r in ROWS if r in llama["rows"]]
+    cols = [c for c in COLS if any(c in llama["rows"][r] for r in rows)]
+    md = ["## gq-llama-20m perplexity", "", f"(device: {parts[0].get('device')}, torch {parts[0].get('torch')})", "",
+          markdown_llama(llama, rows, cols)]
+    if minilm:
+        md += ["", "## all-MiniLM-L6-v2 fidelity", "", markdown_minilm(minilm)]
+    text = "\n".join(md) + "\n"
+    print(text)
+    (RESULTS / "accuracy.md").write_text(text)
+    (RESULTS / "accuracy.json").write_text(json.dumps({"device": parts[0].get("device"), "llama": llama,
+                                                       "minilm": minilm}, indent=2))
 
 
 if __name__ == "__main__":

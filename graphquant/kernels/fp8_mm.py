@@ -27,9 +27,23 @@ def _reference(a, sa, w, sw, bias, out_dtype):
     return scale_epilogue_torch(acc, sa, sw, bias, out_dtype)
 
 
+_NO_FAST_ROWWISE = []  # set once fast accumulation is refused for row-wise scales
+
+
 def _scaled_mm(a, sa, w, sw, bias, out_dtype):
     M, N = a.shape[0], w.shape[0]
     fast = USE_FAST_ACCUM and a.is_cuda
+    rowwise = not (sa.numel() == 1 and sw.numel() == 1)
+    if rowwise and fast and not _NO_FAST_ROWWISE:
+        try:
+            return _scaled_mm_call(a, sa, w, sw, bias, out_dtype, True)
+        except RuntimeError:
+            _NO_FAST_ROWWISE.append(True)
+    return _scaled_mm_call(a, sa, w, sw, bias, out_dtype, fast and not rowwise)
+
+
+def _scaled_mm_call(a, sa, w, sw, bias, out_dtype, fast):
+    M, N = a.shape[0], w.shape[0]
     if sa.numel() == 1 and sw.numel() == 1:
         out = torch._scaled_mm(a, w.t(), scale_a=sa.reshape(()), scale_b=sw.reshape(()), out_dtype=out_dtype,
                                use_fast_accum=fast)
