@@ -119,6 +119,9 @@ def run_llama(args) -> dict:
                     print(f"  {rk} / {ck}: error {e}", flush=True)
                     ppl = None
             results["rows"][rk][ck] = ppl
+            RESULTS.mkdir(parents=True, exist_ok=True)  # partial results survive a timeout
+            (RESULTS / f"accuracy{args.tag}.json").write_text(json.dumps(
+                {"device": DEVICE, "torch": torch.__version__, "llama": results}, indent=2))
             if ppl is not None:
                 print(f"  {rk:18s} {ck:15s} ppl {ppl:8.3f} ({100 * (ppl / fp.ppl - 1):+.2f}%) [{time.time() - t0:.0f}s]",
                       flush=True)
