@@ -206,6 +206,7 @@ def main(argv=None):
     ap.add_argument("--rows", default=",".join(k for k in ROWS if k not in ("w4a8", "w4a4")))
     ap.add_argument("--cols", default="none,sq05,sq085,rot,fcfc_rot,quarot_offline,quarot")
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--tag", default="", help="suffix for the results files")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default=None, help="gq-llama-20m folder (default: ../shared/data/models/gq-llama-20m)")
@@ -219,8 +220,11 @@ def main(argv=None):
     args.cols = [c for c in args.cols.split(",") if c]
     torch.manual_seed(0)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    res = {"device": DEVICE, "torch": torch.__version__, "llama": run_llama(args)}
-    md = ["## gq-llama-20m perplexity", "", markdown_llama(res["llama"], args.rows, args.cols)]
+    res = {"device": DEVICE, "torch": torch.__version__}
+    md = []
+    if not args.no_llama:
+        res["llama"] = run_llama(args)
+        md += ["## gq-llama-20m perplexity", "", markdown_llama(res["llama"], args.rows, args.cols)]
     if not args.no_minilm:
         m = run_minilm(args)
         if m is not None:
@@ -235,12 +239,14 @@ def main(argv=None):
 
 def merge(tags: list[str]) -> None:
     """Combine the JSON results of several partial runs (e.g. row subsets run in parallel)."""
-    parts = [json.loads((RESULTS / f"accuracy{t}.json").read_text()) for t in tags]
+    loaded = [json.loads((RESULTS / f"accuracy{t}.json").read_text()) for t in tags]
+    parts = [p for p in loaded if "llama" in p]
     llama = {"fp": parts[0]["llama"]["fp"], "fp_loss": parts[0]["llama"]["fp_loss"],
              "windows": parts[0]["llama"]["windows"], "rows": {}}
     minilm = None
-    for p in parts:
-        llama["rows"].update(p["llama"]["rows"])
+    for p in loaded:
+        if "llama" in p:
+            llama["rows"].update(p["llama"]["rows"])
         minilm = p.get("minilm", minilm)
     rows = [r for r in ROWS if r in llama["rows"]]
     cols = [c for c in COLS if any(c in llama["rows"][r] for r in rows)]
