@@ -174,7 +174,8 @@ def _attempt(r: dict, what: str, fn) -> None:
     try:
         fn()
     except Exception as e:  # noqa: BLE001
-        r.setdefault("errors", []).append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        r.setdefault("errors", []).append(f"{what}: {type(e).__name__}: {first}")
         print(f"   {what} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         torch._dynamo.reset()
 
@@ -332,53 +333,58 @@ def targets(results: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ sweep
+def graph_us(fn, reps: int = 20, iters: int = 20) -> float:
+    """Microseconds per call of ``fn``, ``reps`` calls captured in one CUDA graph (no launch overhead)."""
+    fn()
+    replay, g = graphed(lambda: [fn() for _ in range(reps)])
+    t = cuda_ms(replay, iters) * 1e3 / reps
+    del g
+    return t
+
+
 def sweep() -> list[dict]:
-    """Time ``wq_mm`` tile options at M = 1 on the Llama-3-8B linear shapes (decode)."""
+    """Time GEMV tile options at M = 1 on the Llama-3-8B linear shapes (CUDA-graph timing) and make
+    the fastest the tiles ``graphquant.kernels.quant_triton.gemv`` uses for those shapes."""
     import torch.nn.functional as F
 
     from graphquant.kernels import quant_triton as QT
 
     rows = []
-    shapes = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
-    sms = QT._sm_count(torch.cuda.current_device())
-    for N, K in shapes:
+    for N, K in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
         x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
         wb = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16)
-        t_bf16 = cuda_ms(lambda: F.linear(x, wb), 50)
+        t_bf16 = graph_us(lambda: F.linear(x, wb))
         w8 = torch.randint(-127, 128, (N, K), device=DEVICE, dtype=torch.int8)
         s8 = torch.rand(N, device=DEVICE)
         p4 = torch.randint(0, 256, (N, K // 2), device=DEVICE, dtype=torch.uint8)
         s4 = torch.rand(N, K // 128, device=DEVICE)
         q, sa = QT.quantize_rows(x, False)
+        qf, saf = QT.quantize_rows(x, True)
         kinds = {"W8A16": (x, w8, s8, QT.W_INT8, None), "W4A16": (x, p4, s4, QT.W_INT4, None),
-                 "W8A8-int8": (q, w8, s8, QT.W_INT8, sa)}
+                 "W8A8-int8": (q, w8, s8, QT.W_INT8, sa), "W8A8-fp8": (qf, w8.view(torch.float8_e4m3fn), s8,
+                                                                      QT.W_FP8, saf)}
+        print(f"sweep N={N:6d} K={K:6d} bf16 F.linear {t_bf16:6.1f} us ({2 * N * K / t_bf16 / 1e3:5.0f} GB/s)",
+              flush=True)
         for kind, (a, w, s, wk, asc) in kinds.items():
             best_row = None
-            for bn in (32, 64, 128):
-                for bk in ((64, 128) if kind == "W4A16" else (128, 256)):
-                    for stages in (4,):
-                        for occ in (1, 2, 4):
-                            tiles = -(-N // bn)
-                            split = 1
-                            while tiles * split * 2 <= occ * sms and K >= bk * split * 4:
-                                split *= 2
-                            cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
-                                       num_stages=stages)
-                            try:
-                                t = cuda_ms(lambda: QT.wq_mm(a, w, s, w_kind=wk, a_scale=asc, group=128,
-                                                             out_dtype=torch.bfloat16, config=cfg), 30)
-                            except Exception as e:  # noqa: BLE001
-                                t = float("inf")
-                                print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
-                            row = {"N": N, "K": K, "kind": kind, "ms": t, "bf16_ms": t_bf16, **cfg, "occupancy": occ}
-                            rows.append(row)
-                            if best_row is None or t < best_row["ms"]:
-                                best_row = row
+            for bn in (8, 16, 32, 64):
+                for bk in ((128,) if wk == QT.W_INT4 else (256, 512)):
+                    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                    try:
+                        t = graph_us(lambda: QT.gemv(a, w, s, w_kind=wk, a_scale=asc, group=128,
+                                                     out_dtype=torch.bfloat16, config=cfg))
+                    except Exception as e:  # noqa: BLE001
+                        t = float("inf")
+                        print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                    row = {"N": N, "K": K, "kind": kind, "us": t, "bf16_us": t_bf16, **cfg}
+                    rows.append(row)
+                    if best_row is None or t < best_row["us"]:
+                        best_row = row
             wbytes = w.numel() * w.element_size()
-            print(f"sweep N={N:6d} K={K:6d} {kind:10s} best {best_row['ms'] * 1e3:7.1f} us "
-                  f"({wbytes / best_row['ms'] / 1e9:6.0f} GB/s) vs bf16 F.linear {t_bf16 * 1e3:7.1f} us | "
-                  f"BN={best_row['BLOCK_N']} BK={best_row['BLOCK_K']} st={best_row['num_stages']} "
-                  f"split={best_row['SPLIT_K']}", flush=True)
+            QT.GEMV_TILES[(wk, N, K)] = {k: best_row[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps")}
+            print(f"   {kind:10s} best {best_row['us']:6.1f} us ({wbytes / best_row['us'] / 1e3:5.0f} GB/s, "
+                  f"{t_bf16 / best_row['us']:4.2f}x bf16) BN={best_row['BLOCK_N']} BK={best_row['BLOCK_K']}",
+                  flush=True)
     return rows
 
 

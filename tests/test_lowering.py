@@ -28,7 +28,8 @@ IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 def _grouped(name: str, group: int) -> Config:
     cfg = preset(name)
     qc = cfg.global_quant_config
-    return dataclasses.replace(cfg, global_quant_config=dataclasses.replace(qc, weight=qc.weight.evolve(group_size=group)))
+    weight = qc.weight.evolve(group_size=group)
+    return dataclasses.replace(cfg, global_quant_config=dataclasses.replace(qc, weight=weight))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,7 +186,8 @@ def test_int2_and_asymmetric_activations_fall_back():
 
 
 def test_kv_cache_quantizers_stay_fake_and_are_reported():
-    ref, out, report, qm, errors = _fake_then_lowered("llama", preset("w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token"))
+    kv_scheme = "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token"
+    ref, out, report, qm, errors = _fake_then_lowered("llama", preset(kv_scheme))
     assert len(report["lowered"]) == _n_linears(qm)
     kv = [e for e in report["fake_quant"] if "KV-cache" in e["reason"]]
     assert len(kv) == 4  # K and V of two layers
@@ -223,3 +225,17 @@ def test_lowered_ops_have_consistent_fake_kernels():
     assert y.shape == (3, 5, 32)
     ref = (q.float() * s) @ (w.float() * ws[:, None]).t()
     assert _rel(y, ref) < 1e-6
+
+
+@pytest.mark.parametrize("spec", ["int8:per_token:sym:dynamic:float:half_even",
+                                  "fp8_e4m3:per_token:sym:dynamic:float:half_even",
+                                  "int8:per_tensor:sym:dynamic:float:half_even"])
+def test_compiled_activation_quantization_gives_fake_quant_codes(spec):
+    """Under torch.compile the quantizer is traced as torch ops (so Inductor can fuse it): same codes."""
+    from graphquant.lowering.activation import quantize_act_dynamic_node
+    from graphquant.quant import fake_quant as FQ
+
+    x = torch.randn(4, 7, 96, generator=torch.Generator().manual_seed(2)) * 3
+    q, s = torch.compile(quantize_act_dynamic_node, fullgraph=True)(x, spec)
+    q2, s2, _ = FQ.dynamic_quantize(x, spec)
+    assert torch.equal(s, s2.float()) and torch.equal(q.float(), q2.float())

@@ -31,7 +31,8 @@ def _rel(a, b) -> float:
 def _grouped(name: str, group: int) -> Config:
     cfg = preset(name)
     qc = cfg.global_quant_config
-    return dataclasses.replace(cfg, global_quant_config=dataclasses.replace(qc, weight=qc.weight.evolve(group_size=group)))
+    weight = qc.weight.evolve(group_size=group)
+    return dataclasses.replace(cfg, global_quant_config=dataclasses.replace(qc, weight=weight))
 
 
 def _w8a16() -> Config:

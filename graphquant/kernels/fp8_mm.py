@@ -4,7 +4,8 @@
 row (per-token) or one scale (per-tensor); ``w`` fp8 (N, K) with one scale per output channel or
 one. On CUDA:
 
-- M <= ``SKINNY_M`` (decode): Triton ``wq_mm`` (fp8 tensor-core dot, fp32 accumulation, split-K);
+- M <= ``GEMV_M``: Triton ``gemv``; M <= ``SKINNY_M`` (decode): Triton ``wq_mm`` (fp8 tensor-core
+  dot, fp32 accumulation, split-K);
 - otherwise ``torch._scaled_mm``: per-tensor scales when both are single (any output dtype),
   row-wise scales otherwise (``scale_a`` (M, 1), ``scale_b`` (1, N); Hopper needs a bf16 output,
   other output dtypes are cast from it). ``USE_FAST_ACCUM`` selects cuBLAS's fast fp8 accumulation.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .int8_mm import _col_scale, _flat, _row_scale, guarded, scale_epilogue_torch, triton_kernels
+from .int8_mm import GEMV_M, _col_scale, _flat, _row_scale, guarded, scale_epilogue_torch, triton_kernels
 
 SKINNY_M = 16
 USE_FAST_ACCUM = True
@@ -74,6 +75,9 @@ def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale
 
     if M == 0:
         out = torch.empty((0, N), dtype=out_dtype, device=a.device)
+    elif a.is_cuda and M <= GEMV_M and (qt := triton_kernels(a.device, "gemv")) is not None:
+        out = guarded("gemv", lambda: qt.gemv(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
+                                              out_dtype=out_dtype), scaled)
     elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "wq_mm")) is not None:
         out = guarded("wq_mm", lambda: qt.wq_mm(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
                                                 out_dtype=out_dtype), scaled)

@@ -5,11 +5,13 @@ Device dispatch, all results ``(..., N)`` in ``out_dtype``:
 ==========  ===========================================  =========================================
 path        CUDA                                         CPU
 ==========  ===========================================  =========================================
-W8A8        M <= ``SKINNY_M``: Triton ``wq_mm`` (int8     ``torch._int_mm`` + fp32 scale epilogue
+W8A8        M <= ``GEMV_M``: Triton ``gemv``; M <=        ``torch._int_mm`` + fp32 scale epilogue
+            ``SKINNY_M``: Triton ``wq_mm`` (int8
             tensor-core dot, split-K); else
             ``torch._int_mm`` (cuBLASLt) + Triton
             scale epilogue
-W8A16       M <= ``WEIGHT_ONLY_M``: Triton ``wq_mm``      ``aten._weight_int8pack_mm``
+W8A16       M <= ``GEMV_M``: Triton ``gemv``; M <=        ``aten._weight_int8pack_mm``
+            ``WEIGHT_ONLY_M``: Triton ``wq_mm``
             (weights dequantized in registers); else
             Triton dequantize + cuBLAS matmul
 ==========  ===========================================  =========================================
@@ -26,6 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+GEMV_M = 4  # at most this many rows: Triton GEMV (CUDA cores, weight streamed once) on CUDA
 SKINNY_M = 16  # W8A8 rows handled by the Triton skinny kernel on CUDA (decode)
 WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton kernel (above: dequantize + cuBLAS)
 
@@ -118,6 +121,9 @@ def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scal
 
     if M == 0:
         out = torch.empty((0, N), dtype=out_dtype, device=a.device)
+    elif a.is_cuda and M <= GEMV_M and (qt := triton_kernels(a.device, "gemv")) is not None:
+        out = guarded("gemv", lambda: qt.gemv(a, w, sw, w_kind=qt.W_INT8, a_scale=sa, bias=bias,
+                                              out_dtype=out_dtype), reference)
     elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "wq_mm")) is not None:
         out = guarded("wq_mm", lambda: qt.wq_mm(a, w, sw, w_kind=qt.W_INT8, a_scale=sa, bias=bias,
                                                 out_dtype=out_dtype), reference)
@@ -161,6 +167,10 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
 
     if M == 0:
         out = a.new_empty((0, N))
+    elif (a.is_cuda and M <= GEMV_M and a.dtype in (torch.float16, torch.bfloat16)
+          and (qt := triton_kernels(a.device, "gemv")) is not None):
+        out = guarded("gemv", lambda: qt.gemv(a, w, _col_scale(w_scale), w_kind=qt.W_INT8, bias=bias,
+                                              out_dtype=a.dtype), reference)
     elif (a.is_cuda and M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16)
           and (qt := triton_kernels(a.device, "wq_mm")) is not None):
         out = guarded("wq_mm", lambda: qt.wq_mm(a, w, _col_scale(w_scale), w_kind=qt.W_INT8, bias=bias,

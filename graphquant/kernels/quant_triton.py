@@ -56,7 +56,8 @@ def _round_e4m3(v):
 
 @triton.jit
 def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
-                      QMAX: tl.constexpr, FP8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+                      QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, STATIC: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     xp = X + row * stride_xm
     qp = Q + row * stride_qm
@@ -70,7 +71,8 @@ def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
             x = tl.load(xp + offs, mask=offs < K, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, tl.abs(x))
         amax = tl.max(acc, axis=0)
-        scale = tl.maximum(tl.math.div_rn(amax, QMAX), TINY_C)
+        # torch on CUDA divides by a Python scalar as a multiply by its fp32 reciprocal: do the same
+        scale = tl.maximum(amax * RCP, TINY_C)
         tl.store(S + row, scale)
     for k0 in range(0, K, BLOCK):
         offs = k0 + offs0
@@ -170,6 +172,65 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
 
 @triton.jit
+def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
+                A_KIND: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One activation row (program axis 1) times BLOCK_N weight rows, on CUDA cores: the weight is
+    streamed once in its storage format, scales are applied per group (int4) or at the end."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    a_row = A + m.to(tl.int64) * stride_am
+    if W_KIND == 2:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        if A_KIND == 1:
+            x = tl.load(a_row + rk, mask=k_ok, other=0).to(tl.float32)
+        else:
+            x = tl.load(a_row + rk, mask=k_ok, other=0.0).to(tl.float32)
+        if W_KIND == 2:
+            rh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p = tl.load(B + rn64[:, None] * stride_bn + rh[None, :], mask=n_ok[:, None] & (rh[None, :] < K // 2),
+                        other=0)
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+            d = tl.sum((p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :], axis=1)
+            g = k0 // GROUP
+            s = tl.load(SW + rn64 * stride_sw + g, mask=n_ok, other=0.0)
+            if HAS_ZERO:
+                z = tl.load(ZW + rn64 * stride_sw + g, mask=n_ok, other=0).to(tl.float32)
+            else:
+                z = 8.0
+            acc += (d - z * tl.sum(x, axis=0)) * s
+        else:
+            if W_KIND == 0:
+                w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            else:
+                w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+            acc2 += w.to(tl.float32) * x[None, :]
+    if W_KIND != 2:
+        acc = tl.sum(acc2, axis=1)
+        if W_SCALE == 1:
+            acc = acc * tl.load(SW + rn, mask=n_ok, other=0.0)
+        else:
+            acc = acc * tl.load(SW)
+    if A_KIND != 0:
+        if SA_ROW:
+            acc = acc * tl.load(SA + m)
+        else:
+            acc = acc * tl.load(SA)
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(C + m.to(tl.int64) * stride_cm + rn, acc.to(C.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
                           SA_ROW: tl.constexpr, SW_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -232,6 +293,11 @@ A_FLOAT, A_INT8, A_FP8 = 0, 1, 2
 W_INT8, W_FP8, W_INT4 = 0, 1, 2
 
 
+@functools.lru_cache(maxsize=None)
+def _fp32_reciprocal(v: float) -> float:
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(v, dtype=torch.float32))
+
+
 def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None = None):
     """Quantize the rows of ``x`` (..., K). Returns ``(codes, scale)``: codes like ``x`` in int8 or
     float8_e4m3fn; ``scale`` fp32 of shape ``x.shape[:-1] + (1,)`` (dynamic per-token), or ``None``
@@ -245,9 +311,10 @@ def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None 
     static = static_scale is not None
     s = None if static else torch.empty((M,), device=x.device, dtype=torch.float32)
     block = min(4096, max(128, 1 << (K - 1).bit_length()))
+    qmax = FP8_MAX if fp8 else 127.0
     if M:
         quant_rows_kernel[(M,)](x2, q, s if s is not None else q, static_scale if static else q, K, x2.stride(0), K,
-                              QMAX=FP8_MAX if fp8 else 127.0, FP8=fp8, STATIC=static, BLOCK=block,
+                              QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, STATIC=static, BLOCK=block,
                               num_warps=4 if block <= 1024 else 8)
     q = q.reshape(x.shape)
     return q, (None if static else s.reshape(*x.shape[:-1], 1))
@@ -310,6 +377,48 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
                      SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
                      ATOMIC=split > 1, **cfg)
     return c.to(out_dtype) if split > 1 else c
+
+
+#: GEMV tiles: (w_kind, N, K) -> dict(BLOCK_N, BLOCK_K, num_warps); else the heuristic below
+GEMV_TILES: dict[tuple[int, int, int], dict] = {}
+GEMV_PROGRAMS_PER_SM = 2
+
+
+def _gemv_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dict:
+    cfg = GEMV_TILES.get((w_kind, N, K))
+    if cfg is None:
+        target = GEMV_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None
+                                                   else torch.cuda.current_device())
+        bn = 64
+        while bn > 8 and -(-N // bn) * M < target:
+            bn //= 2
+        cfg = dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4)
+    cfg = dict(cfg)
+    if w_kind == W_INT4:
+        bk = min(cfg["BLOCK_K"], group)
+        while bk > 16 and group % bk:
+            bk //= 2
+        cfg["BLOCK_K"] = bk
+    return cfg
+
+
+def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None, w_zero=None,
+         bias=None, group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
+    """Like :func:`wq_mm`, for a few rows (decode): one program per (row, BLOCK_N outputs)."""
+    M, K = a.shape
+    N = w.shape[0]
+    a_kind = A_FP8 if a.dtype == torch.float8_e4m3fn else (A_FLOAT if a.is_floating_point() else A_INT8)
+    out_dtype = out_dtype or a.dtype
+    cfg = config or _gemv_config(M, N, K, w_kind, group, a.device)
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    dummy = w_scale
+    gemv_kernel[(-(-N // cfg["BLOCK_N"]), M)](
+        a, w, w_scale, w_zero if w_zero is not None else dummy, a_scale if a_scale is not None else dummy,
+        bias if bias is not None else dummy, c, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(0),
+        w_scale.stride(0) if w_scale.dim() == 2 else 0, A_KIND=a_kind, W_KIND=w_kind,
+        W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
+        SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
+    return c
 
 
 def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:

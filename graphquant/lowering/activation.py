@@ -5,6 +5,12 @@ lowered linear sees exactly the codes its fake-quant twin rounded to. On CUDA th
 (int8 symmetric or fp8 e4m3, per-token dynamic or per-tensor static, ``half_even`` rounding, float
 scales) run one Triton kernel per call; everything else runs the fake-quant math in torch.
 
+The lowered graph calls :func:`quantize_act_dynamic_node` / :func:`quantize_act_static_node`:
+in eager they run the custom ops ``graphquant::quantize_act_*`` (one Triton kernel); under
+``torch.compile`` (and export) the common specs are traced as plain torch ops instead, so Inductor
+fuses the quantization into the kernel that produces the activation (RMSNorm, SiLU·mul). Both give
+fake-quant's codes.
+
 ``hadamard=True`` first applies the online Hadamard (QuaRot R4) that preceded the quantizer in the
 fake-quant graph, ``graphquant::hadamard_transform(x, False)``; a fused transform+quantize kernel
 from ``graphquant.kernels.hadamard_triton`` is used when it offers one
@@ -88,3 +94,50 @@ def codes_dtype(spec_str: str) -> torch.dtype:
 def scale_shape(x_shape, spec_str: str) -> tuple:
     spec = FQ.as_spec(spec_str)
     return tuple(x_shape[:-1]) + (1,) if spec.qscheme == QSchemeType.per_token else ()
+
+
+# --------------------------------------------------------------------------- graph-node entry points
+_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _inline_spec(spec: str):
+    """(fp8, per_token) when ``spec`` can be traced as plain torch ops, else None (string parsing only,
+    so Dynamo traces it without touching the spec cache)."""
+    parts = spec.split(":")
+    if len(parts) < 6 or parts[4] != "float" or parts[5] != "half_even" or parts[1] not in ("per_token", "per_tensor"):
+        return None
+    if parts[0] == "int8" and parts[2] == "sym":
+        return False, parts[1] == "per_token"
+    if parts[0] == "fp8_e4m3":
+        return True, parts[1] == "per_token"
+    return None
+
+
+def _codes_inline(v: torch.Tensor, fp8: bool) -> torch.Tensor:
+    if fp8:
+        return v.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return torch.round(v).clamp(-127.0, 127.0).to(torch.int8)
+
+
+def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False):
+    """(codes, scale) for a dynamic activation quantizer; see the module docstring."""
+    kind = _inline_spec(spec) if torch.compiler.is_compiling() else None
+    if kind is None:
+        return torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard)
+    fp8, per_token = kind
+    if hadamard:
+        x = _hadamard(x)
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
+    scale = (amax / (448.0 if fp8 else 127.0)).clamp_min(_TINY)
+    return _codes_inline(xf / scale, fp8), scale
+
+
+def quantize_act_static_node(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False):
+    """Codes for a static (calibrated per-tensor scale) activation quantizer."""
+    kind = _inline_spec(spec) if torch.compiler.is_compiling() and scale.numel() == 1 else None
+    if kind is None:
+        return torch.ops.graphquant.quantize_act_static(x, scale, spec, hadamard)
+    if hadamard:
+        x = _hadamard(x)
+    return _codes_inline(x.float() / scale.float(), kind[0])

@@ -8,7 +8,8 @@ Patterns (as ``insert_qdq`` writes them; ``A`` = ``fake_quant`` / ``dynamic_fake
 
 ``schemes.choose`` picks the kernel; ``layouts`` builds its weight layout, registered as buffers
 ``<module>.qweight`` / ``qscale`` / ``qzeros``. One activation quantizer feeding several Linears
-becomes one ``quantize_act_*`` node. Q/DQ nodes and buffers nothing reads any more are removed.
+becomes one ``activation.quantize_act_*_node`` call (the ``graphquant::quantize_act_*`` op in
+eager, fusible torch ops under ``torch.compile``). Q/DQ nodes and buffers nothing reads any more are removed.
 What cannot be lowered (no kernel for the scheme, KV-cache and output quantizers) keeps its
 fake-quant nodes, is listed in ``ctx.stats["lowering"]["fake_quant"]`` with the reason, and is
 announced once per reason with ``warnings.warn``. The pass never fails on a scheme: anything
@@ -27,7 +28,7 @@ from ..capture import node_module_fqn, set_attr
 from ..passes.manager import PassContext, register_pass
 from ..passes.quantize import QDQ_TAG
 from ..quant import fake_quant as FQ
-from . import layouts, schemes
+from . import activation, layouts, schemes
 from . import ops as _ops  # noqa: F401  registers graphquant::*_linear, quantize_act_*
 
 LOWERED_TAG = "graphquant_lowered"
@@ -146,13 +147,13 @@ class _Lowerer:
         spec = a.args[-1]
         with self.g.inserting_before(self.first_user(a)):
             if a.target == _gq().dynamic_fake_quant.default:
-                qa = self.g.call_function(torch.ops.graphquant.quantize_act_dynamic.default, (src, spec, hadamard))
+                qa = self.g.call_function(activation.quantize_act_dynamic_node, (src, spec, hadamard))
                 q = self.g.call_function(operator.getitem, (qa, 0))
                 s = self.g.call_function(operator.getitem, (qa, 1))
                 nodes = (qa, q, s)
             else:
                 s = a.args[1]
-                q = self.g.call_function(torch.ops.graphquant.quantize_act_static.default, (src, s, spec, hadamard))
+                q = self.g.call_function(activation.quantize_act_static_node, (src, s, spec, hadamard))
                 nodes = (q,)
         for n in nodes:
             n.meta[LOWERED_TAG] = {"role": "activation", "name": a.meta.get(QDQ_TAG, {}).get("name", ""),

@@ -17,10 +17,14 @@ from . import weights as W
 from .manager import PassContext, register_pass
 
 
-def rotation(n: int, kind: str, seed: int) -> torch.Tensor:
+def rotation(n: int, kind: str, seed: int, device=None) -> torch.Tensor:
     from ..hadamard import rotation_matrix
 
-    return rotation_matrix(n, kind=kind, seed=seed, dtype=torch.float64)
+    return rotation_matrix(n, kind=kind, seed=seed, dtype=torch.float64, device=device)
+
+
+def _device(ctx: PassContext):
+    return next(iter(ctx.gm.parameters())).device
 
 
 def _check_norms_folded(ctx: PassContext, rs) -> None:
@@ -42,7 +46,7 @@ def rotate_residual(ctx: PassContext) -> None:
     rs = rp.sites[0]
     _check_norms_folded(ctx, rs)
     n = rs.details["hidden_size"]
-    q = rotation(n, rp.kind, rp.seed)
+    q = rotation(n, rp.kind, rp.seed, _device(ctx))
     for lin in rs.nodes["readers"]:
         W.own_weight(ctx, lin)
     for e in rs.nodes["embeddings"]:
@@ -74,7 +78,7 @@ def rotate_attention_vo(ctx: PassContext) -> None:
     for p in rp.sites:
         d = p.details
         hd, nh, nkv = d["head_dim"], d["num_heads"], d["num_kv_heads"]
-        h = cache.setdefault(hd, rotation(hd, rp.kind, rp.seed))
+        h = cache.setdefault(hd, rotation(hd, rp.kind, rp.seed, _device(ctx)))
         v, o = p.nodes["v_proj"], p.nodes["o_proj"]
         tv = W.own_weight(ctx, v)
         wv = W.read(ctx, tv)

@@ -1,0 +1,290 @@
+"""Triton kernels for ``graphquant::hadamard_transform`` on CUDA.
+
+Imported lazily (on the first CUDA call of the op), so CPU-only installs never import Triton.
+
+Numerics
+    The transform is a chain of products with ±1 matrices, run on the tensor cores in bf16 with
+    fp32 accumulation. A ±1 matrix is exact in bf16; the other operand is split into bf16 pieces
+    (``hi = bf16(v)``, ``mid = bf16(v - hi)``, …) whose products are accumulated in fp32, so every
+    stage is exact to fp32 accumulation: 1 piece for bf16 inputs, 2 for fp16 inputs and for
+    intermediates that end in a 16-bit output (16 significant bits), 3 for fp32 (24 bits). The
+    ``1/√n`` scale is applied once, before the single final rounding.
+
+Two kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n = H_m ⊗ H_{2^k}``)
+    * ``dense`` (``n ≤ 256``, or when no factored plan exists and ``n ≤ 4096``): a GEMM of the rows
+      with the ±1 matrix ``H_nᵀ`` (zero-padded), tiled over rows and output columns.
+    * ``factored``: one row at a time, viewed as a matrix ``X`` of shape ``(M0, N)`` with
+      ``M0 = m·2^i`` and ``N = 2^(k-i) = D1·D2``. Then ``Y = A · X · H_N`` with ``A = H_m ⊗ H_{2^i}``
+      (loaded, zero-padded) and ``H_N = H_{D1} ⊗ H_{D2}`` (generated in registers as
+      ``(-1)^popcount(i & j)``). A program computes ``BM`` rows of ``Y``: a K-loop of ``A``-tile ×
+      ``X``-chunk products (the only stage that reads memory), then the two Sylvester stages on
+      the ``(BM, D1, D2)`` tile in registers (the ``D1`` stage through a permute), then one store.
+      The cost per element is about ``M0 + 2·(D1 + D2)`` multiply-adds on the tensor cores;
+      :func:`plan` picks ``i``, ``D1``, ``D2`` and ``BM`` to minimise it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import hadamard as _had
+
+__all__ = ["hadamard_transform_triton", "supports", "plan", "Plan"]
+
+DENSE_MAX = 256            # orders handled by the dense kernel by preference
+DENSE_FALLBACK_MAX = 4096  # largest dense matrix used when no factored plan exists
+TILE_MAX = 16384           # elements of one program's fp32 tile (BM · N)
+PERMUTE_COST = 48          # extra multiply-adds/element charged for the D1 stage's permutes
+
+# The dot operands' dtype. bf16 on GPUs; Triton's CPU interpreter (TRITON_INTERPRET=1, used to test
+# the kernels without a GPU) mishandles bf16 dots, so there the operands (bf16 values, exact in
+# fp32) are widened to fp32, which gives the same sums.
+_OPERAND = tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# Device code
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _sylvester(D: tl.constexpr, LOG: tl.constexpr, OP: tl.constexpr):
+    """The ``D×D`` Sylvester matrix ``(-1)^popcount(i & j)`` in dtype ``OP`` (symmetric)."""
+    both = tl.arange(0, D)[:, None] & tl.arange(0, D)[None, :]
+    parity = tl.zeros((D, D), dtype=tl.int32)
+    for b in tl.static_range(LOG):
+        parity = parity ^ ((both >> b) & 1)
+    return (1 - 2 * parity).to(OP)
+
+
+@triton.jit
+def _dot_split_left(x, h, acc, PARTS: tl.constexpr, OP: tl.constexpr):
+    """``acc + x @ h`` with fp32 ``x`` split into ``PARTS`` bf16 pieces and a ±1 matrix ``h``."""
+    hi = x.to(tl.bfloat16)
+    acc = tl.dot(hi.to(OP), h, acc)
+    if PARTS > 1:
+        rest = x - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        acc = tl.dot(mid.to(OP), h, acc)
+        if PARTS > 2:
+            acc = tl.dot((rest - mid.to(tl.float32)).to(tl.bfloat16).to(OP), h, acc)
+    return acc
+
+
+@triton.jit
+def _dot_split_right(a, x, acc, PARTS: tl.constexpr, OP: tl.constexpr):
+    """``acc + a @ x`` with a ±1 matrix ``a`` and fp32 ``x`` split into ``PARTS`` bf16 pieces."""
+    hi = x.to(tl.bfloat16)
+    acc = tl.dot(a, hi.to(OP), acc)
+    if PARTS > 1:
+        rest = x - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        acc = tl.dot(a, mid.to(OP), acc)
+        if PARTS > 2:
+            acc = tl.dot(a, (rest - mid.to(tl.float32)).to(tl.bfloat16).to(OP), acc)
+    return acc
+
+
+@triton.jit
+def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
+                  BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
+                  IN_PARTS: tl.constexpr, OP: tl.constexpr):
+    """``Y[rows, cols] = scale · X[rows, :] @ G[:, cols]`` for a zero-padded ±1 matrix ``G``."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok = rows[:, None] < R
+    row_off = rows.to(tl.int64)[:, None] * N
+    acc = tl.zeros((BR, BN), dtype=tl.float32)
+    for kc in tl.static_range(NKC):
+        ks = kc * BK + tl.arange(0, BK)
+        x = tl.load(x_ptr + row_off + ks[None, :], mask=row_ok & (ks[None, :] < N), other=0.0)
+        g = tl.load(g_ptr + ks[:, None] * G_STRIDE + cols[None, :]).to(OP)
+        acc = _dot_split_left(x.to(tl.float32), g, acc, IN_PARTS, OP)
+    y = (acc * scale).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row_off + cols[None, :], y, mask=row_ok & (cols[None, :] < N))
+
+
+@triton.jit
+def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale,
+                     BM: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
+                     D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
+                     IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, OP: tl.constexpr):
+    """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N)."""
+    N: tl.constexpr = D1 * D2
+    pid = tl.program_id(0)
+    row = pid // NT
+    tile = pid % NT
+    base = row.to(tl.int64) * M0 * N
+    offs_m = tile * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, N)
+
+    # Stage 1 (reads memory): acc = A[tile rows, :] @ X, exact for bf16 X.
+    acc = tl.zeros((BM, N), dtype=tl.float32)
+    for kc in tl.static_range(NKC):
+        offs_k = kc * BK + tl.arange(0, BK)
+        a = tl.load(a_ptr + offs_m[:, None] * A_STRIDE + offs_k[None, :]).to(OP)
+        x = tl.load(x_ptr + base + offs_k[:, None] * N + offs_n[None, :], mask=offs_k[:, None] < M0, other=0.0)
+        acc = _dot_split_right(a, x.to(tl.float32), acc, IN_PARTS, OP)
+
+    # Stage 2: H_{D2} along the last axis of the (BM, D1, D2) tile.
+    t = tl.reshape(acc, (BM * D1, D2))
+    t = _dot_split_left(t, _sylvester(D2, LOG2, OP), tl.zeros((BM * D1, D2), dtype=tl.float32), MID_PARTS, OP)
+
+    # Stage 3: H_{D1} along the middle axis (moved last and back by permutes).
+    if D1 > 1:
+        t = tl.permute(tl.reshape(t, (BM, D1, D2)), (0, 2, 1))
+        t = tl.reshape(t, (BM * D2, D1))
+        t = _dot_split_left(t, _sylvester(D1, LOG1, OP), tl.zeros((BM * D2, D1), dtype=tl.float32), MID_PARTS, OP)
+        t = tl.permute(tl.reshape(t, (BM, D2, D1)), (0, 2, 1))
+
+    y = (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + base + offs_m[:, None] * N + offs_n[None, :], y, mask=offs_m[:, None] < M0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: plans, operands, launch
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """How an order ``n`` is computed. ``kind`` is ``"dense"`` or ``"factored"``.
+
+    factored: the row is an ``(M0, D1·D2)`` matrix with ``M0 = m·2^i``; ``A = H_m ⊗ H_{2^i}`` is
+    padded to ``(NT·BM, NKC·BK)``. ``cost`` is the estimated multiply-adds per element.
+    """
+    kind: str
+    n: int
+    m: int = 1
+    i: int = 0
+    M0: int = 0
+    D1: int = 1
+    D2: int = 1
+    BM: int = 0
+    BK: int = 0
+    cost: float = 0.0
+
+    @property
+    def NT(self) -> int:
+        return -(-self.M0 // self.BM) if self.kind == "factored" else 0
+
+    @property
+    def NKC(self) -> int:
+        return -(-self.M0 // self.BK) if self.kind == "factored" else 0
+
+
+def _pow2_at_least(v: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(v) - 1).bit_length())
+
+
+def _factored_candidates(n: int, parts: int):
+    m, k = _had.factorize(n)
+    for i in range(k + 1):
+        M0, N = m << i, 1 << (k - i)
+        if N < 16 or N > TILE_MAX // 16 or M0 > 512:
+            continue
+        BK = 16 if M0 <= 16 else 32
+        kpad = -(-M0 // BK) * BK
+        for log2 in range(4, min(8, k - i) + 1):
+            D2, D1 = 1 << log2, N >> log2
+            if D1 != 1 and not 16 <= D1 <= 128:
+                continue
+            sylv = parts * (D2 + (D1 if D1 > 1 else 0)) + (PERMUTE_COST if D1 > 1 else 0)
+            BM = 16
+            while BM * N <= TILE_MAX and BM <= _pow2_at_least(M0):
+                mpad = -(-M0 // BM) * BM
+                cost = (kpad + sylv) * mpad / M0
+                yield Plan("factored", n, m, i, M0, D1, D2, BM, BK, cost)
+                BM *= 2
+
+
+@functools.lru_cache(maxsize=256)
+def plan(n: int, out_parts: int = 2, force: Optional[str] = None) -> Optional[Plan]:
+    """The cheapest plan for order ``n`` (``None``: use the torch fallback).
+
+    ``out_parts`` is the number of bf16 pieces intermediates are split into (2 for 16-bit
+    outputs, 3 for fp32); ``force`` = ``"dense"`` or ``"factored"`` restricts the choice.
+    """
+    if not _had.is_supported(n):
+        return None
+    dense = Plan("dense", n, cost=float(_pow2_at_least(n)))
+    if force == "dense":
+        return dense if n <= DENSE_FALLBACK_MAX else None
+    if n <= DENSE_MAX and force is None:
+        return dense
+    best = min(_factored_candidates(n, out_parts), key=lambda p: (p.cost, -p.BM), default=None)
+    if best is None and force is None and n <= DENSE_FALLBACK_MAX:
+        return dense
+    return best
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_operand(n: int, transpose: bool, pad: int, device: torch.device) -> torch.Tensor:
+    """``G = H_nᵀ`` (``H_n`` for the transpose), ±1, zero-padded to ``pad×pad``, bf16."""
+    m, k = _had.factorize(n)
+    h = torch.kron(_had.base_matrix(m, torch.float64), _had.base_matrix(1 << k, torch.float64))
+    g = torch.zeros(pad, pad, dtype=torch.float64)
+    g[:n, :n] = h if transpose else h.T
+    return g.to(device=device, dtype=torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_operand(m: int, i: int, transpose: bool, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """``A = H_m ⊗ H_{2^i}`` (``Aᵀ`` for the transpose), ±1, zero-padded to ``rows×cols``, bf16."""
+    a = torch.kron(_had.base_matrix(m, torch.float64), _had.base_matrix(1 << i, torch.float64))
+    a = a.T if transpose else a
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    out[:a.shape[0], :a.shape[1]] = a
+    return out.to(device=device, dtype=torch.bfloat16)
+
+
+_PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the Triton path handles ``x`` (CUDA, fp32/fp16/bf16, a supported order with a plan)."""
+    if not (x.is_cuda and x.dtype in _PARTS and x.dim() >= 1 and x.numel() > 0):
+        return False
+    n = x.shape[-1]
+    return plan(n, 3 if x.dtype == torch.float32 else 2) is not None
+
+
+def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: Optional[str] = None,
+                              plan_override: Optional[Plan] = None, num_warps: Optional[int] = None) -> torch.Tensor:
+    """``x @ hadamard_matrix(n).T`` (``x @ hadamard_matrix(n)`` if ``transpose``) along the last dim.
+
+    ``force``, ``plan_override`` and ``num_warps`` exist for benchmarks and tests.
+    """
+    n = x.shape[-1]
+    out_parts = 3 if x.dtype == torch.float32 else 2
+    p = plan_override or plan(n, out_parts, force)
+    if p is None:
+        raise ValueError(f"no Triton plan for order {n} ({x.dtype})")
+    x2 = x.reshape(-1, n).contiguous()
+    y = torch.empty_like(x2)
+    rows = x2.shape[0]
+    scale = 1.0 / math.sqrt(n)
+    in_parts = _PARTS[x.dtype]
+    if p.kind == "dense":
+        npad = _pow2_at_least(n)
+        g = _dense_operand(n, bool(transpose), npad, x.device)
+        BN = min(npad, 128)
+        BK = min(npad, 64)
+        BR = 32 if npad <= 128 else 16
+        grid = (triton.cdiv(rows, BR), npad // BN)
+        _dense_kernel[grid](x2, g, y, rows, n, npad, scale, BR=BR, BN=BN, BK=BK, NKC=npad // BK,
+                            IN_PARTS=in_parts, OP=_OPERAND, num_warps=num_warps or 4)
+    else:
+        a = _factor_operand(p.m, p.i, bool(transpose), p.NT * p.BM, p.NKC * p.BK, x.device)
+        tile = p.BM * p.D1 * p.D2
+        warps = num_warps or (8 if tile >= 8192 else 4)
+        _factored_kernel[(rows * p.NT,)](x2, a, y, p.M0, a.shape[1], scale,
+                                         BM=p.BM, NT=p.NT, BK=p.BK, NKC=p.NKC,
+                                         D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0),
+                                         D2=p.D2, LOG2=p.D2.bit_length() - 1,
+                                         IN_PARTS=in_parts, MID_PARTS=out_parts, OP=_OPERAND,
+                                         num_warps=warps)
+    return y.reshape(x.shape)

@@ -1,0 +1,846 @@
+"""``gptq``: GPTQ (Frantar et al., 2022) on the graph, layer by layer.
+
+For a Linear ``y = x Wᵀ`` GPTQ minimises the layer-output error ``‖X Wᵀ − X Qᵀ‖²`` over the
+calibration inputs, with ``Q`` on the weight spec's grid. With ``H = 2 X Xᵀ / n`` (the Hessian of
+that error, ``X`` the inputs as columns) it quantizes one input column ``j`` at a time and moves
+the rounding error onto the columns not yet quantized:
+
+    e = (w_j − q_j) / [U]_jj ,      W[:, k] −= e · U[j, k]   for every later column k
+
+where ``U`` is the upper Cholesky factor of ``H⁻¹`` (after damping), so ``[U]_jj² `` and
+``U[j, :]`` are the diagonal and row of the inverse Hessian of the columns still free, without
+the per-column rank-one downdates of the original OBQ derivation. Updates are applied lazily in
+blocks of ``block_size`` columns (the result is the same; the long update is one matmul).
+
+* **act-order** (``desc_act``): columns are processed in decreasing ``diag(H)`` (the most
+  active input channels first, while most columns can still absorb their error).
+* **groups**: the grid of a group is the spec's min/max grid of that group's weights, computed
+  from the original weights (``static_groups=True``) or from the error-updated weights at the
+  moment the first column of the group is reached (``static_groups=False``). Groups are always
+  the spec's contiguous ``group_size`` input columns — what the stored per-group scales mean —
+  also under act-order (the permuted-group variant cannot be stored in the per-group layout).
+* **exact hand-over to ``insert_qdq``**: ``insert_qdq`` re-derives min/max qparams from the
+  weight GPTQ writes back. GPTQ writes the dequantized (on-grid) weights and, in every group,
+  gives the element that defined the group's range the extreme code of the grid (``qmin`` /
+  ``qmax``; error feedback absorbs the at most one-step change), so the written group spans
+  exactly the grid's range and the re-derived scale and zero point are GPTQ's, up to float32
+  rounding of the scale: round-to-nearest of the written weights reproduces them code for code
+  (checked after every layer; tests/test_algorithms.py checks it too). The chosen qparams are
+  also kept in ``ctx.stats["weight_qparams"][fqn]``.
+
+Calibration runs **layer by layer** (:class:`LayerwiseRunner`): the inputs of a decoder layer are
+cached once per calibration batch, each layer's sub-graph is run from that cache, and only the
+Hessians (``in × in``) are accumulated, never the activations. With ``true_sequential`` the
+Linears of a layer are quantized in the order they read their inputs (q/k/v, then o, then
+gate/up, then down: Linears that read the same tensor form one step), each step seeing the
+already-quantized earlier ones. The quantized layer's outputs are the next layer's inputs.
+
+Minimum calibration data: a Hessian ``X Xᵀ`` of ``n`` tokens has rank ≤ n, so at least
+``in_features`` tokens are needed for it to be non-singular; fewer raises ``CalibrationError``
+naming the minimum (GPTQ is normally run with ≥ 100× that). Channels that are zero on every
+token make ``H`` singular: their diagonal is set to 1 (their damping is raised; they get plain
+rounding and pass no error on) with a warning; a Hessian that still fails Cholesky gets its
+damping multiplied by 10 (with a warning) until it factors.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import fx
+
+from ..calibrate import normalize_batch, probes
+from ..capture import node_module_fqn
+from ..config import QSchemeType, QuantizationSpec, ScaleType
+from ..errors import CalibrationError, ConfigError, PassError
+from ..patterns.base import AnalysisContext, LinearSite
+from ..quant.fake_quant import compute_qparams, dequantize, fake_quantize, quantize_weight
+from . import weights as W
+from .manager import PassContext, register_pass
+
+__all__ = ["gptq_quantize", "GPTQResult", "HessianAccumulator", "LayerwiseRunner", "Block",
+           "check_weight_spec", "quantization_targets", "algo_config", "min_calibration_tokens",
+           "grid_roundtrip_error", "codes_changed_by_rtn", "relative_output_error"]
+
+INT_WEIGHT_DTYPES = ("int8", "uint8", "int4", "uint4", "int2")
+
+
+# =========================================================================== specs and targets
+def check_weight_spec(spec: QuantizationSpec, algo: str, fqn: str = "",
+                      qschemes=("per_tensor", "per_channel", "per_group")) -> None:
+    """Raise ConfigError unless ``spec`` is a static integer weight spec with a qscheme in
+    ``qschemes`` on the Linear's natural axes; the message lists what ``algo`` supports."""
+    supported = (f"{algo} supports static integer weights ({', '.join(INT_WEIGHT_DTYPES)}) "
+                 f"{'/'.join(qschemes)}" + (" (per_channel over output channels, per_group along input "
+                                            "channels)" if "per_group" in qschemes else ""))
+    where = f" at {fqn}" if fqn else ""
+    if spec.is_cast or spec.is_mx or not spec.is_integer_format:
+        raise ConfigError(f"{algo} cannot quantize weights as {spec.to_op_str()!r}{where}: {supported}. "
+                          "Use an integer weight scheme (e.g. preset 'w_uint4_per_group_asym') or drop the "
+                          "algorithm for this scheme")
+    if spec.is_dynamic or spec.qscheme.value not in qschemes:
+        raise ConfigError(f"{algo} cannot quantize weights as {spec.to_op_str()!r}{where}: {supported}")
+    if spec.qscheme == QSchemeType.per_channel and spec.ch_axis not in (0, -2):
+        raise ConfigError(f"{algo}: per_channel weights must be per output channel (ch_axis=0){where}, got "
+                          f"ch_axis={spec.ch_axis}; {supported}")
+    if spec.qscheme == QSchemeType.per_group and spec.ch_axis not in (1, -1):
+        raise ConfigError(f"{algo}: per_group weights must group input channels (ch_axis=-1){where}, got "
+                          f"ch_axis={spec.ch_axis}; {supported}")
+
+
+def algo_config(ctx: PassContext, name: str, default_cls):
+    """The algorithm config called ``name`` in ``ctx.config.algo_config`` (else ``default_cls()``)."""
+    algos = getattr(ctx.config, "algo_config", None) or []
+    if not isinstance(algos, (list, tuple)):
+        algos = [algos]
+    for a in algos:
+        if getattr(a, "name", None) == name:
+            return a
+    return default_cls()
+
+
+def quantization_targets(ctx: PassContext, algo: str, qschemes=("per_tensor", "per_channel", "per_group")
+                         ) -> list[tuple[LinearSite, QuantizationSpec]]:
+    """The Linears of the current graph whose weights the config quantizes, with their weight
+    spec, in graph order. Excluded Linears and bf16/fp16 casts are left out; any other spec the
+    algorithm cannot handle is a ConfigError (checked for every Linear before anything changes)."""
+    config = ctx.config
+    if config is None:
+        return []
+    out = []
+    for lin in AnalysisContext(ctx.captured).linears.values():
+        qc = config.resolve(lin.fqn, "Linear")
+        spec = qc.weight if qc is not None else None
+        if spec is None or spec.is_cast:
+            continue
+        check_weight_spec(spec, algo, lin.fqn, qschemes)
+        gs = spec.group_size if spec.qscheme == QSchemeType.per_group else None
+        if gs and lin.in_features % gs:
+            raise ConfigError(f"{algo}: group_size {gs} does not divide in_features {lin.in_features} of "
+                              f"{lin.fqn}; choose a group_size that divides every in_features, or exclude it")
+        out.append((lin, spec))
+    return out
+
+
+def min_calibration_tokens(linears: Iterable[LinearSite]) -> tuple[int, str]:
+    """(tokens, fqn): the fewest calibration tokens for which every Hessian can have full rank."""
+    best = max(linears, key=lambda lin: lin.in_features)
+    return best.in_features, best.fqn
+
+
+# =========================================================================== layer-wise runner
+class _StopForward(Exception):
+    """Raised by a probe to end a forward pass once every value it needs has been seen."""
+
+
+_NUMERIC = re.compile(r"^\d+$")
+
+
+def block_key(fqn: str) -> str:
+    """The repeated block a module belongs to: its FQN up to the first numeric component
+    (``model.layers.3.mlp.up_proj`` → ``model.layers.3``); a module outside a numbered
+    container (``lm_head``) is its own block."""
+    parts = fqn.split(".")
+    for i, p in enumerate(parts):
+        if _NUMERIC.match(p):
+            return ".".join(parts[:i + 1])
+    return fqn
+
+
+@dataclass
+class Block:
+    """A contiguous stretch of the graph holding some Linears: from ``start`` (the first node of
+    the block's modules or the first input of its Linears) to just before the next block."""
+
+    key: str
+    linears: list  # LinearSite, graph order
+    start: fx.Node
+    end: fx.Node  # the block's last Linear
+
+    def __repr__(self) -> str:
+        return f"Block({self.key!r}, {len(self.linears)} linears)"
+
+
+class LayerwiseRunner:
+    """Runs the captured graph one block (decoder layer) at a time over the calibration batches.
+
+    ``start()`` runs the graph once per batch up to the first block — with probes on the values
+    still needed later and a private exception that ends the forward there — and caches them.
+    ``run(block, taps, recorder)`` runs the block's part of the graph (a sub-``GraphModule``
+    cut out of the captured graph, built on demand so it reads the *current* weights) from
+    that cache, calling ``recorder(key, value)`` at each tapped node and stopping after the
+    last one. ``advance(block)`` runs the whole block and replaces the cache with the values
+    live at the next block's start. Memory: the values live at one cut (the residual stream,
+    position embeddings, masks) for every batch, plus one batch's activations inside a block.
+    Time: each node runs a small constant number of times, so it is linear in the number of
+    layers.
+    """
+
+    def __init__(self, captured, calib_data, linears: Iterable[LinearSite], progress: bool = False,
+                 desc: str = "layer-wise calibration"):
+        if calib_data is None:
+            raise CalibrationError(f"{desc} needs calibration data: pass calib_data (an iterable of input_ids "
+                                   "tensors or dicts of model inputs)")
+        if isinstance(calib_data, (torch.Tensor, dict)):
+            calib_data = [calib_data]
+        self.captured = captured
+        self.gm = captured.gm
+        self.batches = list(calib_data)
+        if not self.batches:
+            raise CalibrationError(f"{desc}: calibration data is empty; pass at least one batch")
+        self.desc = desc
+        self.progress = progress
+        self.blocks = self._make_blocks(list(linears))
+        self.cache: list[dict] | None = None
+
+    # ------------------------------------------------------------------ structure
+    def _index(self) -> dict:
+        return {n: i for i, n in enumerate(self.gm.graph.nodes)}
+
+    def _make_blocks(self, linears: list[LinearSite]) -> list[Block]:
+        if not linears:
+            return []
+        idx = self._index()
+        groups: dict[str, list[LinearSite]] = {}
+        for lin in sorted(linears, key=lambda s: idx[s.node]):
+            groups.setdefault(block_key(lin.fqn), []).append(lin)
+        first: dict[str, int] = {}
+        for n, i in idx.items():
+            if n.op != "call_function":
+                continue
+            fqn = node_module_fqn(n)
+            if not fqn:
+                continue
+            k = block_key(fqn)
+            if k in groups and k not in first:
+                first[k] = i
+        spans = []
+        for k, lins in groups.items():
+            starts = [first.get(k, idx[lins[0].node])]
+            starts += [idx[lin.node.args[0]] for lin in lins if isinstance(lin.node.args[0], fx.Node)]
+            spans.append([min(starts), max(idx[lin.node] for lin in lins), k, lins])
+        spans.sort(key=lambda s: s[0])
+        merged = [spans[0]]
+        for s in spans[1:]:
+            cur = merged[-1]
+            if s[0] <= cur[1]:  # interleaved: one block
+                cur[1] = max(cur[1], s[1])
+                cur[2] = f"{cur[2]}+{s[2]}"
+                cur[3] = sorted(cur[3] + s[3], key=lambda lin: idx[lin.node])
+            else:
+                merged.append(s)
+        nodes = list(self.gm.graph.nodes)
+        return [Block(k, lins, nodes[a], nodes[b]) for a, b, k, lins in merged]
+
+    def _live_at(self, cut: fx.Node, candidates, idx) -> list[fx.Node]:
+        """Values (not parameters) defined before ``cut`` and read at or after it."""
+        c = idx[cut]
+        return [m for m in candidates
+                if m.op not in ("get_attr", "output") and idx[m] < c and any(idx[u] >= c for u in m.users)]
+
+    # ------------------------------------------------------------------ running
+    def _each(self, items, what: str):
+        if self.progress:
+            try:
+                from tqdm.auto import tqdm
+
+                return tqdm(items, desc=f"{self.desc}: {what}", leave=False, unit="batch")
+            except ImportError:  # pragma: no cover
+                pass
+        return items
+
+    def start(self) -> None:
+        """Cache, per batch, the values live at the first block's start."""
+        if not self.blocks:
+            self.cache = []
+            return
+        idx = self._index()
+        live = self._live_at(self.blocks[0].start, list(self.gm.graph.nodes), idx)
+        keys = {str(i): m for i, m in enumerate(live)}
+        got: dict[str, object] = {}
+
+        def record(key, value):
+            got[key] = value
+            if len(got) == len(keys):
+                raise _StopForward
+
+        cache = []
+        with torch.no_grad(), probes(self.gm, keys, record):
+            for batch in self._each(self.batches, "inputs of the first layer"):
+                got.clear()
+                args, kw = normalize_batch(batch, self.captured)
+                if not keys:
+                    cache.append({})
+                    continue
+                try:
+                    self.captured(*args, **kw)
+                except _StopForward:
+                    pass
+                if len(got) != len(keys):
+                    raise PassError(f"{self.desc}: the forward pass ended before reaching "
+                                    f"{self.blocks[0].key} (got {len(got)} of {len(keys)} values)")
+                cache.append({keys[k]: v for k, v in got.items()})
+        self.cache = cache
+
+    def _segment(self, first: fx.Node, last: fx.Node | None, stop_before: fx.Node | None, outputs_at=None):
+        """(GraphModule, inputs, outputs) computing the nodes from ``first`` to ``last``
+        (inclusive) or to just before ``stop_before``; ``outputs_at``: the cut whose live values
+        the module returns (else it returns nothing)."""
+        idx = self._index()
+        lo = idx[first]
+        hi = idx[last] if last is not None else (idx[stop_before] - 1 if stop_before is not None else len(idx) - 1)
+        nodes = [n for n, i in idx.items() if lo <= i <= hi and n.op not in ("get_attr", "placeholder", "output")]
+        inside = set(nodes)
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        inputs: list[fx.Node] = []
+        cached = self.cache[0].keys() if self.cache else set()
+        for n in nodes:
+            for m in n.all_input_nodes:
+                if m in inside or m in env:
+                    continue
+                if m.op == "get_attr":
+                    env[m] = g.get_attr(m.target)
+                elif m in cached:
+                    env[m] = g.placeholder(f"live_{len(inputs)}")
+                    inputs.append(m)
+                else:
+                    raise PassError(f"{self.desc}: {n.name} reads {m.name}, which is neither in the block nor "
+                                    "cached at its start (graph changed during calibration?)")
+        # placeholders first, then the copied nodes
+        for n in nodes:
+            env[n] = g.node_copy(n, lambda m: env[m])
+        outputs: list[fx.Node] = []
+        if outputs_at is not None:
+            outputs = [m for m in self._live_at(outputs_at, nodes, idx)]
+        g.output(tuple(env[m] for m in outputs))
+        return fx.GraphModule(self.gm, g), inputs, outputs, {n: env[n] for n in nodes}
+
+    def run(self, block: Block, taps: dict[str, fx.Node], recorder: Callable[[str, torch.Tensor], None],
+            what: str = "") -> None:
+        """Run ``block`` over every batch (from the cache) up to its last tapped node, calling
+        ``recorder(key, value)`` with the value of each tapped node."""
+        if self.cache is None:
+            self.start()
+        idx = self._index()
+        inside = {k: n for k, n in taps.items() if idx[n] >= idx[block.start]}
+        before = {k: n for k, n in taps.items() if k not in inside}
+        for k, n in before.items():
+            if self.cache and n not in self.cache[0]:
+                raise PassError(f"{self.desc}: tapped node {n.name} lies before {block.key} and is not cached")
+        seg = None
+        if inside:
+            last = max(inside.values(), key=lambda n: idx[n])
+            seg, inputs, _, env = self._segment(block.start, last, None)
+            seg_taps = {k: env[n] for k, n in inside.items()}
+        with torch.no_grad(), (probes(seg, seg_taps, recorder) if seg is not None else _nullcontext()):
+            for values in self._each(self.cache, what or block.key):
+                for k, n in before.items():
+                    recorder(k, values[n])
+                if seg is not None:
+                    seg(*[values[m] for m in inputs])
+
+    def advance(self, block: Block) -> None:
+        """Run all of ``block`` and cache the values live at the next block's start."""
+        i = self.blocks.index(block)
+        if i + 1 >= len(self.blocks):
+            self.cache = None
+            return
+        nxt = self.blocks[i + 1].start
+        seg, inputs, outputs, _ = self._segment(block.start, None, nxt, outputs_at=nxt)
+        idx = self._index()
+        new_cache = []
+        with torch.no_grad():
+            for values in self._each(self.cache, f"{block.key} outputs"):
+                out = seg(*[values[m] for m in inputs])
+                new = {m: v for m, v in values.items()
+                       if any(idx[u] >= idx[nxt] for u in m.users)}  # passed through unchanged
+                new.update(zip(outputs, out))
+                new_cache.append(new)
+        self.cache = new_cache
+
+    def iterate(self) -> Iterator[Block]:
+        """Yield the blocks in order; after each, the runner advances to the next one."""
+        if self.cache is None:
+            self.start()
+        for block in list(self.blocks):
+            yield block
+            self.advance(block)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# =========================================================================== Hessian
+class HessianAccumulator:
+    """Accumulates ``H = 2 X Xᵀ / n`` of a Linear's inputs (float64), one batch at a time."""
+
+    def __init__(self, in_features: int, device=None, name: str = ""):
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.n = 0
+        self.name = name
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if not bool(torch.isfinite(x).all()):
+            raise CalibrationError(f"non-finite activations (NaN/Inf) at the input of {self.name or 'a Linear'} "
+                                   "during GPTQ calibration; check the model in float and the calibration inputs")
+        x = x.to(device=self.sum.device, dtype=torch.float64)
+        self.sum.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.n == 0:
+            raise CalibrationError(f"no calibration tokens reached {self.name or 'the Linear'}")
+        return self.sum * (2.0 / self.n)
+
+
+# =========================================================================== GPTQ core
+@dataclass
+class GPTQResult:
+    """``weight``: the quantized weight, dequantized (float64, on the spec's grid), ``scale`` /
+    ``zero_point``: its qparams (qparam shape of the spec), ``damp``: the absolute damping used,
+    ``dead``: input channels with zero Hessian diagonal, ``perm``: the column order."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    damp: float
+    dead: int
+    perm: torch.Tensor
+    warnings: list = field(default_factory=list)
+
+
+def _column_spec(spec: QuantizationSpec) -> QuantizationSpec:
+    """The spec's numerics applied elementwise with one qparam per row (for one column)."""
+    return spec.evolve(qscheme="per_channel", ch_axis=0, group_size=None, observer_cls=None)
+
+
+class _Grid:
+    """Per-row (per_channel / per_group) or per-tensor qparams of a weight, computed group by
+    group, and the bookkeeping that makes the written weight span exactly its grid.
+
+    Round-to-nearest with min/max qparams (``insert_qdq``) gives back GPTQ's scale and zero
+    point iff, in every group, the quantized values reach the grid's ends: the top code and,
+    unless the zero point sits at an end, the bottom code (symmetric grids: either end, which
+    are ± the same value). Each group remembers the element(s) that defined its range; when
+    such an element is quantized and its end of the grid has not been reached yet by an
+    earlier column, it gets the end code instead of its rounded value (at most half a step
+    away when the qparams are computed from these values; the error feedback absorbs the
+    difference like any rounding error). Power-of-two symmetric scales only need a top code
+    above half the range (any such code gives back the same scale): the element keeps its
+    rounded code, which always is. Asymmetric power-of-two grids are not forced (the caller's
+    round-trip check reports when they do not come back).
+    """
+
+    def __init__(self, spec: QuantizationSpec, rows: int, cols: int, device):
+        self.spec = spec
+        self.col_spec = _column_spec(spec)
+        self.rows, self.cols = rows, cols
+        qs = spec.qscheme
+        self.per_tensor = qs == QSchemeType.per_tensor
+        self.gs = spec.group_size if qs == QSchemeType.per_group else cols
+        self.n_groups = cols // self.gs
+        shape = (rows, self.n_groups)
+        self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.zp = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.top = torch.zeros(shape, dtype=torch.float64, device=device)  # value of the top code
+        self.bottom = torch.zeros(shape, dtype=torch.float64, device=device)  # value of the bottom code
+        self.hit_top = torch.ones(shape, dtype=torch.bool, device=device)  # end reached (or not needed)
+        self.hit_bottom = torch.ones(shape, dtype=torch.bool, device=device)
+        self.ready = [False] * self.n_groups
+        # column -> list of (rows, forced values, which end: "top" | "bottom" | "either")
+        self.forced: dict[int, list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.half = (self.qmax - self.qmin) // 2
+        self.pof2 = spec.scale_type == ScaleType.pof2
+
+    def group_of(self, col: int) -> int:
+        return col // self.gs
+
+    def group_cols(self, g: int) -> range:
+        return range(g * self.gs, (g + 1) * self.gs)
+
+    def _deq(self, codes, scale, zp) -> torch.Tensor:
+        return dequantize(codes, scale, zp, self.col_spec).to(torch.float64)
+
+    def compute(self, g: int, values: torch.Tensor) -> None:
+        """qparams of group ``g`` from its current ``values`` (rows × group columns)."""
+        v = values.to(torch.float32)
+        R, dev = self.rows, v.device
+        if self.per_tensor:  # one range; its extreme elements sit in one row each
+            lo, hi = torch.aminmax(v)
+            scale, zp = compute_qparams(lo, hi, self.spec)
+            scale, zp = scale.expand(R).clone(), zp.expand(R).clone()
+            flat = v.flatten()
+            picks = {}
+            for name, i in (("hi", torch.argmax(flat)), ("lo", torch.argmin(flat)), ("abs", torch.argmax(flat.abs()))):
+                i = int(i)
+                mask = torch.zeros(R, dtype=torch.bool, device=dev)
+                mask[i // v.shape[1]] = True
+                picks[name] = (mask, torch.full((R,), i % v.shape[1], device=dev), flat[i].expand(R))
+        else:
+            lo_v, lo_c = v.min(dim=1)
+            hi_v, hi_c = v.max(dim=1)
+            abs_c = v.abs().argmax(dim=1)
+            abs_v = v.gather(1, abs_c[:, None])[:, 0]
+            scale, zp = compute_qparams(lo_v, hi_v, self.spec)
+            every = torch.ones(R, dtype=torch.bool, device=dev)
+            picks = {"hi": (every, hi_c, hi_v), "lo": (every, lo_c, lo_v), "abs": (every, abs_c, abs_v)}
+        self.scale[:, g], self.zp[:, g] = scale, zp
+        zf = zp.to(torch.float32)
+        self.top[:, g] = self._deq(torch.full_like(zf, float(self.qmax)), scale, zp)
+        self.bottom[:, g] = self._deq(torch.full_like(zf, float(self.qmin)), scale, zp)
+        self.ready[g] = True
+        base = g * self.gs
+        if self.spec.symmetric:
+            mask, cols, val = picks["abs"]
+            need = val != 0
+            if self.pof2:
+                from ..quant.fake_quant import quantize
+
+                codes = quantize(val, scale, zp, self.col_spec).to(torch.float32)
+                k = (codes - zf).abs()
+                self.top[:, g] = self._deq(zf + k, scale, zp)  # "reached": a code at least this high
+                self.bottom[:, g] = self._deq(zf - k, scale, zp)
+            else:
+                codes = torch.where(val >= 0, zf + self.half, zf - self.half)
+            self.hit_top[:, g] = ~need
+            self.hit_bottom[:, g] = ~need
+            self._force(mask & need, cols + base, codes, scale, zp, "either")
+        elif not self.pof2:
+            mask, cols, val = picks["hi"]
+            need = (val > 0) & (zf < self.qmax)
+            self.hit_top[:, g] = ~need
+            self._force(mask & need, cols + base, torch.full_like(zf, float(self.qmax)), scale, zp, "top")
+            mask, cols, val = picks["lo"]
+            need = (val < 0) & (zf > self.qmin)
+            self.hit_bottom[:, g] = ~need
+            self._force(mask & need, cols + base, torch.full_like(zf, float(self.qmin)), scale, zp, "bottom")
+        if self.per_tensor:  # one flag for the whole tensor
+            self.hit_top[:, g] = self.hit_top[:, g].all()
+            self.hit_bottom[:, g] = self.hit_bottom[:, g].all()
+
+    def _force(self, mask, cols, codes, scale, zp, end: str) -> None:
+        rows = torch.nonzero(mask).flatten()
+        if rows.numel() == 0:
+            return
+        vals = self._deq(codes[rows], scale[rows], zp[rows])
+        rcols = cols[rows]
+        for c in torch.unique(rcols).tolist():
+            sel = rcols == c
+            self.forced.setdefault(int(c), []).append((rows[sel], vals[sel], end))
+
+    def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        """The column quantized on its groups' grids (float64 of the float32 fake-quant)."""
+        g = self.group_of(col)
+        q = fake_quantize(w.to(torch.float32), self.scale[:, g], self.zp[:, g], self.col_spec).to(torch.float64)
+        symmetric = self.spec.symmetric
+        for rows, vals, end in self.forced.get(col, ()):
+            if end == "either":
+                reached = self.hit_top[rows, g] | self.hit_bottom[rows, g]
+            else:
+                reached = (self.hit_top if end == "top" else self.hit_bottom)[rows, g]
+            if self.per_tensor:
+                reached = reached.any().expand_as(reached)
+            todo = ~reached
+            q[rows[todo]] = vals[todo]
+        top, bottom = self.top[:, g], self.bottom[:, g]
+        if symmetric and self.pof2:
+            up, down = q >= top, q <= bottom
+        else:
+            up, down = q == top, q == bottom
+        if self.per_tensor:
+            up, down = up.any().expand_as(up), down.any().expand_as(down)
+        self.hit_top[:, g] |= up
+        self.hit_bottom[:, g] |= down
+        return q
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale / zero_point in the spec's qparam shape."""
+        if self.per_tensor:
+            return self.scale[0, 0].clone(), self.zp[0, 0].clone()
+        if self.spec.qscheme == QSchemeType.per_channel:
+            return self.scale[:, 0].clone(), self.zp[:, 0].clone()
+        return self.scale.clone(), self.zp.clone()
+
+
+def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str, notes: list) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp·I)⁻¹; on failure, damping ×10 with a warning."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        msg = (f"GPTQ: the Hessian of {name or 'a Linear'} is not positive definite with damping {damp:.3g}; "
+               f"damping raised to {damp * 10:.3g}")
+        warnings.warn("graphquant: " + msg, stacklevel=4)
+        notes.append(msg)
+        damp *= 10
+    raise PassError(f"GPTQ: the Hessian of {name or 'a Linear'} stays singular even with damping {damp:.3g}; "
+                    "check the calibration data (constant or degenerate inputs)")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantizationSpec, *, block_size: int = 128,
+                  damp_percent: float = 0.01, act_order: bool = True, static_groups: bool = True,
+                  name: str = "", num_samples: int | None = None) -> GPTQResult:
+    """Quantize ``weight`` (out × in) with GPTQ for inputs whose Hessian is ``hessian``
+    (``2 X Xᵀ / n``, in × in). Returns the dequantized on-grid weight and its qparams.
+
+    ``num_samples``: the number of tokens behind ``hessian``; fewer than ``in_features`` is a
+    ``CalibrationError`` (the Hessian cannot have full rank).
+    """
+    check_weight_spec(spec, "GPTQ", name)
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"GPTQ{(' ' + name) if name else ''}: weight {tuple(weight.shape)} and Hessian "
+                         f"{tuple(hessian.shape)} do not match")
+    rows, cols = weight.shape
+    if num_samples is not None and num_samples < cols:
+        raise CalibrationError(f"GPTQ needs at least {cols} calibration tokens for {name or 'this Linear'} "
+                               f"(in_features={cols}: fewer tokens give a singular Hessian), got {num_samples}; "
+                               "pass more or longer calibration batches")
+    if spec.qscheme == QSchemeType.per_group and cols % spec.group_size:
+        raise ConfigError(f"GPTQ: group_size {spec.group_size} does not divide in_features {cols} of {name}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise CalibrationError(f"GPTQ: the Hessian of {name or 'a Linear'} has NaN/Inf entries")
+    notes: list[str] = []
+    Wt = weight.detach().to(torch.float64).clone()
+    H = hessian.detach().to(device=Wt.device, dtype=torch.float64).clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        msg = (f"GPTQ: singular Hessian for {name or 'a Linear'}: {n_dead} of {cols} input channels are zero on "
+               "every calibration token; their damping is raised (Hessian diagonal set to 1: plain rounding, no "
+               "error feedback through them)")
+        warnings.warn("graphquant: " + msg, stacklevel=3)
+        notes.append(msg)
+        idx = torch.nonzero(dead).flatten()
+        H[idx, :] = 0
+        H[:, idx] = 0
+        H[idx, idx] = 1.0
+    damp = float(damp_percent * torch.diagonal(H).mean())
+
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else \
+        torch.arange(cols, device=Wt.device)
+    invperm = torch.argsort(perm)
+    Hp = H[perm][:, perm]
+    U, damp = _inverse_hessian_factor(Hp, damp, name, notes)
+
+    grid = _Grid(spec, rows, cols, Wt.device)
+    if static_groups:
+        for g in range(grid.n_groups):
+            grid.compute(g, Wt[:, list(grid.group_cols(g))])
+    Wp = Wt[:, perm].clone()
+    Q = torch.zeros_like(Wp)
+    perm_l = perm.tolist()
+    with _single_thread(Wt.device):
+        _gptq_columns(grid, Wp, Q, U, perm_l, invperm, block_size)
+    scale, zp = grid.qparams()
+    return GPTQResult(Q[:, invperm], scale, zp, damp, n_dead, perm, notes)
+
+
+class _single_thread:
+    """On CPU, run the column loop on one thread: its operations are small (one column, one
+    block), where thread hand-offs cost more than they save, badly so on a loaded machine."""
+
+    def __init__(self, device):
+        self.active = torch.device(device).type == "cpu"
+
+    def __enter__(self):
+        if self.active:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.saved)
+        return False
+
+
+def _gptq_columns(grid: "_Grid", Wp, Q, U, perm_l, invperm, block_size: int) -> None:
+    """The GPTQ column loop over the permuted weight ``Wp`` (updated in place), writing ``Q``."""
+    cols = Wp.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = Wp[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = perm_l[i1 + i]
+            g = grid.group_of(c)
+            if not grid.ready[g]:
+                grid.compute(g, _current_group(grid, g, invperm, Wp, W1, Err1, U, i1, i2, i))
+            w = W1[:, i]
+            q = grid.quantize_column(c, w)
+            Q[:, i1 + i] = q
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        if i2 < cols:
+            Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+
+def _current_group(grid: _Grid, g: int, invperm, Wp, W1, Err1, U, i1: int, i2: int, i: int) -> torch.Tensor:
+    """The error-updated values of group ``g``'s columns when its first column (processing
+    position ``i1 + i``) is reached: columns inside the current block are up to date in ``W1``;
+    later ones still miss this block's pending update ``Err1[:, :i] @ U[i1:i1+i, p]``."""
+    pos = invperm[list(grid.group_cols(g))]
+    out = torch.empty(Wp.shape[0], pos.numel(), dtype=Wp.dtype, device=Wp.device)
+    inb = pos < i2
+    if bool(inb.any()):
+        out[:, inb] = W1[:, pos[inb] - i1]
+    if bool((~inb).any()):
+        p = pos[~inb]
+        out[:, ~inb] = Wp[:, p] - Err1[:, :i] @ U[i1:i1 + i][:, p]
+    return out
+
+
+def grid_roundtrip_error(weight: torch.Tensor, spec: QuantizationSpec) -> float:
+    """Largest change, in units of the local quantization step, when round-to-nearest with
+    min/max qparams (what ``insert_qdq`` does) is applied to ``weight``: 0 (up to float32
+    rounding) when ``weight`` is already on its own min/max grid."""
+    w = weight.detach().to(torch.float32)
+    qw = quantize_weight(w, spec)
+    diff = (qw.dequantize() - w).abs()
+    step = qw.scale
+    if spec.qscheme == QSchemeType.per_group:
+        step = step.repeat_interleave(spec.group_size, dim=1)
+    elif spec.qscheme == QSchemeType.per_channel:
+        step = step[:, None]
+    return float((diff / step).max()) if diff.numel() else 0.0
+
+
+def codes_changed_by_rtn(stored: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor,
+                         zero_point: torch.Tensor, spec: QuantizationSpec) -> int:
+    """How many codes ``insert_qdq``'s round-to-nearest (min/max qparams of the ``stored``
+    weight) gives differently from GPTQ's (``quantized`` on the grid ``scale``/``zero_point``)."""
+    from ..quant.fake_quant import quantize
+
+    rtn = quantize_weight(stored.detach().to(torch.float32), spec).qdata.to(torch.int32)
+    mine = quantize(quantized.to(torch.float32), scale.to(quantized.device), zero_point.to(quantized.device),
+                    spec).to(torch.int32)
+    return int((rtn != mine.to(rtn.device)).sum())
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``‖X(W − Q)ᵀ‖² / ‖X Wᵀ‖²`` computed from the Hessian ``2 X Xᵀ / n``."""
+    H = hessian.to(torch.float64)
+    D = (weight.to(torch.float64) - quantized.to(torch.float64))
+    Wf = weight.to(torch.float64)
+    num = float(((D @ H) * D).sum())
+    den = float(((Wf @ H) * Wf).sum())
+    return num / den if den > 0 else 0.0
+
+
+# =========================================================================== the pass
+def _steps(block: Block, true_sequential: bool) -> list[list[LinearSite]]:
+    """Linears of a block in quantization steps: those reading the same tensor form one step,
+    in the order the graph reads them; without ``true_sequential``, one step."""
+    if not true_sequential:
+        return [list(block.linears)]
+    by_input: dict = {}
+    for lin in block.linears:
+        by_input.setdefault(lin.node.args[0], []).append(lin)
+    order = {n: i for i, n in enumerate(block.start.graph.nodes)}
+    return [by_input[k] for k in sorted(by_input, key=lambda n: order.get(n, -1))]
+
+
+def _stacks(lins: list[tuple[LinearSite, QuantizationSpec]]) -> list[list[tuple[LinearSite, QuantizationSpec]]]:
+    """Linears that read one tensor and share a row-wise spec are quantized as one stacked
+    weight (GPTQ treats rows independently, and they share the Hessian)."""
+    out, by_spec = [], {}
+    for lin, spec in lins:
+        if spec.qscheme == QSchemeType.per_tensor:
+            out.append([(lin, spec)])
+        else:
+            by_spec.setdefault(spec.to_op_str(), []).append((lin, spec))
+    return list(by_spec.values()) + out
+
+
+@register_pass("gptq", stage="algorithms", _builtin=True)
+def gptq(ctx: PassContext) -> None:
+    from ..config import GPTQConfig
+
+    cfg = algo_config(ctx, "gptq", GPTQConfig)
+    targets = quantization_targets(ctx, "GPTQ")
+    if not targets:
+        ctx.record(action="skip", reason="no Linear has an integer weight spec to quantize")
+        return
+    spec_of = {lin.node: spec for lin, spec in targets}
+    need, need_at = min_calibration_tokens([lin for lin, _ in targets])
+    runner = LayerwiseRunner(ctx.captured, ctx.calib_data, [lin for lin, _ in targets],
+                             progress=ctx.stats.get("progress", True), desc="GPTQ")
+    qparams = ctx.stats.setdefault("weight_qparams", {})
+    checked_tokens = False
+    for block in runner.iterate():
+        for step in _steps(block, cfg.true_sequential):
+            inputs = {}
+            for lin in step:
+                inputs.setdefault(lin.node.args[0], []).append(lin)
+            accs = {f"h{i}": HessianAccumulator(lins[0].in_features, device=ctx.captured.param(lins[0].weight).device,
+                                                name=lins[0].fqn)
+                    for i, (node, lins) in enumerate(inputs.items())}
+            taps = {f"h{i}": node for i, node in enumerate(inputs)}
+            runner.run(block, taps, lambda k, x: accs[k].add(x), what=f"{block.key} ({step[0].fqn.rsplit('.', 1)[-1]})")
+            if not checked_tokens:
+                n = next(iter(accs.values())).n
+                if n < need:
+                    raise CalibrationError(
+                        f"GPTQ needs at least {need} calibration tokens (the largest in_features, {need_at}: with "
+                        f"fewer tokens its Hessian is singular), got {n}; pass more or longer calibration batches "
+                        "(e.g. --num_calib_data 128 --seq_len 512)")
+                checked_tokens = True
+            for key, (node, lins) in zip(accs, inputs.items()):
+                H = accs[key].hessian
+                for stack in _stacks([(lin, spec_of[lin.node]) for lin in lins]):
+                    _quantize_stack(ctx, cfg, stack, H, accs[key].n, qparams)
+
+
+def _quantize_stack(ctx: PassContext, cfg, stack, H: torch.Tensor, n: int, qparams: dict) -> None:
+    spec = stack[0][1]
+    targets = [W.own_weight(ctx, lin) for lin, _ in stack]
+    ws = [W.read(ctx, t) for t in targets]
+    weight = torch.cat(ws, dim=0)
+    names = "+".join(lin.fqn for lin, _ in stack)
+    res = gptq_quantize(weight, H.to(weight.device), spec, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
+                        act_order=cfg.desc_act, static_groups=cfg.static_groups, name=names, num_samples=n)
+    row = 0
+    for (lin, _), t, w in zip(stack, targets, ws):
+        r = w.shape[0]
+        q = res.weight[row:row + r]
+        W.write(ctx, t, q)
+        if spec.qscheme == QSchemeType.per_tensor:
+            sc, zp = res.scale, res.zero_point
+        else:
+            sc, zp = res.scale[row:row + r], res.zero_point[row:row + r]
+        changed = codes_changed_by_rtn(ctx.captured.param(t), q, sc, zp, spec)
+        if changed:
+            warnings.warn(f"graphquant: round-to-nearest of the GPTQ weights of {lin.fqn} (as stored, "
+                          f"{ctx.captured.param(t).dtype}) changes {changed} of {q.numel()} codes; insert_qdq will "
+                          "re-round them", stacklevel=2)
+        qparams[lin.fqn] = {"scale": sc.cpu(), "zero_point": zp.cpu(), "spec": spec.to_op_str()}
+        rtn = quantize_weight(w.to(torch.float32), spec).dequantize().to(torch.float64)
+        err = relative_output_error(w, q, H)
+        err_rtn = relative_output_error(w, rtn, H)
+        ctx.record(action="gptq", module=lin.fqn, spec=spec.to_op_str(), shape=list(w.shape), tokens=n,
+                   damp=res.damp, dead_channels=res.dead, act_order=cfg.desc_act, static_groups=cfg.static_groups,
+                   output_error=err, output_error_rtn=err_rtn, codes_changed_by_rtn=changed,
+                   **({"notes": res.warnings} if res.warnings else {}))
+        row += r

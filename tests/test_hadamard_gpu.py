@@ -1,0 +1,67 @@
+"""The Triton Hadamard kernels against the float64 dense reference (CUDA only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphquant import hadamard as H
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SIZES = [64, 128, 4096, 14336, 18944, 172 * 64]
+
+
+@pytest.fixture(scope="module")
+def ht():
+    return pytest.importorskip("graphquant.kernels.hadamard_triton", exc_type=ImportError)
+
+
+def _reference(x: torch.Tensor, n: int, transpose: bool) -> torch.Tensor:
+    h = H.hadamard_matrix(n, dtype=torch.float64, device=x.device)
+    return x.double() @ (h if transpose else h.T)
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    if y.dtype == torch.float32:
+        err = (y.double() - ref).abs().max().item()
+        assert err <= 2e-6 * ref.abs().max().item(), err
+    else:  # fp32-exact stages and one final rounding: within one unit in the last place (floored
+        # at the ulp of rms/64, below which fp32 accumulation error is visible in relative terms)
+        floor = ref.pow(2).mean().sqrt() / 64
+        ulp = torch.finfo(y.dtype).eps * torch.maximum(ref.abs(), floor)
+        bad = (y.double() - ref).abs() > ulp
+        assert not bad.any(), f"{int(bad.sum())} elements off by more than one ulp"
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_matches_float64_reference(ht, n, dtype):
+    torch.manual_seed(n)
+    x = (torch.randn(257, n, device="cuda") * 3).to(dtype)
+    assert ht.supports(x)
+    for transpose in (False, True):
+        y = ht.hadamard_transform_triton(x, transpose=transpose)
+        assert y.shape == x.shape and y.dtype == dtype
+        _assert_close(y, _reference(x, n, transpose))
+
+
+@pytest.mark.parametrize("n", [12, 172, 4096, 28 * 64])
+def test_triton_fp16_and_leading_dims(ht, n):
+    x = torch.randn(2, 3, 33, n, device="cuda").to(torch.float16)
+    y = ht.hadamard_transform_triton(x)
+    _assert_close(y.reshape(-1, n), _reference(x.reshape(-1, n), n, False))
+
+
+@pytest.mark.parametrize("n", [128, 14336])
+def test_op_dispatches_to_triton_on_cuda(ht, n):
+    x = torch.randn(64, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.ops.graphquant.hadamard_transform(x, False)
+    assert torch.equal(y, ht.hadamard_transform_triton(x))
+    fallback = H.hadamard_transform(x)  # the torch path on the GPU agrees to a rounding
+    assert torch.allclose(y.float(), fallback.float(), atol=0, rtol=2 ** -7)
+
+
+def test_op_float64_uses_torch_fallback():
+    x = torch.randn(4, 28, device="cuda", dtype=torch.float64)
+    y = torch.ops.graphquant.hadamard_transform(x, True)
+    assert torch.allclose(y, _reference(x, 28, True), atol=1e-12)
