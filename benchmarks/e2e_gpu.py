@@ -85,6 +85,22 @@ SCHEMES = {  # name -> (config factory, bits of the weights, needs calibration)
 }
 
 
+def _rotation_on_device() -> None:
+    """Workaround (noted in the output): ``passes/rotate.py`` builds the R1/R2 matrix on the CPU, which
+    fails against CUDA weights; build it on the model's device."""
+    import graphquant.passes.rotate as R
+
+    if getattr(R.rotation, "_on_device", False):
+        return
+    orig = R.rotation
+
+    def rotation(n, kind, seed):
+        return orig(n, kind, seed).to(DEVICE)
+
+    rotation._on_device = True
+    R.rotation = rotation
+
+
 def hadamard_available() -> bool:
     try:
         from graphquant import hadamard  # noqa: F401
@@ -342,6 +358,13 @@ def graph_us(fn, reps: int = 20, iters: int = 20) -> float:
     return t
 
 
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the sweep: [8-bit weights, int4 weights]
+GEMV_OPTIONS = {False: [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (8, 1024, 8, 4),
+                        (16, 1024, 8, 3), (32, 512, 8, 3), (8, 512, 4, 5)],
+                True: [(8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (16, 1024, 8, 3), (32, 512, 8, 3),
+                       (4, 1024, 4, 3), (32, 256, 4, 3), (16, 256, 4, 4)]}
+
+
 def sweep() -> list[dict]:
     """Time GEMV tile options at M = 1 on the Llama-3-8B linear shapes (CUDA-graph timing) and make
     the fastest the tiles ``graphquant.kernels.quant_triton.gemv`` uses for those shapes."""
@@ -367,21 +390,20 @@ def sweep() -> list[dict]:
               flush=True)
         for kind, (a, w, s, wk, asc) in kinds.items():
             best_row = None
-            for bn in (8, 16, 32, 64):
-                for bk in ((128,) if wk == QT.W_INT4 else (256, 512)):
-                    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-                    try:
-                        t = graph_us(lambda: QT.gemv(a, w, s, w_kind=wk, a_scale=asc, group=128,
-                                                     out_dtype=torch.bfloat16, config=cfg))
-                    except Exception as e:  # noqa: BLE001
-                        t = float("inf")
-                        print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
-                    row = {"N": N, "K": K, "kind": kind, "us": t, "bf16_us": t_bf16, **cfg}
-                    rows.append(row)
-                    if best_row is None or t < best_row["us"]:
-                        best_row = row
+            for bn, bk, warps, stages in GEMV_OPTIONS[wk == QT.W_INT4]:
+                cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                try:
+                    t = graph_us(lambda: QT.gemv(a, w, s, w_kind=wk, a_scale=asc, group=128,
+                                                 out_dtype=torch.bfloat16, config=cfg))
+                except Exception as e:  # noqa: BLE001
+                    t = float("inf")
+                    print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                row = {"N": N, "K": K, "kind": kind, "us": t, "bf16_us": t_bf16, **cfg}
+                rows.append(row)
+                if best_row is None or t < best_row["us"]:
+                    best_row = row
             wbytes = w.numel() * w.element_size()
-            QT.GEMV_TILES[(wk, N, K)] = {k: best_row[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps")}
+            QT.GEMV_TILES[(wk, N, K)] = {k: best_row[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
             print(f"   {kind:10s} best {best_row['us']:6.1f} us ({wbytes / best_row['us'] / 1e3:5.0f} GB/s, "
                   f"{t_bf16 / best_row['us']:4.2f}x bf16) BN={best_row['BLOCK_N']} BK={best_row['BLOCK_K']}",
                   flush=True)
@@ -422,6 +444,10 @@ def main():
     quarot_opts = [False] if args.no_quarot or not hadamard_available() else [False, True]
     if not hadamard_available():
         out["notes"].append("graphquant.hadamard / hadamard_transform op not available: QuaRot rows skipped")
+    elif not args.no_quarot and DEVICE == "cuda":
+        _rotation_on_device()
+        out["notes"].append("QuaRot: passes/rotate.rotation() patched to build R1/R2 on the GPU (it builds them on "
+                            "the CPU, which fails against CUDA weights)")
     names = ["bf16"] + list(SCHEMES)
     if args.variants != "all":
         keep = [s.strip() for s in args.variants.split(",")]

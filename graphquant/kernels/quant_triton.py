@@ -174,9 +174,11 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
 @triton.jit
 def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
                 A_KIND: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
-                SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GPT: tl.constexpr):
     """One activation row (program axis 1) times BLOCK_N weight rows, on CUDA cores: the weight is
-    streamed once in its storage format, scales are applied per group (int4) or at the end."""
+    streamed once in its storage format; int4 sums each group of codes against ``x`` first and applies
+    the group's zero point and scale once per group (``GPT`` groups per K tile)."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,14 +201,17 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, N, K, GROUP, stride_am, stride_bn, st
             p = tl.load(B + rn64[:, None] * stride_bn + rh[None, :], mask=n_ok[:, None] & (rh[None, :] < K // 2),
                         other=0)
             xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
-            d = tl.sum((p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :], axis=1)
-            g = k0 // GROUP
-            s = tl.load(SW + rn64 * stride_sw + g, mask=n_ok, other=0.0)
+            prod = (p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :]
+            d = tl.sum(tl.reshape(prod, (BLOCK_N, GPT, BLOCK_K // (2 * GPT))), axis=2)  # per group
+            xs = tl.sum(tl.reshape(x, (GPT, BLOCK_K // GPT)), axis=1)
+            g = k0 // GROUP + tl.arange(0, GPT)
+            g_mask = n_ok[:, None] & (g[None, :] < tl.cdiv(K, GROUP))
+            s = tl.load(SW + rn64[:, None] * stride_sw + g[None, :], mask=g_mask, other=0.0)
             if HAS_ZERO:
-                z = tl.load(ZW + rn64 * stride_sw + g, mask=n_ok, other=0).to(tl.float32)
+                z = tl.load(ZW + rn64[:, None] * stride_sw + g[None, :], mask=g_mask, other=0).to(tl.float32)
+                acc += tl.sum((d - z * xs[None, :]) * s, axis=1)
             else:
-                z = 8.0
-            acc += (d - z * tl.sum(x, axis=0)) * s
+                acc += tl.sum((d - 8.0 * xs[None, :]) * s, axis=1)
         else:
             if W_KIND == 0:
                 w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
@@ -379,7 +384,8 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     return c.to(out_dtype) if split > 1 else c
 
 
-#: GEMV tiles: (w_kind, N, K) -> dict(BLOCK_N, BLOCK_K, num_warps); else the heuristic below
+#: GEMV tiles: (w_kind, N, K) -> dict(BLOCK_N, BLOCK_K, num_warps[, num_stages]); else the heuristic
+#: below (``benchmarks/e2e_gpu.py --sweep`` measures the options and fills this table)
 GEMV_TILES: dict[tuple[int, int, int], dict] = {}
 GEMV_PROGRAMS_PER_SM = 2
 
@@ -392,13 +398,17 @@ def _gemv_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dic
         bn = 64
         while bn > 8 and -(-N // bn) * M < target:
             bn //= 2
-        cfg = dict(BLOCK_N=bn, BLOCK_K=256, num_warps=4)
-    cfg = dict(cfg)
-    if w_kind == W_INT4:
-        bk = min(cfg["BLOCK_K"], group)
-        while bk > 16 and group % bk:
-            bk //= 2
-        cfg["BLOCK_K"] = bk
+        cfg = dict(BLOCK_N=bn, BLOCK_K=512, num_warps=4)
+    cfg = dict(cfg, GPT=1)
+    if w_kind == W_INT4:  # a K tile holds whole groups (GPT of them) or lies inside one group
+        bk = cfg["BLOCK_K"]
+        if bk >= group and bk % group == 0:
+            cfg["GPT"] = bk // group
+        else:
+            bk = min(bk, group)
+            while bk > 16 and group % bk:
+                bk //= 2
+            cfg["BLOCK_K"] = bk
     return cfg
 
 
@@ -409,7 +419,10 @@ def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int
     N = w.shape[0]
     a_kind = A_FP8 if a.dtype == torch.float8_e4m3fn else (A_FLOAT if a.is_floating_point() else A_INT8)
     out_dtype = out_dtype or a.dtype
-    cfg = config or _gemv_config(M, N, K, w_kind, group, a.device)
+    cfg = _gemv_config(M, N, K, w_kind, group, a.device) if config is None else dict(config)
+    if w_kind == W_INT4 and "GPT" not in cfg:
+        cfg["GPT"] = max(1, cfg["BLOCK_K"] // max(group, 1))
+    cfg.setdefault("GPT", 1)
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
     dummy = w_scale
     gemv_kernel[(-(-N // cfg["BLOCK_N"]), M)](
