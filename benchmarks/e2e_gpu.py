@@ -85,22 +85,6 @@ SCHEMES = {  # name -> (config factory, bits of the weights, needs calibration)
 }
 
 
-def _rotation_on_device() -> None:
-    """Workaround (noted in the output): ``passes/rotate.py`` builds the R1/R2 matrix on the CPU, which
-    fails against CUDA weights; build it on the model's device."""
-    import graphquant.passes.rotate as R
-
-    if getattr(R.rotation, "_on_device", False):
-        return
-    orig = R.rotation
-
-    def rotation(n, kind, seed):
-        return orig(n, kind, seed).to(DEVICE)
-
-    rotation._on_device = True
-    R.rotation = rotation
-
-
 def hadamard_available() -> bool:
     try:
         from graphquant import hadamard  # noqa: F401
@@ -444,10 +428,6 @@ def main():
     quarot_opts = [False] if args.no_quarot or not hadamard_available() else [False, True]
     if not hadamard_available():
         out["notes"].append("graphquant.hadamard / hadamard_transform op not available: QuaRot rows skipped")
-    elif not args.no_quarot and DEVICE == "cuda":
-        _rotation_on_device()
-        out["notes"].append("QuaRot: passes/rotate.rotation() patched to build R1/R2 on the GPU (it builds them on "
-                            "the CPU, which fails against CUDA weights)")
     names = ["bf16"] + list(SCHEMES)
     if args.variants != "all":
         keep = [s.strip() for s in args.variants.split(",")]

@@ -395,10 +395,12 @@ def _gemv_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dic
     if cfg is None:
         target = GEMV_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None
                                                    else torch.cuda.current_device())
-        bn = 64
-        while bn > 8 and -(-N // bn) * M < target:
+        # what the H200 sweep (benchmarks/e2e_gpu.py --sweep) favoured on the Llama-3-8B shapes:
+        # 4-16 rows per program, long K tiles, enough programs for ~2 per SM
+        bn = 16
+        while bn > 4 and -(-N // bn) * M < target:
             bn //= 2
-        cfg = dict(BLOCK_N=bn, BLOCK_K=512, num_warps=4)
+        cfg = dict(BLOCK_N=bn, BLOCK_K=1024 if K >= 1024 else 256, num_warps=4, num_stages=3)
     cfg = dict(cfg, GPT=1)
     if w_kind == W_INT4:  # a K tile holds whole groups (GPT of them) or lies inside one group
         bk = cfg["BLOCK_K"]
