@@ -401,6 +401,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer iterations and variants (smoke run)")
     ap.add_argument("--variants", default="all", help="comma-separated substrings of variant names, or 'all'")
     ap.add_argument("--no-quarot", action="store_true")
+    ap.add_argument("--only-quarot", action="store_true", help="only the variants with online R3/R4")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-compile-decode", action="store_true")
     ap.add_argument("--sweep", action="store_true")
@@ -426,6 +427,8 @@ def main():
     print(f"head (embedding + final norm + lm_head on the last position): prefill {hres['prefill_eager_ms']:.3f} ms, "
           f"decode b1 {hres['decode1_eager_ms']:.4f} ms", flush=True)
     quarot_opts = [False] if args.no_quarot or not hadamard_available() else [False, True]
+    if args.only_quarot:
+        quarot_opts = [True]
     if not hadamard_available():
         out["notes"].append("graphquant.hadamard / hadamard_transform op not available: QuaRot rows skipped")
     names = ["bf16"] + list(SCHEMES)
