@@ -26,8 +26,8 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
         err = (y.double() - ref).abs().max().item()
         assert err <= 2e-6 * ref.abs().max().item(), err
     else:  # fp32-exact stages and one final rounding: within one unit in the last place (floored
-        # at the ulp of rms/64, below which fp32 accumulation error is visible in relative terms)
-        floor = ref.pow(2).mean().sqrt() / 64
+        # at the ulp of rms/16, below which fp32 accumulation error is visible in relative terms)
+        floor = ref.pow(2).mean().sqrt() / 16
         ulp = torch.finfo(y.dtype).eps * torch.maximum(ref.abs(), floor)
         bad = (y.double() - ref).abs() > ulp
         assert not bad.any(), f"{int(bad.sum())} elements off by more than one ulp"
@@ -57,8 +57,20 @@ def test_op_dispatches_to_triton_on_cuda(ht, n):
     x = torch.randn(64, n, device="cuda", dtype=torch.bfloat16)
     y = torch.ops.graphquant.hadamard_transform(x, False)
     assert torch.equal(y, ht.hadamard_transform_triton(x))
-    fallback = H.hadamard_transform(x)  # the torch path on the GPU agrees to a rounding
-    assert torch.allclose(y.float(), fallback.float(), atol=0, rtol=2 ** -7)
+    fallback = H.hadamard_transform(x).float()  # the torch path on the GPU agrees to a rounding
+    tol = 2 ** -7 * (fallback.abs() + fallback.pow(2).mean().sqrt() / 16)
+    assert ((y.float() - fallback).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("n", [128, 4096, 14336])
+def test_persistent_and_tiled_kernels_agree(ht, n):
+    import dataclasses
+
+    x = torch.randn(300, n, device="cuda", dtype=torch.bfloat16)
+    p = ht.plan(n)
+    ref = _reference(x, n, False)
+    for variant in (dataclasses.replace(p, persistent=True), dataclasses.replace(p, persistent=False)):
+        _assert_close(ht.hadamard_transform_triton(x, plan_override=variant), ref)
 
 
 def test_op_float64_uses_torch_fallback():

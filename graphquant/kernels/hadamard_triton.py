@@ -10,23 +10,29 @@ Numerics
     intermediates that end in a 16-bit output (16 significant bits), 3 for fp32 (24 bits). The
     ``1/√n`` scale is applied once, before the single final rounding.
 
-Two kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n = H_m ⊗ H_{2^k}``)
+Kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n = H_m ⊗ H_{2^k}``)
     * ``dense`` (``n ≤ 256``, or when no factored plan exists and ``n ≤ 4096``): a GEMM of the rows
-      with the ±1 matrix ``H_nᵀ`` (zero-padded), tiled over rows and output columns.
+      with the ±1 matrix ``H_nᵀ`` (zero-padded). For ``n ≤ 128`` a persistent variant keeps the
+      matrix on chip and loops over blocks of rows.
     * ``factored``: one row at a time, viewed as a matrix ``X`` of shape ``(M0, N)`` with
       ``M0 = m·2^i`` and ``N = 2^(k-i) = D1·D2``. Then ``Y = A · X · H_N`` with ``A = H_m ⊗ H_{2^i}``
-      (loaded, zero-padded) and ``H_N = H_{D1} ⊗ H_{D2}`` (generated in registers as
-      ``(-1)^popcount(i & j)``). A program computes ``BM`` rows of ``Y``: a K-loop of ``A``-tile ×
-      ``X``-chunk products (the only stage that reads memory), then the two Sylvester stages on
-      the ``(BM, D1, D2)`` tile in registers (the ``D1`` stage through a permute), then one store.
+      (loaded, zero-padded) and ``H_N = H_{D1} ⊗ H_{D2}`` (generated as ``(-1)^popcount(i & j)``).
+      The tiled kernel computes ``BM`` rows of ``Y`` per program: a K-loop of ``A``-tile × ``X``-chunk
+      products (the only stage that reads memory), then the Sylvester stages on the ``(BM, D1, D2)``
+      tile in registers (the ``D1`` stage as a batched product or through permutes), then one store.
+      When one tile covers the row (``BM ≥ M0``) the persistent kernel builds ``A`` and ``H`` once
+      per program and loops over rows.
       The cost per element is about ``M0 + 2·(D1 + D2)`` multiply-adds on the tensor cores;
-      :func:`plan` picks ``i``, ``D1``, ``D2`` and ``BM`` to minimise it.
+      :func:`plan` takes measured plans for common orders (``_TUNED``) and otherwise minimises an
+      estimate of it. A persistent kernel that fails to compile falls back to its tiled twin.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +42,7 @@ import triton.language as tl
 
 from .. import hadamard as _had
 
-__all__ = ["hadamard_transform_triton", "supports", "plan", "Plan"]
+__all__ = ["hadamard_transform_triton", "supports", "plan", "candidates", "Plan"]
 
 DENSE_MAX = 256            # orders handled by the dense kernel by preference
 DENSE_FALLBACK_MAX = 4096  # largest dense matrix used when no factored plan exists
@@ -113,7 +119,8 @@ def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
 def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale,
                      BM: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
                      D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
-                     IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, OP: tl.constexpr):
+                     IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
+                     OP: tl.constexpr):
     """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N)."""
     N: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
@@ -135,15 +142,89 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale,
     t = tl.reshape(acc, (BM * D1, D2))
     t = _dot_split_left(t, _sylvester(D2, LOG2, OP), tl.zeros((BM * D1, D2), dtype=tl.float32), MID_PARTS, OP)
 
-    # Stage 3: H_{D1} along the middle axis (moved last and back by permutes).
+    # Stage 3: H_{D1} along the middle axis: moved last and back by permutes (MIDDLE = 0), or as
+    # a batched left product H_{D1} @ T[b] over the BM rows (MIDDLE = 1; H_{D1} is symmetric).
     if D1 > 1:
-        t = tl.permute(tl.reshape(t, (BM, D1, D2)), (0, 2, 1))
-        t = tl.reshape(t, (BM * D2, D1))
-        t = _dot_split_left(t, _sylvester(D1, LOG1, OP), tl.zeros((BM * D2, D1), dtype=tl.float32), MID_PARTS, OP)
-        t = tl.permute(tl.reshape(t, (BM, D2, D1)), (0, 2, 1))
+        if MIDDLE == 0:
+            t = tl.permute(tl.reshape(t, (BM, D1, D2)), (0, 2, 1))
+            t = tl.reshape(t, (BM * D2, D1))
+            t = _dot_split_left(t, _sylvester(D1, LOG1, OP), tl.zeros((BM * D2, D1), dtype=tl.float32),
+                                MID_PARTS, OP)
+            t = tl.permute(tl.reshape(t, (BM, D2, D1)), (0, 2, 1))
+        else:
+            h1 = tl.broadcast_to(tl.reshape(_sylvester(D1, LOG1, OP), (1, D1, D1)), (BM, D1, D1))
+            t = _dot_split_right(h1, tl.reshape(t, (BM, D1, D2)), tl.zeros((BM, D1, D2), dtype=tl.float32),
+                                 MID_PARTS, OP)
 
     y = (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + base + offs_m[:, None] * N + offs_n[None, :], y, mask=offs_m[:, None] < M0)
+
+
+@triton.jit
+def _sylvester_stages(t, h1, h2, BM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                      MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr, OP: tl.constexpr):
+    """``T · (H_{D1} ⊗ H_{D2})`` for a ``(BM, D1·D2)`` fp32 tile ``T`` (see ``_factored_kernel``)."""
+    t = tl.reshape(t, (BM * D1, D2))
+    t = _dot_split_left(t, h2, tl.zeros((BM * D1, D2), dtype=tl.float32), MID_PARTS, OP)
+    if D1 > 1:
+        if MIDDLE == 0:
+            t = tl.permute(tl.reshape(t, (BM, D1, D2)), (0, 2, 1))
+            t = tl.reshape(t, (BM * D2, D1))
+            t = _dot_split_left(t, h1, tl.zeros((BM * D2, D1), dtype=tl.float32), MID_PARTS, OP)
+            t = tl.permute(tl.reshape(t, (BM, D2, D1)), (0, 2, 1))
+        else:
+            hb = tl.broadcast_to(tl.reshape(h1, (1, D1, D1)), (BM, D1, D1))
+            t = _dot_split_right(hb, tl.reshape(t, (BM, D1, D2)), tl.zeros((BM, D1, D2), dtype=tl.float32),
+                                 MID_PARTS, OP)
+    return tl.reshape(t, (BM, D1 * D2))
+
+
+@triton.jit
+def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale,
+                       BM: tl.constexpr, D1: tl.constexpr, LOG1: tl.constexpr, D1H: tl.constexpr,
+                       D2: tl.constexpr, LOG2: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
+                       MIDDLE: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr):
+    """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows.
+
+    ``A`` (``BM×BM``, zero-padded) and the Sylvester matrices are built once per program and
+    stay on chip; each loop iteration loads one row, applies the three stages, stores it.
+    """
+    N: tl.constexpr = D1 * D2
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, N)
+    a = tl.load(a_ptr + offs_m[:, None] * BM + offs_m[None, :]).to(OP)
+    h2 = _sylvester(D2, LOG2, OP)
+    h1 = _sylvester(D1H, LOG1, OP)
+    in_rows = offs_m[:, None] < M0
+    for row in tl.range(tl.program_id(0), ROWS, NPROG, num_stages=STAGES):
+        base = tl.cast(row, tl.int64) * M0 * N
+        x = tl.load(x_ptr + base + offs_m[:, None] * N + offs_n[None, :], mask=in_rows, other=0.0)
+        if IN_PARTS == 1:
+            acc = tl.dot(a, x.to(OP))
+        else:
+            acc = _dot_split_right(a, x.to(tl.float32), tl.zeros((BM, N), dtype=tl.float32), IN_PARTS, OP)
+        t = _sylvester_stages(acc, h1, h2, BM, D1, D2, MID_PARTS, MIDDLE, OP)
+        tl.store(y_ptr + base + offs_m[:, None] * N + offs_n[None, :], (t * scale).to(y_ptr.dtype.element_ty),
+                 mask=in_rows)
+
+
+@triton.jit
+def _dense_persistent_kernel(x_ptr, g_ptr, y_ptr, R, NBLK, NPROG, N, scale, BR: tl.constexpr, NP: tl.constexpr,
+                             IN_PARTS: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr):
+    """``Y = scale · X @ G`` for ``n ≤ NP ≤ 128``: ``G`` stays on chip, blocks of ``BR`` rows loop."""
+    cols = tl.arange(0, NP)
+    g = tl.load(g_ptr + cols[:, None] * NP + cols[None, :]).to(OP)
+    col_ok = cols[None, :] < N
+    for blk in tl.range(tl.program_id(0), NBLK, NPROG, num_stages=STAGES):
+        rows = blk * BR + tl.arange(0, BR)
+        mask = (rows[:, None] < R) & col_ok
+        off = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + off, mask=mask, other=0.0)
+        if IN_PARTS == 1:
+            acc = tl.dot(x.to(OP), g)
+        else:
+            acc = _dot_split_left(x.to(tl.float32), g, tl.zeros((BR, NP), dtype=tl.float32), IN_PARTS, OP)
+        tl.store(y_ptr + off, (acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +235,9 @@ class Plan:
     """How an order ``n`` is computed. ``kind`` is ``"dense"`` or ``"factored"``.
 
     factored: the row is an ``(M0, D1·D2)`` matrix with ``M0 = m·2^i``; ``A = H_m ⊗ H_{2^i}`` is
-    padded to ``(NT·BM, NKC·BK)``. ``cost`` is the estimated multiply-adds per element.
+    padded to ``(NT·BM, NKC·BK)``; ``middle`` says how the ``D1`` stage runs (0: permutes,
+    1: batched product); ``mid_parts`` is the number of bf16 pieces intermediates are split into.
+    ``cost`` is the estimated multiply-adds per element.
     """
     kind: str
     n: int
@@ -165,7 +248,14 @@ class Plan:
     D2: int = 1
     BM: int = 0
     BK: int = 0
+    middle: int = 1
+    mid_parts: int = 2
+    num_warps: int = 4
     cost: float = 0.0
+    persistent: bool = False  # one row tile (BM ≥ M0) or n ≤ 128: operands stay on chip, rows loop
+    ctas: int = 4             # persistent: programs per multiprocessor
+    stages: int = 1           # persistent: software-pipelining depth of the row loop
+    BR: int = 32              # dense: rows per block
 
     @property
     def NT(self) -> int:
@@ -175,12 +265,20 @@ class Plan:
     def NKC(self) -> int:
         return -(-self.M0 // self.BK) if self.kind == "factored" else 0
 
+    def describe(self) -> str:
+        per = f" P{self.ctas}s{self.stages}" if self.persistent else ""
+        if self.kind == "dense":
+            return f"dense n={self.n} BR{self.BR} w{self.num_warps}{per}"
+        mid = f"x{self.D1}{'p' if self.middle == 0 else 'b'}" if self.D1 > 1 else ""
+        return f"{self.M0}|{self.D2}{mid} BM{self.BM} p{self.mid_parts} w{self.num_warps}{per}"
+
 
 def _pow2_at_least(v: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(v) - 1).bit_length())
 
 
-def _factored_candidates(n: int, parts: int):
+def candidates(n: int, mid_parts: int = 2):
+    """Every factored plan for order ``n`` (both middle-stage variants, all row-block sizes)."""
     m, k = _had.factorize(n)
     for i in range(k + 1):
         M0, N = m << i, 1 << (k - i)
@@ -192,30 +290,56 @@ def _factored_candidates(n: int, parts: int):
             D2, D1 = 1 << log2, N >> log2
             if D1 != 1 and not 16 <= D1 <= 128:
                 continue
-            sylv = parts * (D2 + (D1 if D1 > 1 else 0)) + (PERMUTE_COST if D1 > 1 else 0)
             BM = 16
-            while BM * N <= TILE_MAX and BM <= _pow2_at_least(M0):
+            while BM * N <= TILE_MAX and BM <= max(16, _pow2_at_least(M0)):
                 mpad = -(-M0 // BM) * BM
-                cost = (kpad + sylv) * mpad / M0
-                yield Plan("factored", n, m, i, M0, D1, D2, BM, BK, cost)
+                sylv = mid_parts * (D2 + (D1 if D1 > 1 else 0))
+                for middle in ((0, 1) if D1 > 1 else (1,)):
+                    cost = (kpad + sylv) * mpad / M0
+                    warps = 8 if BM * N >= 16384 else 4
+                    p = Plan("factored", n, m, i, M0, D1, D2, BM, BK, middle, mid_parts, warps, cost)
+                    yield p
+                    if BM >= M0 and BM == max(16, _pow2_at_least(M0)):
+                        yield dataclasses.replace(p, persistent=True, cost=(BM + sylv) * BM / M0)
                 BM *= 2
+
+
+# Plans measured fastest on an H200 for 16-bit data (benchmarks/hadamard_gpu.py --sweep, 8192 tokens;
+# CUDA-graph GPU time vs a copy: 128 → 1.8×, 4096 → 1.3×, 14336 → 2.3×). Other orders use _score.
+_TUNED = {
+    128: Plan("dense", 128, BR=64, persistent=True, ctas=4, stages=2),
+    4096: Plan("factored", 4096, m=1, i=6, M0=64, D1=1, D2=64, BM=64, BK=64, mid_parts=2, num_warps=4,
+               cost=192.0, persistent=True, ctas=4, stages=2),
+    14336: Plan("factored", 14336, m=28, i=2, M0=112, D1=1, D2=128, BM=128, BK=32, mid_parts=2, num_warps=4,
+                cost=438.9, persistent=True, ctas=2, stages=1),
+}
+
+
+def _score(p: Plan) -> float:
+    """Estimated time: multiply-adds, with the penalties measured on an H200 for small row blocks
+    (BM = 16 runs about half as fast as BM = 64) and for the permutes of the D1 stage."""
+    penalty = {16: 2.0, 32: 1.5}.get(p.BM, 1.0)
+    return p.cost * penalty + (PERMUTE_COST if p.D1 > 1 and p.middle == 0 else 0)
 
 
 @functools.lru_cache(maxsize=256)
 def plan(n: int, out_parts: int = 2, force: Optional[str] = None) -> Optional[Plan]:
-    """The cheapest plan for order ``n`` (``None``: use the torch fallback).
+    """The plan used for order ``n`` (``None``: use the torch fallback).
 
     ``out_parts`` is the number of bf16 pieces intermediates are split into (2 for 16-bit
     outputs, 3 for fp32); ``force`` = ``"dense"`` or ``"factored"`` restricts the choice.
     """
     if not _had.is_supported(n):
         return None
-    dense = Plan("dense", n, cost=float(_pow2_at_least(n)))
+    if force is None and out_parts == 2 and n in _TUNED:
+        return _TUNED[n]
+    npad = _pow2_at_least(n)
+    dense = Plan("dense", n, cost=float(npad), persistent=npad <= 128, BR=64 if npad <= 128 else 16, stages=2)
     if force == "dense":
         return dense if n <= DENSE_FALLBACK_MAX else None
     if n <= DENSE_MAX and force is None:
         return dense
-    best = min(_factored_candidates(n, out_parts), key=lambda p: (p.cost, -p.BM), default=None)
+    best = min(candidates(n, out_parts), key=lambda p: (_score(p), -p.BM), default=None)
     if best is None and force is None and n <= DENSE_FALLBACK_MAX:
         return dense
     return best
@@ -248,43 +372,86 @@ def supports(x: torch.Tensor) -> bool:
     """Whether the Triton path handles ``x`` (CUDA, fp32/fp16/bf16, a supported order with a plan)."""
     if not (x.is_cuda and x.dtype in _PARTS and x.dim() >= 1 and x.numel() > 0):
         return False
-    n = x.shape[-1]
-    return plan(n, 3 if x.dtype == torch.float32 else 2) is not None
+    return plan(x.shape[-1], 3 if x.dtype == torch.float32 else 2) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's CPU interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_FAILED: set = set()  # persistent variants that did not compile here: their tiled twin runs instead
 
 
 def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: Optional[str] = None,
-                              plan_override: Optional[Plan] = None, num_warps: Optional[int] = None) -> torch.Tensor:
+                              plan_override: Optional[Plan] = None) -> torch.Tensor:
     """``x @ hadamard_matrix(n).T`` (``x @ hadamard_matrix(n)`` if ``transpose``) along the last dim.
 
-    ``force``, ``plan_override`` and ``num_warps`` exist for benchmarks and tests.
+    ``force`` and ``plan_override`` exist for benchmarks and tests.
     """
     n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     p = plan_override or plan(n, out_parts, force)
     if p is None:
         raise ValueError(f"no Triton plan for order {n} ({x.dtype})")
-    x2 = x.reshape(-1, n).contiguous()
+    x2 = x.reshape(-1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     y = torch.empty_like(x2)
-    rows = x2.shape[0]
+    if p.persistent and p not in _FAILED:
+        try:
+            _launch_persistent(p, x2, y, bool(transpose), out_parts)
+            return y.reshape(x.shape)
+        except Exception as e:  # noqa: BLE001 - e.g. an older Triton that cannot compile it
+            if plan_override is not None:
+                raise
+            _FAILED.add(p)
+            warnings.warn(f"graphquant: persistent Hadamard kernel for {p.describe()} failed "
+                          f"({type(e).__name__}: {e}); using the tiled kernel", RuntimeWarning, stacklevel=2)
+    _launch_tiled(dataclasses.replace(p, persistent=False), x2, y, bool(transpose), out_parts)
+    return y.reshape(x.shape)
+
+
+def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int) -> None:
+    rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
-    in_parts = _PARTS[x.dtype]
+    in_parts = _PARTS[x2.dtype]
+    programs = _multiprocessors(x2.device) * p.ctas
     if p.kind == "dense":
         npad = _pow2_at_least(n)
-        g = _dense_operand(n, bool(transpose), npad, x.device)
-        BN = min(npad, 128)
-        BK = min(npad, 64)
+        g = _dense_operand(n, transpose, npad, x2.device)
+        nblk = triton.cdiv(rows, p.BR)
+        nprog = max(1, min(nblk, programs))
+        _dense_persistent_kernel[(nprog,)](x2, g, y, rows, nblk, nprog, n, scale, BR=p.BR, NP=npad, IN_PARTS=in_parts, OP=_OPERAND,
+                                       STAGES=p.stages, num_warps=p.num_warps)
+        return
+    a = _factor_operand(p.m, p.i, transpose, p.BM, p.BM, x2.device)
+    d1h = max(p.D1, 16)
+    nprog = max(1, min(rows, programs))
+    _persistent_kernel[(nprog,)](
+        x2, a, y, rows, nprog, p.M0, scale, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
+        D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
+        MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps)
+
+
+def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int) -> None:
+    rows, n = x2.shape
+    scale = 1.0 / math.sqrt(n)
+    in_parts = _PARTS[x2.dtype]
+    if p.kind == "dense":
+        npad = _pow2_at_least(n)
+        g = _dense_operand(n, transpose, npad, x2.device)
+        BN, BK = min(npad, 128), min(npad, 64)
         BR = 32 if npad <= 128 else 16
-        grid = (triton.cdiv(rows, BR), npad // BN)
-        _dense_kernel[grid](x2, g, y, rows, n, npad, scale, BR=BR, BN=BN, BK=BK, NKC=npad // BK,
-                            IN_PARTS=in_parts, OP=_OPERAND, num_warps=num_warps or 4)
+        _dense_kernel[(triton.cdiv(rows, BR), npad // BN)](
+            x2, g, y, rows, n, npad, scale, BR=BR, BN=BN, BK=BK, NKC=npad // BK,
+            IN_PARTS=in_parts, OP=_OPERAND, num_warps=4)
     else:
-        a = _factor_operand(p.m, p.i, bool(transpose), p.NT * p.BM, p.NKC * p.BK, x.device)
-        tile = p.BM * p.D1 * p.D2
-        warps = num_warps or (8 if tile >= 8192 else 4)
-        _factored_kernel[(rows * p.NT,)](x2, a, y, p.M0, a.shape[1], scale,
-                                         BM=p.BM, NT=p.NT, BK=p.BK, NKC=p.NKC,
-                                         D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0),
-                                         D2=p.D2, LOG2=p.D2.bit_length() - 1,
-                                         IN_PARTS=in_parts, MID_PARTS=out_parts, OP=_OPERAND,
-                                         num_warps=warps)
-    return y.reshape(x.shape)
+        a = _factor_operand(p.m, p.i, transpose, p.NT * p.BM, p.NKC * p.BK, x2.device)
+        _factored_kernel[(rows * p.NT,)](
+            x2, a, y, p.M0, a.shape[1], scale, BM=p.BM, NT=p.NT, BK=p.BK, NKC=p.NKC,
+            D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
+            IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
+            num_warps=p.num_warps)
