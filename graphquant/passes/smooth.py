@@ -41,7 +41,8 @@ def collect_site_absmax(ctx: PassContext, sites) -> dict[str, torch.Tensor]:
         raise CalibrationError("SmoothQuant needs calibration data to measure activation maxima: pass calib_data "
                                "(an iterable of input_ids tensors or dicts)")
     nodes = {site_key(p): site_input(p) for p in sites}
-    return collect_channel_absmax(ctx.captured, nodes, ctx.calib_data, desc="smoothquant statistics")
+    return collect_channel_absmax(ctx.captured, nodes, ctx.calib_data, desc="smoothquant statistics",
+                                  progress=ctx.stats.get("progress", True))
 
 
 def weight_absmax(ctx, consumers) -> torch.Tensor:
