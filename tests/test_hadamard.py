@@ -218,15 +218,17 @@ def test_dense_orthonormal_up_to_512(m):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_transform_low_precision_computes_in_float32(dtype):
-    x = torch.randn(5, 172 * 4).to(dtype)
+    x = torch.randn(5, 172 * 4, generator=torch.Generator().manual_seed(0)).to(dtype)
     y = H.hadamard_transform(x)
     ref = (x.double() @ H.hadamard_matrix(172 * 4, torch.float64).T).to(dtype)
     assert y.dtype == dtype
     if dtype == torch.float32:
         assert torch.allclose(y, ref, atol=1e-5, rtol=0)
-    else:  # one rounding of the float32 result: at most one unit in the last place off the exact one
+    else:  # one rounding of the float32 result: at most one unit in the last place off the exact one,
+        # plus the float32 accumulation error, which matters where the output cancels to near zero
         ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(torch.finfo(dtype).tiny)
-        assert ((y.float() - ref.float()).abs() <= ulp).all()
+        f32_err = 64 * torch.finfo(torch.float32).eps * ref.float().abs().max()
+        assert ((y.float() - ref.float()).abs() <= ulp + f32_err).all()
 
 
 def test_transform_blocks_and_errors():
