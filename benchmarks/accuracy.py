@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graphquant as gq  # noqa: E402
-from graphquant.config import (QuaRotConfig, RotationConfig, SmoothQuantConfig, preset)  # noqa: E402
+from graphquant.config import (AutoSmoothQuantConfig, AWQConfig, GPTQConfig, QuaRotConfig, RotationConfig,  # noqa: E402
+                               SmoothQuantConfig, preset)
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -59,6 +60,12 @@ COLS = {
     "fcfc_rot": ("smooth_fc_fc a=0.5 + Rotation", lambda: [SmoothQuantConfig(alpha=0.5, fc_fc=True), RotationConfig()]),
     "quarot_offline": ("QuaRot R1+R2", lambda: [QuaRotConfig(r3=False, r4=False)]),
     "quarot": ("QuaRot R1-R4", lambda: [QuaRotConfig()]),
+    # algorithms (issue 7): the column's lambda returns (pre-quantization configs, algorithm configs)
+    "gptq": ("GPTQ", lambda: ([], [GPTQConfig()])),
+    "awq": ("AWQ", lambda: ([], [AWQConfig()])),
+    "quarot_gptq": ("QuaRot R1-R4 + GPTQ", lambda: ([QuaRotConfig()], [GPTQConfig()])),
+    "autosq": ("AutoSmoothQuant", lambda: ([], [AutoSmoothQuantConfig()])),
+    "autosq_fcfc": ("AutoSmoothQuant incl. fc_fc", lambda: ([], [AutoSmoothQuantConfig(fc_fc=True)])),
 }
 
 
@@ -91,8 +98,12 @@ def llama_protocol(tok, full: bool):
 
 
 def config_for(scheme: str, pre) -> gq.config.Config:
+    """``pre``: a list of pre-quantization configs, or a (pre, algorithms) pair."""
+    algos = None
+    if isinstance(pre, tuple):
+        pre, algos = pre
     cfg = preset(scheme)
-    return dataclasses.replace(cfg, exclude=["*lm_head"], pre_quant_opt_config=pre)
+    return dataclasses.replace(cfg, exclude=["*lm_head"], pre_quant_opt_config=pre, algo_config=algos or None)
 
 
 def run_llama(args) -> dict:

@@ -128,7 +128,7 @@ def build_config(args):
                         "quarot": C.QuaRotConfig}[name]())
         algos = []
         if args.quant_algo == "autosmoothquant":
-            pre.insert(0, C.AutoSmoothQuantConfig())
+            algos.append(C.AutoSmoothQuantConfig())
         elif args.quant_algo == "gptq":
             algos.append(C.GPTQConfig())
         elif args.quant_algo == "awq":
