@@ -16,6 +16,17 @@ from graphquant.passes.gptq import (HessianAccumulator, LayerwiseRunner, codes_c
                                     grid_roundtrip_error, relative_output_error)
 from graphquant.quant.fake_quant import quantize_weight
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run tiny matrices, where torch's thread pool only costs time (a lot of it on a
+    loaded 2-core machine); restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SPECS = {
     "int4_per_channel": QuantizationSpec(dtype="int4", qscheme="per_channel", symmetric=True, ch_axis=0),
     "uint4_g32_asym": QuantizationSpec(dtype="uint4", qscheme="per_group", symmetric=False, group_size=32),
@@ -157,18 +168,47 @@ def _mse(model, qm, ids):
         return float(((model(input_ids=ids).logits - qm(input_ids=ids).logits) ** 2).mean())
 
 
+def _rtn_copy(model, spec):
+    """Weight-only round-to-nearest without a capture: every Linear but lm_head gets
+    ``quantize_weight(W).dequantize()`` — what insert_qdq computes for a weight-only config."""
+    import copy
+
+    rtn = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in rtn.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+                mod.weight.copy_(quantize_weight(mod.weight, spec).dequantize())
+    return rtn
+
+
+def _pass_context(tiny_analysis, config, calib):
+    """A PassContext on the session's cached tiny-Llama capture (for error paths that raise
+    before changing anything)."""
+    from graphquant.passes import PassContext
+    from graphquant.plan import make_plan
+
+    an = tiny_analysis("llama")
+    return PassContext(an.captured, an.report, make_plan(an.report), config=config, calib_data=calib)
+
+
 def test_gptq_end_to_end_beats_rtn():
     model = tiny_model("llama")
     ids = _held_out()
-    rtn = gq.quantize(model, _w4(), _calib(), progress=False)
+    rtn = _rtn_copy(model, _w4().global_quant_config.weight)
     qm = gq.quantize(model, _w4(algo_config=[GPTQConfig()]), _calib(), progress=False)
-    e_rtn, e_gptq = _mse(model, rtn, ids), _mse(model, qm, ids)
+    e_rtn, e_gptq = _mse(model, lambda **kw: rtn(**kw), ids), _mse(model, qm, ids)
     print(f"W4 g32 logits MSE: RTN {e_rtn:.4g}  GPTQ {e_gptq:.4g}")
     assert e_gptq < 0.9 * e_rtn
     entries = [e for e in qm.log if e.get("action") == "gptq"]
     assert len(entries) == 14 and all(e["codes_changed_by_rtn"] == 0 for e in entries)
     assert all(e["output_error"] < e["output_error_rtn"] for e in entries)
     assert qm.captured.param("model.layers.1.mlp.down_proj.weight_q").dtype == torch.int8  # stored as int4 codes
+    # plain GPTQ: no act-order, groups from the updated weights, all Linears of a layer at once
+    plain = GPTQConfig(desc_act=False, static_groups=False, true_sequential=False, block_size=16)
+    qm2 = gq.quantize(model, _w4(algo_config=[plain]), _calib(), progress=False)
+    e_plain = _mse(model, qm2, ids)
+    print(f"W4 g32 logits MSE, GPTQ without act-order/static groups/true-sequential: {e_plain:.4g}")
+    assert e_plain < 0.9 * e_rtn
 
 
 def test_quarot_gptq_w4a8_beats_quarot_rtn():
@@ -188,17 +228,21 @@ def test_quarot_gptq_w4a8_beats_quarot_rtn():
     assert names.index("online_r4") < names.index("gptq") < names.index("insert_qdq")
 
 
-def test_gptq_bad_input():
-    model = tiny_model("llama")
+def test_gptq_bad_input(tiny_analysis):
+    from graphquant.passes.gptq import gptq
+
     few = [torch.randint(0, 128, (1, 16))]  # 16 tokens; down_proj has in_features 128
     with pytest.raises(CalibrationError, match=r"at least 128 calibration tokens.*down_proj.*got 16"):
-        gq.quantize(model, _w4(algo_config=[GPTQConfig()]), few, progress=False)
+        gptq(_pass_context(tiny_analysis, _w4(algo_config=[GPTQConfig()]), few))
     fp8 = Config(global_quant_config=QuantizationConfig(
         weight=QuantizationSpec(dtype="fp8_e4m3", qscheme="per_channel", ch_axis=0)), algo_config=[GPTQConfig()])
     with pytest.raises(ConfigError, match=r"GPTQ cannot quantize weights.*supports static integer weights"):
-        gq.quantize(model, fp8, _calib(), progress=False)
+        gptq(_pass_context(tiny_analysis, fp8, _calib()))
     with pytest.raises(CalibrationError, match="calibration data"):
-        gq.quantize(model, _w4(algo_config=[GPTQConfig()]), None, progress=False)
+        gptq(_pass_context(tiny_analysis, _w4(algo_config=[GPTQConfig()]), None))
+    # nothing was changed on the way
+    graph = tiny_analysis("llama").captured.graph
+    assert not any(n.op == "call_function" and "probe" in str(n.target) for n in graph.nodes)
 
 
 # ----------------------------------------------------------------------------------------- AWQ
@@ -217,7 +261,7 @@ def test_awq_never_worse_than_alpha0_and_beats_rtn():
     spec = QuantizationSpec(dtype="uint4", qscheme="per_group", symmetric=False, group_size=32)
     cfg = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["*lm_head"])
     ids = _held_out()
-    rtn = gq.quantize(model, cfg, _calib(), progress=False)
+    rtn = _rtn_copy(model, spec)
     qm = gq.quantize(model, dataclasses.replace(cfg, algo_config=[AWQConfig(grid=10)]), _calib(), progress=False)
     sites = [e for e in qm.log if e.get("action") == "awq"]
     assert {e["site"] for e in sites} == {"norm_linear", "attention_vo", "linear_linear"}
@@ -229,15 +273,19 @@ def test_awq_never_worse_than_alpha0_and_beats_rtn():
     assert all(e["alpha"] > 0 and e["loss"] < 0.5 * e["loss_alpha0"] for e in outlier_sites)
     clips = [e for e in qm.log if e.get("action") == "awq_clip"]
     assert len(clips) == 14 and all(e["loss_after"] <= e["loss_before"] for e in clips)
-    e_rtn, e_awq = _mse(model, rtn, ids), _mse(model, qm, ids)
+    e_rtn, e_awq = _mse(model, lambda **kw: rtn(**kw), ids), _mse(model, qm, ids)
     print(f"W4 g32 logits MSE (outlier model): RTN {e_rtn:.4g}  AWQ {e_awq:.4g}")
     assert e_awq < 0.7 * e_rtn
 
 
-def test_awq_unsupported_scheme():
-    cfg = dataclasses.replace(preset("w_int8_per_tensor"), algo_config=[AWQConfig()])
-    with pytest.raises(ConfigError, match="AWQ cannot quantize weights.*per_channel/per_group"):
-        gq.quantize(tiny_model("llama"), cfg, _calib(), progress=False)
+def test_awq_unsupported_scheme(tiny_analysis):
+    from graphquant.passes.awq import awq
+
+    for name in ("w_int8_per_tensor", "w_mxfp4_a_mxfp4"):
+        cfg = dataclasses.replace(preset(name), algo_config=[AWQConfig()])
+        with pytest.raises(ConfigError, match="AWQ cannot quantize weights.*supports static integer weights.*"
+                                              "per_channel/per_group"):
+            awq(_pass_context(tiny_analysis, cfg, _calib()))
 
 
 # ----------------------------------------------------------------------------------------- AutoSmoothQuant

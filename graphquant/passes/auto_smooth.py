@@ -137,8 +137,7 @@ def choose_alphas(ctx: PassContext, smooth_plan, act_absmax_stats: dict[str, tor
         if not bsites:
             continue
         samples = {site_key(p): _TokenSample(per_batch, seed=i) for i, p in enumerate(bsites)}
-        runner.run(block, {site_key(p): site_input(p) for p in bsites}, lambda k, x: samples[k].add(x),
-                   what=f"{block.key} samples")
+        runner.run(block, {site_key(p): site_input(p) for p in bsites}, lambda k, x: samples[k].add(x))
         for p in bsites:
             key = site_key(p)
             chosen[key] = _choose(ctx, p, samples[key].tensor(), act_absmax_stats[key], alphas, smooth_plan)

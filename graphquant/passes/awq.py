@@ -205,13 +205,19 @@ def awq(ctx: PassContext) -> None:
     if not targets:
         ctx.record(action="skip", reason="no Linear has an integer weight spec to quantize")
         return
+    for name in ("model_decoder_layers", "embedding_layers"):
+        if getattr(cfg, name, None):
+            ctx.record(action="note", reason=f"AWQConfig.{name} is not needed: layers and sites come from the "
+                                             "graph; ignored")
     spec_of = {lin.fqn: spec for lin, spec in targets}
     if any((qc := ctx.config.resolve(lin.fqn, "Linear")) is not None and qc.input_tensors is not None
            for lin, _ in targets):
         ctx.record(action="note", reason="activation quantizers are not part of AWQ's loss (weight-only method)")
     sites = _awq_sites(ctx, cfg, set(spec_of))
+    together = [site_consumers(p) + ([p.nodes["smooth_producer"]] if p.kind == "linear_linear" else
+                                     [p.nodes["v_proj"]] if p.kind == "attention_vo" else []) for p in sites]
     runner = LayerwiseRunner(ctx.captured, ctx.calib_data, [lin for lin, _ in targets],
-                             progress=ctx.stats.get("progress", True), desc="AWQ")
+                             progress=ctx.stats.get("progress", True), desc="AWQ", together=together)
     for block in runner.iterate():
         fqns = {lin.fqn for lin in block.linears}
         inputs: dict = {}
@@ -219,18 +225,18 @@ def awq(ctx: PassContext) -> None:
             inputs.setdefault(lin.node.args[0], []).append(lin)
         stats = {node: _InputStats() for node in inputs}
         keys = {f"x{i}": node for i, node in enumerate(inputs)}
-        runner.run(block, keys, lambda k, x: stats[keys[k]].add(x), what=f"{block.key} statistics")
+        runner.run(block, keys, lambda k, x: stats[keys[k]].add(x))
         order = {n: i for i, n in enumerate(ctx.gm.graph.nodes)}
         start = order[block.start]
         input_scale: dict = {}
         block_sites = [p for p in sites if any(c.fqn in fqns for c in site_consumers(p))]
         for p in block_sites:
-            _scale_site(ctx, cfg, p, stats, spec_of, input_scale, fqns, order, start)
+            _scale_site(ctx, cfg, p, stats, spec_of, input_scale, order, start)
         for lin in block.linears:
             _clip_linear(ctx, lin, spec_of[lin.fqn], stats[lin.node.args[0]], input_scale.get(lin.node.args[0]))
 
 
-def _scale_site(ctx, cfg, p, stats, spec_of, input_scale, fqns, order, start) -> None:
+def _scale_site(ctx, cfg, p, stats, spec_of, input_scale, order, start) -> None:
     key = site_key(p)
     consumers = site_consumers(p)
     nodes = {c.node.args[0] for c in consumers}

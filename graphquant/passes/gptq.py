@@ -20,13 +20,18 @@ blocks of ``block_size`` columns (the result is the same; the long update is one
   the spec's contiguous ``group_size`` input columns — what the stored per-group scales mean —
   also under act-order (the permuted-group variant cannot be stored in the per-group layout).
 * **exact hand-over to ``insert_qdq``**: ``insert_qdq`` re-derives min/max qparams from the
-  weight GPTQ writes back. GPTQ writes the dequantized (on-grid) weights and, in every group,
-  gives the element that defined the group's range the extreme code of the grid (``qmin`` /
-  ``qmax``; error feedback absorbs the at most one-step change), so the written group spans
-  exactly the grid's range and the re-derived scale and zero point are GPTQ's, up to float32
-  rounding of the scale: round-to-nearest of the written weights reproduces them code for code
-  (checked after every layer; tests/test_algorithms.py checks it too). The chosen qparams are
-  also kept in ``ctx.stats["weight_qparams"][fqn]``.
+  weight GPTQ writes back, so GPTQ writes the dequantized (on-grid) weights *and* makes every
+  group reach the ends of its grid: when the element that defined a group's range is
+  quantized and no earlier column of the group has reached that end yet, it takes the end
+  code (``qmin`` / ``qmax``; at most about half a step from its rounding, absorbed by the error
+  feedback like any rounding error). The written group then spans exactly the grid's range,
+  and round-to-nearest of the written weights gives back GPTQ's scale and zero point (up to
+  float32 rounding of the scale) and its codes, code for code (checked for every Linear and
+  logged as ``codes_changed_by_rtn``; tests/test_algorithms.py checks it too). The chosen
+  qparams are also kept in ``ctx.stats["weight_qparams"][fqn]``. The constraint costs little:
+  on gq-llama-20m's first two layers +0.9 % mean layer-output error for uint4 g128, +0.6 % for
+  int4 g32, +0.04 % per channel (``gptq_quantize(..., reach_grid_ends=False)`` drops it, for an
+  ``insert_qdq`` that would take the stored qparams).
 
 Calibration runs **layer by layer** (:class:`LayerwiseRunner`): the inputs of a decoder layer are
 cached once per calibration batch, each layer's sub-graph is run from that cache, and only the
@@ -57,7 +62,7 @@ from ..capture import node_module_fqn
 from ..config import QSchemeType, QuantizationSpec, ScaleType
 from ..errors import CalibrationError, ConfigError, PassError
 from ..patterns.base import AnalysisContext, LinearSite
-from ..quant.fake_quant import compute_qparams, dequantize, fake_quantize, quantize_weight
+from ..quant.fake_quant import compute_qparams, quantize_weight
 from . import weights as W
 from .manager import PassContext, register_pass
 
@@ -180,7 +185,7 @@ class LayerwiseRunner:
     """
 
     def __init__(self, captured, calib_data, linears: Iterable[LinearSite], progress: bool = False,
-                 desc: str = "layer-wise calibration"):
+                 desc: str = "layer-wise calibration", together: Iterable[Iterable[LinearSite]] = ()):
         if calib_data is None:
             raise CalibrationError(f"{desc} needs calibration data: pass calib_data (an iterable of input_ids "
                                    "tensors or dicts of model inputs)")
@@ -193,14 +198,17 @@ class LayerwiseRunner:
             raise CalibrationError(f"{desc}: calibration data is empty; pass at least one batch")
         self.desc = desc
         self.progress = progress
-        self.blocks = self._make_blocks(list(linears))
+        self.blocks = self._make_blocks(list(linears), [list(t) for t in together])
         self.cache: list[dict] | None = None
 
     # ------------------------------------------------------------------ structure
     def _index(self) -> dict:
         return {n: i for i, n in enumerate(self.gm.graph.nodes)}
 
-    def _make_blocks(self, linears: list[LinearSite]) -> list[Block]:
+    def _make_blocks(self, linears: list[LinearSite], together: list[list[LinearSite]]) -> list[Block]:
+        """Blocks by ``block_key``, in graph order; blocks whose stretches of the graph overlap
+        are merged, and so are blocks holding Linears listed ``together`` (e.g. a smoothing
+        site's producer and consumers, which must change within one block)."""
         if not linears:
             return []
         idx = self._index()
@@ -220,18 +228,24 @@ class LayerwiseRunner:
         spans = []
         for k, lins in groups.items():
             starts = [first.get(k, idx[lins[0].node])]
-            starts += [idx[lin.node.args[0]] for lin in lins if isinstance(lin.node.args[0], fx.Node)]
+            starts += [idx[x] for x in (lin.node.args[0] for lin in lins)
+                       if isinstance(x, fx.Node) and x.op == "call_function"]  # inputs/params stay cached values
             spans.append([min(starts), max(idx[lin.node] for lin in lins), k, lins])
-        spans.sort(key=lambda s: s[0])
+        for group in together:  # a span over the group's Linears merges every block it touches
+            at = [idx[lin.node] for lin in group if lin.node in idx]
+            if len(at) > 1:
+                spans.append([min(at), max(at), "", []])
+        spans.sort(key=lambda s: (s[0], -s[1]))
         merged = [spans[0]]
         for s in spans[1:]:
             cur = merged[-1]
-            if s[0] <= cur[1]:  # interleaved: one block
+            if s[0] <= cur[1]:  # interleaved or tied: one block
                 cur[1] = max(cur[1], s[1])
-                cur[2] = f"{cur[2]}+{s[2]}"
+                cur[2] = "+".join(k for k in (cur[2], s[2]) if k)
                 cur[3] = sorted(cur[3] + s[3], key=lambda lin: idx[lin.node])
             else:
                 merged.append(s)
+        merged = [m for m in merged if m[3]]
         nodes = list(self.gm.graph.nodes)
         return [Block(k, lins, nodes[a], nodes[b]) for a, b, k, lins in merged]
 
@@ -242,16 +256,6 @@ class LayerwiseRunner:
                 if m.op not in ("get_attr", "output") and idx[m] < c and any(idx[u] >= c for u in m.users)]
 
     # ------------------------------------------------------------------ running
-    def _each(self, items, what: str):
-        if self.progress:
-            try:
-                from tqdm.auto import tqdm
-
-                return tqdm(items, desc=f"{self.desc}: {what}", leave=False, unit="batch")
-            except ImportError:  # pragma: no cover
-                pass
-        return items
-
     def start(self) -> None:
         """Cache, per batch, the values live at the first block's start."""
         if not self.blocks:
@@ -269,7 +273,7 @@ class LayerwiseRunner:
 
         cache = []
         with torch.no_grad(), probes(self.gm, keys, record):
-            for batch in self._each(self.batches, "inputs of the first layer"):
+            for batch in self.batches:
                 got.clear()
                 args, kw = normalize_batch(batch, self.captured)
                 if not keys:
@@ -319,8 +323,7 @@ class LayerwiseRunner:
         g.output(tuple(env[m] for m in outputs))
         return fx.GraphModule(self.gm, g), inputs, outputs, {n: env[n] for n in nodes}
 
-    def run(self, block: Block, taps: dict[str, fx.Node], recorder: Callable[[str, torch.Tensor], None],
-            what: str = "") -> None:
+    def run(self, block: Block, taps: dict[str, fx.Node], recorder: Callable[[str, torch.Tensor], None]) -> None:
         """Run ``block`` over every batch (from the cache) up to its last tapped node, calling
         ``recorder(key, value)`` with the value of each tapped node."""
         if self.cache is None:
@@ -337,7 +340,7 @@ class LayerwiseRunner:
             seg, inputs, _, env = self._segment(block.start, last, None)
             seg_taps = {k: env[n] for k, n in inside.items()}
         with torch.no_grad(), (probes(seg, seg_taps, recorder) if seg is not None else _nullcontext()):
-            for values in self._each(self.cache, what or block.key):
+            for values in self.cache:
                 for k, n in before.items():
                     recorder(k, values[n])
                 if seg is not None:
@@ -354,7 +357,7 @@ class LayerwiseRunner:
         idx = self._index()
         new_cache = []
         with torch.no_grad():
-            for values in self._each(self.cache, f"{block.key} outputs"):
+            for values in self.cache:
                 out = seg(*[values[m] for m in inputs])
                 new = {m: v for m, v in values.items()
                        if any(idx[u] >= idx[nxt] for u in m.users)}  # passed through unchanged
@@ -364,11 +367,35 @@ class LayerwiseRunner:
 
     def iterate(self) -> Iterator[Block]:
         """Yield the blocks in order; after each, the runner advances to the next one."""
-        if self.cache is None:
-            self.start()
-        for block in list(self.blocks):
-            yield block
-            self.advance(block)
+        bar = _progress(self.desc, len(self.blocks), self.progress)
+        try:
+            if self.cache is None:
+                self.start()
+            for block in list(self.blocks):
+                yield block
+                self.advance(block)
+                bar.update(1)
+        finally:
+            bar.close()
+
+
+def _progress(desc: str, total: int, enabled: bool):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="layer", leave=False)
+        except ImportError:  # pragma: no cover
+            pass
+
+    class _Null:
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
 
 
 class _nullcontext:
@@ -423,11 +450,6 @@ class GPTQResult:
     warnings: list = field(default_factory=list)
 
 
-def _column_spec(spec: QuantizationSpec) -> QuantizationSpec:
-    """The spec's numerics applied elementwise with one qparam per row (for one column)."""
-    return spec.evolve(qscheme="per_channel", ch_axis=0, group_size=None, observer_cls=None)
-
-
 class _Grid:
     """Per-row (per_channel / per_group) or per-tensor qparams of a weight, computed group by
     group, and the bookkeeping that makes the written weight span exactly its grid.
@@ -443,29 +465,44 @@ class _Grid:
     above half the range (any such code gives back the same scale): the element keeps its
     rounded code, which always is. Asymmetric power-of-two grids are not forced (the caller's
     round-trip check reports when they do not come back).
+
+    Quantizing a column is the arithmetic of ``fake_quant.fake_quantize`` in float32, written
+    out so the per-column loop stays cheap: ``q = clamp(round(w / s) + z, qmin, qmax)``,
+    ``(q − z) · s``. Storage is per group, one row of ``rows`` values (contiguous per column).
     """
 
-    def __init__(self, spec: QuantizationSpec, rows: int, cols: int, device):
+    def __init__(self, spec: QuantizationSpec, rows: int, cols: int, device, reach_ends: bool = True):
+        from ..quant import formats as F
+        from ..quant.fake_quant import _uses_zero_point
+
         self.spec = spec
-        self.col_spec = _column_spec(spec)
         self.rows, self.cols = rows, cols
         qs = spec.qscheme
         self.per_tensor = qs == QSchemeType.per_tensor
         self.gs = spec.group_size if qs == QSchemeType.per_group else cols
         self.n_groups = cols // self.gs
-        shape = (rows, self.n_groups)
-        self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.zp = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.top = torch.zeros(shape, dtype=torch.float64, device=device)  # value of the top code
-        self.bottom = torch.zeros(shape, dtype=torch.float64, device=device)  # value of the bottom code
+        shape = (self.n_groups, rows)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.scale = torch.zeros(shape, **f32)
+        self.zf = torch.zeros(shape, **f32)  # zero point as float
+        self.top = torch.zeros(shape, **f32)  # dequantized value of the top code
+        self.bottom = torch.zeros(shape, **f32)
         self.hit_top = torch.ones(shape, dtype=torch.bool, device=device)  # end reached (or not needed)
         self.hit_bottom = torch.ones(shape, dtype=torch.bool, device=device)
+        # forced elements: per group and row the column (-1: none) and value; "a" is the top end
+        # (the either end for symmetric grids), "b" the bottom end
+        self.col_a = torch.full(shape, -1, dtype=torch.long, device=device)
+        self.col_b = torch.full(shape, -1, dtype=torch.long, device=device)
+        self.val_a = torch.zeros(shape, **f32)
+        self.val_b = torch.zeros(shape, **f32)
         self.ready = [False] * self.n_groups
-        # column -> list of (rows, forced values, which end: "top" | "bottom" | "either")
-        self.forced: dict[int, list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
         self.qmin, self.qmax = spec.qmin, spec.qmax
         self.half = (self.qmax - self.qmin) // 2
         self.pof2 = spec.scale_type == ScaleType.pof2
+        self.symmetric = bool(spec.symmetric)
+        self.uses_zp = _uses_zero_point(spec)
+        self.round = F.round_fn(spec.round_method)
+        self.reach_ends = reach_ends
 
     def group_of(self, col: int) -> int:
         return col // self.gs
@@ -473,8 +510,16 @@ class _Grid:
     def group_cols(self, g: int) -> range:
         return range(g * self.gs, (g + 1) * self.gs)
 
-    def _deq(self, codes, scale, zp) -> torch.Tensor:
-        return dequantize(codes, scale, zp, self.col_spec).to(torch.float64)
+    def _deq(self, codes: torch.Tensor, g: int) -> torch.Tensor:
+        z = self.zf[g]
+        return (codes - z) * self.scale[g] if self.uses_zp else codes * self.scale[g]
+
+    def _quant(self, w32: torch.Tensor, g: int) -> torch.Tensor:
+        """Codes (float32) of ``w32`` on group ``g``'s grid, as ``fake_quant._codes``."""
+        q = self.round(w32 / self.scale[g])
+        if self.uses_zp:
+            q = q + self.zf[g]
+        return q.clamp(self.qmin, self.qmax)
 
     def compute(self, g: int, values: torch.Tensor) -> None:
         """qparams of group ``g`` from its current ``values`` (rows × group columns)."""
@@ -483,98 +528,89 @@ class _Grid:
         if self.per_tensor:  # one range; its extreme elements sit in one row each
             lo, hi = torch.aminmax(v)
             scale, zp = compute_qparams(lo, hi, self.spec)
-            scale, zp = scale.expand(R).clone(), zp.expand(R).clone()
+            scale, zp = scale.expand(R), zp.expand(R)
             flat = v.flatten()
             picks = {}
             for name, i in (("hi", torch.argmax(flat)), ("lo", torch.argmin(flat)), ("abs", torch.argmax(flat.abs()))):
                 i = int(i)
-                mask = torch.zeros(R, dtype=torch.bool, device=dev)
-                mask[i // v.shape[1]] = True
-                picks[name] = (mask, torch.full((R,), i % v.shape[1], device=dev), flat[i].expand(R))
+                col = torch.full((R,), -1, dtype=torch.long, device=dev)
+                col[i // v.shape[1]] = i % v.shape[1]
+                picks[name] = (col, flat[i].expand(R))
         else:
             lo_v, lo_c = v.min(dim=1)
             hi_v, hi_c = v.max(dim=1)
             abs_c = v.abs().argmax(dim=1)
             abs_v = v.gather(1, abs_c[:, None])[:, 0]
             scale, zp = compute_qparams(lo_v, hi_v, self.spec)
-            every = torch.ones(R, dtype=torch.bool, device=dev)
-            picks = {"hi": (every, hi_c, hi_v), "lo": (every, lo_c, lo_v), "abs": (every, abs_c, abs_v)}
-        self.scale[:, g], self.zp[:, g] = scale, zp
-        zf = zp.to(torch.float32)
-        self.top[:, g] = self._deq(torch.full_like(zf, float(self.qmax)), scale, zp)
-        self.bottom[:, g] = self._deq(torch.full_like(zf, float(self.qmin)), scale, zp)
+            picks = {"hi": (hi_c, hi_v), "lo": (lo_c, lo_v), "abs": (abs_c, abs_v)}
+        self.scale[g], self.zf[g] = scale, zp.to(torch.float32)
+        zf = self.zf[g]
+        self.top[g] = self._deq(torch.full_like(zf, float(self.qmax)), g)
+        self.bottom[g] = self._deq(torch.full_like(zf, float(self.qmin)), g)
         self.ready[g] = True
         base = g * self.gs
-        if self.spec.symmetric:
-            mask, cols, val = picks["abs"]
-            need = val != 0
-            if self.pof2:
-                from ..quant.fake_quant import quantize
-
-                codes = quantize(val, scale, zp, self.col_spec).to(torch.float32)
+        none = torch.zeros(R, dtype=torch.bool, device=dev)
+        if self.symmetric:
+            col, val = picks["abs"]
+            need = (val != 0) & (col >= 0)
+            if self.pof2:  # any code at least as far from zero as this one gives back the scale
+                codes = self._quant(val, g)
                 k = (codes - zf).abs()
-                self.top[:, g] = self._deq(zf + k, scale, zp)  # "reached": a code at least this high
-                self.bottom[:, g] = self._deq(zf - k, scale, zp)
+                self.top[g] = self._deq(zf + k, g)
+                self.bottom[g] = self._deq(zf - k, g)
             else:
                 codes = torch.where(val >= 0, zf + self.half, zf - self.half)
-            self.hit_top[:, g] = ~need
-            self.hit_bottom[:, g] = ~need
-            self._force(mask & need, cols + base, codes, scale, zp, "either")
+            self.col_a[g] = torch.where(need, col + base, -1)
+            self.val_a[g] = self._deq(codes, g)
+            self.hit_top[g] = ~need
+            self.hit_bottom[g] = ~need
         elif not self.pof2:
-            mask, cols, val = picks["hi"]
-            need = (val > 0) & (zf < self.qmax)
-            self.hit_top[:, g] = ~need
-            self._force(mask & need, cols + base, torch.full_like(zf, float(self.qmax)), scale, zp, "top")
-            mask, cols, val = picks["lo"]
-            need = (val < 0) & (zf > self.qmin)
-            self.hit_bottom[:, g] = ~need
-            self._force(mask & need, cols + base, torch.full_like(zf, float(self.qmin)), scale, zp, "bottom")
+            col, val = picks["hi"]
+            need = (val > 0) & (zf < self.qmax) & (col >= 0)
+            self.col_a[g] = torch.where(need, col + base, -1)
+            self.val_a[g] = self.top[g]
+            self.hit_top[g] = ~need
+            col, val = picks["lo"]
+            need = (val < 0) & (zf > self.qmin) & (col >= 0)
+            self.col_b[g] = torch.where(need, col + base, -1)
+            self.val_b[g] = self.bottom[g]
+            self.hit_bottom[g] = ~need
+        else:
+            self.hit_top[g], self.hit_bottom[g] = ~none, ~none
+        if not self.reach_ends:
+            self.col_a[g], self.col_b[g] = -1, -1
         if self.per_tensor:  # one flag for the whole tensor
-            self.hit_top[:, g] = self.hit_top[:, g].all()
-            self.hit_bottom[:, g] = self.hit_bottom[:, g].all()
-
-    def _force(self, mask, cols, codes, scale, zp, end: str) -> None:
-        rows = torch.nonzero(mask).flatten()
-        if rows.numel() == 0:
-            return
-        vals = self._deq(codes[rows], scale[rows], zp[rows])
-        rcols = cols[rows]
-        for c in torch.unique(rcols).tolist():
-            sel = rcols == c
-            self.forced.setdefault(int(c), []).append((rows[sel], vals[sel], end))
+            self.hit_top[g] = self.hit_top[g].all()
+            self.hit_bottom[g] = self.hit_bottom[g].all()
 
     def quantize_column(self, col: int, w: torch.Tensor) -> torch.Tensor:
-        """The column quantized on its groups' grids (float64 of the float32 fake-quant)."""
+        """Column ``col`` (``w``, float64) on its group's grid: float32 values, as float64."""
         g = self.group_of(col)
-        q = fake_quantize(w.to(torch.float32), self.scale[:, g], self.zp[:, g], self.col_spec).to(torch.float64)
-        symmetric = self.spec.symmetric
-        for rows, vals, end in self.forced.get(col, ()):
-            if end == "either":
-                reached = self.hit_top[rows, g] | self.hit_bottom[rows, g]
-            else:
-                reached = (self.hit_top if end == "top" else self.hit_bottom)[rows, g]
-            if self.per_tensor:
-                reached = reached.any().expand_as(reached)
-            todo = ~reached
-            q[rows[todo]] = vals[todo]
-        top, bottom = self.top[:, g], self.bottom[:, g]
-        if symmetric and self.pof2:
-            up, down = q >= top, q <= bottom
+        q = self._deq(self._quant(w.to(torch.float32), g), g)
+        if self.symmetric:
+            reached = self.hit_top[g] | self.hit_bottom[g]
+            q = torch.where((self.col_a[g] == col) & ~reached, self.val_a[g], q)
         else:
-            up, down = q == top, q == bottom
+            q = torch.where((self.col_a[g] == col) & ~self.hit_top[g], self.val_a[g], q)
+            q = torch.where((self.col_b[g] == col) & ~self.hit_bottom[g], self.val_b[g], q)
+        if self.symmetric and self.pof2:
+            up, down = q >= self.top[g], q <= self.bottom[g]
+        else:
+            up, down = q == self.top[g], q == self.bottom[g]
         if self.per_tensor:
             up, down = up.any().expand_as(up), down.any().expand_as(down)
-        self.hit_top[:, g] |= up
-        self.hit_bottom[:, g] |= down
-        return q
+        self.hit_top[g] |= up
+        self.hit_bottom[g] |= down
+        return q.to(torch.float64)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """scale / zero_point in the spec's qparam shape."""
+        scale, zp = self.scale.T.contiguous(), self.zf.T.to(torch.int32).contiguous()
         if self.per_tensor:
-            return self.scale[0, 0].clone(), self.zp[0, 0].clone()
+            return scale[0, 0].clone(), zp[0, 0].clone()
         if self.spec.qscheme == QSchemeType.per_channel:
-            return self.scale[:, 0].clone(), self.zp[:, 0].clone()
-        return self.scale.clone(), self.zp.clone()
+            return scale[:, 0].clone(), zp[:, 0].clone()
+        return scale, zp
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str, notes: list) -> tuple[torch.Tensor, float]:
@@ -598,12 +634,14 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float, name: str, notes: list
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantizationSpec, *, block_size: int = 128,
                   damp_percent: float = 0.01, act_order: bool = True, static_groups: bool = True,
-                  name: str = "", num_samples: int | None = None) -> GPTQResult:
+                  name: str = "", num_samples: int | None = None, reach_grid_ends: bool = True) -> GPTQResult:
     """Quantize ``weight`` (out × in) with GPTQ for inputs whose Hessian is ``hessian``
     (``2 X Xᵀ / n``, in × in). Returns the dequantized on-grid weight and its qparams.
 
     ``num_samples``: the number of tokens behind ``hessian``; fewer than ``in_features`` is a
-    ``CalibrationError`` (the Hessian cannot have full rank).
+    ``CalibrationError`` (the Hessian cannot have full rank). ``reach_grid_ends=False`` drops
+    the constraint that lets min/max round-to-nearest of the result find the same grid (for a
+    consumer that takes the returned qparams instead).
     """
     check_weight_spec(spec, "GPTQ", name)
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -619,7 +657,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: Quantizatio
     if not bool(torch.isfinite(hessian).all()):
         raise CalibrationError(f"GPTQ: the Hessian of {name or 'a Linear'} has NaN/Inf entries")
     notes: list[str] = []
-    Wt = weight.detach().to(torch.float64).clone()
+    Wt = weight.detach().to(torch.float64)  # not written to
     H = hessian.detach().to(device=Wt.device, dtype=torch.float64).clone()
     diag = torch.diagonal(H)
     dead = diag == 0
@@ -640,27 +678,30 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: Quantizatio
         torch.arange(cols, device=Wt.device)
     invperm = torch.argsort(perm)
     Hp = H[perm][:, perm]
+    del H
     U, damp = _inverse_hessian_factor(Hp, damp, name, notes)
+    del Hp
 
-    grid = _Grid(spec, rows, cols, Wt.device)
+    grid = _Grid(spec, rows, cols, Wt.device, reach_ends=reach_grid_ends)
     if static_groups:
         for g in range(grid.n_groups):
-            grid.compute(g, Wt[:, list(grid.group_cols(g))])
-    Wp = Wt[:, perm].clone()
-    Q = torch.zeros_like(Wp)
-    perm_l = perm.tolist()
-    with _single_thread(Wt.device):
-        _gptq_columns(grid, Wp, Q, U, perm_l, invperm, block_size)
+            grid.compute(g, Wt[:, g * grid.gs:(g + 1) * grid.gs])
+    WT = Wt[:, perm].T.contiguous()  # one row per input column, in processing order
+    del Wt
+    QT = torch.zeros_like(WT)
+    with _single_thread(WT.device, rows * min(block_size, cols)):
+        _gptq_columns(grid, WT, QT, U, perm.tolist(), invperm, block_size)
     scale, zp = grid.qparams()
-    return GPTQResult(Q[:, invperm], scale, zp, damp, n_dead, perm, notes)
+    return GPTQResult(QT.T[:, invperm].contiguous(), scale, zp, damp, n_dead, perm, notes)
 
 
 class _single_thread:
-    """On CPU, run the column loop on one thread: its operations are small (one column, one
-    block), where thread hand-offs cost more than they save, badly so on a loaded machine."""
+    """On CPU, run the column loop on one thread when its operations are small (one column, one
+    block of ``size`` elements below 2^20), where thread hand-offs cost more than they save,
+    badly so on a loaded machine."""
 
-    def __init__(self, device):
-        self.active = torch.device(device).type == "cpu"
+    def __init__(self, device, size: int = 0):
+        self.active = torch.device(device).type == "cpu" and size < (1 << 20)
 
     def __enter__(self):
         if self.active:
@@ -674,42 +715,44 @@ class _single_thread:
         return False
 
 
-def _gptq_columns(grid: "_Grid", Wp, Q, U, perm_l, invperm, block_size: int) -> None:
-    """The GPTQ column loop over the permuted weight ``Wp`` (updated in place), writing ``Q``."""
-    cols = Wp.shape[1]
+def _gptq_columns(grid: _Grid, WT, QT, U, perm_l, invperm, block_size: int) -> None:
+    """The GPTQ column loop. ``WT``: the weight transposed and permuted (row ``k`` = input
+    column ``perm[k]``), updated in place; ``QT``: the quantized result, same layout."""
+    cols = WT.shape[0]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = Wp[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = perm_l[i1 + i]
             g = grid.group_of(c)
             if not grid.ready[g]:
-                grid.compute(g, _current_group(grid, g, invperm, Wp, W1, Err1, U, i1, i2, i))
-            w = W1[:, i]
+                grid.compute(g, _current_group(grid, g, invperm, WT, W1, Err1, U, i1, i2, i))
+            w = W1[i]
             q = grid.quantize_column(c, w)
-            Q[:, i1 + i] = q
+            QT[i1 + i] = q
             err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
+            W1[i + 1:] -= U1[i, i + 1:, None] * err[None, :]
+            Err1[i] = err
         if i2 < cols:
-            Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            WT[i2:] -= U[i1:i2, i2:].T @ Err1
 
 
-def _current_group(grid: _Grid, g: int, invperm, Wp, W1, Err1, U, i1: int, i2: int, i: int) -> torch.Tensor:
-    """The error-updated values of group ``g``'s columns when its first column (processing
-    position ``i1 + i``) is reached: columns inside the current block are up to date in ``W1``;
-    later ones still miss this block's pending update ``Err1[:, :i] @ U[i1:i1+i, p]``."""
-    pos = invperm[list(grid.group_cols(g))]
-    out = torch.empty(Wp.shape[0], pos.numel(), dtype=Wp.dtype, device=Wp.device)
+def _current_group(grid: _Grid, g: int, invperm, WT, W1, Err1, U, i1: int, i2: int, i: int) -> torch.Tensor:
+    """The error-updated values (rows × group columns) of group ``g`` when its first column
+    (processing position ``i1 + i``) is reached: columns inside the current block are up to
+    date in ``W1``; later ones still miss this block's pending update
+    ``Σ_{j<i} U[i1+j, p] · Err1[j]``."""
+    pos = invperm[g * grid.gs:(g + 1) * grid.gs]
+    out = torch.empty(pos.numel(), WT.shape[1], dtype=WT.dtype, device=WT.device)
     inb = pos < i2
     if bool(inb.any()):
-        out[:, inb] = W1[:, pos[inb] - i1]
+        out[inb] = W1[pos[inb] - i1]
     if bool((~inb).any()):
         p = pos[~inb]
-        out[:, ~inb] = Wp[:, p] - Err1[:, :i] @ U[i1:i1 + i][:, p]
-    return out
+        out[~inb] = WT[p] - U[i1:i1 + i][:, p].T @ Err1[:i]
+    return out.T
 
 
 def grid_roundtrip_error(weight: torch.Tensor, spec: QuantizationSpec) -> float:
@@ -741,9 +784,10 @@ def codes_changed_by_rtn(stored: torch.Tensor, quantized: torch.Tensor, scale: t
 
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """``‖X(W − Q)ᵀ‖² / ‖X Wᵀ‖²`` computed from the Hessian ``2 X Xᵀ / n``."""
-    H = hessian.to(torch.float64)
-    D = (weight.to(torch.float64) - quantized.to(torch.float64))
-    Wf = weight.to(torch.float64)
+    weight, quantized = weight.detach(), quantized.detach()
+    H = hessian.detach().to(torch.float32)
+    D = (weight.to(torch.float64) - quantized.to(torch.float64)).to(torch.float32)
+    Wf = weight.to(torch.float32)
     num = float(((D @ H) * D).sum())
     den = float(((Wf @ H) * Wf).sum())
     return num / den if den > 0 else 0.0
@@ -783,6 +827,10 @@ def gptq(ctx: PassContext) -> None:
     if not targets:
         ctx.record(action="skip", reason="no Linear has an integer weight spec to quantize")
         return
+    for name in ("inside_layer_modules", "model_decoder_layers", "embedding_layers"):
+        if getattr(cfg, name, None):
+            ctx.record(action="note", reason=f"GPTQConfig.{name} is not needed: the layers and the order of their "
+                                             "Linears come from the graph; ignored")
     spec_of = {lin.node: spec for lin, spec in targets}
     need, need_at = min_calibration_tokens([lin for lin, _ in targets])
     runner = LayerwiseRunner(ctx.captured, ctx.calib_data, [lin for lin, _ in targets],
@@ -798,7 +846,7 @@ def gptq(ctx: PassContext) -> None:
                                                 name=lins[0].fqn)
                     for i, (node, lins) in enumerate(inputs.items())}
             taps = {f"h{i}": node for i, node in enumerate(inputs)}
-            runner.run(block, taps, lambda k, x: accs[k].add(x), what=f"{block.key} ({step[0].fqn.rsplit('.', 1)[-1]})")
+            runner.run(block, taps, lambda k, x: accs[k].add(x))
             if not checked_tokens:
                 n = next(iter(accs.values())).n
                 if n < need:
@@ -816,15 +864,14 @@ def gptq(ctx: PassContext) -> None:
 def _quantize_stack(ctx: PassContext, cfg, stack, H: torch.Tensor, n: int, qparams: dict) -> None:
     spec = stack[0][1]
     targets = [W.own_weight(ctx, lin) for lin, _ in stack]
-    ws = [W.read(ctx, t) for t in targets]
-    weight = torch.cat(ws, dim=0)
+    weight = torch.cat([ctx.captured.param(t).detach() for t in targets], dim=0).to(torch.float64)
     names = "+".join(lin.fqn for lin, _ in stack)
     res = gptq_quantize(weight, H.to(weight.device), spec, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
                         act_order=cfg.desc_act, static_groups=cfg.static_groups, name=names, num_samples=n)
     row = 0
-    for (lin, _), t, w in zip(stack, targets, ws):
-        r = w.shape[0]
-        q = res.weight[row:row + r]
+    for (lin, _), t in zip(stack, targets):
+        r = ctx.captured.param(t).shape[0]
+        w, q = weight[row:row + r], res.weight[row:row + r]
         W.write(ctx, t, q)
         if spec.qscheme == QSchemeType.per_tensor:
             sc, zp = res.scale, res.zero_point
