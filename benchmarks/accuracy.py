@@ -257,7 +257,8 @@ def merge(tags: list[str]) -> None:
     minilm = None
     for p in loaded:
         if "llama" in p:
-            llama["rows"].update(p["llama"]["rows"])
+            for rk, cols in p["llama"]["rows"].items():
+                llama["rows"].setdefault(rk, {}).update(cols)
         minilm = p.get("minilm", minilm)
     rows = [r for r in ROWS if r in llama["rows"]]
     cols = [c for c in COLS if any(c in llama["rows"][r] for r in rows)]
