@@ -111,7 +111,8 @@ def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, 
     config = _as_config(config)
     calib = _materialize(calib_data)
     captured, report = _prepare(model, example_inputs, inplace)
-    plan = make_plan(report, list(config.pre_quant_opt_config or []), exclude=list(config.exclude or []))
+    plan = make_plan(report, list(config.pre_quant_opt_config or []) + _smoothing_in_algo_config(config),
+                     exclude=list(config.exclude or []))
     ctx = PassContext(captured, report, plan, config=config, calib_data=calib)
     ctx.stats["keep_float_weights"] = keep_float_weights
     ctx.stats["progress"] = progress
@@ -122,12 +123,21 @@ def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, 
     return qm
 
 
-def _algorithm_passes(config) -> list[str]:
+def _algo_list(config) -> list:
     algos = config.algo_config or []
-    if not isinstance(algos, (list, tuple)):
-        algos = [algos]
+    return list(algos) if isinstance(algos, (list, tuple)) else [algos]
+
+
+def _smoothing_in_algo_config(config) -> list:
+    """Quark also accepts SmoothQuant as an algorithm; it is the same offline rewrite."""
+    return [a for a in _algo_list(config) if type(a).__name__ == "SmoothQuantConfig"]
+
+
+def _algorithm_passes(config) -> list[str]:
     names = []
-    for a in algos:
+    for a in _algo_list(config):
+        if type(a).__name__ == "SmoothQuantConfig":
+            continue
         name = getattr(a, "name", type(a).__name__).lower()
         if name not in registered_passes():
             from .errors import ConfigError

@@ -191,3 +191,11 @@ def test_w4a8_with_dict_batches():
     calib = [{"input_ids": b} for b in _calib()]
     qm = gq.quantize(tiny_model("llama"), cfg, calib, progress=False)
     assert _roles(qm)["input"] == 9
+
+
+def test_smoothquant_accepted_as_algorithm_too():
+    from graphquant.config import SmoothQuantConfig
+
+    cfg = dataclasses.replace(preset("w_int8_per_tensor_a_int8_per_tensor"), algo_config=[SmoothQuantConfig()])
+    qm = gq.quantize(tiny_model("llama"), cfg, _calib(), progress=False)
+    assert any(e["action"] == "smooth" for e in qm.log)
