@@ -107,7 +107,7 @@ def run_batches(captured, calib_data: Iterable, desc: str = "calibrating", progr
         raise CalibrationError(f"calibration data must be iterable (a list or DataLoader of batches), got "
                                f"{type(calib_data).__name__}") from None
     n = 0
-    bar = _progress(desc, progress)
+    bar = progress_bar(desc, progress)
     with torch.no_grad():
         for batch in it:
             args, kw = normalize_batch(batch, captured)
@@ -123,11 +123,12 @@ def run_batches(captured, calib_data: Iterable, desc: str = "calibrating", progr
     return n
 
 
-def _progress(desc: str, enabled: bool):
+def progress_bar(desc: str, enabled: bool, total: int | None = None, unit: str = "batch"):
+    """A tqdm progress bar (or a silent stand-in when disabled or tqdm is missing)."""
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(desc=desc, unit="batch", disable=not enabled, leave=False)
+        return tqdm(desc=desc, total=total, unit=unit, disable=not enabled, leave=False)
     except ImportError:  # pragma: no cover
         class _Null:
             def update(self, n):

@@ -380,22 +380,9 @@ class LayerwiseRunner:
 
 
 def _progress(desc: str, total: int, enabled: bool):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
+    from ..calibrate import progress_bar
 
-            return tqdm(total=total, desc=desc, unit="layer", leave=False)
-        except ImportError:  # pragma: no cover
-            pass
-
-    class _Null:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-
-    return _Null()
+    return progress_bar(desc, enabled, total=total, unit="layer")
 
 
 class _nullcontext:
