@@ -284,7 +284,7 @@ def test_unsupported_r4_size_skips_with_warning_or_errors():
         gq.rewrite(model, [QuaRotConfig(on_unsupported_size="error")])
 
 
-def test_minilm_r4_on_ffn(shared_dir):
+def test_minilm_r4_on_ffn():
     from graphquant.models.hf import find_minilm_path
 
     path = find_minilm_path()
