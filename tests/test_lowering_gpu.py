@@ -21,9 +21,10 @@ import torch
 import graphquant as gq
 from graphquant.config import Config, QuantizationConfig, QuantizationSpec, preset
 from graphquant.calibrate import probes
-from graphquant.lowering import LOWERED_TAG, find_sites, lower_model
+from graphquant.lowering import find_sites, lower_model
 from graphquant.models.tiny import tiny_model
 from graphquant.quant import fake_quant as FQ
+from test_lowering import _TeacherForced, _rel  # noqa: E402  (same helpers as the CPU tests)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -31,10 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 GQ20M = next((p for p in (REPO / ".devdata" / "gq-llama-20m",
                           Path(os.environ.get("GRAPHQUANT_SHARED", REPO.parent / "shared")) / "data" / "models"
                           / "gq-llama-20m") if (p / "config.json").is_file()), None)
-
-
-def _rel(a, b) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def _grouped(name: str, group: int) -> Config:
@@ -117,22 +114,6 @@ def test_linear_kernels_match_references(M, N, K):
 
 
 # ------------------------------------------------------------------------------------ models
-class _TeacherForced(torch.fx.Interpreter):
-    """Runs a lowered graph with each lowered Linear's output replaced by the fake-quant one, recording
-    each kernel's relative error on exactly the fake-quant run's inputs."""
-
-    def __init__(self, gm, fake_outputs: dict):
-        super().__init__(gm)
-        self.fake_outputs, self.errors = fake_outputs, {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        entry = n.meta.get(LOWERED_TAG)
-        if entry and "kernel" in entry:
-            ref = self.fake_outputs[entry["module"]]
-            self.errors[entry["module"]] = _rel(out, ref)
-            return ref
-        return out
 
 
 def _fake_vs_lowered(model, config, batches):
