@@ -129,15 +129,6 @@ def node_module_fqn(node: fx.Node) -> str:
     return _normalize_fqn(path)
 
 
-def node_module_type(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    _path, typ = list(stack.values())[-1]
-    name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
-    return name.rsplit(".", 1)[-1]
-
-
 # --- example inputs ----------------------------------------------------------------------
 def default_example_inputs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ) -> tuple[tuple, dict]:
     """Example inputs for Hugging Face models: ``input_ids`` of shape (batch, seq), no KV cache."""

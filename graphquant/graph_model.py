@@ -50,8 +50,6 @@ class QuantizedModel(GraphModel):
     def disable_quantizers(self) -> None:
         """Bypass every quantizer: activations pass through, weights are read in float. Needs the
         float weights (``quantize(..., keep_float_weights=True)``)."""
-        import torch
-
         from .passes.quantize import QDQ_TAG
 
         if self._bypassed:
@@ -75,7 +73,6 @@ class QuantizedModel(GraphModel):
                 u.replace_input_with(n, src)
             self._bypassed.append((n, src, users))
         self.gm.recompile()
-        _ = torch
 
     def enable_quantizers(self) -> None:
         g = self.gm.graph
