@@ -22,7 +22,6 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
-import importlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
@@ -496,6 +495,8 @@ class AlgoConfig:
         if isinstance(expected, str) and expected and self.name != expected:
             raise ConfigError(f"{type(self).__name__}.name must be {expected!r} (it selects the "
                               f"algorithm), got {self.name!r}")
+        for f in dataclasses.fields(self):
+            _check_field_type(type(self).__name__, f.name, f.type, getattr(self, f.name))
         self._validate()
 
     def _validate(self) -> None:
@@ -517,6 +518,38 @@ class AlgoConfig:
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+# JSON has real booleans and numbers: the string "false" is not False (it is truthy), "0.5" is not
+# 0.5. Every algorithm-config field is checked against its annotation before any use.
+_FIELD_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_field_type(owner: str, name: str, annotation, value) -> None:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = [t.strip() for t in text.split("|")]
+    if value is None and "None" in parts:
+        return
+    for t in parts:
+        allowed = _FIELD_TYPES.get(t)
+        if allowed is None:
+            if t in ("list", "tuple") and isinstance(value, (list, tuple)):
+                return
+            continue
+        if isinstance(value, bool) and t != "bool":
+            continue  # True is an int to Python, not to a config
+        if isinstance(value, allowed):
+            return
+    wanted = " or ".join("true/false" if t == "bool" else "a number" if t == "float" else
+                         "an integer" if t == "int" else "a string" if t == "str" else
+                         "null" if t == "None" else "a list" for t in parts)
+    how = "write it without quotes" if isinstance(value, str) else "e.g."
+    raise ConfigError(f"{owner}.{name} must be {wanted}, got {value!r} ({type(value).__name__}); "
+                      f"{how}: {name}={_example(parts)}")
+
+
+def _example(parts: list[str]) -> str:
+    return {"bool": "false", "int": "1", "float": "0.5", "str": "'...'"}.get(parts[0], "[...]")
 
 
 def _to_jsonable(v):
@@ -582,6 +615,8 @@ class AutoSmoothQuantConfig(AlgoConfig):
     def _validate(self):
         _check(isinstance(self.alphas, (list, tuple)) and len(self.alphas) > 0,
                "AutoSmoothQuantConfig.alphas must be a non-empty list of values in [0, 1]")
+        _check(all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in self.alphas),
+               f"AutoSmoothQuantConfig.alphas must be numbers, got {list(self.alphas)!r}")
         _set(self, "alphas", tuple(float(a) for a in self.alphas))
         _check(all(0.0 <= a <= 1.0 for a in self.alphas),
                f"AutoSmoothQuantConfig.alphas must lie in [0, 1], got {self.alphas}")
@@ -840,7 +875,7 @@ class Config:
             if not isinstance(item, Mapping) or "config" not in item or not ({"type", "name"} & set(item)):
                 raise ConfigError(f"layer_type_quant_config entries are {{'type' or 'name': ..., "
                                   f"'config': {{...}}}}, got {item!r}")
-            key = _import_class(item["type"]) if "type" in item else item["name"]
+            key = _module_type(item["type"]) if "type" in item else item["name"]
             ltq[key] = QuantizationConfig.from_dict(item["config"])
         kw["layer_type_quant_config"] = ltq
         kw["layer_quant_config"] = {k: QuantizationConfig.from_dict(v)
@@ -901,16 +936,22 @@ def _type_key_name(k) -> str:
     return f"{k.__module__}.{k.__qualname__}" if isinstance(k, type) else k
 
 
-def _import_class(qualified: str):
-    """Import ``pkg.module.Class``; falls back to the string when it cannot be imported."""
-    mod, _, name = qualified.rpartition(".")
-    try:
-        obj = importlib.import_module(mod)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        return obj if isinstance(obj, type) else qualified
-    except (ImportError, AttributeError, ValueError):
-        return qualified
+def _module_type(qualified) -> type | str:
+    """The module class a config's ``"type"`` names, from a fixed table: ``torch.nn`` module classes
+    (``"torch.nn.Linear"``, ``"torch.nn.modules.linear.Linear"`` or ``"Linear"``). Any other name is kept
+    as a class *name* (matched by name, as a ``"name"`` entry is). Nothing is ever imported from a
+    config string: a config file must not run code."""
+    if not isinstance(qualified, str) or not qualified:
+        raise ConfigError(f"layer_type_quant_config 'type' must be a class name such as 'torch.nn.Linear', "
+                          f"got {qualified!r}")
+    import torch.nn
+
+    short = qualified.rsplit(".", 1)[-1]
+    cls = getattr(torch.nn, short, None)
+    from_torch = qualified == short or qualified.startswith("torch.nn.")
+    if from_torch and isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        return cls
+    return qualified
 
 
 # =========================================================================== presets
