@@ -3,13 +3,13 @@ from . import config, eval, hadamard  # noqa: A004  (gq.eval.perplexity is publi
 from .api import ModelQuantizer, analyze, quantize, rewrite
 from .capture import CapturedGraph, capture
 from .errors import (CalibrationError, CaptureError, CheckpointError, ConfigError, EquivalenceError, GraphQuantError,
-                     PassError, UnsupportedHadamardSize, UnsupportedModelError)
+                     NonFiniteError, PassError, UnsupportedHadamardSize, UnsupportedModelError)
 from .graph_model import GraphModel, QuantizedModel
-from .passes import PassContext, PassManager, register_pass
+from .passes import PassContext, PassManager, pass_scope, register_pass
 from .patterns import Pattern, PatternReport, register_pattern
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "rewrite", "quantize", "ModelQuantizer", "QuantizedModel", "config", "eval", "hadamard", "GraphModel", "PassContext", "PassManager", "register_pass", "capture", "CapturedGraph", "Pattern", "PatternReport", "register_pattern",
+__all__ = ["analyze", "rewrite", "quantize", "ModelQuantizer", "QuantizedModel", "config", "eval", "hadamard", "GraphModel", "PassContext", "PassManager", "register_pass", "pass_scope", "capture", "CapturedGraph", "Pattern", "PatternReport", "register_pattern",
            "GraphQuantError", "CaptureError", "UnsupportedModelError", "ConfigError", "UnsupportedHadamardSize",
-           "CalibrationError", "EquivalenceError", "PassError", "CheckpointError"]
+           "CalibrationError", "EquivalenceError", "NonFiniteError", "PassError", "CheckpointError"]

@@ -42,6 +42,38 @@ def probes(gm: fx.GraphModule, nodes: dict[str, fx.Node], recorder: Callable[[st
         _RECORDERS.pop(rid, None)
 
 
+# the non-padding tokens of the calibration batch being run: (batch, seq) bool, or None (all tokens)
+_TOKEN_MASK: list = [None]
+
+
+def valid_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``x`` restricted to the real (non-padding) tokens of the current calibration batch.
+
+    Activations laid out (batch, seq, ...) or, in attention, (batch, heads, seq, head_dim) become
+    (tokens, ...) / (tokens, heads, head_dim); the channel (last) axis is kept. Without a padding
+    mask, or for a tensor of another layout, ``x`` is returned as is."""
+    m = _TOKEN_MASK[0]
+    if m is None or x.dim() < 3 or x.shape[0] != m.shape[0]:
+        return x
+    s = m.shape[1]
+    if x.dim() == 4 and x.shape[2] == s:
+        return x.transpose(1, 2)[m]
+    if x.shape[1] == s:
+        return x[m]
+    return x
+
+
+def _token_mask(kw: dict) -> torch.Tensor | None:
+    mask, ids = kw.get("attention_mask"), kw.get("input_ids")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    if isinstance(ids, torch.Tensor) and tuple(ids.shape) != tuple(mask.shape):
+        raise CalibrationError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; "
+                               "they must match (batch, seq_len)")
+    m = mask != 0
+    return None if bool(m.all()) else m
+
+
 def _device_of(gm) -> torch.device:
     for p in gm.parameters():
         return p.device
@@ -87,7 +119,8 @@ def _check_ids(kw: dict, captured) -> None:
     if ids is None or vocab is None:
         return
     if ids.dtype not in (torch.int64, torch.int32):
-        raise CalibrationError(f"input_ids must be an integer tensor, got {ids.dtype}")
+        raise CalibrationError(f"input_ids must be token ids in an int64 tensor, got {ids.dtype}; convert with "
+                               "ids.long() (token ids do not fit int8/uint8 and are not floats)")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise CalibrationError(f"input_ids out of range [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
     if ids.dim() != 2:
@@ -107,17 +140,24 @@ def run_batches(captured, calib_data: Iterable, desc: str = "calibrating", progr
         raise CalibrationError(f"calibration data must be iterable (a list or DataLoader of batches), got "
                                f"{type(calib_data).__name__}") from None
     n = 0
-    bar = progress_bar(desc, progress)
-    with torch.no_grad():
-        for batch in it:
-            args, kw = normalize_batch(batch, captured)
-            _check_ids(kw, captured)
-            captured(*args, **kw)
-            n += 1
-            bar.update(1)
-            if max_batches is not None and n >= max_batches:
-                break
-    bar.close()
+    total = len(calib_data) if hasattr(calib_data, "__len__") else None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    bar = progress_bar(desc, progress, total=total)
+    try:
+        with torch.no_grad():
+            for batch in it:
+                args, kw = normalize_batch(batch, captured)
+                _check_ids(kw, captured)
+                _TOKEN_MASK[0] = _token_mask(kw)
+                captured(*args, **kw)
+                n += 1
+                bar.update(1)
+                if max_batches is not None and n >= max_batches:
+                    break
+    finally:
+        _TOKEN_MASK[0] = None
+        bar.close()
     if n == 0:
         raise CalibrationError("calibration data is empty: pass at least one batch (e.g. 16 windows of 512 tokens)")
     return n
@@ -148,7 +188,9 @@ class ChannelAbsMax:
         self.where = where or {}
 
     def __call__(self, key: str, x: torch.Tensor) -> None:
-        x = x.detach()
+        x = valid_tokens(x.detach())
+        if not x.numel():
+            return
         if not torch.isfinite(x).all():
             raise CalibrationError(f"non-finite activations (NaN/Inf) at {self.where.get(key, key)} during "
                                    "calibration; check the calibration data and the model's dtype")

@@ -52,7 +52,23 @@ class CapturedGraph:
         return self.gm.graph
 
     def __call__(self, *args, **kwargs):
+        kwargs = self._check_kwargs(kwargs)
         return self.gm(*args, **{**self.constant_kwargs, **kwargs})
+
+    def _check_kwargs(self, kwargs: dict) -> dict:
+        """Inputs the graph was not captured with: an all-ones ``attention_mask`` is dropped (it changes
+        nothing); anything else is a one-line error that says how to capture with it."""
+        unknown = [k for k in kwargs if k not in self.example_kwargs and k not in self.constant_kwargs]
+        if not unknown:
+            return kwargs
+        mask = kwargs.get("attention_mask")
+        if unknown == ["attention_mask"] and isinstance(mask, torch.Tensor) and bool((mask != 0).all()):
+            return {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        raise CaptureError(
+            f"this graph was captured with inputs {list(self.example_kwargs) or 'positional'} and cannot take "
+            f"{unknown}; capture with them: pass calibration batches that carry them (dicts such as "
+            "{'input_ids': ..., 'attention_mask': ...}) or example_inputs={'input_ids': ids, "
+            "'attention_mask': mask}")
 
     # --- name mappings -------------------------------------------------------------------
     def param(self, target: str) -> torch.Tensor:
@@ -147,6 +163,28 @@ def default_example_inputs(model: nn.Module, batch: int = DEFAULT_BATCH, seq: in
     if "use_cache" in sig:
         kwargs["use_cache"] = False
     return (), kwargs
+
+
+def example_inputs_for(model: nn.Module, calib) -> dict | None:
+    """Example inputs that match the calibration batches: the default ``input_ids`` plus the other
+    tensor inputs the batches carry (an all-ones ``attention_mask``, zero ``token_type_ids``), so a
+    padded ``{"input_ids", "attention_mask"}`` calibration set is captured with its mask. ``None``
+    (the default example inputs) when the batches are plain tensors."""
+    first = calib[0] if isinstance(calib, (list, tuple)) and calib else None
+    if first is None or not hasattr(first, "keys"):
+        return None
+    sig = _forward_signature(model)
+    extra = [k for k in first.keys() if k != "input_ids" and isinstance(first[k], torch.Tensor) and k in sig]
+    if "input_ids" not in first.keys() or not extra or "input_ids" not in sig:
+        return None
+    _, kwargs = default_example_inputs(model)
+    ids = kwargs["input_ids"]
+    for k in extra:
+        if k == "attention_mask":
+            kwargs[k] = torch.ones_like(ids, dtype=first[k].dtype)
+        elif k == "token_type_ids":
+            kwargs[k] = torch.zeros_like(ids, dtype=first[k].dtype)
+    return kwargs
 
 
 def _forward_signature(model: nn.Module) -> dict[str, inspect.Parameter]:

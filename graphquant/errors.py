@@ -37,5 +37,9 @@ class PassError(GraphQuantError):
     """A rewrite pass is mis-registered (unknown name, ordering cycle) or failed."""
 
 
+class NonFiniteError(GraphQuantError, ValueError):
+    """The model's weights or outputs contain NaN or Inf (a damaged checkpoint, an overflow)."""
+
+
 class CheckpointError(GraphQuantError):
     """A checkpoint file is missing, truncated or corrupt."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ..calibrate import probes, run_batches
+from ..calibrate import probes, run_batches, valid_tokens
 from ..capture import set_attr
 from ..errors import CalibrationError, ConfigError
 from ..patterns.base import AnalysisContext
@@ -173,8 +173,11 @@ def _calibrate(ctx: PassContext, static: list[ActSite]) -> dict[str, tuple]:
         observers[s.name] = cls(s.spec)
 
     def record(key, x):
+        x = valid_tokens(x.detach())  # padding tokens stay out of the statistics
+        if not x.numel():
+            return
         try:
-            observers[key].observe(x.detach())
+            observers[key].observe(x)
         except CalibrationError as e:
             raise CalibrationError(f"at {key}: {e}") from None
 
