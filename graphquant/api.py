@@ -93,7 +93,11 @@ def run_pipeline(ctx: PassContext, passes: list[str], check: bool, user=None) ->
         spec = specs[name]
         quantizing = quantizing or spec.stage in QUANTIZING_STAGES
         logger.debug("pass %s done", name)
-        if guard is None or spec.check is False or (spec.check is None and quantizing):
+        if guard is None or (spec.check is None and quantizing):
+            return
+        if spec.check is False:
+            if not quantizing:
+                guard.rebase()  # the function changed on purpose: later passes must keep the new one
             return
         if quantizing:
             raise EquivalenceError(f"pass {name!r} was registered with check=True but runs after quantization "
@@ -237,8 +241,9 @@ def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, 
     Pipeline: capture -> analyze -> plan -> pre-quantization rewrites (``config.pre_quant_opt_config``:
     smoothing, R1/R2, online R3/R4; each checked for float equivalence) -> algorithms
     (``config.algo_config``: GPTQ, AWQ, AutoSmoothQuant) -> Q/DQ insertion and calibration ->
-    lowering to low-precision kernels (``lower=True``; on CPU only where a kernel measures faster than
-    fake-quant, see ``QuantizedModel.lowering``).
+    lowering to low-precision kernels (``lower=True``: on CUDA every kernel; on CPU only where a kernel
+    measures faster than fake-quant, never fp8 — the timings and reasons are in
+    ``QuantizedModel.lowering``; ``lower="all"`` lowers wherever a kernel exists).
 
     ``config``: a ``graphquant.config.Config`` or a preset name. ``calib_data``: an iterable (a list or
     a ``DataLoader``) of ``input_ids`` tensors or dicts of model inputs, e.g. padded
@@ -254,6 +259,10 @@ def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, 
     (online rotations, ...), calling it raises an error that points to the returned model.
     """
     config = _as_config(config)
+    if lower not in (False, True, "auto", "all"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"lower must be False, True (= 'auto') or 'all', got {lower!r}")
     set_severity(config.log_severity_level)
     calib = _materialize(calib_data)
     _warn_if_nothing_quantized(config)
@@ -264,6 +273,7 @@ def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, 
         ctx = PassContext(captured, report, plan, config=config, calib_data=calib)
         ctx.stats["keep_float_weights"] = keep_float_weights
         ctx.stats["progress"] = progress
+        ctx.stats["lower_policy"] = "auto" if lower is True else lower
         return ctx
 
     def passes_of(ctx):

@@ -971,9 +971,13 @@ def _int8_token():
     return _spec(Dtype.int8, "per_token", symmetric=True, is_dynamic=True)
 
 
+#: what presets leave in float: the output head, as Quark's CLI does by default
+PRESET_EXCLUDE = ("*lm_head",)
+
+
 def _w8a8(weight, act, kv=None) -> Config:
     return Config(global_quant_config=QuantizationConfig(input_tensors=act, weight=weight),
-                  kv_cache_quant_config=kv)
+                  kv_cache_quant_config=kv, exclude=list(PRESET_EXCLUDE))
 
 
 def _fp8_tensor(dynamic=False):
@@ -1057,8 +1061,8 @@ def list_presets() -> dict[str, str]:
 def preset(name: str) -> Config:
     """A fresh :class:`Config` for scheme ``name`` (see :func:`list_presets`).
 
-    Presets quantize every layer the graph quantizes (nn.Linear); ``lm_head`` is *not* excluded —
-    add ``exclude=["*lm_head"]`` (``dataclasses.replace(cfg, exclude=[...])``) as Quark's CLI does.
+    Presets quantize every Linear except the output head: ``exclude=["*lm_head"]``, as Quark's CLI
+    does by default. To quantize ``lm_head`` too: ``dataclasses.replace(cfg, exclude=[])``.
     """
     entry = _PRESETS.get(name)
     if entry is None:

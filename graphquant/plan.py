@@ -147,7 +147,8 @@ def _plan_smooth(plan: Plan, report, cfg, auto: bool, exclude: list[str]) -> Non
             continue
         rs = report.residual_stream
         if p.kind == "norm_linear" and rs is not None and rs.details.get("lm_head") in consumers:
-            plan.notes.append("smooth skipped at the final norm -> lm_head (lm_head is not quantized by convention)")
+            plan.notes.append("smooth skipped at the final norm -> lm_head (graphquant does not smooth into "
+                              "lm_head; presets and the CLI leave lm_head unquantized)")
             continue
         if exclude and all(any(fnmatch.fnmatch(c, e) for e in exclude) for c in consumers):
             plan.notes.append(f"smooth skipped at {p.modules[0]}: all consumers are excluded from quantization")

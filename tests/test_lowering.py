@@ -55,7 +55,9 @@ class _TeacherForced(torch.fx.Interpreter):
 
 
 def _fake_then_lowered(arch: str, config, ids=IDS):
-    """(fake-quant logits, lowered logits, lowering report, model, per-Linear teacher-forced errors)."""
+    """(fake-quant logits, lowered logits, lowering report, model, per-Linear teacher-forced errors).
+    Every Linear is quantized (lm_head too: ``exclude=[]``) and lowered wherever a kernel exists."""
+    config = dataclasses.replace(config, exclude=[])
     qm = gq.quantize(tiny_model(arch), config, [ids], progress=False, check=False)
     fake_outputs = {}
     with torch.no_grad():
@@ -64,7 +66,7 @@ def _fake_then_lowered(arch: str, config, ids=IDS):
             ref = qm(input_ids=ids).logits
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = lower_model(qm)
+            report = lower_model(qm, policy="all")
         out = qm(input_ids=ids).logits
         forced = _TeacherForced(qm.gm, fake_outputs)
         forced.run(ids, False)
@@ -161,7 +163,7 @@ def test_mxfp4_falls_back_with_a_clear_message():
     with torch.no_grad():
         ref = qm(input_ids=IDS).logits
     with pytest.warns(UserWarning, match="stay fake-quant — MX formats have no kernel"):
-        report = lower_model(qm)
+        report = lower_model(qm, policy="all")
     assert not report["lowered"] and len(report["fake_quant"]) == _n_linears(qm)
     assert all("MX" in e["reason"] for e in report["fake_quant"])
     with torch.no_grad():
@@ -197,7 +199,7 @@ def test_kv_cache_quantizers_stay_fake_and_are_reported():
 def test_quantize_lower_true_and_torch_compile():
     ids = torch.randint(0, 128, (3, 11))
     qm = gq.quantize(tiny_model("llama", num_layers=1), preset("w_int8_per_channel_a_int8_per_token"), [IDS],
-                     progress=False, lower=True)
+                     progress=False, lower="all")
     assert qm.lowering["lowered"] and any(e.get("action") == "lower" for e in qm.log)
     compiled = torch.compile(qm, dynamic=True)
     with torch.no_grad():

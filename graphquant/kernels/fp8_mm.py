@@ -10,8 +10,10 @@ one. On CUDA:
   row-wise scales otherwise (``scale_a`` (M, 1), ``scale_b`` (1, N); Hopper needs a bf16 output,
   other output dtypes are cast from it). ``USE_FAST_ACCUM`` (off) selects cuBLAS's fast fp8 accumulation.
 
-On CPU ``torch._scaled_mm`` runs too (fp32 output, per-tensor or row-wise); anything it rejects
-falls back to an exact float matmul of the codes.
+On CPU ``torch._scaled_mm`` is never called: it is orders of magnitude slower than a float matmul
+(14 s for one 512x384x1152 product in the issue-12 measurement), so the codes are multiplied as
+floats (exact: fp8 values are exactly representable in fp32). ``lower=True`` keeps fp8 Linears on
+CPU as fake-quant anyway (see ``graphquant.lowering.lower``).
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale
     elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "wq_mm")) is not None:
         out = guarded("wq_mm", lambda: qt.wq_mm(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
                                                 out_dtype=out_dtype), scaled)
-    elif "_scaled_mm" not in _failed() and (not a.is_cuda or (K % 16 == 0 and N % 16 == 0)):
+    elif "_scaled_mm" not in _failed() and a.is_cuda and K % 16 == 0 and N % 16 == 0:
         out = scaled()
     else:
         out = reference()

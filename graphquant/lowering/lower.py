@@ -14,6 +14,12 @@ What cannot be lowered (no kernel for the scheme, KV-cache and output quantizers
 fake-quant nodes, is listed in ``ctx.stats["lowering"]["fake_quant"]`` with the reason, and is
 announced once per reason with ``warnings.warn``. The pass never fails on a scheme: anything
 unexpected about one Linear becomes a fake-quant entry for that Linear.
+
+Policy (``quantize(lower=...)`` / ``lower_model(qm, policy=...)``): ``"auto"`` (``lower=True``)
+lowers every kernel on CUDA; on CPU it lowers a Linear only where its kernel *measures* faster than
+the fake-quant Linear it replaces (by ``CPU_MIN_SPEEDUP``) (one timing per kernel and weight shape, on ``CPU_BENCH_TOKENS``
+tokens; the numbers are in ``lowering["cpu_timings"]``), and never lowers fp8 on CPU (no fast CPU
+fp8 matmul). ``"all"`` lowers wherever a kernel exists (to test the kernels' numerics).
 """
 from __future__ import annotations
 
@@ -33,6 +39,12 @@ from . import ops as _ops  # noqa: F401  registers graphquant::*_linear, quantiz
 
 LOWERED_TAG = "graphquant_lowered"
 _LINEAR = torch.ops.aten.linear.default
+
+POLICIES = ("auto", "all")
+CPU_BENCH_TOKENS = 256  # one prefill-sized activation block per timing
+CPU_MIN_SPEEDUP = 1.1  # a kernel must be this much faster than fake-quant: timings on a busy CPU are noisy
+CPU_FP8_REASON = ("fp8 on CPU: no CPU fp8 matmul beats fake-quant (torch._scaled_mm on CPU takes seconds per "
+                  "product), so the Linear stays fake-quant; fp8 kernels run on CUDA")
 
 _ROLE_REASONS = {
     "kv_k": "KV-cache quantizer (K): attention reads fake-quantized K; no quantized-attention kernel here",
@@ -94,8 +106,26 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
+def _best_ms(fn, reps: int = 3) -> float:
+    import time
+
+    with torch.no_grad():
+        fn()  # warm-up (packing caches, allocator)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 class _Lowerer:
-    def __init__(self, ctx: PassContext):
+    def __init__(self, ctx: PassContext, policy: str = "auto"):
+        if policy not in POLICIES:
+            raise ValueError(f"lowering policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.timings: list[dict] = []
+        self._timed: dict[tuple, dict] = {}
         self.ctx = ctx
         self.gm = ctx.gm
         self.g = ctx.gm.graph
@@ -183,6 +213,11 @@ class _Lowerer:
         else:
             kw = layouts.int4_weight(qdata, scale, zp, site.w_spec, out_dtype)
         bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        if self.policy == "auto" and qdata.device.type == "cpu":
+            why = self.cpu_slower(site, choice.kernel, kw, bias, out_dtype, (qdata, scale, zp))
+            if why:
+                self.fake.append({"module": site.fqn, "reason": why})
+                return
         attrs = {}
         try:
             for k, t in kw.tensors.items():
@@ -196,6 +231,67 @@ class _Lowerer:
         self.bytes_before += _nbytes(qdata, scale, zp)
         self.bytes_after += kw.nbytes
         self.lowered.append(entry)
+
+    # ------------------------------------------------------------------ CPU: lower only what pays off
+    def cpu_slower(self, site: LinearSite, kernel: str, kw, bias, out_dtype, wq) -> str:
+        """'' when ``kernel`` beats the fake-quant Linear on CPU, else the reason (with the timings)."""
+        if kernel == "fp8_linear":
+            return CPU_FP8_REASON
+        N, K = wq[0].shape
+        key = (kernel, int(N), int(K), site.w_spec.to_op_str(), site.act_spec.to_op_str() if site.act_spec else None,
+               bias is not None, out_dtype)
+        if key not in self._timed:
+            fake_fn, kernel_fn = self._bench_fns(site, kernel, kw, bias, out_dtype, wq)
+            t_fake, t_kernel = _best_ms(fake_fn), _best_ms(kernel_fn)
+            self._timed[key] = {"kernel": kernel, "shape": [int(N), int(K)], "tokens": CPU_BENCH_TOKENS,
+                                "weight": key[3], "activation": key[4], "kernel_ms": round(t_kernel, 3),
+                                "fake_quant_ms": round(t_fake, 3), "lowered": t_kernel * CPU_MIN_SPEEDUP < t_fake}
+            self.timings.append(self._timed[key])
+        t = self._timed[key]
+        if t["lowered"]:
+            return ""
+        return (f"on CPU the {kernel} kernel is not {CPU_MIN_SPEEDUP}x faster than fake-quant for {t['shape'][0]}x{t['shape'][1]} "
+                f"({t['kernel_ms']:.2f} ms vs {t['fake_quant_ms']:.2f} ms on {CPU_BENCH_TOKENS} tokens); "
+                "kept as fake-quant")
+
+    def _bench_fns(self, site: LinearSite, kernel: str, kw, bias, out_dtype, wq):
+        gq = torch.ops.graphquant
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, CPU_BENCH_TOKENS, int(wq[0].shape[1]), generator=g).to(out_dtype)
+        b = self.tensor(bias) if isinstance(bias, fx.Node) else None
+        dq = site.dq
+        w_dtype = dq.args[4] if len(dq.args) > 4 else out_dtype
+        a = site.act
+        if a is not None and a.target == _gq().fake_quant.default:
+            a_scale, a_zp = self.tensor(a.args[1]), self.tensor(a.args[2])
+        a_spec = a.args[-1] if a is not None else None
+
+        def act_fake(v):
+            if a is None:
+                return v
+            if a.target == _gq().dynamic_fake_quant.default:
+                return gq.dynamic_fake_quant(v, a_spec)
+            return gq.fake_quant(v, a_scale, a_zp, a_spec)
+
+        def fake():
+            return torch.nn.functional.linear(act_fake(x), gq.dequantize(*wq, dq.args[3], w_dtype), b)
+
+        t = kw.tensors
+        if kernel == "int8_linear":
+            def run():
+                if a.target == _gq().dynamic_fake_quant.default:
+                    q, s = gq.quantize_act_dynamic(x, a_spec, False)
+                else:
+                    q, s = gq.quantize_act_static(x, a_scale, a_spec, False), a_scale
+                return gq.int8_linear(q, s, t["qweight"], t["qscale"], b, out_dtype)
+        elif kernel == "int8_weight_only":
+            def run():
+                return gq.int8_weight_only_linear(x, t["qweight"], t["qscale"], b)
+        else:
+            def run():
+                return gq.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), b, kw.args["group_size"],
+                                      kw.args["layout"])
+        return fake, run
 
     def _replace(self, site: LinearSite, kernel: str, kw, attrs: dict, bias, out_dtype, shape) -> dict:
         """Insert the kernel op (and the shared activation quantizer) and retire the Linear."""
@@ -234,7 +330,8 @@ class _Lowerer:
             self.drop(a)
         self._report_remaining()
         self._delete_unused_attrs()
-        return {"device": self._device(), "lowered": self.lowered, "fake_quant": self.fake,
+        return {"device": self._device(), "policy": self.policy, "lowered": self.lowered, "fake_quant": self.fake,
+                "cpu_timings": self.timings,
                 "weight_bytes": {"fake_quant_storage": self.bytes_before, "lowered": self.bytes_after}}
 
     def _report_remaining(self) -> None:
@@ -283,8 +380,8 @@ def _warn(fake: list[dict]) -> None:
 def lower_pass(ctx: PassContext) -> None:
     """Replace Q/DQ + Linear with kernel ops (see the module docstring); fills
     ``ctx.stats["lowering"]`` = {"device", "lowered": [{module, kernel, ...}], "fake_quant": [{module,
-    reason}], "weight_bytes"}."""
-    report = _Lowerer(ctx).run()
+    reason}], "cpu_timings", "policy", "weight_bytes"}. ``ctx.stats["lower_policy"]``: "auto" (default) or "all"."""
+    report = _Lowerer(ctx, ctx.stats.get("lower_policy", "auto")).run()
     for e in report["lowered"]:
         ctx.record(action="lower", module=e["module"], kernel=e["kernel"], weight=e["weight"],
                    activation=e["activation"], weight_bytes=e["weight_bytes"], fused_hadamard=e["fused_hadamard"])
@@ -295,13 +392,14 @@ def lower_pass(ctx: PassContext) -> None:
     ctx.stats["lowering"] = report
 
 
-def lower_model(qmodel) -> dict:
+def lower_model(qmodel, policy: str = "auto") -> dict:
     """Lower an already quantized ``QuantizedModel`` in place (what ``quantize(..., lower=True)``
     does as its last pass) and return its ``lowering`` report. Useful to compare a model's
-    fake-quant and lowered outputs without quantizing twice."""
+    fake-quant and lowered outputs without quantizing twice. ``policy``: see the module docstring."""
     if getattr(qmodel, "_bypassed", None):
         qmodel.enable_quantizers()
     ctx = PassContext(qmodel.captured, qmodel.report, qmodel.plan, config=getattr(qmodel, "quant_config", None))
+    ctx.stats["lower_policy"] = policy
     ctx.current_pass = "lower"
     lower_pass(ctx)
     qmodel.gm.graph.lint()
