@@ -179,9 +179,18 @@ def _plan_r1(plan: Plan, report, cfg) -> None:
 
 
 def _plan_head_rotation(plan: Plan, report, cfg, attr: str, kind: str, transform: str) -> None:
+    policy = getattr(cfg, "on_unsupported_size", "skip")
     sites = []
     for p in report.of_kind(kind):
-        if transform in p.applies:
+        had = p.details.get("hadamard") or {}
+        if transform in p.applies and had.get("supported", True) is False:
+            msg = f"{transform} skipped at {p.modules[0]}: head_dim {p.details.get('head_dim')}: {had.get('reason')}"
+            if policy == "error":
+                raise ConfigError(msg.splitlines()[0] + " (QuaRotConfig(on_unsupported_size='skip') skips such "
+                                  "sites with a note)")
+            plan.notes.append(msg.splitlines()[0])
+            warnings.warn("graphquant: " + msg.splitlines()[0], stacklevel=3)
+        elif transform in p.applies:
             sites.append(p)
         else:
             plan.notes.append(f"{transform} skipped at {p.modules[0]}: {p.blocked.get(transform, 'not applicable')}")
@@ -199,7 +208,7 @@ def _plan_online(plan: Plan, report, cfg, attr: str, kind: str, transform: str) 
         reason = p.blocked.get(transform, "not applicable")
         msg = f"{transform} skipped at {p.modules[-1]}: {reason}"
         if policy == "error":
-            raise ConfigError(msg + " (QuaRotConfig(on_unsupported_size='skip') skips such sites with a warning)")
+            raise ConfigError(msg + " (QuaRotConfig(on_unsupported_size='skip') skips such sites with a note)")
         plan.notes.append(msg)
         warnings.warn("graphquant: " + msg, stacklevel=3)
     if sites:

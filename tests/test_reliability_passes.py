@@ -194,3 +194,21 @@ def test_log_severity_level_is_honoured(caplog):
     cfg = dataclasses.replace(cfg, log_severity_level=3)
     gq.quantize(_llama(), cfg, None, progress=False)
     assert not [r for r in caplog.records if r.name == "graphquant" and r.levelname == "INFO"]
+
+
+# --- QuaRot on a head_dim without a Hadamard matrix ---------------------------------------------------
+def _head_dim_30():
+    return tiny_model("llama", num_layers=1, hidden_size=90, num_attention_heads=3, num_key_value_heads=1,
+                      head_dim=30, intermediate_size=128)
+
+
+def test_quarot_skips_r2_r3_on_head_dim_30():
+    model = _head_dim_30()
+    with pytest.warns(UserWarning, match="R2 skipped.*head_dim 30"):
+        f = gq.rewrite(model, [QuaRotConfig()])
+    assert f.plan.r2 is None and f.plan.r3 is None and f.plan.r1 is not None
+    assert any(n.startswith("R2 skipped") for n in f.plan.notes) and any(n.startswith("R3 skipped") for n in f.plan.notes)
+    ids = _calib()[0]
+    assert torch.allclose(f(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)
+    with pytest.raises(gq.ConfigError, match="R2 skipped.*on_unsupported_size='skip'"):
+        gq.rewrite(model, [QuaRotConfig(on_unsupported_size="error")])
