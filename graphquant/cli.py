@@ -10,6 +10,7 @@ message on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -104,10 +105,22 @@ def _load_with_tokenizer(args):
     return model, tok
 
 
-def build_config(args):
-    """The graphquant Config the quantize flags describe (Quark's quantize_quark.py flags)."""
-    import dataclasses
+_KV_CACHE = {  # --kv_cache_dtype (Quark's names) -> (dtype, qscheme, is_dynamic)
+    "int8": ("int8", "per_tensor", False), "int8_per_tensor_static": ("int8", "per_tensor", False),
+    "int8_per_tensor_dynamic": ("int8", "per_tensor", True), "int8_per_token": ("int8", "per_token", True),
+    "fp8": ("fp8", "per_tensor", False), "fp8_dynamic": ("fp8", "per_tensor", True),
+}
+_PRE_QUANT = ("smoothquant", "rotation", "quarot")
+_ALGOS = ("awq", "gptq", "autosmoothquant")
 
+
+def build_config(args):
+    """The graphquant Config the quantize flags describe (Quark's quantize_quark.py flags).
+
+    ``--quant_algo`` takes Quark's comma-separated list: smoothquant / rotation / quarot become
+    pre-quantization rewrites (as ``--pre_quantization_optimization``), awq / gptq / autosmoothquant
+    algorithms. ``--exclude_layers`` replaces the preset's ``["*lm_head"]``; the bare flag excludes nothing.
+    """
     from . import config as C
 
     if not args.quant_scheme:
@@ -115,31 +128,65 @@ def build_config(args):
                        + ", ".join(C.list_presets()), EXIT_USAGE)
     try:
         cfg = C.preset(args.quant_scheme)
-        if args.group_size:
+        if args.group_size is not None:
             g = cfg.global_quant_config
-            if g.weight is None:
-                raise CliError("--group_size needs a scheme with quantized weights", EXIT_USAGE)
-            w = dataclasses.replace(g.weight, qscheme=C.QSchemeType.per_group, group_size=args.group_size,
-                                    ch_axis=None)
+            if g.weight is None or g.weight.is_cast:
+                raise CliError(f"--group_size needs a scheme with quantized weights; {args.quant_scheme} has none",
+                               EXIT_USAGE)
+            if g.weight.is_mx:
+                raise CliError(f"--group_size does not apply to MX scheme {args.quant_scheme} (blocks of 32 are part "
+                               "of the format); drop --group_size", EXIT_USAGE)
+            # re-derive the defaults (observer, axis) of a per-group spec: the preset's per-channel
+            # observer does not apply to groups
+            w = g.weight.evolve(qscheme=C.QSchemeType.per_group, group_size=args.group_size, ch_axis=None,
+                                observer_cls=None)
             cfg = dataclasses.replace(cfg, global_quant_config=dataclasses.replace(g, weight=w))
-        pre = []
-        for name in args.pre_quantization_optimization or []:
-            pre.append({"smoothquant": C.SmoothQuantConfig, "rotation": C.RotationConfig,
-                        "quarot": C.QuaRotConfig}[name]())
-        algos = []
-        if args.quant_algo == "autosmoothquant":
-            algos.append(C.AutoSmoothQuantConfig())
-        elif args.quant_algo == "gptq":
-            algos.append(C.GPTQConfig())
-        elif args.quant_algo == "awq":
-            algos.append(C.AWQConfig())
-        cfg = dataclasses.replace(cfg, pre_quant_opt_config=pre, algo_config=algos or None,
-                                  exclude=list(args.exclude_layers or []) or cfg.exclude)
+        algos = list(args.quant_algo or [])
+        pre_names = list(args.pre_quantization_optimization or []) + [a for a in algos if a in _PRE_QUANT]
+        pre = [{"smoothquant": C.SmoothQuantConfig, "rotation": C.RotationConfig,
+                "quarot": C.QuaRotConfig}[name]() for name in dict.fromkeys(pre_names)]
+        algo_cfgs = [{"autosmoothquant": C.AutoSmoothQuantConfig, "gptq": C.GPTQConfig,
+                      "awq": C.AWQConfig}[a]() for a in dict.fromkeys(algos) if a in _ALGOS]
+        exclude = cfg.exclude if args.exclude_layers is None else list(args.exclude_layers)
+        cfg = dataclasses.replace(cfg, pre_quant_opt_config=pre, algo_config=algo_cfgs or None, exclude=exclude)
         if args.kv_cache_dtype:
-            cfg = C.with_kv_cache(cfg, args.kv_cache_dtype)
+            dtype, qscheme, dynamic = _KV_CACHE[args.kv_cache_dtype]
+            cfg = C.with_kv_cache(cfg, dtype, qscheme=qscheme, is_dynamic=dynamic)
     except C.ConfigError as e:
         raise CliError(_one_line(e), EXIT_USAGE) from e
     return cfg
+
+
+def _calibration_data(args, tok, model):
+    """Calibration batches as the flags say (warns when --seq_len exceeds the model's context)."""
+    from .datasets import calibration_batches
+    from .log import logger
+
+    seq_len = args.seq_len or 512
+    ctx_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(ctx_len, int) and seq_len > ctx_len:
+        print(f"graphquant quantize: warning: --seq_len {seq_len} is longer than the model's context "
+              f"({ctx_len} positions); calibration runs positions it was never trained on. Use --seq_len {ctx_len} "
+              "or less", file=sys.stderr)
+    logger.info("calibration data: %d windows of %d tokens from %s, batches of %d", args.num_calib_data or 16,
+                seq_len, args.dataset or "wikitext", args.calib_batch_size)
+    calib = calibration_batches(tok, args.dataset or "wikitext", num_calib_data=args.num_calib_data or 16,
+                                seq_len=seq_len, batch_size=args.calib_batch_size)
+    return [{k: v.to(args.device) for k, v in b.items()} for b in calib]
+
+
+def _print_kv_cache(args, qmodel) -> None:
+    """What --kv_cache_dtype did, in one line."""
+    if not args.kv_cache_dtype:
+        return
+    sites = [e for e in qmodel.log if e.get("action") == "quantize_activation" and str(e.get("role")).startswith("kv")]
+    spec = qmodel.quant_config.kv_cache_quant_config
+    if sites:
+        print(f"  KV cache: {len(sites)} tensors (K after RoPE, V) quantized as {spec.to_op_str()} "
+              f"(--kv_cache_dtype {args.kv_cache_dtype})")
+    else:
+        print(f"  KV cache: --kv_cache_dtype {args.kv_cache_dtype} found no attention K/V site in this model; "
+              "nothing was quantized there")
 
 
 def _eval_windows(args, tok):
@@ -182,27 +229,25 @@ def _cmd_quantize(args) -> int:
     import time
 
     from . import quantize
-    from .datasets import calibration_batches
     from .errors import GraphQuantError
 
     cfg = build_config(args)
     model, tok = _load_with_tokenizer(args)
     try:
-        calib = calibration_batches(tok, args.dataset or "wikitext", num_calib_data=args.num_calib_data or 16,
-                                    seq_len=args.seq_len or 512, batch_size=4)
-        calib = [{k: v.to(args.device) for k, v in b.items()} for b in calib]
+        calib = _calibration_data(args, tok, model)
         t0 = time.time()
         qmodel = quantize(model, cfg, calib, lower=args.lower)
         print(f"quantized in {time.time() - t0:.1f}s: scheme {args.quant_scheme}, "
               f"pre-optimizations {args.pre_quantization_optimization or 'none'}, algorithm {args.quant_algo or 'none'}")
         for line in qmodel.plan.describe():
             print("  " + line)
-        if args.eval_ppl:
+        _print_kv_cache(args, qmodel)
+        if args.eval_ppl and not args.skip_evaluation:
             from .eval import perplexity
 
             windows = _eval_windows(args, tok)
-            fp = perplexity(model, windows, batch_size=args.batch_size)
-            q = perplexity(qmodel, windows, batch_size=args.batch_size)
+            fp = perplexity(model, windows, batch_size=args.batch_size, progress=True)
+            q = perplexity(qmodel, windows, batch_size=args.batch_size, progress=True)
             print(f"perplexity on {args.eval_dataset or 'wikitext'} ({fp.num_windows} windows x {windows.shape[1]}):"
                   f" FP {fp.ppl:.3f} | quantized {q.ppl:.3f} ({100 * (q.ppl / fp.ppl - 1):+.2f}%)")
         if args.output_dir:
@@ -221,7 +266,7 @@ def _cmd_eval(args) -> int:
     model, tok = _load_with_tokenizer(args)
     try:
         windows = _eval_windows(args, tok)
-        r = perplexity(model, windows, batch_size=args.batch_size)
+        r = perplexity(model, windows, batch_size=args.batch_size, progress=True)
     except GraphQuantError as e:
         raise CliError(f"evaluation failed: {_one_line(e)}", EXIT_ANALYSIS) from e
     print(f"perplexity on {args.eval_dataset or 'wikitext'} ({r.num_windows} windows x {windows.shape[1]}): "
@@ -229,7 +274,80 @@ def _cmd_eval(args) -> int:
     return EXIT_OK
 
 
-# --- argument parsing ------------------------------------------------------------------------------
+# --- argument parsing and validation ---------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 is not "unset": it is refused)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
+    return v
+
+
+def _algo_list(text: str) -> list[str]:
+    """argparse type of --quant_algo: Quark's comma-separated list of algorithms."""
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in _PRE_QUANT + _ALGOS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown algorithm(s) {bad or [text]}; choose from "
+                                         f"{', '.join(_ALGOS + _PRE_QUANT)} (comma-separated)")
+    return names
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N", EXIT_USAGE) from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            raise CliError(f"--device {device}: {why}; use --device cpu", EXIT_USAGE)
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible "
+                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})", EXIT_USAGE)
+    elif d.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {device}: graphquant runs on cpu or cuda", EXIT_USAGE)
+
+
+_NAMED_DATASETS = ("wikitext", "wikitext2", "gutenberg")
+
+
+def _check_dataset(name: str | None, flag: str) -> None:
+    if name is None:
+        return
+    key = name.lower().replace("-", "").replace("_", "")
+    if key in _NAMED_DATASETS or key == "wikitext2raw":
+        return
+    if Path(name).expanduser().is_file():
+        return
+    if key.startswith("pileval") or key.startswith("wikitextfor"):
+        raise CliError(f"{flag} {name}: Quark's named datasets are downloaded from the hub, which graphquant does "
+                       "not do; pass a local text file instead (a .txt, or a .jsonl with a \"text\" field per line)",
+                       EXIT_USAGE)
+    raise CliError(f"{flag} {name!r}: not a file, and not one of {', '.join(_NAMED_DATASETS)}; pass a path to a "
+                   ".txt or .jsonl file", EXIT_USAGE)
+
+
+def validate_args(args) -> None:
+    """Checks that need no model, run before anything is loaded; each failure is one line (exit 2)."""
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
+    if args.command == "quantize":
+        build_config(args)  # scheme, group size, algorithms: all checked before the model loads
+        _check_dataset(args.dataset, "--dataset")
+        if args.custom_mode != "quark":
+            print(f"graphquant quantize: note: --custom_mode {args.custom_mode} is accepted for Quark compatibility; "
+                  "graphquant writes the checkpoint format chosen by the scheme and the export options",
+                  file=sys.stderr)
+        if args.eval_ppl and args.skip_evaluation:
+            print("graphquant quantize: note: --skip_evaluation given: no perplexity evaluation", file=sys.stderr)
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_dir", dest="model", required=True, metavar="PATH_OR_HUB_ID",
                    help="a Hugging Face model folder, a llama2.c checkpoint (folder or .bin), or a hub id")
@@ -239,14 +357,17 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval_dataset", choices=["wikitext", "gutenberg"], default=None,
                    help="evaluation text (default: the shipped WikiText-2 test split)")
-    p.add_argument("--eval_windows", type=int, default=None, help="evaluate on the first N windows (default: all)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval_windows", type=_positive_int, default=None,
+                   help="evaluate on the first N windows (default: all)")
+    p.add_argument("--batch_size", type=_positive_int, default=8, help="evaluation batch size (windows)")
+    p.add_argument("--dtype", "--data_type", dest="dtype", choices=["float32", "bfloat16", "float16"],
+                   default="float32", help="model dtype (--data_type is Quark's name)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (checked before the model loads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import list_presets
 
     parser = argparse.ArgumentParser(prog="graphquant", description="graph-based post-training quantization "
                                      "of LLMs: find what can be smoothed and rotated, quantize, evaluate")
@@ -265,25 +386,37 @@ def build_parser() -> argparse.ArgumentParser:
     # flags follow Quark's quantize_quark.py
     q = sub.add_parser("quantize", help="quantize a model (Quark-style flags)")
     _add_model_arg(q)
-    q.add_argument("--quant_scheme", help="scheme name, e.g. w_int8_a_int8_per_tensor_sym")
+    q.add_argument("--quant_scheme", metavar="SCHEME",
+                   help="scheme name, e.g. w_int8_a_int8_per_tensor_sym; one of: " + ", ".join(list_presets()))
     q.add_argument("--pre_quantization_optimization", action="append",
-                   choices=["smoothquant", "rotation", "quarot"], help="may be repeated")
-    q.add_argument("--quant_algo", choices=["awq", "gptq", "autosmoothquant"])
-    q.add_argument("--exclude_layers", nargs="*", default=None, help="module name globs to leave in float")
-    q.add_argument("--group_size", type=int)
-    q.add_argument("--kv_cache_dtype")
-    q.add_argument("--dataset")
-    q.add_argument("--num_calib_data", type=int)
-    q.add_argument("--seq_len", type=int)
+                   choices=list(_PRE_QUANT), help="may be repeated")
+    q.add_argument("--quant_algo", type=_algo_list, metavar="ALG1,ALG2",
+                   help="comma-separated: " + ", ".join(_ALGOS + _PRE_QUANT) + " (smoothquant / rotation / quarot "
+                   "are the pre-quantization rewrites)")
+    q.add_argument("--exclude_layers", nargs="*", default=None,
+                   help="module name globs to leave in float (default: '*lm_head', as Quark; the bare flag "
+                   "excludes nothing)")
+    q.add_argument("--group_size", type=_positive_int, help="weight group size (makes the weights per-group)")
+    q.add_argument("--kv_cache_dtype", choices=list(_KV_CACHE), help="quantize the KV cache (K after RoPE, V)")
+    q.add_argument("--dataset", help="calibration text: wikitext (default), gutenberg, or a path to a .txt file "
+                   "(or a .jsonl with a \"text\" field per line)")
+    q.add_argument("--num_calib_data", type=_positive_int, default=16, help="calibration windows (default 16)")
+    q.add_argument("--calib_batch_size", type=_positive_int, default=4,
+                   help="calibration batch size (windows per forward pass; default 4)")
+    q.add_argument("--seq_len", type=_positive_int, default=512, help="tokens per window (default 512)")
     q.add_argument("--output_dir")
     q.add_argument("--eval_ppl", action="store_true", help="print FP and quantized perplexity side by side")
-    q.add_argument("--lower", action="store_true", help="lower Q/DQ + linear to low-precision kernels")
+    q.add_argument("--skip_evaluation", action="store_true", help="no evaluation (Quark's flag; overrides --eval_ppl)")
+    q.add_argument("--custom_mode", choices=["quark", "awq", "fp8"], default="quark",
+                   help="accepted for Quark compatibility")
+    q.add_argument("--lower", action="store_true",
+                   help="lower Q/DQ + linear to low-precision kernels (on CPU only where measured faster)")
     _add_eval_args(q)
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity)")
     _add_model_arg(e)
-    e.add_argument("--seq_len", type=int)
+    e.add_argument("--seq_len", type=_positive_int, default=512, help="tokens per window (default 512)")
     _add_eval_args(e)
     e.set_defaults(func=_cmd_eval)
     return parser
@@ -291,15 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse usage errors raise SystemExit(2))."""
+    import os
+
+    from .errors import GraphQuantError
+
     args = build_parser().parse_args(argv)
     try:
+        validate_args(args)
         return int(args.func(args) or 0)
     except CliError as e:
-        print(f"graphquant {args.command}: error: {e}", file=sys.stderr)
+        print(f"graphquant {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print("graphquant: interrupted", file=sys.stderr)
         return 130
+    except GraphQuantError as e:
+        print(f"graphquant {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ANALYSIS
+    except Exception as e:  # noqa: BLE001 - never a traceback for a user; GRAPHQUANT_DEBUG=1 shows it
+        if os.environ.get("GRAPHQUANT_DEBUG"):
+            raise
+        print(f"graphquant {args.command}: error: unexpected {type(e).__name__}: {_one_line(e)[:500]} "
+              "(set GRAPHQUANT_DEBUG=1 to see the traceback, and please report it)", file=sys.stderr)
+        return EXIT_ANALYSIS
 
 
 if __name__ == "__main__":  # pragma: no cover
