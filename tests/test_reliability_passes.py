@@ -133,14 +133,14 @@ def test_non_finite_output_is_detected():
 
 
 # --- calibration with padding masks (Quark's DataLoader of dicts) ----------------------------------------
-def _padded_loader():
+def _padded_loader(seq=12, lengths=(12, 7, 9, 4)):
     from torch.utils.data import DataLoader
 
     g = torch.Generator().manual_seed(1)
     rows = []
-    for length in (12, 7, 9, 4):
-        ids = torch.randint(0, 128, (12,), generator=g)
-        mask = torch.zeros(12, dtype=torch.long)
+    for length in lengths:
+        ids = torch.randint(0, 128, (seq,), generator=g)
+        mask = torch.zeros(seq, dtype=torch.long)
         mask[:length] = 1
         rows.append({"input_ids": ids, "attention_mask": mask})
     return rows, DataLoader(rows, batch_size=2)
@@ -212,3 +212,18 @@ def test_quarot_skips_r2_r3_on_head_dim_30():
     assert torch.allclose(f(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-3)
     with pytest.raises(gq.ConfigError, match="R2 skipped.*on_unsupported_size='skip'"):
         gq.rewrite(model, [QuaRotConfig(on_unsupported_size="error")])
+
+
+def test_gptq_hessians_ignore_padding():
+    from graphquant.config import GPTQConfig
+
+    rows, loader = _padded_loader(96, (96, 50, 70, 30))
+    cfg = dataclasses.replace(preset("w_int4_per_channel_sym"), algo_config=[GPTQConfig()])
+    padded = gq.quantize(_llama(), cfg, loader, progress=False)
+    unpadded = [r["input_ids"][: int(r["attention_mask"].sum())][None] for r in rows]
+    ref = gq.quantize(_llama(), cfg, unpadded, progress=False)
+    ref_q = dict(ref.gm.named_buffers())
+    codes = {k: v for k, v in padded.gm.named_buffers() if k.endswith("weight_q")}
+    assert codes
+    same = sum(int((v == ref_q[k]).sum()) for k, v in codes.items()) / sum(v.numel() for v in codes.values())
+    assert same > 0.999, same

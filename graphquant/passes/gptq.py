@@ -57,7 +57,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import fx
 
-from ..calibrate import normalize_batch, probes
+from ..calibrate import _TOKEN_MASK, _token_mask, normalize_batch, probes, valid_tokens
 from ..capture import node_module_fqn
 from ..config import QSchemeType, QuantizationSpec, ScaleType
 from ..errors import CalibrationError, ConfigError, PassError
@@ -272,10 +272,12 @@ class LayerwiseRunner:
                 raise _StopForward
 
         cache = []
+        self.masks = []  # per batch: the non-padding tokens (None: all), for the recorders of run()
         with torch.no_grad(), probes(self.gm, keys, record):
             for batch in self.batches:
                 got.clear()
                 args, kw = normalize_batch(batch, self.captured)
+                self.masks.append(_token_mask(kw))
                 if not keys:
                     cache.append({})
                     continue
@@ -339,12 +341,24 @@ class LayerwiseRunner:
             last = max(inside.values(), key=lambda n: idx[n])
             seg, inputs, _, env = self._segment(block.start, last, None)
             seg_taps = {k: env[n] for k, n in inside.items()}
-        with torch.no_grad(), (probes(seg, seg_taps, recorder) if seg is not None else _nullcontext()):
-            for values in self.cache:
-                for k, n in before.items():
-                    recorder(k, values[n])
-                if seg is not None:
-                    seg(*[values[m] for m in inputs])
+        user_recorder = recorder
+
+        def recorder(k, v):  # padding tokens stay out of the statistics
+            v = valid_tokens(v)
+            if v.numel():
+                user_recorder(k, v)
+
+        masks = getattr(self, "masks", None) or [None] * len(self.cache)
+        try:
+            with torch.no_grad(), (probes(seg, seg_taps, recorder) if seg is not None else _nullcontext()):
+                for values, mask in zip(self.cache, masks):
+                    _TOKEN_MASK[0] = mask
+                    for k, n in before.items():
+                        recorder(k, values[n])
+                    if seg is not None:
+                        seg(*[values[m] for m in inputs])
+        finally:
+            _TOKEN_MASK[0] = None
 
     def advance(self, block: Block) -> None:
         """Run all of ``block`` and cache the values live at the next block's start."""
