@@ -265,7 +265,6 @@ def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, 
         raise ConfigError(f"lower must be False, True (= 'auto') or 'all', got {lower!r}")
     set_severity(config.log_severity_level)
     calib = _materialize(calib_data)
-    _warn_if_nothing_quantized(config)
 
     def build(captured, report):
         plan = make_plan(report, list(config.pre_quant_opt_config or []) + _smoothing_in_algo_config(config),
@@ -286,14 +285,6 @@ def quantize(model: nn.Module, config, calib_data=None, example_inputs=None, *, 
     qm.lowering = ctx.stats.get("lowering", {})
     logger.info("quantized in %.1fs", time.perf_counter() - t0)
     return qm
-
-
-def _warn_if_nothing_quantized(config) -> None:
-    import warnings
-
-    if any(p.strip("*") == "" for p in config.exclude):
-        warnings.warn(f"graphquant: exclude={config.exclude!r} matches every layer: nothing will be quantized. "
-                      "Exclude by name instead, e.g. exclude=['*lm_head']", UserWarning, stacklevel=3)
 
 
 def _algo_list(config) -> list:

@@ -175,6 +175,16 @@ def _calibration_data(args, tok, model):
     return [{k: v.to(args.device) for k, v in b.items()} for b in calib]
 
 
+def _print_lowering(args, qmodel) -> None:
+    """What --lower did, in one line."""
+    low = qmodel.lowering
+    if not args.lower or not low:
+        return
+    reasons = sorted({e["reason"].split(" (")[0].split(";")[0] for e in low["fake_quant"]})
+    print(f"  lowering ({low.get('device')}): {len(low['lowered'])} Linears on kernels, {len(low['fake_quant'])} "
+          f"kept fake-quant" + (f" ({'; '.join(reasons[:3])})" if reasons else ""))
+
+
 def _print_kv_cache(args, qmodel) -> None:
     """What --kv_cache_dtype did, in one line."""
     if not args.kv_cache_dtype:
@@ -237,11 +247,14 @@ def _cmd_quantize(args) -> int:
         calib = _calibration_data(args, tok, model)
         t0 = time.time()
         qmodel = quantize(model, cfg, calib, lower=args.lower)
+        pre = ", ".join(a.name for a in cfg.pre_quant_opt_config) or "none"
+        algos = ", ".join(a.name for a in cfg.algo_config or []) or "none"
         print(f"quantized in {time.time() - t0:.1f}s: scheme {args.quant_scheme}, "
-              f"pre-optimizations {args.pre_quantization_optimization or 'none'}, algorithm {args.quant_algo or 'none'}")
+              f"pre-optimizations {pre}, algorithm {algos}, excluded {cfg.exclude or 'nothing'}")
         for line in qmodel.plan.describe():
             print("  " + line)
         _print_kv_cache(args, qmodel)
+        _print_lowering(args, qmodel)
         if args.eval_ppl and not args.skip_evaluation:
             from .eval import perplexity
 

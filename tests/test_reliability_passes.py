@@ -178,9 +178,10 @@ def test_int8_input_ids_message():
         gq.quantize(_llama(), SCHEME, [torch.randint(0, 100, (2, 8)).to(torch.int8)], progress=False)
 
 
-def test_exclude_everything_warns():
-    cfg = dataclasses.replace(preset("w_int8_per_channel_a_int8_per_token"), exclude=["*"])
-    with pytest.warns(UserWarning, match="nothing will be quantized"):
+@pytest.mark.parametrize("exclude", [["*"], ["*proj", "*lm_head"]])
+def test_exclude_everything_warns(exclude):
+    cfg = dataclasses.replace(preset("w_int8_per_channel_a_int8_per_token"), exclude=exclude)
+    with pytest.warns(UserWarning, match="nothing will be quantized: every Linear matches exclude"):
         gq.quantize(_llama(), cfg, None, progress=False)
 
 

@@ -233,6 +233,11 @@ def insert_qdq(ctx: PassContext) -> None:
         warnings.warn(f"graphquant: exclude pattern(s) {unmatched} match no layer. Layer names are: "
                       f"{names[:12]}{' ...' if len(names) > 12 else ''}", stacklevel=2)
     _check_weight_specs(linears, config)
+    if linears and all(config.resolve(lin.fqn, "Linear") is None for lin in linears):
+        why = (f"every Linear matches exclude={config.exclude!r}" if any(config.is_excluded(lin.fqn) for lin in linears)
+               else "the config quantizes no tensor")
+        warnings.warn(f"graphquant: nothing will be quantized: {why}; the result computes the float model. "
+                      "Exclude layers by name instead, e.g. exclude=['*lm_head']", UserWarning, stacklevel=2)
     sites = _gather_sites(ctx, linears, config)  # before the graph changes
     for lin in linears:
         qc = config.resolve(lin.fqn, "Linear")
