@@ -258,6 +258,8 @@ def capture(model: nn.Module, example_inputs=None) -> CapturedGraph:
         args, kwargs = default_example_inputs(model)
     else:
         args, kwargs = normalize_example_inputs(example_inputs)
+        if kwargs and "use_cache" in _forward_signature(model) and "use_cache" not in kwargs:
+            kwargs["use_cache"] = False  # a KV cache object cannot be a graph output; the graph needs none
     tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     constant_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     was_training = model.training
@@ -341,6 +343,7 @@ def promote_downcasts(gm: fx.GraphModule) -> int:
 
 
 _HINTS = [
+    (r"DynamicCache|Cache\b", "the model returns a KV cache object; pass use_cache=False among example_inputs"),
     (r"data-dependent|GuardOnDataDependentSymNode|Could not guard on data-dependent",
      "the model branches on tensor values; make the branch static or pass example_inputs that avoid it"),
     (r"Constraints violated|specialized|must be specialized",

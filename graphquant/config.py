@@ -735,7 +735,9 @@ class Config:
     ``algo_config`` is ``None`` or a list (a single config is wrapped) of AWQ / GPTQ /
     AutoSmoothQuant / SmoothQuant configs; ``pre_quant_opt_config`` a list of SmoothQuant /
     Rotation / QuaRot configs, applied in order. ``quant_mode``: graphquant always works on the
-    exported graph; the field is kept for Quark compatibility.
+    exported graph; the field is kept for Quark compatibility. ``log_severity_level`` (Quark's
+    convention: 0 debug, 1 info (default), 2 warning, 3 error, 4 fatal) sets the level of the
+    ``"graphquant"`` logger when ``quantize`` runs (see ``graphquant.log``).
     """
 
     global_quant_config: QuantizationConfig

@@ -228,3 +228,14 @@ def test_gptq_hessians_ignore_padding():
     assert codes
     same = sum(int((v == ref_q[k]).sum()) for k, v in codes.items()) / sum(v.numel() for v in codes.values())
     assert same > 0.999, same
+
+
+def test_explicit_example_inputs_with_a_mask_need_no_use_cache():
+    """Before: example_inputs={"input_ids", "attention_mask"} failed with a CaptureError about DynamicCache."""
+    ids = _calib()[0]
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    model = _llama()
+    f = gq.rewrite(model, [], example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(f(input_ids=ids, attention_mask=mask).logits[mask.bool()], ref[mask.bool()], atol=1e-5)
