@@ -1,9 +1,9 @@
 """graphquant's log: the ``"graphquant"`` logger, set from ``Config.log_severity_level``.
 
 Levels follow Quark's (and ONNX Runtime's) ``log_severity_level``: 0 verbose (DEBUG), 1 info
-(default), 2 warning, 3 error, 4 fatal. When the application has not configured logging, messages
-go to stderr as ``graphquant: <message>``; an application that configures the ``graphquant`` logger
-(or the root logger) itself keeps full control.
+(default), 2 warning, 3 error, 4 fatal; ``quantize`` sets the logger's level from its config. When the
+application has not configured logging (no handler on the root or ``graphquant`` logger), messages go
+to stderr as ``graphquant: <message>``; handlers the application installed are used as they are.
 """
 from __future__ import annotations
 
