@@ -87,12 +87,14 @@ def run_pipeline(ctx: PassContext, passes: list[str], check: bool, user=None) ->
     manager = PassManager(list(passes) + user_passes(user))
     guard = EquivalenceGuard(ctx.captured) if check else None
     quantizing = False
+    last = [time.perf_counter()]
 
     def after_each(name, _ctx):
         nonlocal quantizing
         spec = specs[name]
         quantizing = quantizing or spec.stage in QUANTIZING_STAGES
-        logger.debug("pass %s done", name)
+        logger.info("pass %s: %.1fs", name, time.perf_counter() - last[0])
+        last[0] = time.perf_counter()
         if guard is None or (spec.check is None and quantizing):
             return
         if spec.check is False:
@@ -111,6 +113,7 @@ def run_pipeline(ctx: PassContext, passes: list[str], check: bool, user=None) ->
             raise EquivalenceError(f"{e}. If {name!r} changes the function on purpose, register it with "
                                    f"register_pass({name!r}, ..., check=False)") from None
         logger.info("%s: float output unchanged (relative error %.2g)", name, err)
+        last[0] = time.perf_counter()
 
     if manager.order:
         logger.info("running passes: %s", ", ".join(manager.order))

@@ -437,11 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse usage errors raise SystemExit(2))."""
+    import warnings
+
+    args = build_parser().parse_args(argv)
+    previous = warnings.formatwarning
+    # warnings as one line each, like errors (no source line, no file position)
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"graphquant: warning: {_one_line(message)}\n"
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _run(args) -> int:
+    """Dispatch ``args`` and turn every failure into one line on stderr and an exit status."""
     import os
 
     from .errors import GraphQuantError
 
-    args = build_parser().parse_args(argv)
     try:
         validate_args(args)
         return int(args.func(args) or 0)

@@ -128,3 +128,17 @@ def test_nan_in_the_checkpoint_stops_with_one_line(capsys, tmp_path):
     assert rc == 1
     last = err.strip().splitlines()[-1]
     assert "non-finite weights" in last and "up_proj" in last and "quantized in" not in out
+
+
+def test_unexpected_errors_are_one_line_too(capsys, monkeypatch, tiny_with_tokenizer):
+    import graphquant.cli as cli
+
+    def broken(*a, **k):
+        raise RuntimeError("something deep broke\nwith a second line")
+
+    monkeypatch.setattr(cli, "_calibration_data", broken)
+    rc, out, err = _run(capsys, "quantize", "--model", str(tiny_with_tokenizer), "--quant_scheme",
+                        "w_int8_per_channel_a_int8_per_token", *FAST)
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert "unexpected RuntimeError: something deep broke with a second line" in last and "GRAPHQUANT_DEBUG" in last
