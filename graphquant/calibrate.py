@@ -125,6 +125,14 @@ def _check_ids(kw: dict, captured) -> None:
         raise CalibrationError(f"input_ids out of range [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
     if ids.dim() != 2:
         raise CalibrationError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
+    ctx_len = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(ctx_len, int) and ids.shape[1] > ctx_len and not getattr(captured, "_warned_context", False):
+        import warnings
+
+        captured._warned_context = True
+        warnings.warn(f"graphquant: calibration batches of {ids.shape[1]} tokens are longer than the model's context "
+                      f"({ctx_len} positions): activations at positions it was never trained on enter the statistics; "
+                      f"use sequences of at most {ctx_len} tokens", UserWarning, stacklevel=3)
 
 
 def run_batches(captured, calib_data: Iterable, desc: str = "calibrating", progress: bool = True,

@@ -248,3 +248,9 @@ def test_explicit_example_inputs_with_a_mask_need_no_use_cache():
     f = gq.rewrite(model, [], example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert torch.allclose(f(input_ids=ids, attention_mask=mask).logits[mask.bool()], ref[mask.bool()], atol=1e-5)
+
+
+def test_calibration_longer_than_the_context_warns():
+    model = tiny_model("llama", num_layers=1, max_position_embeddings=16)
+    with pytest.warns(UserWarning, match="longer than the model's context \\(16 positions\\)"):
+        gq.quantize(model, SCHEME, [torch.randint(0, 128, (1, 20))], progress=False)
