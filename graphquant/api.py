@@ -122,8 +122,7 @@ def run_pipeline(ctx: PassContext, passes: list[str], check: bool, user=None) ->
 
 
 def _inplace_guard(model: nn.Module, inplace: bool):
-    """For ``inplace=True``: a CPU copy of the model's tensors (restored if the pipeline fails) and its
-    eager output on the probe batch (to tell afterwards whether the model still computes it)."""
+    """For ``inplace=True``: a CPU copy of the model's tensors, restored if the pipeline fails."""
     if not inplace:
         return None
     return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict(keep_vars=True).items()}
@@ -140,8 +139,13 @@ def _eager_output(model: nn.Module, captured):
     from .equivalence import model_output
 
     kwargs = {**captured.constant_kwargs, **captured.example_kwargs}
-    with torch.no_grad():
-        return model_output(model(*captured.example_args, **kwargs)).detach().clone()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model_output(model(*captured.example_args, **kwargs)).detach().clone()
+    finally:
+        model.train(was_training)
 
 
 def _finish_inplace(model: nn.Module, captured, reference, result_name: str) -> None:
