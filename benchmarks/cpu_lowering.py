@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -28,15 +29,19 @@ import torch  # noqa: E402
 SCHEMES = ["w_int8_per_channel_a_int8_per_token", "w_uint4_per_group_asym", "w_fp8_a_fp8"]
 
 
-def _time(fn, reps: int) -> float:
+def _times(fns: dict, reps: int) -> dict:
+    """Best-of-``reps`` forward time (ms) of each function, run round-robin so that every variant sees
+    the same background load (the CPU may be shared)."""
+    best = {k: float("inf") for k in fns}
     with torch.no_grad():
-        fn()
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
+        for fn in fns.values():
             fn()
-            best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+        for _ in range(reps):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: round(v * 1e3, 1) for k, v in best.items()}
 
 
 def main() -> None:
@@ -48,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--schemes", nargs="*", default=SCHEMES)
     args = ap.parse_args()
     path = args.model or (str(shared_dir() / "data" / "models" / "gq-llama-20m") if shared_dir() else None)
@@ -60,30 +65,32 @@ def main() -> None:
     calib = [torch.randint(0, vocab, (4, 128), generator=g) for _ in range(2)]
     x = torch.randint(0, vocab, (1, args.tokens), generator=g)
     rows = []
-    float_ms = _time(lambda: model(input_ids=x, use_cache=False), args.reps)
     for scheme in args.schemes:
         cfg = dataclasses.replace(preset(scheme), exclude=["*lm_head"])
-        row = {"scheme": scheme, "float_ms": round(float_ms, 1)}
-        for mode in (False, True, "all"):
+        models = {}
+        for mode, key in ((False, "fake_quant"), (True, "lower_auto"), ("all", "lower_all")):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                qm = gq.quantize(model, cfg, calib, progress=False, check=False, lower=mode)
-            key = {False: "fake_quant", True: "lower_auto", "all": "lower_all"}[mode]
-            row[f"{key}_ms"] = round(_time(lambda: qm(input_ids=x), args.reps), 1)
-            if mode is True:
-                low = qm.lowering
-                row["auto_lowered"] = len(low["lowered"])
-                row["auto_fake_quant"] = len(low["fake_quant"])
-                row["cpu_timings"] = low["cpu_timings"]
-            print(f"{scheme:40s} {key:11s} {row[f'{key}_ms']:8.1f} ms", flush=True)
+                models[key] = gq.quantize(model, cfg, calib, progress=False, check=False, lower=mode)
+        fns = {"float": lambda: model(input_ids=x, use_cache=False)}
+        fns.update({k: (lambda m=m: m(input_ids=x)) for k, m in models.items()})
+        t = _times(fns, args.reps)
+        low = models["lower_auto"].lowering
+        row = {"scheme": scheme, **{f"{k}_ms": v for k, v in t.items()}, "auto_lowered": len(low["lowered"]),
+               "auto_fake_quant": len(low["fake_quant"]), "cpu_timings": low["cpu_timings"]}
+        print(f"{scheme:40s} " + "  ".join(f"{k} {v:.1f} ms" for k, v in t.items()), flush=True)
         rows.append(row)
-    meta = {"model": path, "tokens": args.tokens, "reps": args.reps, "torch": torch.__version__,
+        del models
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    meta = {"load_average_1_5_15min": load, "model": path, "tokens": args.tokens, "reps": args.reps,
+            "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "cpu_lowering.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"gq-llama-20m forward, 1x{args.tokens} tokens, CPU ({meta['threads']} threads, torch {meta['torch']}),"
-             f" best of {args.reps}; lm_head in float", "",
+             f" best of {args.reps} (variants timed round-robin); lm_head in float; load average at the end "
+             f"{load} (on a shared machine end-to-end times are noisy; per-op timings are interleaved too)", "",
              "| scheme | float | fake-quant | lower=True (auto) | lower=\"all\" | auto: lowered / kept fake |",
              "|---|---|---|---|---|---|"]
     for r in rows:

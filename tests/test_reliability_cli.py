@@ -93,9 +93,11 @@ def test_lm_head_excluded_by_default_and_bare_flag_quantizes_everything():
 
 def test_quark_algo_list_and_group_size_on_a_per_channel_scheme():
     p = build_parser()
-    cfg = build_config(p.parse_args(["quantize", "--model", "m", "--quant_scheme", "w_int8_per_channel_a_int8_per_token",
-                                     "--quant_algo", "smoothquant,gptq", "--group_size", "32"]))
-    assert [a.name for a in cfg.pre_quant_opt_config] == ["smoothquant"] and [a.name for a in cfg.algo_config] == ["gptq"]
+    cfg = build_config(p.parse_args(["quantize", "--model", "m", "--quant_scheme",
+                                     "w_int8_per_channel_a_int8_per_token", "--quant_algo", "smoothquant,gptq",
+                                     "--group_size", "32"]))
+    assert [a.name for a in cfg.pre_quant_opt_config] == ["smoothquant"]
+    assert [a.name for a in cfg.algo_config] == ["gptq"]
     w = cfg.global_quant_config.weight
     assert (w.qscheme.value, w.group_size, w.observer_cls.__name__) == ("per_group", 32, "PerGroupMinMaxObserver")
 

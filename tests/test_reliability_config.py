@@ -18,8 +18,8 @@ from graphquant.errors import ConfigError
     ("rotation", "seed", "0"), ("autosmoothquant", "alphas", ["0.5"]),
 ])
 def test_algo_config_fields_are_type_checked(algo, field, bad):
-    text = json.dumps({"global_quant_config": {}, "pre_quant_opt_config" if algo in ("quarot", "smoothquant", "rotation")
-                       else "algo_config": [{"name": algo, field: bad}]})
+    where = "pre_quant_opt_config" if algo in ("quarot", "smoothquant", "rotation") else "algo_config"
+    text = json.dumps({"global_quant_config": {}, where: [{"name": algo, field: bad}]})
     with pytest.raises(ConfigError, match=field):
         Config.from_json(text)
 

@@ -39,7 +39,8 @@ def test_fp8_on_cpu_stays_fake_quant_and_never_calls_scaled_mm(scheme, monkeypat
     assert torch.isfinite(forced(input_ids=IDS).logits).all()
 
 
-@pytest.mark.parametrize("scheme", ["w_int8_per_channel_a_int8_per_token", "w_int4_per_channel_sym", "w_int8_per_tensor"])
+@pytest.mark.parametrize("scheme", ["w_int8_per_channel_a_int8_per_token", "w_int4_per_channel_sym",
+                                    "w_int8_per_tensor"])
 def test_cpu_lowering_follows_its_own_measurements(scheme):
     qm = _quantize(scheme, True)
     low = qm.lowering

@@ -17,8 +17,8 @@ unexpected about one Linear becomes a fake-quant entry for that Linear.
 
 Policy (``quantize(lower=...)`` / ``lower_model(qm, policy=...)``): ``"auto"`` (``lower=True``)
 lowers every kernel on CUDA; on CPU it lowers a Linear only where its kernel *measures* faster than
-the fake-quant Linear it replaces (by ``CPU_MIN_SPEEDUP``) (one timing per kernel and weight shape, on ``CPU_BENCH_TOKENS``
-tokens; the numbers are in ``lowering["cpu_timings"]``), and never lowers fp8 on CPU (no fast CPU
+the fake-quant Linear it replaces, by ``CPU_MIN_SPEEDUP`` (one timing per kernel and weight shape,
+on ``CPU_BENCH_TOKENS`` tokens; the numbers are in ``lowering["cpu_timings"]``), and never lowers fp8 on CPU (no fast CPU
 fp8 matmul). ``"all"`` lowers wherever a kernel exists (to test the kernels' numerics).
 """
 from __future__ import annotations
@@ -253,7 +253,8 @@ class _Lowerer:
         t = self._timed[key]
         if t["lowered"]:
             return ""
-        return (f"on CPU the {kernel} kernel is not {CPU_MIN_SPEEDUP}x faster than fake-quant for {t['shape'][0]}x{t['shape'][1]} "
+        return (f"on CPU the {kernel} kernel is not {CPU_MIN_SPEEDUP}x faster than fake-quant for "
+                f"{t['shape'][0]}x{t['shape'][1]} "
                 f"({t['kernel_ms']:.2f} ms vs {t['fake_quant_ms']:.2f} ms on {CPU_BENCH_TOKENS} tokens); "
                 "kept as fake-quant")
 
