@@ -232,7 +232,8 @@ def _cmd_eval(args) -> int:
 # --- argument parsing ------------------------------------------------------------------------------
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_dir", dest="model", required=True, metavar="PATH_OR_HUB_ID",
-                   help="a Hugging Face model folder, a llama2.c checkpoint (folder or .bin), or a hub id")
+                   help="a Hugging Face model folder, a .gguf file, a llama2.c checkpoint (folder or .bin), "
+                   "or a hub id")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the hub")
 
 

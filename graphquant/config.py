@@ -34,7 +34,7 @@ __all__ = [
     "Dtype", "QSchemeType", "ScaleType", "RoundType", "QuantizationMode",
     "QuantizationSpec", "QuantizationConfig", "Config",
     "AlgoConfig", "SmoothQuantConfig", "AutoSmoothQuantConfig", "RotationConfig", "QuaRotConfig",
-    "AWQConfig", "GPTQConfig", "preset", "list_presets", "with_kv_cache",
+    "AWQConfig", "GPTQConfig", "SinkTokenConfig", "preset", "list_presets", "with_kv_cache",
 ]
 
 
@@ -670,8 +670,26 @@ class GPTQConfig(AlgoConfig):
         _opt_list(self, "embedding_layers")
 
 
+@dataclass(frozen=True)
+class SinkTokenConfig(AlgoConfig):
+    """Keep the first ``num_tokens`` positions of each sequence (the attention sink, where pretrained LLMs put
+    massive activations) out of *static* activation scales: they are calibrated without those tokens, and at
+    run time those tokens are quantized per token, dynamically (``mode="dynamic"``), or stay in float
+    (``mode="float"``). PrefixQuant-style; see ``graphquant.passes.sink_tokens``."""
+
+    num_tokens: int = 1
+    mode: str = "dynamic"
+    name: str = "sink_tokens"
+
+    def _validate(self):
+        _check(isinstance(self.num_tokens, int) and not isinstance(self.num_tokens, bool) and self.num_tokens >= 1,
+               f"SinkTokenConfig.num_tokens must be an int >= 1, got {self.num_tokens!r}")
+        _check(self.mode in ("dynamic", "float"),
+               f"SinkTokenConfig.mode must be 'dynamic' or 'float', got {self.mode!r}")
+
+
 PRE_QUANT_OPT_CONFIGS = (SmoothQuantConfig, RotationConfig, QuaRotConfig)
-ALGO_CONFIGS = (AWQConfig, GPTQConfig, AutoSmoothQuantConfig, SmoothQuantConfig)
+ALGO_CONFIGS = (AWQConfig, GPTQConfig, AutoSmoothQuantConfig, SmoothQuantConfig, SinkTokenConfig)
 
 
 # =========================================================================== Config
