@@ -85,3 +85,85 @@ def test_int4_lowering_refuses_a_shorter_last_group_with_a_reason():
     choice = choose(spec, None, 64, torch.float32)
     assert choice.kernel is None and "shorter last group" in choice.reason
     assert choose(dataclasses.replace(spec, group_size=32), None, 64, torch.float32).kernel == "int4_linear"
+
+
+# ------------------------------------------------------------------------------ sink tokens (PrefixQuant-style)
+def test_prefix_fake_quant_op_splits_by_position():
+    from graphquant.passes.sink_tokens import fake_quant_prefix
+    from graphquant.quant.fake_quant import dynamic_fake_quantize, fake_quantize
+
+    spec = preset("w_int8_per_tensor_a_int8_per_tensor").global_quant_config.input_tensors.to_op_str()
+    from graphquant.passes.sink_tokens import _per_token_spec
+    tok = _per_token_spec(spec)
+    assert tok.startswith("int8:per_token:sym:dynamic")
+    x = torch.randn(2, 5, 3, 8)
+    x[:, :, 0] *= 100.0  # a massive first token along dim 2
+    scale, zp = torch.tensor(0.02), torch.tensor(0, dtype=torch.int32)
+    y = fake_quant_prefix(x, scale, zp, spec, 1, 2, "dynamic")
+    assert torch.equal(y[:, :, 1:], fake_quantize(x[:, :, 1:], scale, zp, spec))
+    assert torch.allclose(y[:, :, :1], dynamic_fake_quantize(x[:, :, :1].contiguous(), tok))
+    assert (y[:, :, 0] - x[:, :, 0]).abs().max() < x[:, :, 0].abs().max() / 100  # not clipped at 127 * 0.02
+    yf = fake_quant_prefix(x, scale, zp, spec, 2, 2, "float")
+    assert torch.equal(yf[:, :, :2], x[:, :, :2])
+    assert fake_quant_prefix(x[:, :, :1], scale, zp, spec, 3, 2, "float").shape == (2, 5, 1, 8)
+
+
+def _sink_model():
+    """A tiny Llama whose token 0 has a massive embedding in 4 channels; sequences start with it."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, :4] *= 300.0
+    return model
+
+
+def _static_cfg(algo=None, scheme="w_int8_per_tensor_a_int8_per_tensor"):
+    return dataclasses.replace(preset(scheme), exclude=["*lm_head"], algo_config=algo)
+
+
+def test_sink_tokens_lower_static_error_and_scales():
+    model = _sink_model()
+    calib = _calib(first=0)
+    ids = _calib(1, (4, 40), seed=7, first=0)[0]
+    plain = gq.quantize(model, _static_cfg(), calib, progress=False)
+    sink = gq.quantize(model, _static_cfg([SinkTokenConfig()]), calib, progress=False)
+    entries = [e for e in sink.log if e.get("action") == "sink_tokens"]
+    assert len(entries) == 8  # q/k/v, o, gate/up, down inputs of 2 layers share 4 quantizers per layer
+    assert all(e["scale_after"] <= e["scale_before"] + 1e-12 for e in entries)
+    assert any(e["scale_after"] < 0.7 * e["scale_before"] for e in entries)
+    nodes = [n for n in sink.quantizer_nodes() if n.meta[QDQ_TAG].get("sink_tokens")]
+    assert len(nodes) == 8 and all(n.args[5] == 1 for n in nodes)  # sequence dim of (B, T, C) inputs
+    e_plain, e_sink = _rel_err(model, plain, ids), _rel_err(model, sink, ids)
+    assert e_sink < 0.8 * e_plain, (e_plain, e_sink)
+    # the graph still runs on other batch sizes / lengths, including a single token
+    assert _logits(sink, ids[:1, :1]).shape == (1, 1, 128)
+
+
+def test_sink_tokens_with_kv_cache_quantizers_find_their_sequence_dim():
+    model = _sink_model()
+    cfg = _static_cfg([SinkTokenConfig(num_tokens=2, mode="float")],
+                      "w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor")
+    qm = gq.quantize(model, cfg, _calib(first=0), progress=False)
+    kv = [n for n in qm.quantizer_nodes() if n.meta[QDQ_TAG]["role"].startswith("kv")]
+    assert kv and all(n.meta[QDQ_TAG].get("sink_tokens") == 2 for n in kv)
+    assert all(n.args[5] == 2 for n in kv)  # (B, heads, T, head_dim)
+
+
+def test_sink_tokens_on_dynamic_scheme_change_nothing():
+    model = tiny_model("llama")
+    qm = gq.quantize(model, _static_cfg([SinkTokenConfig()], "w_int8_per_channel_a_int8_per_token"), _calib(),
+                     progress=False)
+    assert any(e.get("pass") == "sink_tokens" and e.get("action") == "skip" for e in qm.log)
+    assert not any(n.meta[QDQ_TAG].get("sink_tokens") for n in qm.quantizer_nodes())
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(num_tokens=0), "num_tokens"), (dict(mode="fp16"), "mode"),
+                                     (dict(num_tokens=True), "num_tokens")])
+def test_sink_token_config_validation(kw, msg):
+    with pytest.raises(gq.ConfigError, match=msg):
+        SinkTokenConfig(**kw)
+
+
+def test_sink_token_config_round_trips_through_json():
+    cfg = _static_cfg([SinkTokenConfig(num_tokens=2)])
+    back = Config.from_json(cfg.to_json())
+    assert back.algo_config == [SinkTokenConfig(num_tokens=2)]

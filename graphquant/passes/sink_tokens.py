@@ -20,7 +20,7 @@ What is function-correct at inference: the rule is by *position in the sequence*
 whole sequences from position 0 (no KV cache), so the sequence index is the position. With a KV cache
 the prefix tokens are part of the prefill only (PrefixQuant computes their KV once, in high precision);
 decode steps never see them and use the static scale. The sequence dimension of each quantized tensor is
-found from the graph's symbolic shapes (the dimension that carries the ``input_ids`` length).
+found from the graph's shapes (the dimension that carries the ``input_ids`` length, see ``_seq_dim``).
 
 Lowering: ``fake_quant_prefix`` is not lowered to an int8 kernel yet; the lowering report lists those
 sites as fake-quant.
@@ -99,11 +99,14 @@ def _seq_symbol(gm: fx.GraphModule):
 
 
 def _seq_dim(node: fx.Node, seq) -> int | None:
+    """The dimension of ``node``'s value that carries the sequence length ``seq`` (a symbol, or the example
+    length): the last such dimension between the batch dimension and the feature dimension, so (B, T, C)
+    gives 1 and (B, heads, T, head_dim) gives 2 even when heads or head_dim equal the example length."""
     v = node.meta.get("val")
-    if not isinstance(v, torch.Tensor) or seq is None:
+    if not isinstance(v, torch.Tensor) or seq is None or v.dim() < 3:
         return None
-    hits = [i for i, d in enumerate(v.shape) if str(d) == str(seq)]
-    return hits[0] if len(hits) == 1 else None
+    hits = [i for i in range(1, v.dim() - 1) if str(v.shape[i]) == str(seq)]
+    return hits[-1] if hits else None
 
 
 def _static_quantizers(gm: fx.GraphModule) -> list[fx.Node]:
