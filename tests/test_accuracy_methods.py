@@ -167,3 +167,44 @@ def test_sink_token_config_round_trips_through_json():
     cfg = _static_cfg([SinkTokenConfig(num_tokens=2)])
     back = Config.from_json(cfg.to_json())
     assert back.algo_config == [SinkTokenConfig(num_tokens=2)]
+
+
+# ------------------------------------------------------------------------------ sensitivity / auto_exclude
+def test_layer_sensitivity_ranks_the_layer_that_was_made_fragile():
+    from graphquant.sensitivity import layer_sensitivity
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # one huge weight: per-tensor int4 of this Linear loses everything else
+        w = model.model.layers[0].self_attn.o_proj.weight
+        w[3, 5] = 40.0 * w.abs().max()
+    spec = QuantizationSpec(dtype="int4", qscheme="per_tensor", symmetric=True)
+    cfg = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["*lm_head"])
+    qm = gq.quantize(model, cfg, None, keep_float_weights=True, progress=False)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
+    before = _logits(qm, ids)
+    ranked = layer_sensitivity(qm, ids, batch_size=4)
+    assert len(ranked) == 14 and ranked[0].fqn == "model.layers.0.self_attn.o_proj"
+    assert ranked[0].delta_loss > 2 * ranked[1].delta_loss > 0 and all(a.delta_loss >= b.delta_loss for a, b in zip(ranked, ranked[1:]))
+    assert torch.equal(_logits(qm, ids), before)  # the graph is restored
+
+
+def test_auto_exclude_removes_the_costliest_layers():
+    from graphquant.sensitivity import auto_exclude
+
+    model = _sink_model()
+    calib = _calib(first=0)
+    qm, ranked = auto_exclude(model, _static_cfg(), calib, k=2)
+    excluded = {e["module"] for e in qm.log if e.get("action") == "skip" and e.get("module")}
+    assert {s.fqn for s in ranked[:2]} <= excluded
+    plain = gq.quantize(model, _static_cfg(), calib, progress=False)
+    ids = _calib(1, (4, 40), seed=7, first=0)[0]
+    assert _rel_err(model, qm, ids) <= _rel_err(model, plain, ids)
+
+
+def test_layer_sensitivity_needs_float_weights():
+    from graphquant.errors import CalibrationError
+    from graphquant.sensitivity import layer_sensitivity
+
+    qm = gq.quantize(tiny_model("llama"), _static_cfg(), _calib(), progress=False)
+    with pytest.raises(CalibrationError, match="keep_float_weights=True"):
+        layer_sensitivity(qm, _calib(1)[0])
