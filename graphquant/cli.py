@@ -133,6 +133,8 @@ def build_config(args):
             algos.append(C.GPTQConfig())
         elif args.quant_algo == "awq":
             algos.append(C.AWQConfig())
+        if getattr(args, "sink_tokens", 0):
+            algos.append(C.SinkTokenConfig(num_tokens=args.sink_tokens))
         cfg = dataclasses.replace(cfg, pre_quant_opt_config=pre, algo_config=algos or None,
                                   exclude=list(args.exclude_layers or []) or cfg.exclude)
         if args.kv_cache_dtype:
@@ -192,7 +194,15 @@ def _cmd_quantize(args) -> int:
                                     seq_len=args.seq_len or 512, batch_size=4)
         calib = [{k: v.to(args.device) for k, v in b.items()} for b in calib]
         t0 = time.time()
-        qmodel = quantize(model, cfg, calib, lower=args.lower)
+        if args.auto_exclude:
+            from .sensitivity import auto_exclude, format_sensitivity
+
+            qmodel, ranked = auto_exclude(model, cfg, calib, args.auto_exclude, lower=args.lower,
+                                          windows=calib[0]["input_ids"])
+            print(format_sensitivity(ranked, max(args.auto_exclude, 5)))
+            print(f"excluded the {args.auto_exclude} costliest layer(s): {[r.fqn for r in ranked[:args.auto_exclude]]}")
+        else:
+            qmodel = quantize(model, cfg, calib, lower=args.lower)
         print(f"quantized in {time.time() - t0:.1f}s: scheme {args.quant_scheme}, "
               f"pre-optimizations {args.pre_quantization_optimization or 'none'}, algorithm {args.quant_algo or 'none'}")
         for line in qmodel.plan.describe():
@@ -279,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output_dir")
     q.add_argument("--eval_ppl", action="store_true", help="print FP and quantized perplexity side by side")
     q.add_argument("--lower", action="store_true", help="lower Q/DQ + linear to low-precision kernels")
+    q.add_argument("--sink_tokens", type=int, default=0, metavar="N",
+                   help="keep the first N tokens (attention sink) out of static activation scales (SinkTokenConfig)")
+    q.add_argument("--auto_exclude", type=int, default=0, metavar="K",
+                   help="measure each layer's loss contribution on calibration data and leave the K costliest in float")
     _add_eval_args(q)
     q.set_defaults(func=_cmd_quantize)
 
