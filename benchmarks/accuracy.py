@@ -257,10 +257,11 @@ def run_smollm2(args) -> dict:
     fp = perplexity(model, windows, batch_size=8)
     res.update(fp=fp.ppl, fp_loss=fp.mean_loss, fp_eval_s=time.time() - t0)
     print(f"SmolLM2 FP: ppl {fp.ppl:.3f} ({fp.num_windows} windows) [{time.time() - t0:.1f}s]", flush=True)
-    t0 = time.time()
-    gq.analyze(model)
-    res["capture_analyze_s"] = time.time() - t0
-    print(f"capture + analyze: {res['capture_analyze_s']:.1f}s", flush=True)
+    if not args.no_capture_timing:
+        t0 = time.time()
+        gq.analyze(model)
+        res["capture_analyze_s"] = time.time() - t0
+        print(f"capture + analyze: {res['capture_analyze_s']:.1f}s", flush=True)
 
     def save():
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -276,6 +277,8 @@ def run_smollm2(args) -> dict:
         save()
     cells = [(r, c) for r in args.rows for c in args.cols]
     cells += [tuple(x.split("/")) for x in args.cells]
+    if args.sensitivity_first:
+        run_sensitivity(args, model, calib, windows, fp, res, save)
     for rk, ck in cells:
         scheme = ROWS[rk][0]
         try:
@@ -289,29 +292,40 @@ def run_smollm2(args) -> dict:
         if ppl is not None:
             print(f"  {rk:14s} {ck:22s} ppl {ppl:9.3f} ({100 * (ppl / fp.ppl - 1):+8.2f}%) "
                   f"[quantize {tq:.1f}s, eval {te:.1f}s]", flush=True)
-    if args.sensitivity:
+    if not args.sensitivity_first:
+        run_sensitivity(args, model, calib, windows, fp, res, save)
+    md = markdown_smollm2(res)
+    print()
+    print(md)
+    (RESULTS / f"accuracy_smollm2{args.tag}.md").write_text(md + "\n")
+    return res
+
+
+def run_sensitivity(args, model, calib, windows, fp, res, save) -> None:
+    """``--sensitivity K1,K2``: per-layer loss contribution (on 4 calibration windows) for each
+    ``--sensitivity_cell``, then perplexity with the top K layers excluded."""
+    for cell in (args.sensitivity_cell.split(",") if args.sensitivity else []):
         from graphquant.sensitivity import auto_exclude, format_sensitivity
 
-        rk, ck = args.sensitivity_cell.split("/")
-        sens_windows = torch.cat([b for b in calib])[:4]
+        rk, ck = cell.split("/")
+        sens_windows = torch.cat([b["input_ids"] if isinstance(b, dict) else b for b in calib])[:4]
         for k in [int(x) for x in args.sensitivity.split(",")]:
             t0 = time.time()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                qm, ranked = auto_exclude(model, config_for(ROWS[rk][0], COLS[ck][1](), rk), calib, k,
-                                          windows=sens_windows.to(DEVICE))
-                ppl = perplexity(qm, windows, batch_size=8).ppl
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    qm, ranked = auto_exclude(model, config_for(ROWS[rk][0], COLS[ck][1](), rk), calib, k,
+                                              windows=sens_windows.to(DEVICE))
+                    ppl = perplexity(qm, windows, batch_size=8).ppl
+            except Exception as e:  # noqa: BLE001 - a benchmark keeps going with the other cells
+                print(f"  sensitivity {cell} k={k}: {type(e).__name__}: {e}", flush=True)
+                continue
             res.setdefault("sensitivity", {})[f"{rk}/{ck}/top{k}"] = {
                 "ppl": ppl, "seconds": time.time() - t0, "ranked": [(s.fqn, s.delta_loss) for s in ranked[:20]]}
             print(format_sensitivity(ranked, 8), flush=True)
             print(f"  {rk}/{ck} with the top {k} layers excluded: ppl {ppl:.3f} ({100 * (ppl / fp.ppl - 1):+.2f}%) "
                   f"[{time.time() - t0:.0f}s]", flush=True)
             save()
-    md = markdown_smollm2(res)
-    print()
-    print(md)
-    (RESULTS / f"accuracy_smollm2{args.tag}.md").write_text(md + "\n")
-    return res
 
 
 def markdown_smollm2(res: dict) -> str:
@@ -421,7 +435,9 @@ def main(argv=None):
     ap.add_argument("--stats", action="store_true", help="SmolLM2: massive activations at the first token")
     ap.add_argument("--ablation", action="store_true", help="SmolLM2: the weight-only / activation-only cells")
     ap.add_argument("--sensitivity", default="", help="SmolLM2: comma-separated K: exclude the top K layers")
-    ap.add_argument("--sensitivity_cell", default="w8a8_pt_pt/quarot_sink")
+    ap.add_argument("--sensitivity_cell", default="w8a8_pt_pt/quarot_sink", help="comma-separated row/col cells")
+    ap.add_argument("--no_capture_timing", action="store_true")
+    ap.add_argument("--sensitivity_first", action="store_true", help="run --sensitivity before the table cells")
     ap.add_argument("--merge", default=None, help="comma-separated result tags to merge into accuracy.md (no run)")
     args = ap.parse_args(argv)
     if args.merge:

@@ -133,10 +133,11 @@ def auto_exclude(model, config, calib_data, k: int, windows: torch.Tensor | None
     config = _as_config(config)
     calib = _materialize(calib_data)
     if windows is None:
-        if not calib or not all(isinstance(b, torch.Tensor) for b in calib):
+        ids = [b.get("input_ids") if isinstance(b, dict) else b for b in (calib or [])]
+        if not ids or not all(isinstance(b, torch.Tensor) for b in ids):
             raise CalibrationError("auto_exclude: pass windows= (token ids) when the calibration batches are not "
-                                   "token-id tensors")
-        windows = torch.cat([b if b.dim() == 2 else b[None] for b in calib])
+                                   "token-id tensors or dicts with input_ids")
+        windows = torch.cat([b if b.dim() == 2 else b[None] for b in ids])
     first = quantize(model, config, calib, keep_float_weights=True, progress=progress, **quantize_kw)
     ranked = layer_sensitivity(first, windows, batch_size=batch_size, progress=progress)
     if k == 0:
