@@ -208,3 +208,26 @@ def test_layer_sensitivity_needs_float_weights():
     qm = gq.quantize(tiny_model("llama"), _static_cfg(), _calib(), progress=False)
     with pytest.raises(CalibrationError, match="keep_float_weights=True"):
         layer_sensitivity(qm, _calib(1)[0])
+
+
+@pytest.mark.parametrize("which", ["kv", "all"])
+def test_sink_float_weights_compute_the_first_token_in_float(which):
+    """float_weights="all": position 0 is exactly the float model's (causal attention: token 0 sees only itself);
+    "kv": only K/V projections get float weights, so position 0 is closer to float than without."""
+    model = _sink_model()
+    calib = _calib(first=0)
+    ids = _calib(1, (2, 24), seed=3, first=0)[0]
+    cfg = _static_cfg([SinkTokenConfig(mode="float", float_weights=which)], "w_int4_a_int8_per_token")
+    qm = gq.quantize(model, cfg, calib, progress=False)
+    plain = gq.quantize(model, _static_cfg(None, "w_int4_a_int8_per_token"), calib, progress=False)
+    ref, out, base = _logits(model, ids), _logits(qm, ids), _logits(plain, ids)
+    moved = [e["module"] for e in qm.log if e.get("action") == "sink_float_weights"]
+    if which == "all":
+        assert len(moved) == 14
+        assert torch.allclose(out[:, 0], ref[:, 0], atol=1e-4)
+    else:
+        assert sorted(m.rsplit(".", 1)[1] for m in moved) == ["k_proj", "k_proj", "v_proj", "v_proj"]
+    assert (out[:, 1:] - ref[:, 1:]).abs().mean() < (base[:, 1:] - ref[:, 1:]).abs().mean()
+    # only the float weights in use are kept
+    kept = {n.target for n in qm.gm.graph.nodes if n.op == "get_attr" and n.target.endswith(".weight")}
+    assert all(any(t.startswith(m) for m in moved) or "embed" in t or "lm_head" in t or "norm" in t for t in kept)

@@ -143,6 +143,18 @@ def _observer(spec_str: str):
     return (observer_by_name(cls) if isinstance(cls, str) else cls)(spec)
 
 
+@register_pass("sink_tokens_keep_float", stage="algorithms", _builtin=True)
+def sink_tokens_keep_float(ctx: PassContext) -> None:
+    """With ``SinkTokenConfig(float_weights=...)``, ``insert_qdq`` must keep the float weights; the
+    ``sink_tokens`` pass drops the ones it does not use."""
+    cfg = sink_token_config(ctx.config)
+    if cfg is None or cfg.float_weights == "none":
+        return
+    ctx.stats["sink_user_keeps_float"] = bool(ctx.stats.get("keep_float_weights"))
+    ctx.stats["keep_float_weights"] = True
+    ctx.record(action="keep_float_weights", reason=f"SinkTokenConfig(float_weights={cfg.float_weights!r})")
+
+
 @register_pass("sink_tokens", stage="quantize", after="insert_qdq", _builtin=True)
 def sink_tokens(ctx: PassContext) -> None:
     cfg = sink_token_config(ctx.config)
@@ -153,6 +165,8 @@ def sink_tokens(ctx: PassContext) -> None:
     if seq is None:
         raise ConfigError("SinkTokenConfig needs a model whose input is token ids of shape (batch, seq_len); "
                           "this graph has no such input. Remove SinkTokenConfig from algo_config")
+    if cfg.float_weights != "none":
+        _float_weight_prefix(ctx, cfg, seq)
     nodes = _static_quantizers(gm)
     if not nodes:
         ctx.record(action="skip", reason="no static activation quantizers (dynamic scheme): nothing to do")
@@ -202,3 +216,73 @@ def _attr(mod, target: str) -> torch.Tensor:
     for p in target.split("."):
         mod = getattr(mod, p)
     return mod
+
+
+# ------------------------------------------------------------------------------------------ float weights
+@torch.library.custom_op("graphquant::prefix_select", mutates_args=())
+def prefix_select(head: torch.Tensor, tail: torch.Tensor, num_tokens: int, seq_dim: int) -> torch.Tensor:
+    """``head`` at positions ``< num_tokens`` along ``seq_dim``, ``tail`` elsewhere."""
+    n = min(num_tokens, tail.shape[seq_dim])
+    return torch.cat([head.narrow(seq_dim, 0, n).to(tail.dtype), tail.narrow(seq_dim, n, tail.shape[seq_dim] - n)],
+                     dim=seq_dim)
+
+
+@prefix_select.register_fake
+def _(head, tail, num_tokens, seq_dim):
+    return torch.empty_like(tail)
+
+
+prefix_select.register_autograd(lambda ctx, grad: (None, grad, None, None),
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def _kv_projections(ctx: PassContext) -> set[str]:
+    out = set()
+    for p in ctx.report.of_kind("attention_qk"):
+        if p.details.get("k_proj"):
+            out.add(p.details["k_proj"])
+    for p in ctx.report.of_kind("attention_vo"):
+        out.add(p.details["v_proj"])
+    return out
+
+
+def _float_weight_prefix(ctx: PassContext, cfg, seq) -> None:
+    """The first tokens through the float weights and unquantized inputs: of the K/V projections
+    (``float_weights="kv"``: the sink's KV cache in full precision, PrefixQuant's prefix KV) or of every
+    quantized Linear (``"all"``: the sink token is computed in float end to end)."""
+    from .quantize import _delete_param
+
+    gm, g = ctx.gm, ctx.gm.graph
+    kv = _kv_projections(ctx)
+    weight_nodes = [n for n in g.nodes if n.meta.get(QDQ_TAG, {}).get("role") == "weight"]
+    used = set()
+    for dq in weight_nodes:
+        info = dq.meta[QDQ_TAG]
+        if cfg.float_weights == "kv" and info["module"] not in kv:
+            continue
+        for lin in list(dq.users):
+            d = _seq_dim(lin, seq)
+            if d is None:
+                ctx.record(action="skip", module=info["module"], reason="sequence dimension not found")
+                continue
+            x = lin.args[0]
+            xf = x.args[0] if isinstance(x, fx.Node) and x.meta.get(QDQ_TAG, {}).get("role") == "input" else x
+            with g.inserting_before(lin):
+                w = g.get_attr(info["float_weight"])
+                head = g.call_function(lin.target, (xf, w, *lin.args[2:]), dict(lin.kwargs))
+                head.meta["val"] = lin.meta.get("val")
+            with g.inserting_after(lin):
+                sel = g.call_function(torch.ops.graphquant.prefix_select.default, (head, lin, cfg.num_tokens, d))
+                sel.meta["val"] = lin.meta.get("val")
+            for u in list(lin.users):
+                if u is not head and u is not sel:
+                    u.replace_input_with(lin, sel)
+            used.add(info["float_weight"])
+            ctx.record(action="sink_float_weights", module=info["module"], num_tokens=cfg.num_tokens, seq_dim=d)
+    if not ctx.stats.get("sink_user_keeps_float"):
+        for dq in weight_nodes:
+            target = dq.meta[QDQ_TAG]["float_weight"]
+            shared = any(n.op == "get_attr" and n.target == target and n.users for n in g.nodes)
+            if target not in used and not shared:
+                _delete_param(gm, target)
+    gm.recompile()
