@@ -188,6 +188,10 @@ def _cmd_quantize(args) -> int:
     from .errors import GraphQuantError
 
     cfg = build_config(args)
+    from .advice import config_advice
+
+    for note in config_advice(cfg):
+        print(f"graphquant quantize: note: {note}", file=sys.stderr)
     model, tok = _load_with_tokenizer(args)
     try:
         calib = calibration_batches(tok, args.dataset or "wikitext", num_calib_data=args.num_calib_data or 16,

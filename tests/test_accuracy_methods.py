@@ -231,3 +231,30 @@ def test_sink_float_weights_compute_the_first_token_in_float(which):
     # only the float weights in use are kept
     kept = {n.target for n in qm.gm.graph.nodes if n.op == "get_attr" and n.target.endswith(".weight")}
     assert all(any(t.startswith(m) for m in moved) or "embed" in t or "lm_head" in t or "norm" in t for t in kept)
+
+
+# ------------------------------------------------------------------------------ advice
+def test_config_advice_warns_about_measured_regressions():
+    from graphquant.advice import config_advice
+    from graphquant.config import QuaRotConfig
+
+    def cfg(scheme, pre=(), algo=None):
+        return dataclasses.replace(preset(scheme), pre_quant_opt_config=list(pre), algo_config=algo)
+
+    assert any("fp8" in n for n in config_advice(cfg("w_fp8_a_fp8", [QuaRotConfig()])))
+    assert not any("rotation" in n for n in config_advice(cfg("w_fp8_a_fp8")))
+    assert any("gptq" in n for n in config_advice(cfg("w_int4_a_int8_per_token", [QuaRotConfig()])))
+    assert not config_advice(cfg("w_int4_a_int8_per_token", [QuaRotConfig()], [GPTQConfig()]))
+    assert not config_advice(cfg("w_int4_a_int8_per_token", [QuaRotConfig(r1=False)]))
+    assert any("sink_tokens" in n for n in config_advice(cfg("w_int8_per_tensor_a_int8_per_tensor")))
+    assert not config_advice(cfg("w_int8_per_tensor_a_int8_per_tensor", [QuaRotConfig()], [SinkTokenConfig()]))
+
+
+def test_cli_quantize_prints_the_advice(tiny_saved_llama, capsys):
+    from graphquant.cli import main
+
+    rc = main(["quantize", "--model", str(tiny_saved_llama), "--quant_scheme", "w_fp8_a_fp8",
+               "--pre_quantization_optimization", "quarot", "--num_calib_data", "1", "--seq_len", "16"])
+    err = capsys.readouterr().err
+    assert "note: rotation with fp8" in err, err
+    assert rc in (0, 2)  # the tiny model has no tokenizer: the advice comes first
