@@ -258,3 +258,14 @@ def test_cli_quantize_prints_the_advice(tiny_saved_llama, capsys):
     err = capsys.readouterr().err
     assert "note: rotation with fp8" in err, err
     assert rc in (0, 2)  # the tiny model has no tokenizer: the advice comes first
+
+
+@pytest.mark.parametrize("algo", [SinkTokenConfig(), SinkTokenConfig(float_weights="kv")], ids=["sink", "sink_kv"])
+def test_lowering_keeps_the_function_of_sink_token_graphs(algo):
+    model = _sink_model()
+    calib = _calib(first=0)
+    ids = _calib(1, (2, 24), seed=3, first=0)[0]
+    fake = gq.quantize(model, _static_cfg([algo]), calib, progress=False)
+    low = gq.quantize(model, _static_cfg([algo]), calib, progress=False, lower=True)
+    a, b = _logits(fake, ids), _logits(low, ids)
+    assert torch.allclose(a, b, atol=1e-3 * a.abs().max()), (a - b).abs().max()

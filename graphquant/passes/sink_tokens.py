@@ -22,8 +22,14 @@ the prefix tokens are part of the prefill only (PrefixQuant computes their KV on
 decode steps never see them and use the static scale. The sequence dimension of each quantized tensor is
 found from the graph's shapes (the dimension that carries the ``input_ids`` length, see ``_seq_dim``).
 
-Lowering: ``fake_quant_prefix`` is not lowered to an int8 kernel yet; the lowering report lists those
-sites as fake-quant.
+``float_weights="kv"`` / ``"all"`` (``SinkTokenConfig``): the first tokens also go through the *float*
+weights (and unquantized inputs) of the K/V projections, or of every quantized Linear. Causal attention
+lets position 0 depend on itself only, so ``"all"`` is the float model's computation of that token (its
+KV cache in full precision, as PrefixQuant's prefix KV); it keeps float copies of those weights
+(``"kv"``: only k_proj / v_proj, small with GQA). ``graphquant::prefix_select`` picks the float rows.
+
+Lowering: there is no int8 kernel for ``fake_quant_prefix`` yet; ``lower=True`` keeps the function
+(``tests/test_accuracy_methods.py``) but those activation quantizers stay fake-quant.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from ..errors import CalibrationError, ConfigError
 from .manager import PassContext, register_pass
 from .quantize import QDQ_TAG
 
-__all__ = ["fake_quant_prefix", "sink_token_config", "sink_tokens"]
+__all__ = ["fake_quant_prefix", "prefix_select", "sink_token_config", "sink_tokens"]
 
 
 # ------------------------------------------------------------------------------------------ the op
