@@ -368,7 +368,7 @@ def markdown(res: dict) -> str:
     for m, r in res["methods"].items():
         q = r.get("quark", {}).get("ppl")
         g = r.get("graphquant", {}).get("ppl")
-        qs = _cell(q, fp) if "quark" in r else "not run"
+        qs = _cell(q, fp) if "quark" in r else ("n/a" if METHODS[m]["quark"] is None else "not run")
         gs = _cell(g, fp) if "graphquant" in r else "not run"
         if q is None and "error" in r.get("quark", {}):
             qs = "error"
