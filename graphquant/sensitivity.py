@@ -138,7 +138,8 @@ def auto_exclude(model, config, calib_data, k: int, windows: torch.Tensor | None
             raise CalibrationError("auto_exclude: pass windows= (token ids) when the calibration batches are not "
                                    "token-id tensors or dicts with input_ids")
         windows = torch.cat([b if b.dim() == 2 else b[None] for b in ids])
-    first = quantize(model, config, calib, keep_float_weights=True, progress=progress, **quantize_kw)
+    measure_kw = {k: v for k, v in quantize_kw.items() if k != "lower"}  # measured on the fake-quant graph
+    first = quantize(model, config, calib, keep_float_weights=True, progress=progress, **measure_kw)
     ranked = layer_sensitivity(first, windows, batch_size=batch_size, progress=progress)
     if k == 0:
         return first, ranked
