@@ -32,6 +32,8 @@ def test_not_a_gguf_file_is_a_clear_error(tmp_path):
 def test_missing_gguf_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         load_gguf(tmp_path / "absent.gguf")
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        load_model("absent-model.gguf")  # not mistaken for a hub id
 
 
 @pytest.mark.skipif(not HAVE_GGUF, reason="the gguf package is not installed")

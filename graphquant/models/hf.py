@@ -34,7 +34,7 @@ __all__ = ["load_model", "load_tokenizer", "load_gguf", "find_minilm_path", "fin
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
                     "spiece.model", "sentencepiece.bpe.model")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".gguf")
 
 
 def is_hub_id(s: str) -> bool:
@@ -221,6 +221,8 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype = torch.float32, devic
                                   f"(it holds: {listing or 'nothing'}); pass the folder that was written by "
                                   "save_pretrained / downloaded from the hub")
         load_from, from_hub = str(p), False
+    elif src.lower().endswith(".gguf"):
+        raise CheckpointError(f"no such GGUF file: {p}")
     elif is_hub_id(src):
         load_from, from_hub = src, True
     else:
