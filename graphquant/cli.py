@@ -147,6 +147,8 @@ def build_config(args):
                 "quarot": C.QuaRotConfig}[name]() for name in dict.fromkeys(pre_names)]
         algo_cfgs = [{"autosmoothquant": C.AutoSmoothQuantConfig, "gptq": C.GPTQConfig,
                       "awq": C.AWQConfig}[a]() for a in dict.fromkeys(algos) if a in _ALGOS]
+        if getattr(args, "sink_tokens", 0):
+            algo_cfgs.append(C.SinkTokenConfig(num_tokens=args.sink_tokens))
         exclude = cfg.exclude if args.exclude_layers is None else list(args.exclude_layers)
         cfg = dataclasses.replace(cfg, pre_quant_opt_config=pre, algo_config=algo_cfgs or None, exclude=exclude)
         if args.kv_cache_dtype:
@@ -242,11 +244,23 @@ def _cmd_quantize(args) -> int:
     from .errors import GraphQuantError
 
     cfg = build_config(args)
+    from .advice import config_advice
+
+    for note in config_advice(cfg):
+        print(f"graphquant quantize: note: {note}", file=sys.stderr)
     model, tok = _load_with_tokenizer(args)
     try:
         calib = _calibration_data(args, tok, model)
         t0 = time.time()
-        qmodel = quantize(model, cfg, calib, lower=args.lower)
+        if args.auto_exclude:
+            from .sensitivity import auto_exclude, format_sensitivity
+
+            qmodel, ranked = auto_exclude(model, cfg, calib, args.auto_exclude, lower=args.lower,
+                                          windows=calib[0]["input_ids"])
+            print(format_sensitivity(ranked, max(args.auto_exclude, 5)))
+            print(f"excluded the {args.auto_exclude} costliest layer(s): {[r.fqn for r in ranked[:args.auto_exclude]]}")
+        else:
+            qmodel = quantize(model, cfg, calib, lower=args.lower)
         pre = ", ".join(a.name for a in cfg.pre_quant_opt_config) or "none"
         algos = ", ".join(a.name for a in cfg.algo_config or []) or "none"
         print(f"quantized in {time.time() - t0:.1f}s: scheme {args.quant_scheme}, "
@@ -296,6 +310,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -363,7 +388,8 @@ def validate_args(args) -> None:
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_dir", dest="model", required=True, metavar="PATH_OR_HUB_ID",
-                   help="a Hugging Face model folder, a llama2.c checkpoint (folder or .bin), or a hub id")
+                   help="a Hugging Face model folder, a .gguf file, a llama2.c checkpoint (folder or .bin), "
+                   "or a hub id")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the hub")
 
 
@@ -424,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for Quark compatibility")
     q.add_argument("--lower", action="store_true",
                    help="lower Q/DQ + linear to low-precision kernels (on CPU only where measured faster)")
+    q.add_argument("--sink_tokens", type=_non_negative_int, default=0, metavar="N",
+                   help="keep the first N tokens (attention sink) out of static activation scales (SinkTokenConfig)")
+    q.add_argument("--auto_exclude", type=_non_negative_int, default=0, metavar="K",
+                   help="measure each layer's loss contribution on calibration data and leave the K costliest in float")
     _add_eval_args(q)
     q.set_defaults(func=_cmd_quantize)
 

@@ -33,7 +33,7 @@ __all__ = [
     "Dtype", "QSchemeType", "ScaleType", "RoundType", "QuantizationMode",
     "QuantizationSpec", "QuantizationConfig", "Config",
     "AlgoConfig", "SmoothQuantConfig", "AutoSmoothQuantConfig", "RotationConfig", "QuaRotConfig",
-    "AWQConfig", "GPTQConfig", "preset", "list_presets", "with_kv_cache",
+    "AWQConfig", "GPTQConfig", "SinkTokenConfig", "preset", "list_presets", "with_kv_cache",
 ]
 
 
@@ -705,8 +705,31 @@ class GPTQConfig(AlgoConfig):
         _opt_list(self, "embedding_layers")
 
 
+@dataclass(frozen=True)
+class SinkTokenConfig(AlgoConfig):
+    """Keep the first ``num_tokens`` positions of each sequence (the attention sink, where pretrained LLMs put
+    massive activations) out of *static* activation scales: they are calibrated without those tokens, and at
+    run time those tokens are quantized per token, dynamically (``mode="dynamic"``), or stay in float
+    (``mode="float"``). ``float_weights``: the first tokens also go through the float weights of the K/V
+    projections (``"kv"``: their KV cache in full precision) or of every Linear (``"all"``); this keeps float
+    copies of those weights. PrefixQuant-style; see ``graphquant.passes.sink_tokens``."""
+
+    num_tokens: int = 1
+    mode: str = "dynamic"
+    float_weights: str = "none"
+    name: str = "sink_tokens"
+
+    def _validate(self):
+        _check(self.float_weights in ("none", "kv", "all"),
+               f"SinkTokenConfig.float_weights must be 'none', 'kv' or 'all', got {self.float_weights!r}")
+        _check(isinstance(self.num_tokens, int) and not isinstance(self.num_tokens, bool) and self.num_tokens >= 1,
+               f"SinkTokenConfig.num_tokens must be an int >= 1, got {self.num_tokens!r}")
+        _check(self.mode in ("dynamic", "float"),
+               f"SinkTokenConfig.mode must be 'dynamic' or 'float', got {self.mode!r}")
+
+
 PRE_QUANT_OPT_CONFIGS = (SmoothQuantConfig, RotationConfig, QuaRotConfig)
-ALGO_CONFIGS = (AWQConfig, GPTQConfig, AutoSmoothQuantConfig, SmoothQuantConfig)
+ALGO_CONFIGS = (AWQConfig, GPTQConfig, AutoSmoothQuantConfig, SmoothQuantConfig, SinkTokenConfig)
 
 
 # =========================================================================== Config

@@ -381,10 +381,25 @@ def test_per_token_and_per_channel_match_rowwise():
         assert torch.equal(fq[:, c], quantize_weight(w[:, c], pt).dequantize())
 
 
-def test_group_size_must_divide():
-    spec = QuantizationSpec(Dtype.uint4, qscheme="per_group", group_size=128)
-    with pytest.raises(ConfigError, match=r"\(64, 300\)"):
-        quantize_weight(torch.randn(64, 300), spec)
+def test_group_size_that_does_not_divide_gives_a_shorter_last_group():
+    """compressed-tensors / vLLM convention: 300 columns in groups of 128 are 128 + 128 + 44."""
+    spec = QuantizationSpec(Dtype.uint4, qscheme="per_group", group_size=128, symmetric=False)
+    w = torch.randn(64, 300)
+    w[:, 290] = 50.0  # an outlier in the short group must not leak into the full groups
+    qw = quantize_weight(w, spec)
+    assert qw.scale.shape == qw.zero_point.shape == (64, 3) and qw.qdata.shape == (64, 300)
+    deq = qw.dequantize()
+    for lo, hi in ((0, 128), (128, 256), (256, 300)):
+        part = quantize_weight(w[:, lo:hi].contiguous(), spec)  # one group (hi - lo <= 128)
+        assert torch.equal(deq[:, lo:hi], part.dequantize())
+    assert (deq[:, :256] - w[:, :256]).abs().max() < 0.5  # full groups keep their own fine scale
+    assert torch.equal(fake_quantize(w, qw.scale, qw.zero_point, spec), deq)
+
+
+def test_mx_block_size_must_divide():
+    spec = QuantizationSpec(Dtype.mx, mx_element_dtype="fp8_e4m3", group_size=32)
+    with pytest.raises(ConfigError, match=r"\(4, 40\)"):
+        quantize_weight(torch.randn(4, 40), spec)
 
 
 def test_weight_spec_must_be_static():

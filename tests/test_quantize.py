@@ -100,11 +100,15 @@ def test_layer_config_precedence_and_exclude():
     assert specs["model.layers.1.mlp.up_proj"].startswith("int8:per_tensor")
 
 
-def test_group_size_error_names_layer_and_nothing_is_half_written():
+def test_group_size_larger_or_not_dividing_in_features_gives_a_shorter_last_group():
+    """w_int4_per_group_sym (g128) on in_features 64 and 128: one short group, or exact groups; the model is
+    untouched."""
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(gq.ConfigError, match="q_proj: group_size 128 does not divide in_features 64"):
-        gq.quantize(model, "w_int4_per_group_sym", None, progress=False)
+    qm = gq.quantize(model, "w_int4_per_group_sym", None, progress=False)
+    gm = qm.gm
+    assert tuple(gm.get_buffer("model.layers.0.self_attn.q_proj.weight_scale").shape) == (64, 1)  # K=64
+    assert tuple(gm.get_buffer("model.layers.0.mlp.down_proj.weight_scale").shape) == (64, 1)  # K=128
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 

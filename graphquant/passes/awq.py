@@ -137,9 +137,13 @@ def clip_search(w: torch.Tensor, spec: QuantizationSpec, M: torch.Tensor, grid: 
     w = w.to(torch.float64)
     out, cin = w.shape
     gs = spec.group_size if spec.qscheme == QSchemeType.per_group else cin
-    ng = cin // gs
-    wg = w.reshape(out, ng, gs)
-    M32 = M.to(torch.float32)
+    ng = -(-cin // gs)
+    pad = ng * gs - cin  # a shorter last group: pad with zero columns (ranges include 0; M's zero rows
+    # and columns give them no error)
+    w_full = torch.nn.functional.pad(w, (0, pad)) if pad else w
+    M_full = torch.nn.functional.pad(M, (0, pad, 0, pad)) if pad else M
+    wg = w_full.reshape(out, ng, gs)
+    M32 = M_full.to(torch.float32)
     blocks = torch.stack([M32[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(ng)])
     lo, hi = _ranges(wg, spec.symmetric)
     best_err = None
@@ -148,7 +152,7 @@ def clip_search(w: torch.Tensor, spec: QuantizationSpec, M: torch.Tensor, grid: 
     for i in range(grid):
         r = 1.0 - (1.0 - min_ratio) * i / grid
         clamped = torch.maximum(torch.minimum(wg, (r * hi)[..., None]), (r * lo)[..., None])
-        d = wg32 - _qdq(clamped.reshape(out, cin), spec).reshape(out, ng, gs)
+        d = wg32 - _qdq(clamped.reshape(out, ng * gs), spec).reshape(out, ng, gs)
         err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
         if best_err is None:
             best_err = err
@@ -156,7 +160,8 @@ def clip_search(w: torch.Tensor, spec: QuantizationSpec, M: torch.Tensor, grid: 
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    clipped = torch.maximum(torch.minimum(wg, (best_r * hi)[..., None]), (best_r * lo)[..., None]).reshape(out, cin)
+    clipped = torch.maximum(torch.minimum(wg, (best_r * hi)[..., None]),
+                            (best_r * lo)[..., None]).reshape(out, ng * gs)[:, :cin]
     before = awq_loss([(w, spec)], M, torch.ones(cin, dtype=torch.float64, device=w.device))
     after = awq_loss([(clipped, spec)], M, torch.ones(cin, dtype=torch.float64, device=w.device))
     info = {"loss_before": before, "loss_after": min(before, after), "mean_ratio": float(best_r.mean()),

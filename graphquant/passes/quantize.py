@@ -58,12 +58,14 @@ def _check_weight_specs(linears, config) -> None:
         if spec is None or getattr(spec, "is_cast", False):
             continue
         gs = getattr(spec, "group_size", None)
-        if gs and lin.in_features % gs:
-            problems.append(f"{lin.fqn}: group_size {gs} does not divide in_features {lin.in_features}")
+        # per_group: a group_size that does not divide in_features leaves a shorter last group (as
+        # compressed-tensors / vLLM do); MX blocks must divide
+        if gs and spec.is_mx and lin.in_features % gs:
+            problems.append(f"{lin.fqn}: MX block size {gs} does not divide in_features {lin.in_features}")
     if problems:
         raise ConfigError("weight quantization spec does not fit: " + "; ".join(problems[:5])
                           + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-                          + ". Choose a group_size that divides every in_features, or exclude these layers")
+                          + ". Choose a block size that divides every in_features, or exclude these layers")
 
 
 def _replace_weight(ctx: PassContext, lin, spec) -> None:

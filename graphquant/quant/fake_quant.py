@@ -9,7 +9,10 @@ Shapes of ``scale``/``zero_point`` (the *qparam shape* of a tensor ``x``, :func:
 per_tensor     ``()``
 per_channel    ``(x.shape[ch_axis],)`` (e.g. ``(out_features,)`` for a Linear weight)
 per_group      ``x.shape`` with the group axis (``ch_axis``, default -1) divided by
-               ``group_size``: ``(out, in // group_size)`` for a Linear weight
+               ``group_size``, rounded up: ``(out, ceil(in / group_size))`` for a Linear weight.
+               When ``group_size`` does not divide the axis the last group is shorter
+               (compressed-tensors / vLLM do the same: 576 columns in groups of 128 are four
+               groups of 128 and one of 64)
 MX             as per_group, with ``group_size`` the block size (32)
 per_token      ``x.shape[:-1] + (1,)`` (one scale per row over the last dim)
 =============  ====================================================================
@@ -70,16 +73,16 @@ def _axis(spec: QuantizationSpec, ndim: int) -> int:
 
 
 def _n_groups(shape, spec: QuantizationSpec) -> tuple[int, int]:
-    """(axis, number of groups) for per_group / MX, checking that group_size divides the axis."""
+    """(axis, number of groups) for per_group / MX. A per_group axis that ``group_size`` does not
+    divide ends with one shorter group; MX blocks must divide the axis."""
     if len(shape) == 0:
         raise ConfigError("per_group/MX quantization needs a tensor with at least one dimension")
     a = _axis(spec, len(shape))
     n, g = shape[a], spec.group_size
-    if n % g:
-        kind = "MX block size" if spec.is_mx else "group_size"
-        raise ConfigError(f"{kind}={g} does not divide dim {a} (size {n}) of a tensor of shape "
-                          f"{tuple(shape)}: choose a {kind} that divides {n}, or exclude this layer")
-    return a, n // g
+    if n % g and spec.is_mx:
+        raise ConfigError(f"MX block size={g} does not divide dim {a} (size {n}) of a tensor of shape "
+                          f"{tuple(shape)}: choose a block size that divides {n}, or exclude this layer")
+    return a, -(-n // g)
 
 
 def qparam_shape(shape, spec: QuantizationSpec | str) -> tuple[int, ...]:
@@ -98,14 +101,21 @@ def qparam_shape(shape, spec: QuantizationSpec | str) -> tuple[int, ...]:
 
 
 def _to_groups(x: torch.Tensor, spec: QuantizationSpec) -> tuple[torch.Tensor, int]:
-    """``x`` with the group axis moved last and split into ``(..., n_groups, group_size)``."""
+    """``x`` with the group axis moved last and split into ``(..., n_groups, group_size)``.
+
+    A shorter last group is padded by repeating its last element (which changes neither its min
+    nor its max); :func:`_from_groups` drops the padding again."""
     a, n = _n_groups(x.shape, spec)
     xt = x.movedim(a, -1)
+    pad = n * spec.group_size - xt.shape[-1]
+    if pad:
+        xt = torch.cat([xt, xt[..., -1:].expand(*xt.shape[:-1], pad)], dim=-1)
     return xt.reshape(*xt.shape[:-1], n, spec.group_size), a
 
 
-def _from_groups(y: torch.Tensor, a: int) -> torch.Tensor:
-    return y.flatten(-2).movedim(-1, a)
+def _from_groups(y: torch.Tensor, a: int, size: int) -> torch.Tensor:
+    """Inverse of :func:`_to_groups` for an axis of ``size`` elements."""
+    return y.flatten(-2)[..., :size].movedim(-1, a)
 
 
 def _group_param(p: torch.Tensor, x: torch.Tensor, a: int) -> torch.Tensor:
@@ -222,7 +232,7 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
         q = q.clamp(spec.qmin, spec.qmax)
     else:
         q = F.round_to_float_format(v, F.float_format(spec.dtype), spec.round_method)
-    return _from_groups(q, a) if grouped else q
+    return _from_groups(q, a, xf.shape[a]) if grouped else q
 
 
 def _decode(qf: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -233,7 +243,7 @@ def _decode(qf: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
         qg, a = _to_groups(qf, spec)
         if _uses_zero_point(spec):
             qg = qg - _group_param(zero_point, qf, a).to(torch.float32)
-        return _from_groups(qg * _group_param(scale, qf, a), a)
+        return _from_groups(qg * _group_param(scale, qf, a), a, qf.shape[a])
     if _uses_zero_point(spec):
         qf = qf - _bcast(zero_point, qf, spec).to(torch.float32)
     return qf * _bcast(scale, qf, spec)
@@ -317,8 +327,9 @@ class QuantizedWeight:
 def quantize_weight(w: torch.Tensor, spec: QuantizationSpec | str) -> QuantizedWeight:
     """Quantize a weight with min/max qparams of its own values (round-to-nearest).
 
-    Raises ConfigError for a dynamic or per_token spec, or when ``group_size`` does not divide
-    the group axis (the message names the shape; the caller adds the layer's name).
+    Raises ConfigError for a dynamic or per_token spec, or when an MX block size does not divide
+    the block axis (the message names the shape; the caller adds the layer's name). A per_group
+    ``group_size`` that does not divide ``in_features`` gives a shorter last group.
     """
     spec = as_spec(spec)
     if not spec.is_cast and (spec.is_dynamic or spec.qscheme == QSchemeType.per_token):
