@@ -356,7 +356,7 @@ def read(qc: dict, tensors_: dict[str, torch.Tensor], model_skeleton, gq_specs: 
             continue
         group = next((g for g in qc.get("config_groups", {}).values() if _targets_match(g.get("targets", []), name, mod)),
                      None)
-        if group is None or group.get("weights") is None:
+        if group is None or group.get("weights") is None or f"{name}.weight_scale" not in tensors_:
             continue
         linears[name] = _read_linear(name, group, tensors_, taken, gq_specs.get(name, {}),
                                      next(mod.parameters()).dtype)

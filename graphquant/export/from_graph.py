@@ -140,8 +140,9 @@ class _Reader:
             keep = [n for n in names if n.rsplit(".", 1)[0] not in quantized]
             if len(names) > 1:
                 groups[target] = names
+            td = t.detach()
             for n in keep:
-                (shared if len(names) > 1 else own)[n] = t.detach()
+                (shared if len(names) > 1 else own)[n] = td
         return {**shared, **own}, groups
 
 

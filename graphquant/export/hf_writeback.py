@@ -12,6 +12,8 @@ fills, raises :class:`~.from_graph.ExportError`.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -45,8 +47,12 @@ def build_model(rec: ModelRecords, kernels: str = "never", device=None, dtype=No
 
     cls = model_class(rec.model_class)
     float_dtype = dtype or next((t.dtype for t in rec.float_weights.values() if t.is_floating_point()), torch.float32)
+    kwargs = {}
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:  # encoders built without their pooler
+        kwargs["add_pooling_layer"] = any(k.startswith("pooler.") for k in rec.float_weights) or \
+            any(k.startswith("pooler.") for k in rec.linears)
     with no_init_weights():
-        model = cls._from_config(rec.config, dtype=float_dtype) if hasattr(cls, "_from_config") else cls(rec.config)
+        model = cls._from_config(rec.config, dtype=float_dtype, **kwargs)
     model.eval()
     for fqn, eps in rec.rms_norms.items():
         _set_module(model, fqn, WeightlessRMSNorm(eps))
@@ -69,6 +75,8 @@ def build_model(rec: ModelRecords, kernels: str = "never", device=None, dtype=No
         for k in set(rec.float_weights) - expected:  # non-persistent buffers (e.g. RoPE inv_freq)
             buffers[k].copy_(rec.float_weights[k])
     result = model.load_state_dict({k: v for k, v in rec.float_weights.items() if k in expected}, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
     quant_keys = {k for k in expected if k.rsplit(".", 1)[0] in rec.linears
                   or any(k.startswith(f + ".") for f in rec.linears)}
     missing = [k for k in result.missing_keys if k not in quant_keys and not k.endswith(".graphquant_online")]

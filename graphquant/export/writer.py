@@ -120,7 +120,7 @@ def _copy_side_files(tmp: Path, rec: ModelRecords, tokenizer, source) -> None:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-    if tokenizer is not None:
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(tmp))
     if not (tmp / "generation_config.json").exists():
         try:
