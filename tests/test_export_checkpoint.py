@@ -46,6 +46,12 @@ def test_compressed_tensors_round_trip_and_transformers(name, tmp_path, ids):
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
     assert info["format"] == "compressed-tensors"
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "q").iterdir()} == {0o666 & ~umask}
     loaded = gq.load(tmp_path / "q")
     assert torch.equal(logits(loaded, ids), ref)  # bit-exact on CPU fp32
     model, problems = _transformers_load(tmp_path / "q")

@@ -318,11 +318,12 @@ def caveats(rec: ModelRecords) -> list[str]:
                    "(random-hadamard, matrices in the checkpoint): graphquant.load and vLLM apply it; transformers "
                    "5.x ignores transform_config and computes WRONG logits without it")
     if rot["R3"]:
-        out.append(f"online R3 Hadamard (q_attn / k_cache) at {len(rot['R3'])} attention module(s) is stored as "
-                   "transform_config: graphquant.load applies it; vLLM applies only Linear input/output transforms "
-                   "and transformers none, so both compute WRONG attention inputs for K-cache quantization... ")
-        out[-1] = out[-1].replace("... ", " (the q·k product itself is unchanged by R3, so logits stay right "
-                                          "only without KV-cache quantization)")
+        kv = any(a.k is not None for a in rec.attention.values())
+        out.append(f"online R3 Hadamard at {len(rot['R3'])} attention module(s) is stored as transform_config "
+                   "(q_attn / k_cache): graphquant.load applies it; vLLM applies only Linear input/output transforms "
+                   "and transformers none. R3 leaves q·kᵀ unchanged, so "
+                   + ("with this quantized KV cache they quantize un-rotated K: their results DIFFER from graphquant's"
+                      if kv else "without KV-cache quantization their logits are unaffected"))
     if any(a.k is not None for a in rec.attention.values()):
         out.append("KV-cache quantization (k_scale / v_scale) is applied by graphquant.load and vLLM; transformers "
                    "5.x loads the scales and applies compressed-tensors' KV quantization hooks only if "
