@@ -152,3 +152,48 @@ def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(gq.GraphQuantError, match="unknown checkpoint format"):
         qm.save_pretrained(tmp_path / "q", format="gguf")
     assert not (tmp_path / "q").exists()
+
+
+QUARK_CASES = {  # name -> (config, transformers+Quark rel. error bound on a batch of one)
+    "w8a8_int8_static": (lambda: make_config("w_int8_a_int8_per_tensor_sym"), 1e-2),
+    "fp8_static": (lambda: make_config("w_fp8_a_fp8"), 1e-5),
+    "fp8_dynamic_token": (lambda: make_config("w_fp8_a_fp8_per_token"), 1e-5),
+    "w4a16_sym": (lambda: make_config("w_int4_per_group_sym", 32), 1e-5),
+    "w4a16_asym": (lambda: make_config("w_uint4_per_group_asym", 32), 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", list(QUARK_CASES))
+def test_quark_format_round_trip_and_transformers(name, tmp_path):
+    """Quark's HF format: graphquant.load is bit-exact; transformers (through amd-quark) loads it with no
+    missing / unexpected keys and matches."""
+    cfg, bound = QUARK_CASES[name]
+    qm = gq.quantize(tiny_model("llama"), cfg(), calib(), progress=False)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    ref = logits(qm, ids)
+    info = qm.save_pretrained(tmp_path / "q", format="hf_format")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert info["format"] == "quark" and qc["quant_method"] == "quark" and "export" in qc
+    assert torch.equal(logits(gq.load(tmp_path / "q"), ids), ref)
+    pytest.importorskip("quark")
+    model, problems = _transformers_load(tmp_path / "q")
+    assert problems == {}, problems
+    assert rel(logits(model, ids), ref) <= bound
+
+
+def test_quark_int4_packing_is_quarks():
+    pack = pytest.importorskip("quark.torch.utils.pack")
+    from graphquant.export import quark_format as QF
+
+    codes = torch.randint(-8, 8, (24, 16), dtype=torch.int32)
+    theirs = pack.Pack_4_bits(None, "int4").pack(codes.clone(), reorder=True)
+    assert torch.equal(QF.pack_int4(codes), theirs)
+    assert torch.equal(QF.unpack_int4(theirs, 16, signed=True), codes.to(torch.int64))
+
+
+def test_quark_refuses_online_rotations(tmp_path):
+    qm = gq.quantize(tiny_model("llama"), make_config("w_int8_per_channel_a_int8_per_token", pre=[C.QuaRotConfig()]),
+                     calib(), progress=False)
+    with pytest.raises(gq.GraphQuantError, match="compressed-tensors"):
+        qm.save_pretrained(tmp_path / "q", format="quark")
+    assert not (tmp_path / "q").exists()
