@@ -197,3 +197,13 @@ def test_quark_refuses_online_rotations(tmp_path):
     with pytest.raises(gq.GraphQuantError, match="compressed-tensors"):
         qm.save_pretrained(tmp_path / "q", format="quark")
     assert not (tmp_path / "q").exists()
+
+
+def test_written_back_model_saves_itself(tmp_path):
+    """``to_hf().save_pretrained`` writes the same checkpoint format (read back from its modules)."""
+    cfg = make_config("w_int4_per_group_sym", 32, pre=[C.QuaRotConfig()])
+    qm = gq.quantize(tiny_model("llama"), cfg, calib(), progress=False)
+    hf = qm.to_hf()
+    hf.save_pretrained(tmp_path / "q")
+    ids = torch.randint(0, 128, (2, 7))
+    assert torch.equal(logits(gq.load(tmp_path / "q"), ids), logits(qm, ids))
