@@ -207,3 +207,15 @@ def test_written_back_model_saves_itself(tmp_path):
     hf.save_pretrained(tmp_path / "q")
     ids = torch.randint(0, 128, (2, 7))
     assert torch.equal(logits(gq.load(tmp_path / "q"), ids), logits(qm, ids))
+
+
+def test_bfloat16_model_round_trip(tmp_path):
+    """A bf16 model keeps its dtype through write-back, save and load, bit-exactly."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    qm = gq.quantize(model, make_config("w_int8_per_channel_a_int8_per_token"), calib(), progress=False)
+    ids = torch.randint(0, 128, (2, 9))
+    ref = logits(qm, ids)
+    assert torch.equal(logits(qm.to_hf(), ids), ref)
+    qm.save_pretrained(tmp_path / "q")
+    out = logits(gq.load(tmp_path / "q"), ids)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
