@@ -21,6 +21,7 @@ CASES = {  # name -> (config, transformers' rel. error bound)
     "w8a8_fp8_static": (lambda: make_config("w_fp8_a_fp8"), 1e-5),
     "w4a16_sym": (lambda: make_config("w_int4_per_group_sym", 32), 1e-5),
     "w8a16": (lambda: make_config("w_int8_per_tensor"), 1e-5),
+    "fp8_kv_cache_fp8": (lambda: make_config("w_fp8_a_fp8", kv="fp8"), 1e-5),  # k_scale / v_scale applied
 }
 
 
@@ -219,3 +220,29 @@ def test_bfloat16_model_round_trip(tmp_path):
     qm.save_pretrained(tmp_path / "q")
     out = logits(gq.load(tmp_path / "q"), ids)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "quark"])
+def test_per_layer_schemes_become_groups(fmt, tmp_path):
+    """A layer override (down_proj W4 per-group) and an exclusion (lm_head) become the format's groups /
+    layer configs and ignore / exclude lists; transformers and graphquant.load read them."""
+    import dataclasses
+
+    base = make_config("w_int8_per_tensor")
+    w4 = make_config("w_int4_per_group_sym", 32).global_quant_config
+    cfg = dataclasses.replace(base, layer_quant_config={"*down_proj": w4}, exclude=["lm_head"])
+    qm = gq.quantize(tiny_model("llama"), cfg, progress=False)
+    qm.save_pretrained(tmp_path / "q", format=fmt)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    if fmt == "compressed-tensors":
+        groups = qc["config_groups"].values()
+        assert len(groups) == 2 and qc["format"] == "mixed-precision"
+        assert any(t.endswith("down_proj") for g in groups for t in g["targets"])
+    else:
+        assert "lm_head" in qc["exclude"] and any(k.endswith("down_proj") for k in qc["layer_quant_config"])
+    ids = torch.randint(0, 128, (1, 9))
+    ref = logits(qm, ids)
+    assert torch.equal(logits(gq.load(tmp_path / "q"), ids), ref)
+    pytest.importorskip("compressed_tensors" if fmt == "compressed-tensors" else "quark")
+    model, problems = _transformers_load(tmp_path / "q")
+    assert problems == {} and rel(logits(model, ids), ref) < 1e-5

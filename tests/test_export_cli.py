@@ -34,7 +34,7 @@ def gq_llama_20m(shared_dir):
 def test_quantize_save_then_eval_and_generate(gq_llama_20m, tmp_path, capsys):
     out = tmp_path / "q"
     code = main(["quantize", "--model", str(gq_llama_20m), "--quant_scheme", "w_int8_per_channel_a_int8_per_token",
-                 "--pre_quantization_optimization", "quarot", "--num_calib_data", "2", "--seq_len", "32",
+                 "--pre_quantization_optimization", "quarot", "--num_calib_data", "1", "--seq_len", "32",
                  "--output_dir", str(out), "--model_export", "compressed-tensors"])
     text = capsys.readouterr().out
     assert code == 0, text
@@ -52,8 +52,8 @@ def test_quantize_save_then_eval_and_generate(gq_llama_20m, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("Once upon a time") and "8 new tokens" in captured.err
     # a second run replaces the graphquant output without --overwrite
-    code = main(["quantize", "--model", str(gq_llama_20m), "--quant_scheme", "w_fp8_a_fp8", "--num_calib_data", "2",
-                 "--seq_len", "32", "--output_dir", str(out), "--model_export", "hf_format"])
+    code = main(["quantize", "--model", str(gq_llama_20m), "--quant_scheme", "w_fp8_a_fp8", "--num_calib_data", "1",
+                 "--seq_len", "16", "--output_dir", str(out), "--model_export", "hf_format"])
     assert code == 0 and json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "quark"
 
 

@@ -224,7 +224,8 @@ def quantization_config(rec: ModelRecords, float_linears: list[str]) -> dict:
         }
     formats = {k[3] for k in groups}
     kv = _kv_scheme(rec)
-    qc = {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+    fmt = formats.pop() if len(formats) == 1 else ("mixed-precision" if formats else "dense")
+    qc = {"quant_method": QUANT_METHOD, "format": fmt,
           "quantization_status": "compressed", "config_groups": config_groups,
           "ignore": sorted(float_linears) if single else [], "kv_cache_scheme": kv,
           "global_compression_ratio": None, "sparsity_config": {}}
@@ -324,10 +325,6 @@ def caveats(rec: ModelRecords) -> list[str]:
                    "and transformers none. R3 leaves q·kᵀ unchanged, so "
                    + ("with this quantized KV cache they quantize un-rotated K: their results DIFFER from graphquant's"
                       if kv else "without KV-cache quantization their logits are unaffected"))
-    if any(a.k is not None for a in rec.attention.values()):
-        out.append("KV-cache quantization (k_scale / v_scale) is applied by graphquant.load and vLLM; transformers "
-                   "5.x loads the scales and applies compressed-tensors' KV quantization hooks only if "
-                   "compressed-tensors supports this attention module")
     return out
 
 
