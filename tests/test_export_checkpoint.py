@@ -246,3 +246,24 @@ def test_per_layer_schemes_become_groups(fmt, tmp_path):
     pytest.importorskip("compressed_tensors" if fmt == "compressed-tensors" else "quark")
     model, problems = _transformers_load(tmp_path / "q")
     assert problems == {} and rel(logits(model, ids), ref) < 1e-5
+
+
+def test_int8_static_difference_with_transformers_is_only_the_clamp_range(tmp_path):
+    """transformers (compressed-tensors' fake-quant) clamps int8 activation codes to [-128, 127]; graphquant's
+    symmetric int8 uses [-127, 127]. With that one change, graphquant's loaded model equals transformers' exactly:
+    the files carry the same numbers."""
+    pytest.importorskip("compressed_tensors")
+    from graphquant.export.qlinear import QuantLinear
+
+    qm = gq.quantize(tiny_model("llama"), make_config("w_int8_a_int8_per_tensor_sym"), calib(), progress=False)
+    qm.save_pretrained(tmp_path / "q")
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
+    model, _ = _transformers_load(tmp_path / "q")
+    theirs = logits(model, ids)
+    ours = gq.load(tmp_path / "q")
+    assert rel(theirs, logits(ours, ids)) > 0  # these inputs exceed the calibrated range somewhere
+    for m in ours.modules():
+        if isinstance(m, QuantLinear):
+            q = m.input_quantizer
+            q.forward = lambda x, q=q: (torch.round(x / q.scale).clamp(-128, 127) * q.scale).to(x.dtype)
+    assert torch.equal(logits(ours, ids), theirs)

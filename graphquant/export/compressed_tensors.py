@@ -308,8 +308,9 @@ def caveats(rec: ModelRecords) -> list[str]:
                    "scales by amax/127.5 and clamps to [-128, 127], graphquant and vLLM by amax/127 in [-127, 127]: "
                    "transformers' logits differ slightly from graphquant's")
     elif any(s.is_integer_format and s.symmetric for s in specs):
-        out.append("static symmetric int activations: compressed-tensors clamps to [-128, 127], graphquant to "
-                   "[-127, 127]; only values beyond the calibrated range differ")
+        out.append("static symmetric int activations: compressed-tensors (transformers) clamps codes to [-128, 127], "
+                   "graphquant to [-127, 127]; activations beyond the calibrated range differ by one step (the only "
+                   "difference: with that clamp graphquant's numbers equal transformers' exactly)")
     if any(lr.weight_zero_point is not None and _linear_format(lr) == "pack-quantized" for lr in rec.linears.values()):
         out.append("asymmetric packed int4 weights: transformers 5.x fails to load their packed zero points "
                    "(compressed-tensors' own layout, an upstream limitation); graphquant.load and vLLM load them")
