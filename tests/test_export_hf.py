@@ -146,3 +146,17 @@ def test_symmetric_weights_store_no_zero_point(scheme, group, has_zp):
 
     lower_model(qm)
     assert rel(logits(qm, ids), ref) < 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["w_int8_a_int8_per_tensor_sym", "w_int8_per_channel_a_int8_per_token",
+                                    "w_fp8_a_fp8"])
+def test_w8a8_kernels_match_graph(scheme):
+    """W8A8 on graphquant's kernels (int8 torch._int_mm / fp8 _scaled_mm, R4 folded into the activation
+    quantizer): logits within 1e-3 of the fake-quant graph."""
+    model = tiny_model("llama")
+    qm = gq.quantize(model, make_config(scheme, pre=[C.QuaRotConfig()]), calib(), progress=False)
+    hf = qm.to_hf(kernels="always")
+    kinds = {m.kernel for m in hf.modules() if isinstance(m, QuantLinear) and m.backend == "kernel"}
+    assert kinds == {"fp8_linear" if "fp8" in scheme else "int8_linear"}
+    ids = torch.randint(0, 128, (2, 9))
+    assert rel(logits(hf, ids), logits(qm, ids)) < 1e-3
