@@ -1,4 +1,4 @@
-"""The ``graphquant`` command line: ``report`` | ``quantize`` | ``eval``.
+"""The ``graphquant`` command line: ``report`` | ``quantize`` | ``eval`` | ``generate``.
 
 ``graphquant report --model PATH_OR_HUB_ID [--json FILE] [--dot FILE]`` prints which layers can be
 smoothed and rotated (and why not), and optionally writes the report as JSON and Graphviz text.
@@ -88,6 +88,41 @@ def _cmd_report(args) -> int:
 
 
 # --- quantize / eval -----------------------------------------------------------------------------
+def is_quantized_checkpoint(src: str) -> bool:
+    """A folder graphquant wrote, or any folder whose config.json carries a quantization_config."""
+    import json
+
+    p = Path(src).expanduser()
+    if not (p / "config.json").is_file():
+        return False
+    from .export.safe_output import MARKER
+
+    if (p / MARKER).is_file():
+        return True
+    try:
+        return "quantization_config" in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _load_quantized(src: str, device: str, kernels: str = "never"):
+    """``graphquant.load`` plus the folder's tokenizer (None when it has none)."""
+    from . import load
+    from .errors import GraphQuantError
+
+    try:
+        model = load(src, device=device, kernels=kernels)
+    except (GraphQuantError, OSError, ValueError, ImportError) as e:
+        raise CliError(f"cannot load quantized model {src!r}: {_one_line(e)}", EXIT_USAGE) from e
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(Path(src).expanduser()))
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
 def _load_with_tokenizer(args):
     from .errors import GraphQuantError
     from .models.hf import load_model
@@ -96,8 +131,11 @@ def _load_with_tokenizer(args):
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     try:
-        model, tok = load_model(args.model, dtype=dtype, device=args.device,
-                                trust_remote_code=args.trust_remote_code)
+        if is_quantized_checkpoint(args.model):
+            model, tok = _load_quantized(args.model, args.device, getattr(args, "kernels", "never"))
+        else:
+            model, tok = load_model(args.model, dtype=dtype, device=args.device,
+                                    trust_remote_code=args.trust_remote_code)
     except (GraphQuantError, OSError, ValueError, ImportError) as e:
         raise CliError(f"cannot load model {args.model!r}: {_one_line(e)}", EXIT_USAGE) from e
     if tok is None:
@@ -210,29 +248,36 @@ def _eval_windows(args, tok):
     return tokenize_windows(tok, text, args.seq_len or 512, args.eval_windows)
 
 
-def _save(qmodel, cfg, out_dir: str) -> None:
-    """Write the quantized state, config, report and pass log; all or nothing."""
-    import json
-    import shutil
-    import tempfile
+def _check_output_dir(args) -> None:
+    """Refuse an unsafe --output_dir before the (long) quantization."""
+    if not args.output_dir:
+        return
+    from .export.safe_output import OutputDirError, check_output_dir
 
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".graphquant-", dir=out.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in qmodel.gm.state_dict().items()}
-        save_file(state, str(tmp / "quantized_model.safetensors"))
-        (tmp / "graphquant_config.json").write_text(cfg.to_json())
-        (tmp / "report.json").write_text(qmodel.report.to_json())
-        (tmp / "pass_log.json").write_text(json.dumps(qmodel.log, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_output_dir(args.output_dir, inputs=[args.model], overwrite=args.overwrite)
+    except OutputDirError as e:
+        raise CliError(_one_line(e), EXIT_USAGE) from e
+
+
+def _save(qmodel, args, tok) -> None:
+    """Write the checkpoint (--model_export format) and say which consumer ignores what."""
+    from .errors import GraphQuantError
+    from .export.safe_output import OutputDirError
+
+    try:
+        info = qmodel.save_pretrained(args.output_dir, format=args.model_export, max_shard_size=args.max_shard_size,
+                                      overwrite=args.overwrite, tokenizer=tok, source=args.model)
+    except OutputDirError as e:
+        raise CliError(_one_line(e), EXIT_USAGE) from e
+    except GraphQuantError as e:
+        raise CliError(f"cannot save to {args.output_dir}: {_one_line(e)}", EXIT_ANALYSIS) from e
+    print(f"saved {info['format']} checkpoint to {args.output_dir} (load it with graphquant.load, "
+          f"`graphquant eval --model {args.output_dir}` or `graphquant generate --model {args.output_dir}`)")
+    for note in info.get("notes", []):
+        print(f"  note: {note}")
+    for c in info.get("caveats", []):
+        print(f"  caveat: {c}")
 
 
 def _cmd_quantize(args) -> int:
@@ -248,6 +293,7 @@ def _cmd_quantize(args) -> int:
 
     for note in config_advice(cfg):
         print(f"graphquant quantize: note: {note}", file=sys.stderr)
+    _check_output_dir(args)
     model, tok = _load_with_tokenizer(args)
     try:
         calib = _calibration_data(args, tok, model)
@@ -278,8 +324,7 @@ def _cmd_quantize(args) -> int:
             print(f"perplexity on {args.eval_dataset or 'wikitext'} ({fp.num_windows} windows x {windows.shape[1]}):"
                   f" FP {fp.ppl:.3f} | quantized {q.ppl:.3f} ({100 * (q.ppl / fp.ppl - 1):+.2f}%)")
         if args.output_dir:
-            _save(qmodel, cfg, args.output_dir)
-            print(f"saved to {args.output_dir}")
+            _save(qmodel, args, tok)
     except GraphQuantError as e:
         raise CliError(f"quantization failed: {_one_line(e)}", EXIT_ANALYSIS) from e
     return EXIT_OK
@@ -386,6 +431,28 @@ def validate_args(args) -> None:
             print("graphquant quantize: note: --skip_evaluation given: no perplexity evaluation", file=sys.stderr)
 
 
+def _cmd_generate(args) -> int:
+    """``graphquant generate``: greedy (or sampled) text from a model folder, quantized or not."""
+    import time
+
+    import torch
+
+    model, tok = _load_with_tokenizer(args)
+    enc = tok(args.prompt, return_tensors="pt")
+    enc = {k: v.to(args.device) for k, v in enc.items()}
+    t0 = time.time()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    dt = time.time() - t0
+    new = out.shape[1] - enc["input_ids"].shape[1]
+    print(tok.decode(out[0], skip_special_tokens=True))
+    print(f"[{new} new tokens in {dt:.2f}s, {new / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return EXIT_OK
+
+
+# --- argument parsing: parser ------------------------------------------------------------------------------
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model_dir", dest="model", required=True, metavar="PATH_OR_HUB_ID",
                    help="a Hugging Face model folder, a .gguf file, a llama2.c checkpoint (folder or .bin), "
@@ -411,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphquant", description="graph-based post-training quantization "
                                      "of LLMs: find what can be smoothed and rotated, quantize, evaluate")
     parser.add_argument("--version", action="version", version=f"graphquant {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{report,quantize,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{report,quantize,eval,generate}")
     sub.required = True
 
     rep = sub.add_parser("report", help="report which layers can be smoothed / rotated (R1-R4) and why not",
@@ -443,7 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib_batch_size", type=_positive_int, default=4,
                    help="calibration batch size (windows per forward pass; default 4)")
     q.add_argument("--seq_len", type=_positive_int, default=512, help="tokens per window (default 512)")
-    q.add_argument("--output_dir")
+    q.add_argument("--output_dir", help="write a checkpoint here (refused: the input folder, or a non-empty folder "
+                   "graphquant did not write unless --overwrite)")
+    q.add_argument("--model_export", choices=["compressed-tensors", "quark", "hf_format"], default="compressed-tensors",
+                   help="checkpoint format of --output_dir (hf_format is Quark's name for quark)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir graphquant did not write")
+    q.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     q.add_argument("--eval_ppl", action="store_true", help="print FP and quantized perplexity side by side")
     q.add_argument("--skip_evaluation", action="store_true", help="no evaluation (Quark's flag; overrides --eval_ppl)")
     q.add_argument("--custom_mode", choices=["quark", "awq", "fp8"], default="quark",
@@ -462,6 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq_len", type=_positive_int, default=512, help="tokens per window (default 512)")
     _add_eval_args(e)
     e.set_defaults(func=_cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text from a model (a saved quantized folder or any HF model)")
+    _add_model_arg(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max_new_tokens", type=_positive_int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--kernels", choices=["auto", "always", "never"], default="auto",
+                     help="quantized Linears: low-precision kernels where faster on this device (auto), wherever "
+                          "one exists (always), or fake-quant, bit-identical to graphquant's graph (never)")
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 

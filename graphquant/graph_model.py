@@ -24,6 +24,30 @@ class GraphModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.captured(*args, **kwargs)
 
+    def to_hf(self, kernels: str = "never", device=None):
+        """The user's Hugging Face model class with this graph's weights, quantized Linears
+        (``graphquant.export.qlinear.QuantLinear``) and online R3/R4 / KV-cache quantizers at the
+        sites the graph found: ``generate`` (KV cache, ``attention_mask``), ``save_pretrained`` and
+        ``.to(device)`` work. Logits equal this model's (bit-identical with ``kernels="never"``;
+        ``"auto"`` runs the low-precision kernels where they are faster on ``device``, ``"always"``
+        wherever one exists)."""
+        from .export import to_hf
+
+        return to_hf(self, kernels=kernels, device=device)
+
+    def save_pretrained(self, path, format: str = "compressed-tensors", max_shard_size="5GB",
+                        overwrite: bool = False, tokenizer=None, source=None) -> dict:
+        """Write a checkpoint that other tools load: ``format`` "compressed-tensors" (llm-compressor,
+        vLLM, transformers) or "quark" (AMD Quark's HF format; "hf_format" is an alias). Sharded
+        safetensors, ``config.json`` with ``quantization_config``, the tokenizer / generation config
+        of ``source`` (the input model folder) when given, and ``graphquant_export.json`` saying
+        which consumer ignores what. Written atomically; a non-empty folder graphquant did not
+        write is refused unless ``overwrite``. Returns the export summary."""
+        from .export import save_pretrained
+
+        return save_pretrained(self, path, format=format, max_shard_size=max_shard_size, overwrite=overwrite,
+                               tokenizer=tokenizer, source=source, inputs=(source,) if source else ())
+
     def log_summary(self) -> str:
         lines = []
         for e in self.log:

@@ -20,8 +20,10 @@ def test_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
-def test_readme_python_block_runs(index, capsys):
+def test_readme_python_block_runs(index, capsys, tmp_path, monkeypatch):
     import warnings
+
+    monkeypatch.chdir(tmp_path)  # blocks may save checkpoints
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

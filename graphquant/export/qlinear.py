@@ -1,0 +1,201 @@
+"""``QuantLinear``: the Linear layer of a written-back Hugging Face model.
+
+It holds the real quantized weight (codes in int8 / uint8 / float8 storage, scales, zero points
+only where the scheme has them) and computes exactly what the compiled graph computes at that
+Linear::
+
+    x -> [online R4: x·Hᵀ] -> [input quantizer] -> linear(x, dequantize(W), b) -> [output quantizer]
+
+with the same ``graphquant::`` ops, so its output is bit-identical to the graph's on the same
+device (``backend="fake_quant"``). ``backend="kernel"`` runs the low-precision kernels
+``graphquant.lowering`` uses (``int8_linear``, ``fp8_linear``, ``int8_weight_only_linear``,
+``int4_linear``) where ``lowering.schemes.choose`` finds one, with the weight in the kernel's layout
+(built per device on first use); results then differ from fake-quant by the kernels' accumulation
+order only. ``choose_backend`` picks per scheme and device (see ``CPU_FASTER``).
+
+``WeightlessRMSNorm`` replaces a LayerNorm that norm fusion turned into a plain RMS normalisation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import fake_quant as FQ
+from .records import LinearRecord, TensorQuantizer
+
+#: On CPU, which kernels beat fake-quant (dequantize + float matmul) at decode shapes (M = 1), measured by
+#: ``benchmarks/generate_cpu.py --per_op_only`` on gq-llama-20m's q_proj / down_proj / lm_head (1 thread, fastest
+#: of 200 calls; results/generate_cpu_per_op.json): int8_linear (torch._int_mm) 79-534 us vs fake-quant
+#: 155-2261 us; int8 weight-only (_weight_int8pack_mm) 100-1804 us vs 107-2090 us; int4 (CPU tinygemm)
+#: 231-4794 us vs 123-2146 us; fp8 (_scaled_mm on CPU) 11-245 ms vs 0.7-30 ms.
+CPU_FASTER = {"int8_linear": True, "int8_weight_only": True, "int4_linear": False, "fp8_linear": False}
+
+
+def _ops():
+    from ..quant import ops  # noqa: F401  registers graphquant::* ops
+
+    return torch.ops.graphquant
+
+
+def _hadamard(x: torch.Tensor) -> torch.Tensor:
+    from .. import hadamard  # noqa: F401  registers graphquant::hadamard_transform
+
+    return torch.ops.graphquant.hadamard_transform(x, False)
+
+
+def kernel_for(rec: LinearRecord) -> str | None:
+    """The lowering kernel for this Linear's scheme, or None."""
+    from ..lowering import schemes
+
+    act = rec.input.spec if rec.input is not None else None
+    if rec.output is not None:
+        return None
+    return schemes.choose(rec.weight_spec, act, rec.shape[1], rec.dtype).kernel
+
+
+def choose_backend(rec: LinearRecord, kernels: str = "auto", device: str = "cpu") -> str:
+    """``"fake_quant"`` or ``"kernel"``: ``kernels`` is "auto" (the faster one for this scheme on
+    ``device``), "always" (the kernel wherever one exists) or "never"."""
+    if kernels not in ("auto", "always", "never"):
+        raise ValueError(f"kernels={kernels!r}: choose 'auto', 'always' or 'never'")
+    k = kernel_for(rec)
+    if k is None or kernels == "never":
+        return "fake_quant"
+    if kernels == "always" or torch.device(device).type != "cpu":
+        return "kernel"
+    return "kernel" if CPU_FASTER.get(k, False) else "fake_quant"
+
+
+class _Quantizer(nn.Module):
+    def __init__(self, q: TensorQuantizer):
+        super().__init__()
+        self.spec = q.spec.to_op_str()
+        self.dynamic = q.dynamic
+        if not q.dynamic:
+            self.register_buffer("scale", q.scale.detach().clone())
+            zp = q.zero_point if q.zero_point is not None else torch.zeros((), dtype=torch.int32)
+            self.register_buffer("zero_point", zp.detach().clone(), persistent=q.zero_point is not None)
+
+    def forward(self, x):
+        if self.dynamic:
+            return _ops().dynamic_fake_quant(x, self.spec)
+        return _ops().fake_quant(x, self.scale, self.zero_point, self.spec)
+
+    def record(self) -> TensorQuantizer:
+        spec = FQ.as_spec(self.spec)
+        if self.dynamic:
+            return TensorQuantizer(spec)
+        return TensorQuantizer(spec, self.scale, self.zero_point if FQ._uses_zero_point(spec) else None)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}{' dynamic' if self.dynamic else ''}"
+
+
+class QuantLinear(nn.Module):
+    """A quantized ``nn.Linear`` (see the module docstring). Build it with :meth:`from_record`."""
+
+    def __init__(self, rec: LinearRecord, backend: str = "fake_quant"):
+        super().__init__()
+        self.out_features, self.in_features = rec.shape
+        self.weight_spec = rec.weight_spec.to_op_str()
+        self.dtype = rec.dtype
+        self.input_rotation = rec.input_rotation
+        self.register_buffer("weight", rec.weight.detach().clone())
+        self.register_buffer("weight_scale", rec.weight_scale.detach().float().clone())
+        zp = rec.weight_zero_point
+        self.register_buffer("weight_zero_point", (zp if zp is not None else torch.zeros((), dtype=torch.int32)).clone(),
+                             persistent=zp is not None)
+        self.bias = nn.Parameter(rec.bias.detach().clone(), requires_grad=False) if rec.bias is not None else None
+        self.input_quantizer = _Quantizer(rec.input) if rec.input is not None else None
+        self.output_quantizer = _Quantizer(rec.output) if rec.output is not None else None
+        self.kernel = kernel_for(rec)
+        self.backend = backend if self.kernel is not None else "fake_quant"
+        self._layouts: dict = {}
+
+    @classmethod
+    def from_record(cls, rec: LinearRecord, kernels: str = "never", device: str = "cpu") -> "QuantLinear":
+        return cls(rec, choose_backend(rec, kernels, device))
+
+    def record(self) -> LinearRecord:
+        """This layer as a :class:`LinearRecord` (what the checkpoint writers read)."""
+        spec = FQ.as_spec(self.weight_spec)
+        return LinearRecord(self.weight, spec, self.weight_scale,
+                            self.weight_zero_point if FQ._uses_zero_point(spec) else None,
+                            self.bias.detach() if self.bias is not None else None, self.dtype,
+                            self.input_quantizer.record() if self.input_quantizer is not None else None,
+                            self.output_quantizer.record() if self.output_quantizer is not None else None,
+                            self.input_rotation)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return _ops().dequantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_spec, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "kernel":
+            return self._forward_kernel(x)
+        if self.input_rotation:
+            x = _hadamard(x)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        y = F.linear(x, self.dequantized_weight(), self.bias)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+    # ------------------------------------------------------------------ kernels
+    def _layout(self, device: torch.device):
+        from ..lowering import layouts
+
+        key = (str(device), x_dtype := self.dtype)
+        if key not in self._layouts:
+            spec = FQ.as_spec(self.weight_spec)
+            if self.kernel in ("int8_linear", "int8_weight_only"):
+                kw = layouts.int8_weight(self.weight, self.weight_scale)
+            elif self.kernel == "fp8_linear":
+                kw = layouts.fp8_weight(self.weight, self.weight_scale)
+            else:
+                kw = layouts.int4_weight(self.weight, self.weight_scale, self.weight_zero_point, spec, x_dtype)
+            self._layouts[key] = kw
+        return self._layouts[key]
+
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        from ..lowering import activation
+        from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
+
+        ops = torch.ops.graphquant
+        kw = self._layout(x.device)
+        t = kw.tensors
+        if self.kernel == "int4_linear":
+            x = _hadamard(x) if self.input_rotation else x
+            return ops.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias, kw.args["group_size"],
+                                   kw.args["layout"])
+        if self.kernel == "int8_weight_only":
+            x = _hadamard(x) if self.input_rotation else x
+            return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
+        q = self.input_quantizer
+        if q.dynamic:
+            xq, xs = activation.quantize_act_dynamic_node(x, q.spec, bool(self.input_rotation))
+        else:
+            xs = q.scale
+            xq = activation.quantize_act_static_node(x, q.scale, q.spec, bool(self.input_rotation))
+        op = ops.int8_linear if self.kernel == "int8_linear" else ops.fp8_linear
+        return op(xq, xs, t["qweight"], t["qscale"], self.bias, self.dtype)
+
+    def extra_repr(self) -> str:
+        extra = f", input_rotation={self.input_rotation}" if self.input_rotation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_spec}, "
+                f"backend={self.backend}{'/' + self.kernel if self.backend == 'kernel' else ''}{extra}")
+
+
+class WeightlessRMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps)`` with no weight: a LayerNorm after norm fusion and centering."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return torch.ops.aten.rms_norm(x, [x.shape[-1]], None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
