@@ -44,7 +44,8 @@ def probes(gm: fx.GraphModule, nodes: dict[str, fx.Node], recorder: Callable[[st
 
 def _device_of(gm) -> torch.device:
     for p in gm.parameters():
-        return p.device
+        if p.device.type != "meta":  # the streamed pipeline keeps layers not yet loaded on "meta"
+            return p.device
     return torch.device("cpu")
 
 
