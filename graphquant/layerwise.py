@@ -19,7 +19,7 @@ from .capture import node_module_fqn
 from .errors import CalibrationError, PassError
 from .patterns.base import LinearSite
 
-__all__ = ["LayerwiseRunner", "Block", "block_key"]
+__all__ = ["LayerwiseRunner", "Block", "block_key", "make_blocks"]
 
 
 class _StopForward(Exception):
@@ -52,6 +52,51 @@ class Block:
 
     def __repr__(self) -> str:
         return f"Block({self.key!r}, {len(self.linears)} linears)"
+
+
+def make_blocks(gm: fx.GraphModule, linears: list[LinearSite], together: list[list[LinearSite]] = ()) -> list[Block]:
+    """Blocks by ``block_key``, in graph order; blocks whose stretches of the graph overlap
+    are merged, and so are blocks holding Linears listed ``together`` (e.g. a smoothing
+    site's producer and consumers, which must change within one block)."""
+    if not linears:
+        return []
+    idx = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups: dict[str, list[LinearSite]] = {}
+    for lin in sorted(linears, key=lambda s: idx[s.node]):
+        groups.setdefault(block_key(lin.fqn), []).append(lin)
+    first: dict[str, int] = {}
+    for n, i in idx.items():
+        if n.op != "call_function":
+            continue
+        fqn = node_module_fqn(n)
+        if not fqn:
+            continue
+        k = block_key(fqn)
+        if k in groups and k not in first:
+            first[k] = i
+    spans = []
+    for k, lins in groups.items():
+        starts = [first.get(k, idx[lins[0].node])]
+        starts += [idx[x] for x in (lin.node.args[0] for lin in lins)
+                   if isinstance(x, fx.Node) and x.op == "call_function"]  # inputs/params stay cached values
+        spans.append([min(starts), max(idx[lin.node] for lin in lins), k, lins])
+    for group in together:  # a span over the group's Linears merges every block it touches
+        at = [idx[lin.node] for lin in group if lin.node in idx]
+        if len(at) > 1:
+            spans.append([min(at), max(at), "", []])
+    spans.sort(key=lambda s: (s[0], -s[1]))
+    merged = [spans[0]]
+    for s in spans[1:]:
+        cur = merged[-1]
+        if s[0] <= cur[1]:  # interleaved or tied: one block
+            cur[1] = max(cur[1], s[1])
+            cur[2] = "+".join(k for k in (cur[2], s[2]) if k)
+            cur[3] = sorted(cur[3] + s[3], key=lambda lin: idx[lin.node])
+        else:
+            merged.append(s)
+    merged = [m for m in merged if m[3]]
+    nodes = list(gm.graph.nodes)
+    return [Block(k, lins, nodes[a], nodes[b]) for a, b, k, lins in merged]
 
 
 class LayerwiseRunner:
@@ -91,48 +136,7 @@ class LayerwiseRunner:
         return {n: i for i, n in enumerate(self.gm.graph.nodes)}
 
     def _make_blocks(self, linears: list[LinearSite], together: list[list[LinearSite]]) -> list[Block]:
-        """Blocks by ``block_key``, in graph order; blocks whose stretches of the graph overlap
-        are merged, and so are blocks holding Linears listed ``together`` (e.g. a smoothing
-        site's producer and consumers, which must change within one block)."""
-        if not linears:
-            return []
-        idx = self._index()
-        groups: dict[str, list[LinearSite]] = {}
-        for lin in sorted(linears, key=lambda s: idx[s.node]):
-            groups.setdefault(block_key(lin.fqn), []).append(lin)
-        first: dict[str, int] = {}
-        for n, i in idx.items():
-            if n.op != "call_function":
-                continue
-            fqn = node_module_fqn(n)
-            if not fqn:
-                continue
-            k = block_key(fqn)
-            if k in groups and k not in first:
-                first[k] = i
-        spans = []
-        for k, lins in groups.items():
-            starts = [first.get(k, idx[lins[0].node])]
-            starts += [idx[x] for x in (lin.node.args[0] for lin in lins)
-                       if isinstance(x, fx.Node) and x.op == "call_function"]  # inputs/params stay cached values
-            spans.append([min(starts), max(idx[lin.node] for lin in lins), k, lins])
-        for group in together:  # a span over the group's Linears merges every block it touches
-            at = [idx[lin.node] for lin in group if lin.node in idx]
-            if len(at) > 1:
-                spans.append([min(at), max(at), "", []])
-        spans.sort(key=lambda s: (s[0], -s[1]))
-        merged = [spans[0]]
-        for s in spans[1:]:
-            cur = merged[-1]
-            if s[0] <= cur[1]:  # interleaved or tied: one block
-                cur[1] = max(cur[1], s[1])
-                cur[2] = "+".join(k for k in (cur[2], s[2]) if k)
-                cur[3] = sorted(cur[3] + s[3], key=lambda lin: idx[lin.node])
-            else:
-                merged.append(s)
-        merged = [m for m in merged if m[3]]
-        nodes = list(self.gm.graph.nodes)
-        return [Block(k, lins, nodes[a], nodes[b]) for a, b, k, lins in merged]
+        return make_blocks(self.gm, linears, together)
 
     def _live_at(self, cut: fx.Node, candidates, idx) -> list[fx.Node]:
         """Values (not parameters) defined before ``cut`` and read at or after it."""

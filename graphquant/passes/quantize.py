@@ -258,7 +258,10 @@ def quantize_linears(ctx: PassContext, linears: list, calibrate=None, keep_site=
             ctx.record(action="skip", module=lin.fqn, reason="excluded or no quantization config")
     ctx.stats.pop("_order", None)
     static = [s for s in sites if not s.spec.is_dynamic]
-    qparams = (calibrate or _calibrate)(ctx, static) if static else {}
+    if calibrate is not None:  # called even without static sites: the streamed pipeline advances its cache here
+        qparams = calibrate(ctx, static)
+    else:
+        qparams = _calibrate(ctx, static) if static else {}
     ctx.stats.pop("_order", None)
     for s in sites:
         _insert_act(ctx, s, qparams.get(s.name) if not s.spec.is_dynamic else None)
