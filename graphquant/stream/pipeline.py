@@ -100,12 +100,20 @@ def _check_supported(config, plan) -> None:
                           "graphquant.quantize()")
 
 
-def _estimate(captured, units, weights_dtype_size: int, calib, hidden: int, static: bool, gptq: bool) -> dict:
-    """Bytes resident at the peak, before anything is read: the largest unit's weights, GPTQ's float64
-    working set (the largest stacked weight three times, the largest Hessian four times), the carried
-    activations (hidden states of every calibration token, in the compute dtype, once per cache)."""
-    unit_bytes = {u.name: sum(_nbytes(captured.param(t)) for t in u.targets) for u in units}
-    biggest = max(unit_bytes, key=unit_bytes.get)
+def _unit_bytes(captured, unit) -> tuple[int, int]:
+    """(weights, offline work) of a unit: its weights, plus the float64 copies a rewrite makes of its
+    largest tensor (read and result)."""
+    ts = [captured.param(t) for t in unit.targets]
+    return sum(_nbytes(t) for t in ts), 2 * 8 * max((t.numel() for t in ts), default=0)
+
+
+def _estimate(captured, units, calib, gptq: bool, caches: int, shard_bytes: int, rewrites_here: bool = True) -> dict:
+    """Bytes resident at the peak, before anything is read (see the module docstring): the largest
+    unit's weights with the float64 working copies of a rewrite or of GPTQ (the largest stacked weight
+    three times, the largest Hessian four times), the carried activations (the residual stream of
+    every calibration token, twice: input and output of a layer, per cache) and the pending shard.
+    ``rewrites_here=False``: the rewrites may run on the CPU instead (a GPU budget), not counted."""
+    per_unit = {u.name: _unit_bytes(captured, u) for u in units}
     work = 0
     if gptq:
         from ..patterns.base import AnalysisContext
@@ -117,15 +125,35 @@ def _estimate(captured, units, weights_dtype_size: int, calib, hidden: int, stat
             by_input.setdefault(lin.node.args[0], []).append(lin)
         max_w = max(sum(lin.out_features for lin in group) * group[0].in_features for group in by_input.values())
         work = 3 * 8 * max_w + 4 * 8 * max_in * max_in
+    if not rewrites_here:
+        per_unit = {k: (w, 0) for k, (w, _) in per_unit.items()}
+    biggest = max(per_unit, key=lambda k: per_unit[k][0] + max(per_unit[k][1], work))
+    hidden = int(getattr(captured.config, "hidden_size", 0) or 0)
+    size = captured.param(units[-1].targets[0]).element_size() if units[-1].targets else 4
     tokens = 0
     for b in calib or []:
         ids = b.get("input_ids") if isinstance(b, dict) else b
         if isinstance(ids, torch.Tensor):
             tokens += ids.numel()
-    caches = int(gptq) + int(static)
-    cache = 2 * tokens * hidden * weights_dtype_size * caches  # hidden states + one more value of that size
-    return {"largest_unit": biggest, "unit_weights": unit_bytes[biggest], "algorithm_work": work,
-            "activation_cache": cache, "total": unit_bytes[biggest] * 2 + work + cache}
+    cache = 2 * tokens * hidden * size * caches
+    weights, offline = per_unit[biggest]
+    return {"largest_unit": biggest, "unit_weights": weights, "rewrite_work": offline, "algorithm_work": work,
+            "activation_cache": cache, "pending_shard": shard_bytes,
+            "total": weights + max(offline, work) + cache + shard_bytes}
+
+
+def _release_memory() -> None:
+    """Collect cycles (graph segments) and give freed heap pages back to the OS (glibc), so the
+    process does not keep every layer's high-water mark."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, max_memory=None,
@@ -195,24 +223,23 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
     all_linears = list(AnalysisContext(captured).linears.values())
     static = any(not s.spec.is_dynamic for s in _gather_sites(ctx, all_linears, config))
     gptq = "gptq" in algos
-    hidden = int(getattr(captured.config, "hidden_size", 0) or 0)
-    estimate = _estimate(captured, units, torch.empty((), dtype=dtype).element_size(), calib, hidden, static, gptq)
-    limit = budget.get(str(dev) if dev.type == "cuda" else "cpu")
-    if dev.type == "cuda" and dev.index is None:
-        limit = budget.get("cuda:0")
+    limit = budget.get(str(dev) if dev.index is not None or dev.type != "cuda" else "cuda:0")
+    cpu_limit = budget.get("cpu")
+    from ..export.shards import parse_size
+
+    shard_limit = parse_size(max_shard_size)
+    if cpu_limit is not None:  # the pending shard is resident too
+        shard_limit = min(shard_limit, max(cpu_limit // 8, 1 << 20))
+    estimate = _estimate(captured, units, calib, gptq, int(gptq) + int(static), shard_limit if dev.type == "cpu" else 0,
+                         rewrites_here=dev.type == "cpu")
     if limit is not None and estimate["total"] > limit:
         raise ConfigError(
             f"max_memory {format_bytes(limit)} on {dev} is too small for streamed quantization: the largest unit "
-            f"({estimate['largest_unit']}) holds {format_bytes(estimate['unit_weights'])} of weights, the algorithm "
-            f"needs about {format_bytes(estimate['algorithm_work'])} and the carried calibration activations "
-            f"{format_bytes(estimate['activation_cache'])} (about {format_bytes(estimate['total'])} in all); raise "
-            "the budget or pass fewer / shorter calibration batches")
-    shard_limit = max_shard_size
-    cpu_limit = budget.get("cpu")
-    if cpu_limit is not None:  # the pending shard is resident too
-        from ..export.shards import parse_size
-
-        shard_limit = min(parse_size(max_shard_size), max(cpu_limit // 4, 1 << 20))
+            f"({estimate['largest_unit']}) holds {format_bytes(estimate['unit_weights'])} of weights, its rewrites "
+            f"and GPTQ work in float64 on about {format_bytes(max(estimate['rewrite_work'], estimate['algorithm_work']))}"
+            f", the carried calibration activations take {format_bytes(estimate['activation_cache'])} and the pending "
+            f"shard {format_bytes(estimate['pending_shard'])} (about {format_bytes(estimate['total'])} in all); raise "
+            "the budget, or pass fewer / shorter calibration batches or a smaller max_shard_size")
 
     runner_g = runner_c = gptq_layer = None
     if gptq:
@@ -241,19 +268,23 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
         writer = StreamingShardWriter(tmp, shard_limit)
         for unit in units:
             tu = time.perf_counter()
-            before = {t for t, _ in gm.named_parameters()} | {t for t, _ in gm.named_buffers()}
+            before = _targets(gm)
             loaded = 0
+            here = dev  # the rewrites' float64 copies of a big embedding / lm_head may not fit a GPU budget
+            if dev.type != "cpu" and limit is not None and sum(_unit_bytes(captured, unit)) + estimate["activation_cache"] > limit:
+                here = torch.device("cpu")
             for t in unit.targets:  # 1. read the unit's weights
                 meta = captured.param(t)
                 name = next((n for n in captured.state_dict_names(t) if n in weights), None)
                 if name is None:
                     raise ConfigError(f"{model_dir}: the checkpoint has no tensor for {captured.state_dict_names(t)}")
-                value = weights.load(name, dtype=meta.dtype if meta.is_floating_point() else None, device=dev)
+                value = weights.load(name, dtype=meta.dtype if meta.is_floating_point() else None, device=here)
                 if tuple(value.shape) != tuple(meta.shape):
                     raise ConfigError(f"{model_dir}: {name} has shape {tuple(value.shape)}, the config says "
                                       f"{tuple(meta.shape)}")
                 set_attr(gm, t, value)
                 loaded += _nbytes(value)
+            weights.close()  # unmap the shards: pages read stay resident while a file is mapped
             ctx.plan = scoped.for_unit(unit)  # 2. the plan's rewrites at the unit's sites
             for name in order:
                 ctx.current_pass = name
@@ -261,6 +292,8 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
             ctx.current_pass = None
             gm.graph.lint()
             gm.recompile()
+            if here != dev:
+                _move_unit(captured, set(unit.targets) | (_targets(gm) - before), dev)
             if unit.index == 0:
                 _start(runner_g, runner_c)
             lins = [lin for lin in AnalysisContext(captured).linears.values() if lin.node in unit.nodes]
@@ -296,15 +329,14 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
             notes = rec.notes
             config_out = rec.config
             del rec, part
-            if cuda:
-                torch.cuda.synchronize(dev)
             # 6. free the unit
-            after = {t for t, _ in gm.named_parameters()} | {t for t, _ in gm.named_buffers()}
+            after = _targets(gm)
             for t in set(unit.targets) | (after - before):
                 if t in after:
                     v = captured.param(t)
                     if v.device.type != "meta":
                         set_attr(gm, t, torch.empty(v.shape, dtype=v.dtype, device="meta"))
+            _release_memory()
             now = rss_bytes()
             peak = max(peak, now, peak_rss_bytes())
             timings.append(UnitTiming(unit.name, time.perf_counter() - tu, loaded, now,
@@ -329,6 +361,21 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
     return StreamResult(Path(output_dir), dict(marker), timings, time.perf_counter() - t0, estimate,
                         max(peak, peak_rss_bytes()) - rss0,
                         torch.cuda.max_memory_allocated(dev) if cuda else None, ctx.log, report, plan)
+
+
+def _targets(gm) -> set[str]:
+    return {t for t, _ in gm.named_parameters()} | {t for t, _ in gm.named_buffers()}
+
+
+def _move_unit(captured, targets, device) -> None:
+    from ..capture import set_attr
+
+    present = _targets(captured.gm)
+    for t in targets:
+        if t in present:
+            v = captured.param(t)
+            if v.device.type != "meta" and v.device != device:
+                set_attr(captured.gm, t, v.to(device))
 
 
 def _unit_of_module(module_unit: dict, fqn: str, default: int) -> int:
