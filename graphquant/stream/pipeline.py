@@ -142,6 +142,19 @@ def _estimate(captured, units, calib, gptq: bool, caches: int, shard_bytes: int,
             "total": weights + max(offline, work) + cache + shard_bytes}
 
 
+def _return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    """glibc raises its mmap threshold each time a large block is freed, so later float64 temporaries
+    come from the heap, whose freed pages stay resident: a layer's high-water mark would stay with the
+    process. A fixed threshold keeps blocks above it mmapped, returned when freed. Process-wide;
+    set only when a CPU budget is given. Returns whether it was set."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _release_memory() -> None:
     """Collect cycles (graph segments) and give freed heap pages back to the OS (glibc), so the
     process does not keep every layer's high-water mark."""
@@ -241,6 +254,8 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
             f"shard {format_bytes(estimate['pending_shard'])} (about {format_bytes(estimate['total'])} in all); raise "
             "the budget, or pass fewer / shorter calibration batches or a smaller max_shard_size")
 
+    if cpu_limit is not None:
+        _return_freed_memory_to_os()
     runner_g = runner_c = gptq_layer = None
     if gptq:
         cfg = algo_config(ctx, "gptq", GPTQConfig)
