@@ -107,24 +107,23 @@ def _unit_bytes(captured, unit) -> tuple[int, int]:
     return sum(_nbytes(t) for t in ts), 2 * 8 * max((t.numel() for t in ts), default=0)
 
 
-def _estimate(captured, units, calib, gptq: bool, caches: int, shard_bytes: int, rewrites_here: bool = True) -> dict:
+def _estimate(captured, units, calib, gptq_targets: list, quantized: list, caches: int, shard_bytes: int,
+              rewrites_here: bool = True) -> dict:
     """Bytes resident at the peak, before anything is read (see the module docstring): the largest
     unit's weights with the float64 working copies of a rewrite or of GPTQ (the largest stacked weight
-    three times, the largest Hessian four times), the carried activations (the residual stream of
+    three times, the largest Hessian four times; the float32 temporaries of weight quantization, four
+    copies of the largest quantized weight), the carried activations (the residual stream of
     every calibration token, twice: input and output of a layer, per cache) and the pending shard.
     ``rewrites_here=False``: the rewrites may run on the CPU instead (a GPU budget), not counted."""
     per_unit = {u.name: _unit_bytes(captured, u) for u in units}
-    work = 0
-    if gptq:
-        from ..patterns.base import AnalysisContext
-
-        lins = list(AnalysisContext(captured).linears.values())
-        max_in = max(lin.in_features for lin in lins)
+    work = 16 * max((lin.in_features * lin.out_features for lin in quantized), default=0)
+    if gptq_targets:
+        max_in = max(lin.in_features for lin in gptq_targets)
         by_input: dict = {}
-        for lin in lins:
+        for lin in gptq_targets:
             by_input.setdefault(lin.node.args[0], []).append(lin)
         max_w = max(sum(lin.out_features for lin in group) * group[0].in_features for group in by_input.values())
-        work = 3 * 8 * max_w + 4 * 8 * max_in * max_in
+        work = max(work, 3 * 8 * max_w + 4 * 8 * max_in * max_in)
     if not rewrites_here:
         per_unit = {k: (w, 0) for k, (w, _) in per_unit.items()}
     biggest = max(per_unit, key=lambda k: per_unit[k][0] + max(per_unit[k][1], work))
@@ -242,14 +241,18 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
 
     shard_limit = parse_size(max_shard_size)
     if cpu_limit is not None:  # the pending shard is resident too
-        shard_limit = min(shard_limit, max(cpu_limit // 8, 1 << 20))
-    estimate = _estimate(captured, units, calib, gptq, int(gptq) + int(static), shard_limit if dev.type == "cpu" else 0,
-                         rewrites_here=dev.type == "cpu")
+        shard_limit = min(shard_limit, max(cpu_limit // 16, 1 << 20))
+    gptq_targets = [lin for lin, _ in quantization_targets(ctx, "GPTQ")] if gptq else []
+    quantized = [lin for lin in all_linears if (lambda qc: qc is not None and qc.weight is not None
+                                                and not qc.weight.is_cast)(config.resolve(lin.fqn, "Linear"))]
+    estimate = _estimate(captured, units, calib, gptq_targets, quantized, int(bool(gptq_targets)) + int(static),
+                         shard_limit if dev.type == "cpu" else 0, rewrites_here=dev.type == "cpu")
     if limit is not None and estimate["total"] > limit:
         raise ConfigError(
             f"max_memory {format_bytes(limit)} on {dev} is too small for streamed quantization: the largest unit "
-            f"({estimate['largest_unit']}) holds {format_bytes(estimate['unit_weights'])} of weights, its rewrites "
-            f"and GPTQ work in float64 on about {format_bytes(max(estimate['rewrite_work'], estimate['algorithm_work']))}"
+            f"({estimate['largest_unit']}) holds {format_bytes(estimate['unit_weights'])} of weights, its rewrites, "
+            f"GPTQ (float64) and weight quantization work on about "
+            f"{format_bytes(max(estimate['rewrite_work'], estimate['algorithm_work']))}"
             f", the carried calibration activations take {format_bytes(estimate['activation_cache'])} and the pending "
             f"shard {format_bytes(estimate['pending_shard'])} (about {format_bytes(estimate['total'])} in all); raise "
             "the budget, or pass fewer / shorter calibration batches or a smaller max_shard_size")
