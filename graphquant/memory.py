@@ -59,6 +59,8 @@ def parse_max_memory(spec) -> dict[str, int]:
             if "=" not in part:
                 raise ConfigError(f"max_memory entry {part.strip()!r} has no '='; {_EXAMPLE}")
             k, v = part.split("=", 1)
+            if k.strip() in items:
+                raise ConfigError(f"max_memory names {k.strip()} twice; {_EXAMPLE}")
             items[k.strip()] = v.strip()
         if not items:
             raise ConfigError(f"max_memory {spec!r} is empty; {_EXAMPLE}")
