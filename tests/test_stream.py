@@ -161,13 +161,11 @@ _RSS_SCRIPT = textwrap.dedent("""
     from graphquant.models.tiny import tiny_config
     folder, out, budget = sys.argv[1:4]
     cfg = preset("w_int8_per_channel_a_int8_per_token")
-    cfg.pre_quant_opt_config, cfg.algo_config = [QuaRotConfig()], [GPTQConfig()]
-    g = torch.Generator().manual_seed(0)
-    calib = [torch.randint(0, 4096, (1, 160), generator=g) for _ in range(8)]
+    cfg.pre_quant_opt_config = [QuaRotConfig()]
     with init_empty_weights():  # load the code a capture needs (torch.export, the modeling file) first
         gq.analyze(transformers.AutoModelForCausalLM.from_config(tiny_config("llama", 1)))
     base = rss_bytes()
-    res = gq.quantize_streamed(folder, cfg, calib, out, max_memory="cpu=" + budget, progress=False)
+    res = gq.quantize_streamed(folder, cfg, None, out, max_memory="cpu=" + budget, progress=False)
     print(json.dumps({"growth": peak_rss_bytes() - base, "estimate": res.estimate["total"],
                       "units": len(res.units)}))
 """)
@@ -175,10 +173,12 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from Linux getrusage")
 def test_streamed_peak_rss_growth_stays_under_a_budget_below_the_model_size(tmp_path):
-    """A 24-layer Llama of 560 MiB (float32), W8A8 + QuaRot + GPTQ under cpu=320MiB: the peak RSS growth of
-    the process (measured after the library code is loaded) stays below the budget."""
+    """A 16-layer Llama of 381 MB (float32), W8A8 (dynamic per-token) + QuaRot under cpu=320MiB: the peak RSS
+    growth of the process (measured after the library code is loaded) stays below the budget. (GPTQ's
+    float64 Hessians would need a model of several GB for the same margin, too slow for CI on two cores:
+    its streamed result is checked against the in-memory one above, its memory in benchmarks/stream_gpu.py.)"""
     folder = tmp_path / "llama24"
-    model = tiny_model("llama", num_layers=24, hidden_size=1024, intermediate_size=1024, vocab_size=4096,
+    model = tiny_model("llama", num_layers=16, hidden_size=1024, intermediate_size=1024, vocab_size=4096,
                        num_attention_heads=8, num_key_value_heads=2, head_dim=128)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(folder, max_shard_size="50MB")
@@ -191,10 +191,10 @@ def test_streamed_peak_rss_growth_stays_under_a_budget_below_the_model_size(tmp_
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["units"] == 25
+    assert got["units"] == 17
     assert got["estimate"] <= budget
     assert 0 < got["growth"] < budget, (got, size)
-    assert len(read_sharded(tmp_path / "out")) > 24 * 7
+    assert len(read_sharded(tmp_path / "out")) > 16 * 7
 
 
 # --------------------------------------------------------------------------- CLI
