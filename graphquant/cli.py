@@ -104,13 +104,13 @@ def is_quantized_checkpoint(src: str) -> bool:
         return False
 
 
-def _load_quantized(src: str, device: str):
+def _load_quantized(src: str, device: str, kernels: str = "never"):
     """``graphquant.load`` plus the folder's tokenizer (None when it has none)."""
     from . import load
     from .errors import GraphQuantError
 
     try:
-        model = load(src, device=device)
+        model = load(src, device=device, kernels=kernels)
     except (GraphQuantError, OSError, ValueError, ImportError) as e:
         raise CliError(f"cannot load quantized model {src!r}: {_one_line(e)}", EXIT_USAGE) from e
     try:
@@ -131,7 +131,7 @@ def _load_with_tokenizer(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     try:
         if is_quantized_checkpoint(args.model):
-            model, tok = _load_quantized(args.model, args.device)
+            model, tok = _load_quantized(args.model, args.device, getattr(args, "kernels", "never"))
         else:
             model, tok = load_model(args.model, dtype=dtype, device=args.device,
                                     trust_remote_code=args.trust_remote_code)
@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--kernels", choices=["auto", "always", "never"], default="auto",
+                     help="quantized Linears: low-precision kernels where faster on this device (auto), wherever "
+                          "one exists (always), or fake-quant, bit-identical to graphquant's graph (never)")
     gen.set_defaults(func=_cmd_generate)
     return parser
 

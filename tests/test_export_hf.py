@@ -129,3 +129,20 @@ def test_unexportable_graph_node_is_refused():
     qm = gq.quantize(model, make_config("w_int8_per_tensor"), progress=False, lower=True)
     with pytest.raises(ExportError, match="lowered"):
         qm.to_hf()
+
+
+@pytest.mark.parametrize("scheme,group,has_zp", [("w_int8_per_tensor", None, False), ("w_fp8_a_fp8", None, False),
+                                                 ("w_uint4_per_group_asym", 32, True)])
+def test_symmetric_weights_store_no_zero_point(scheme, group, has_zp):
+    """Issue 12: symmetric / float schemes keep no all-zero int32 zero points; dequantize and lowering
+    take the missing one."""
+    model = tiny_model("llama")
+    qm = gq.quantize(model, make_config(scheme, group), calib(), progress=False)
+    names = [n for n, _ in qm.gm.named_buffers()] + [n for n, _ in qm.gm.named_parameters()]
+    assert any(n.endswith("weight_zero_point") for n in names) is has_zp
+    ids = torch.randint(0, 128, (1, 6))
+    ref = logits(qm, ids)
+    from graphquant.lowering import lower_model
+
+    lower_model(qm)
+    assert rel(logits(qm, ids), ref) < 1e-3

@@ -224,7 +224,8 @@ def quantization_config(rec: ModelRecords, float_linears: list[str]) -> dict:
         }
     formats = {k[3] for k in groups}
     kv = _kv_scheme(rec)
-    qc = {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+    fmt = formats.pop() if len(formats) == 1 else ("mixed-precision" if formats else "dense")
+    qc = {"quant_method": QUANT_METHOD, "format": fmt,
           "quantization_status": "compressed", "config_groups": config_groups,
           "ignore": sorted(float_linears) if single else [], "kv_cache_scheme": kv,
           "global_compression_ratio": None, "sparsity_config": {}}
@@ -307,8 +308,9 @@ def caveats(rec: ModelRecords) -> list[str]:
                    "scales by amax/127.5 and clamps to [-128, 127], graphquant and vLLM by amax/127 in [-127, 127]: "
                    "transformers' logits differ slightly from graphquant's")
     elif any(s.is_integer_format and s.symmetric for s in specs):
-        out.append("static symmetric int activations: compressed-tensors clamps to [-128, 127], graphquant to "
-                   "[-127, 127]; only values beyond the calibrated range differ")
+        out.append("static symmetric int activations: compressed-tensors (transformers) clamps codes to [-128, 127], "
+                   "graphquant to [-127, 127]; activations beyond the calibrated range differ by one step (the only "
+                   "difference: with that clamp graphquant's numbers equal transformers' exactly)")
     if any(lr.weight_zero_point is not None and _linear_format(lr) == "pack-quantized" for lr in rec.linears.values()):
         out.append("asymmetric packed int4 weights: transformers 5.x fails to load their packed zero points "
                    "(compressed-tensors' own layout, an upstream limitation); graphquant.load and vLLM load them")
@@ -318,15 +320,12 @@ def caveats(rec: ModelRecords) -> list[str]:
                    "(random-hadamard, matrices in the checkpoint): graphquant.load and vLLM apply it; transformers "
                    "5.x ignores transform_config and computes WRONG logits without it")
     if rot["R3"]:
-        out.append(f"online R3 Hadamard (q_attn / k_cache) at {len(rot['R3'])} attention module(s) is stored as "
-                   "transform_config: graphquant.load applies it; vLLM applies only Linear input/output transforms "
-                   "and transformers none, so both compute WRONG attention inputs for K-cache quantization... ")
-        out[-1] = out[-1].replace("... ", " (the q·k product itself is unchanged by R3, so logits stay right "
-                                          "only without KV-cache quantization)")
-    if any(a.k is not None for a in rec.attention.values()):
-        out.append("KV-cache quantization (k_scale / v_scale) is applied by graphquant.load and vLLM; transformers "
-                   "5.x loads the scales and applies compressed-tensors' KV quantization hooks only if "
-                   "compressed-tensors supports this attention module")
+        kv = any(a.k is not None for a in rec.attention.values())
+        out.append(f"online R3 Hadamard at {len(rot['R3'])} attention module(s) is stored as transform_config "
+                   "(q_attn / k_cache): graphquant.load applies it; vLLM applies only Linear input/output transforms "
+                   "and transformers none. R3 leaves q·kᵀ unchanged, so "
+                   + ("with this quantized KV cache they quantize un-rotated K: their results DIFFER from graphquant's"
+                      if kv else "without KV-cache quantization their logits are unaffected"))
     return out
 
 

@@ -13,6 +13,7 @@ fills, raises :class:`~.from_graph.ExportError`.
 from __future__ import annotations
 
 import inspect
+import types
 
 import torch
 from torch import nn
@@ -85,9 +86,20 @@ def build_model(rec: ModelRecords, kernels: str = "never", device=None, dtype=No
         raise ExportError(f"{len(missing)} weight(s) of {rec.model_class} were not written: {missing[:5]}")
     A.attach(model, rec.attention)
     model.__dict__[RECORDS_ATTR] = list(rec.notes)
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
     if device is not None:
         model.to(device)
     return model
+
+
+def _save_pretrained(self, save_directory, format: str = "compressed-tensors", max_shard_size="5GB",
+                     overwrite: bool = False, tokenizer=None, source=None, **_hf_kwargs):
+    """``save_pretrained`` of a written-back model: a compressed-tensors / Quark checkpoint (HF's own
+    would store graphquant's internal buffers under names no loader knows)."""
+    from .writer import save
+
+    return save(self, save_directory, format=format, max_shard_size=max_shard_size, overwrite=overwrite,
+                tokenizer=tokenizer, source=source)
 
 
 def _add_missing_biases(model: nn.Module, rec: ModelRecords) -> None:

@@ -15,6 +15,7 @@ from .from_graph import ExportError
 from .records import ModelRecords
 from .safe_output import MARKER
 from .shards import read_sharded
+from .writer import BUFFERS
 
 
 def load(path, device=None, kernels: str = "never"):
@@ -55,7 +56,26 @@ def load(path, device=None, kernels: str = "never"):
         linears, attention, weights = fmt.read(qc, tensors, skeleton, specs)
     else:
         linears, attention, weights = {}, {}, tensors
+    float_dtype = _float_dtype(skeleton, weights, config)
+    for lr in linears.values():  # the compute dtype of the saved model, not the skeleton's default
+        lr.dtype = float_dtype
+    if (folder / BUFFERS).is_file():  # the exact non-persistent buffers of the saved model
+        from safetensors.torch import load_file
+
+        weights.update(load_file(str(folder / BUFFERS)))
     rms = {k: float(v) for k, v in marker.get("rms_norms", {}).items()}
     weights = {k: v for k, v in weights.items() if k.rsplit(".", 1)[0] not in rms}
     rec = ModelRecords(arch, plain, weights, linears, attention, rms, list(marker.get("notes", [])))
-    return build_model(rec, kernels=kernels, device=device)
+    return build_model(rec, kernels=kernels, device=device, dtype=float_dtype)
+
+
+def _float_dtype(skeleton, weights: dict, config):
+    import torch
+
+    emb = skeleton.get_input_embeddings() if hasattr(skeleton, "get_input_embeddings") else None
+    name = next((n for n, m in skeleton.named_modules() if m is emb), None) if emb is not None else None
+    t = weights.get(f"{name}.weight") if name is not None else None
+    if t is not None and t.is_floating_point():
+        return t.dtype
+    d = getattr(config, "dtype", None)
+    return d if isinstance(d, torch.dtype) else torch.float32

@@ -24,10 +24,12 @@ from torch import nn
 from ..quant import fake_quant as FQ
 from .records import LinearRecord, TensorQuantizer
 
-#: On CPU, which kernels beat fake-quant (dequantize + float matmul) for batch-1 decoding, measured by
-#: ``benchmarks/generate_cpu.py`` (gq-llama-20m, 2 CPU threads): the int8 / int4 weight-only kernels
-#: read 4x / 8x fewer weight bytes; W8A8 int8 uses ``torch._int_mm``; fp8 has no fast CPU path.
-CPU_FASTER = {"int8_weight_only": True, "int4_linear": True, "int8_linear": True, "fp8_linear": False}
+#: On CPU, which kernels beat fake-quant (dequantize + float matmul) at decode shapes (M = 1), measured by
+#: ``benchmarks/generate_cpu.py --per_op_only`` on gq-llama-20m's Linears (2 threads; fastest of 200 calls
+#: on a shared machine; results/generate_cpu_per_op.json): int8_linear (torch._int_mm) 93-362 us vs fake-quant
+#: 251-1362 us; int8 weight-only (_weight_int8pack_mm) 137-902 us vs 166-1163 us; int4 (tinygemm) 126-2419 us
+#: vs 73-2521 us (slower on the small layers); fp8 (_scaled_mm on CPU) 13-368 ms vs 0.4-16 ms.
+CPU_FASTER = {"int8_linear": True, "int8_weight_only": True, "int4_linear": False, "fp8_linear": False}
 
 
 def _ops():

@@ -80,6 +80,13 @@ def check_output_dir(out, inputs=(), overwrite: bool = False) -> Path:
     return target
 
 
+def _apply_umask(folder: Path) -> None:
+    """Files some writers create 0600 (safetensors, mkstemp) get the umask's mode, as open() would give."""
+    fmode = 0o666 & ~_umask()
+    for p in folder.rglob("*"):
+        os.chmod(p, folder_mode() if p.is_dir() else fmode)
+
+
 def _write_marker(folder: Path, info: dict) -> None:
     data = {"written_by": "graphquant", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
     (folder / MARKER).write_text(json.dumps(data, indent=1, default=str) + "\n")
@@ -98,6 +105,7 @@ def atomic_output_dir(out, inputs=(), overwrite: bool = False, marker: dict | No
         os.chmod(tmp, folder_mode())
         yield tmp
         _write_marker(tmp, marker or {})
+        _apply_umask(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.graphquant-old-", dir=target.parent))
             os.rmdir(old)

@@ -21,6 +21,7 @@ from .records import ModelRecords
 from .safe_output import atomic_output_dir
 from .shards import write_sharded
 
+BUFFERS = "graphquant_buffers.safetensors"
 FORMATS = {"compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
            "quark": "quark", "hf_format": "quark"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -88,8 +89,9 @@ def save(obj, path, format: str = "compressed-tensors", max_shard_size="5GB", ov
     qc = mod.quantization_config(rec, float_linears)
     tensors = mod.tensors(rec)
     persistent = set(skeleton.state_dict())
-    for k in [k for k in rec.float_weights if k not in persistent]:  # e.g. RoPE inv_freq: rebuilt at load
-        tensors.pop(k, None)
+    side = {}  # non-persistent buffers (RoPE inv_freq): loaders rebuild them, graphquant.load restores them
+    for k in [k for k in rec.float_weights if k not in persistent]:
+        side[k] = tensors.pop(k).detach().contiguous()
     for fqn in rec.rms_norms:  # a LayerNorm with weight 1 / bias 0 equals the weightless RMSNorm on the
         norm = skeleton.get_submodule(fqn)  # centered residual stream: plain consumers stay right
         for pname, p in norm.named_parameters(recurse=False):
@@ -104,6 +106,10 @@ def save(obj, path, format: str = "compressed-tensors", max_shard_size="5GB", ov
               "online_rotations": rec.online_rotations, "rms_norms": dict(rec.rms_norms)}
     with atomic_output_dir(path, inputs=inputs, overwrite=overwrite, marker=marker) as tmp:
         write_sharded(tensors, tmp, max_shard_size)
+        if side:
+            from safetensors.torch import save_file
+
+            save_file(side, str(tmp / BUFFERS))
         cfg = copy.deepcopy(rec.config)
         cfg.architectures = [rec.model_class]
         cfg.quantization_config = qc

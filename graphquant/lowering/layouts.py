@@ -1,7 +1,7 @@
 """Weights in the layout each kernel reads, built from ``insert_qdq``'s quantized storage.
 
 ``insert_qdq`` keeps a Linear weight as codes (``weight_q``, one code per element in int8 / uint8 /
-fp8 storage), ``weight_scale`` and ``weight_zero_point`` in ``qparam_shape`` (per-tensor ``()``,
+fp8 storage), ``weight_scale`` and (asymmetric schemes only) ``weight_zero_point`` in ``qparam_shape`` (per-tensor ``()``,
 per-channel ``(N,)``, per-group ``(N, K // group)``). The functions here turn that into:
 
 =================  ==========================================================================

@@ -170,7 +170,7 @@ class _Lowerer:
         out_val = lin.meta.get("val")
         out_dtype = out_val.dtype if isinstance(out_val, torch.Tensor) else (
             dq.args[4] if len(dq.args) > 4 else dq.kwargs.get("out_dtype", torch.float32))
-        qdata, scale, zp = (self.tensor(n) for n in dq.args[:3])
+        qdata, scale, zp = (self.tensor(n) if n is not None else None for n in dq.args[:3])
         N, K = qdata.shape
         choice = schemes.choose(site.w_spec, site.act_spec, K, out_dtype)
         if choice.kernel is None:

@@ -4,8 +4,8 @@ Per Linear, ``Config.resolve(fqn, "Linear")`` gives the ``QuantizationConfig`` (
 exclude > layer_quant_config > layer_type_quant_config > global_quant_config).
 
 - weights are quantized once, offline: the float parameter is replaced by low-precision storage
-  (``<fqn>.weight_q``, ``weight_scale``, ``weight_zero_point``) read through
-  ``graphquant::dequantize``;
+  (``<fqn>.weight_q``, ``weight_scale``, and ``weight_zero_point`` only for schemes that have one:
+  symmetric signed ints and floats store none) read through ``graphquant::dequantize``;
 - input tensors: dynamic specs insert ``graphquant::dynamic_fake_quant`` (qparams computed at run
   time per tensor / token / group); static specs are calibrated with observers, then
   ``graphquant::fake_quant`` with the scale as a buffer. Linears reading the same tensor with the
@@ -67,7 +67,7 @@ def _check_weight_specs(linears, config) -> None:
 
 
 def _replace_weight(ctx: PassContext, lin, spec) -> None:
-    from ..quant.fake_quant import quantize_weight
+    from ..quant.fake_quant import _uses_zero_point, quantize_weight
 
     target = W.own_weight(ctx, lin)
     w = ctx.captured.param(target).detach()
@@ -77,12 +77,17 @@ def _replace_weight(ctx: PassContext, lin, spec) -> None:
         raise ConfigError(f"{lin.fqn}: {e}") from None
     gm = ctx.gm
     base = lin.fqn
-    for suffix, t in (("weight_q", qw.qdata), ("weight_scale", qw.scale), ("weight_zero_point", qw.zero_point)):
+    stored = [("weight_q", qw.qdata), ("weight_scale", qw.scale)]
+    if _uses_zero_point(spec):  # symmetric signed ints and floats have none (all zeros): not stored
+        stored.append(("weight_zero_point", qw.zero_point))
+    for suffix, t in stored:
         set_attr(gm, f"{base}.{suffix}", t.to(w.device))
     g = gm.graph
     attr = lin.node.args[1]
     with g.inserting_before(lin.node):
-        nodes = [g.get_attr(f"{base}.{s}") for s in ("weight_q", "weight_scale", "weight_zero_point")]
+        nodes = [g.get_attr(f"{base}.{s}") for s, _ in stored]
+        if len(nodes) == 2:
+            nodes.append(None)
         dq = g.call_function(_ops().dequantize.default, (*nodes, spec.to_op_str(), w.dtype))
     dq.meta["val"] = attr.meta.get("val")
     dq.meta[QDQ_TAG] = {"role": "weight", "module": lin.fqn, "float_weight": target, "spec": spec.to_op_str()}

@@ -3,14 +3,15 @@
 Schemas (namespace ``graphquant``; other modules add their own ops to it)::
 
     graphquant::quantize(Tensor x, Tensor scale, Tensor zero_point, str spec) -> Tensor
-    graphquant::dequantize(Tensor q, Tensor scale, Tensor zero_point, str spec,
+    graphquant::dequantize(Tensor q, Tensor scale, Tensor? zero_point, str spec,
                            ScalarType out_dtype=float32) -> Tensor
     graphquant::fake_quant(Tensor x, Tensor scale, Tensor zero_point, str spec) -> Tensor
     graphquant::dynamic_fake_quant(Tensor x, str spec) -> Tensor
 
 ``spec`` is ``QuantizationSpec.to_op_str()`` (parsed once and cached). Output dtypes:
 ``quantize`` → ``storage_dtype(spec)``; ``dequantize`` → ``out_dtype``; the fake-quant ops →
-``x.dtype``. Shapes equal the input's. Fake (meta) kernels compute exactly that, so the ops trace
+``x.dtype``. Shapes equal the input's. ``dequantize`` takes ``zero_point=None`` for schemes without
+one (symmetric signed ints, floats). Fake (meta) kernels compute exactly that, so the ops trace
 under ``torch.export`` (with dynamic dims) and ``torch.compile``. Outputs never alias inputs.
 
 Call them as ``torch.ops.graphquant.fake_quant(x, scale, zp, spec_str)`` or through the Python
@@ -20,6 +21,8 @@ The two fake-quant ops have a straight-through gradient (``d out / d x = 1``; no
 zero point), so gradient-based code can run through a fake-quantized graph.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -47,7 +50,7 @@ def _(x, scale, zero_point, spec):
 
 
 @torch.library.custom_op("graphquant::dequantize", mutates_args=())
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: str,
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], spec: str,
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return _fresh(FQ.dequantize(q, scale, zero_point, spec, out_dtype), q)
 
