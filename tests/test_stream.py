@@ -87,6 +87,13 @@ def test_streamed_checkpoint_equals_in_memory(llama8, tmp_path, scheme):
     assert any(k.endswith("weight_scale") for k in a) and any("R4" in k or "hadamard" in k.lower() for k in a)
     differ = [k for k in a if not _same_bits(a[k], b[k])]
     assert not differ, differ[:5]
+    files = sorted(p.name for p in (tmp_path / "memory").iterdir() if not p.name.startswith("model"))
+    assert files == sorted(p.name for p in (tmp_path / "stream").iterdir() if not p.name.startswith("model"))
+    if (tmp_path / "memory" / "graphquant_buffers.safetensors").is_file():  # non-persistent buffers (RoPE)
+        from safetensors.torch import load_file
+
+        ba, bb = (load_file(str(tmp_path / d / "graphquant_buffers.safetensors")) for d in ("memory", "stream"))
+        assert set(ba) == set(bb) and all(_same_bits(ba[k], bb[k]) for k in ba)
     for name in ("config.json", "generation_config.json"):
         assert json.loads((tmp_path / "memory" / name).read_text()) == json.loads((tmp_path / "stream" / name).read_text())
     m1 = json.loads((tmp_path / "memory" / "graphquant_export.json").read_text())
@@ -157,17 +164,18 @@ _RSS_SCRIPT = textwrap.dedent("""
     from accelerate import init_empty_weights
     import graphquant as gq
     from graphquant.config import GPTQConfig, QuaRotConfig, preset
-    from graphquant.memory import peak_rss_bytes, rss_bytes
+    from graphquant.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from graphquant.models.tiny import tiny_config
     folder, out, budget = sys.argv[1:4]
     cfg = preset("w_int8_per_channel_a_int8_per_token")
     cfg.pre_quant_opt_config = [QuaRotConfig()]
     with init_empty_weights():  # load the code a capture needs (torch.export, the modeling file) first
         gq.analyze(transformers.AutoModelForCausalLM.from_config(tiny_config("llama", 1)))
+    assert reset_peak_rss()
     base = rss_bytes()
     res = gq.quantize_streamed(folder, cfg, None, out, max_memory="cpu=" + budget, progress=False)
     print(json.dumps({"growth": peak_rss_bytes() - base, "estimate": res.estimate["total"],
-                      "units": len(res.units)}))
+                      "units": len(res.units), "reported": res.peak_rss_growth}))
 """)
 
 
@@ -177,7 +185,7 @@ def test_streamed_peak_rss_growth_stays_under_a_budget_below_the_model_size(tmp_
     growth of the process (measured after the library code is loaded) stays below the budget. (GPTQ's
     float64 Hessians would need a model of several GB for the same margin, too slow for CI on two cores:
     its streamed result is checked against the in-memory one above, its memory in benchmarks/stream_gpu.py.)"""
-    folder = tmp_path / "llama24"
+    folder = tmp_path / "llama16"
     model = tiny_model("llama", num_layers=16, hidden_size=1024, intermediate_size=1024, vocab_size=4096,
                        num_attention_heads=8, num_key_value_heads=2, head_dim=128)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -194,6 +202,7 @@ def test_streamed_peak_rss_growth_stays_under_a_budget_below_the_model_size(tmp_
     assert got["units"] == 17
     assert got["estimate"] <= budget
     assert 0 < got["growth"] < budget, (got, size)
+    assert abs(got["reported"] - got["growth"]) < 64 * 2**20  # StreamResult.peak_rss_growth says the same
     assert len(read_sharded(tmp_path / "out")) > 16 * 7
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..memory import format_bytes, parse_max_memory, peak_rss_bytes, rss_bytes
+from ..memory import format_bytes, parse_max_memory, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 UNSUPPORTED_ALGOS = {"awq": "AWQ", "autosmoothquant": "AutoSmoothQuant"}
 
@@ -199,6 +199,7 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
     from .writer import StreamingShardWriter
 
     t0 = time.perf_counter()
+    reset_peak_rss()  # the peak reported is this call's
     rss0 = rss_bytes()
     if output_dir is None:
         raise ConfigError("quantize_streamed writes a checkpoint: pass output_dir")
@@ -273,6 +274,7 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
     skeleton_names = _skeleton(captured.model_class, captured.config, dtype)
     module_unit = {m: u.index for u in units for m in u.modules}
     spec_linears, spec_attention, rms, notes = {}, {}, {}, []
+    side: dict = {}  # non-persistent buffers (RoPE inv_freq), as export.writer.save keeps them
     timings: list[UnitTiming] = []
     marker: dict = {}
     cuda = dev.type == "cuda"
@@ -334,9 +336,9 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
             def mine(fqn: str, _u=unit) -> bool:
                 return _unit_of_module(module_unit, fqn, units[-1].index) == _u.index
 
-            part = ModelRecords(rec.model_class, rec.config,
-                                {k: v for k, v in rec.float_weights.items()
-                                 if mine(k.rsplit(".", 1)[0]) and k in skeleton_names},
+            ours = {k: v for k, v in rec.float_weights.items() if mine(k.rsplit(".", 1)[0])}
+            side.update({k: v.detach().to("cpu").contiguous() for k, v in ours.items() if k not in skeleton_names})
+            part = ModelRecords(rec.model_class, rec.config, {k: v for k, v in ours.items() if k in skeleton_names},
                                 {k: v for k, v in rec.linears.items() if mine(k)},
                                 {k: v for k, v in rec.attention.items() if mine(k)},
                                 {k: v for k, v in rec.rms_norms.items() if mine(k)})
@@ -362,6 +364,12 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
             bar.update(1)
         bar.close()
         writer.close()
+        if side:
+            from safetensors.torch import save_file
+
+            from ..export.writer import BUFFERS
+
+            save_file(side, str(tmp / BUFFERS))
         recs = ModelRecords(captured.model_class, config_out, {}, spec_linears, spec_attention, rms, list(notes))
         float_linears = [n for n in skeleton_names.linears if n not in spec_linears]
         qc = mod.quantization_config(recs, float_linears)
