@@ -246,8 +246,9 @@ def insert_qdq(ctx: PassContext) -> None:
 
 def quantize_linears(ctx: PassContext, linears: list, calibrate=None, keep_site=None) -> list[ActSite]:
     """``insert_qdq`` for ``linears``: weights replaced by their quantized storage, then the
-    activation quantizers (static ones calibrated by ``calibrate(ctx, sites) -> {name: qparams}``,
-    by default one run of the whole graph over the calibration data). ``keep_site(site)``: which
+    activation quantizers (static ones calibrated by ``calibrate(ctx, static_sites) -> {name: qparams}``,
+    called after the weights are replaced, also when there is no static site; by default one run of the
+    whole graph over the calibration data, skipped without static sites). ``keep_site(site)``: which
     activation sites (including KV-cache sites) to handle; the streamed pipeline passes those of
     the resident layer. Returns the activation sites handled."""
     config = ctx.config

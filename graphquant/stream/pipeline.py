@@ -289,22 +289,10 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
         for unit in units:
             tu = time.perf_counter()
             before = _targets(gm)
-            loaded = 0
             here = dev  # the rewrites' float64 copies of a big embedding / lm_head may not fit a GPU budget
             if dev.type != "cpu" and limit is not None and sum(_unit_bytes(captured, unit)) + estimate["activation_cache"] > limit:
                 here = torch.device("cpu")
-            for t in unit.targets:  # 1. read the unit's weights
-                meta = captured.param(t)
-                name = next((n for n in captured.state_dict_names(t) if n in weights), None)
-                if name is None:
-                    raise ConfigError(f"{model_dir}: the checkpoint has no tensor for {captured.state_dict_names(t)}")
-                value = weights.load(name, dtype=meta.dtype if meta.is_floating_point() else None, device=here)
-                if tuple(value.shape) != tuple(meta.shape):
-                    raise ConfigError(f"{model_dir}: {name} has shape {tuple(value.shape)}, the config says "
-                                      f"{tuple(meta.shape)}")
-                set_attr(gm, t, value)
-                loaded += _nbytes(value)
-            weights.close()  # unmap the shards: pages read stay resident while a file is mapped
+            loaded = _load_unit(captured, unit, weights, here)  # 1. read the unit's weights
             ctx.plan = scoped.for_unit(unit)  # 2. the plan's rewrites at the unit's sites
             for name in order:
                 ctx.current_pass = name
@@ -336,7 +324,7 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
             def mine(fqn: str, _u=unit) -> bool:
                 return _unit_of_module(module_unit, fqn, units[-1].index) == _u.index
 
-            ours = {k: v for k, v in rec.float_weights.items() if mine(k.rsplit(".", 1)[0])}
+            ours = {k: v for k, v in rec.float_weights.items() if mine(k.rsplit(".", 1)[0])}  # state-dict names
             side.update({k: v.detach().to("cpu").contiguous() for k, v in ours.items() if k not in skeleton_names})
             part = ModelRecords(rec.model_class, rec.config, {k: v for k, v in ours.items() if k in skeleton_names},
                                 {k: v for k, v in rec.linears.items() if mine(k)},
@@ -349,13 +337,7 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
             notes = rec.notes
             config_out = rec.config
             del rec, part
-            # 6. free the unit
-            after = _targets(gm)
-            for t in set(unit.targets) | (after - before):
-                if t in after:
-                    v = captured.param(t)
-                    if v.device.type != "meta":
-                        set_attr(gm, t, torch.empty(v.shape, dtype=v.dtype, device="meta"))
+            _free_unit(captured, set(unit.targets) | (_targets(gm) - before))  # 6. free the unit
             _release_memory()
             now = rss_bytes()
             peak = max(peak, now, peak_rss_bytes())
@@ -387,6 +369,39 @@ def quantize_streamed(model_dir, config, calib_data=None, output_dir=None, *, ma
     return StreamResult(Path(output_dir), dict(marker), timings, time.perf_counter() - t0, estimate,
                         max(peak, peak_rss_bytes()) - rss0,
                         torch.cuda.max_memory_allocated(dev) if cuda else None, ctx.log, report, plan)
+
+
+def _load_unit(captured, unit, weights, device) -> int:
+    """Read the unit's weights from the checkpoint into the graph (on ``device``); returns their bytes."""
+    from ..capture import set_attr
+
+    loaded = 0
+    for t in unit.targets:
+        meta = captured.param(t)
+        name = next((n for n in captured.state_dict_names(t) if n in weights), None)
+        if name is None:
+            raise ConfigError(f"{weights.folder}: the checkpoint has no tensor for {captured.state_dict_names(t)}; "
+                              "is it the checkpoint of this config?")
+        value = weights.load(name, dtype=meta.dtype if meta.is_floating_point() else None, device=device)
+        if tuple(value.shape) != tuple(meta.shape):
+            raise ConfigError(f"{weights.folder}: {name} has shape {tuple(value.shape)}, the config says "
+                              f"{tuple(meta.shape)}")
+        set_attr(captured.gm, t, value)
+        loaded += _nbytes(value)
+    weights.close()  # unmap the shards: pages read stay resident while a file is mapped
+    return loaded
+
+
+def _free_unit(captured, targets) -> None:
+    """Put the unit's tensors (loaded or created while it was processed) back on the meta device."""
+    from ..capture import set_attr
+
+    present = _targets(captured.gm)
+    for t in targets:
+        if t in present:
+            v = captured.param(t)
+            if v.device.type != "meta":
+                set_attr(captured.gm, t, torch.empty(v.shape, dtype=v.dtype, device="meta"))
 
 
 def _targets(gm) -> set[str]:
