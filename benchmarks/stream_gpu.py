@@ -154,15 +154,16 @@ def run_in_memory(folder, out, calib, dtype, device) -> dict:
 def extrapolate(res: dict, layers: int, shape: dict) -> dict:
     """On paper: per-layer time scales with the layer's weights (x4 from 8B to 70B: hidden x2 and
     intermediate x2) for the matmuls, GPTQ's Hessian work with in_features^3 (x8); both are given."""
-    a = res.get("A_streamed_gptq") or {}
-    if not a.get("per_layer_s"):
+    stage = next((k for k in ("A_streamed_gptq", "B_streamed_no_gptq") if (res.get(k) or {}).get("per_layer_s")), None)
+    if stage is None:
         return {}
+    a = res[stage]
     per_layer = a["per_layer_s"]
     edge = a["total_s"] - per_layer * layers
     h, i = shape["hidden_size"], shape["intermediate_size"]
     w_ratio = (SHAPE_70B["hidden_size"] * (2 * SHAPE_70B["hidden_size"] + 2 * 1024 + 3 * SHAPE_70B["intermediate_size"])) \
         / (h * (2 * h + 2 * 1024 + 3 * i))
-    return {"label": "EXTRAPOLATION from the measured per-layer time, not measured",
+    return {"label": f"EXTRAPOLATION from the measured per-layer time of {stage}, not measured", "from_stage": stage,
             "llama3_8b_32_layers_s": edge + 32 * per_layer,
             "llama3_70b_80_layers_s_weights_scaling": edge * 2 + 80 * per_layer * w_ratio,
             "llama3_70b_80_layers_s_cubic_scaling": edge * 2 + 80 * per_layer * 8,
