@@ -25,10 +25,10 @@ from ..quant import fake_quant as FQ
 from .records import LinearRecord, TensorQuantizer
 
 #: On CPU, which kernels beat fake-quant (dequantize + float matmul) at decode shapes (M = 1), measured by
-#: ``benchmarks/generate_cpu.py --per_op_only`` on gq-llama-20m's Linears (2 threads; fastest of 200 calls
-#: on a shared machine; results/generate_cpu_per_op.json): int8_linear (torch._int_mm) 93-362 us vs fake-quant
-#: 251-1362 us; int8 weight-only (_weight_int8pack_mm) 137-902 us vs 166-1163 us; int4 (tinygemm) 126-2419 us
-#: vs 73-2521 us (slower on the small layers); fp8 (_scaled_mm on CPU) 13-368 ms vs 0.4-16 ms.
+#: ``benchmarks/generate_cpu.py --per_op_only`` on gq-llama-20m's q_proj / down_proj / lm_head (1 thread, fastest
+#: of 200 calls; results/generate_cpu_per_op.json): int8_linear (torch._int_mm) 79-534 us vs fake-quant
+#: 155-2261 us; int8 weight-only (_weight_int8pack_mm) 100-1804 us vs 107-2090 us; int4 (CPU tinygemm)
+#: 231-4794 us vs 123-2146 us; fp8 (_scaled_mm on CPU) 11-245 ms vs 0.7-30 ms.
 CPU_FASTER = {"int8_linear": True, "int8_weight_only": True, "int4_linear": False, "fp8_linear": False}
 
 
