@@ -76,7 +76,8 @@ def _token_mask(kw: dict) -> torch.Tensor | None:
 
 def _device_of(gm) -> torch.device:
     for p in gm.parameters():
-        return p.device
+        if p.device.type != "meta":  # the streamed pipeline keeps layers not yet loaded on "meta"
+            return p.device
     return torch.device("cpu")
 
 

@@ -294,6 +294,8 @@ def _cmd_quantize(args) -> int:
     for note in config_advice(cfg):
         print(f"graphquant quantize: note: {note}", file=sys.stderr)
     _check_output_dir(args)
+    if getattr(args, "max_memory", None):
+        return _cmd_quantize_streamed(args, cfg)
     model, tok = _load_with_tokenizer(args)
     try:
         calib = _calibration_data(args, tok, model)
@@ -327,6 +329,51 @@ def _cmd_quantize(args) -> int:
             _save(qmodel, args, tok)
     except GraphQuantError as e:
         raise CliError(f"quantization failed: {_one_line(e)}", EXIT_ANALYSIS) from e
+    return EXIT_OK
+
+
+def _cmd_quantize_streamed(args, cfg) -> int:
+    """``graphquant quantize --max_memory ...``: the streamed pipeline (one layer resident at a time),
+    for models larger than memory; the checkpoint goes to --output_dir."""
+    from pathlib import Path
+
+    import torch
+
+    from .datasets import calibration_batches
+    from .errors import GraphQuantError
+    from .memory import format_bytes
+    from .models.hf import load_tokenizer
+    from .stream import quantize_streamed
+
+    if not args.output_dir:
+        raise CliError("--max_memory streams the model layer by layer into a checkpoint: pass --output_dir", EXIT_USAGE)
+    if args.eval_ppl or args.lower:
+        raise CliError("--eval_ppl and --lower need the whole model in memory; evaluate the saved checkpoint with "
+                       f"`graphquant eval --model {args.output_dir}` instead", EXIT_USAGE)
+    if not (Path(args.model).expanduser() / "config.json").is_file():
+        raise CliError(f"--max_memory needs a local Hugging Face model folder with safetensors weights; "
+                       f"{args.model!r} is not one", EXIT_USAGE)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        tok = load_tokenizer(args.model, required=True)
+        calib = calibration_batches(tok, args.dataset or "wikitext", num_calib_data=args.num_calib_data or 16,
+                                    seq_len=args.seq_len or 512, batch_size=4)
+        res = quantize_streamed(args.model, cfg, calib, args.output_dir, max_memory=args.max_memory, dtype=dtype,
+                                device=None if args.device == "cpu" else args.device, format=args.model_export,
+                                max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                trust_remote_code=args.trust_remote_code, tokenizer=tok)
+    except GraphQuantError as e:
+        raise CliError(f"streamed quantization failed: {_one_line(e)}", EXIT_ANALYSIS) from e
+    per_layer = [u.seconds for u in res.units[1:]] or [0.0]
+    print(f"quantized layer by layer in {res.seconds:.1f}s ({len(res.units)} units, "
+          f"{sum(per_layer) / len(per_layer):.2f}s per layer): scheme {args.quant_scheme}, pre-optimizations "
+          f"{args.pre_quantization_optimization or 'none'}, algorithm {args.quant_algo or 'none'}")
+    print(f"  estimated peak {format_bytes(res.estimate['total'])}; measured peak RSS growth "
+          f"{format_bytes(res.peak_rss_growth)}" + (f", peak GPU {format_bytes(res.cuda_peak_bytes)}"
+                                                     if res.cuda_peak_bytes is not None else ""))
+    print(f"saved {res.export['format']} checkpoint to {args.output_dir}")
+    for c in res.export.get("caveats", []):
+        print(f"  caveat: {c}")
     return EXIT_OK
 
 
@@ -516,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint format of --output_dir (hf_format is Quark's name for quark)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir graphquant did not write")
     q.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    q.add_argument("--max_memory", default=None, help="stream the model layer by layer within this budget "
+                   "(accelerate's convention, e.g. cuda=8GiB,cpu=16GiB); needs a local folder and --output_dir")
     q.add_argument("--eval_ppl", action="store_true", help="print FP and quantized perplexity side by side")
     q.add_argument("--skip_evaluation", action="store_true", help="no evaluation (Quark's flag; overrides --eval_ppl)")
     q.add_argument("--custom_mode", choices=["quark", "awq", "fp8"], default="quark",

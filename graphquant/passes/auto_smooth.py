@@ -38,9 +38,10 @@ import torch
 
 from ..config import QuantizationConfig, QuantizationSpec
 from ..errors import ConfigError
+from ..layerwise import LayerwiseRunner
 from ..quant.fake_quant import compute_qparams, dynamic_fake_quantize, fake_quantize, minmax, quantize_weight
 from . import weights as W
-from .gptq import LayerwiseRunner, algo_config
+from .gptq import algo_config
 from .manager import PassContext, register_pass
 from .smooth import expand_for_gqa, site_consumers, site_input, site_key, site_scales, smooth
 

@@ -39,9 +39,10 @@ from types import SimpleNamespace
 import torch
 
 from ..config import QSchemeType, QuantizationSpec
+from ..layerwise import LayerwiseRunner
 from ..quant.fake_quant import quantize_weight
 from . import weights as W
-from .gptq import LayerwiseRunner, algo_config, quantization_targets
+from .gptq import algo_config, quantization_targets
 from .manager import PassContext, register_pass
 from .smooth import apply_scales, expand_for_gqa, group_for_gqa, site_consumers, site_key
 

@@ -169,7 +169,8 @@ def _gather_sites(ctx: PassContext, linears, config) -> list[ActSite]:
     return out
 
 
-def _calibrate(ctx: PassContext, static: list[ActSite]) -> dict[str, tuple]:
+def make_observers(static: list[ActSite]) -> tuple[dict, object]:
+    """One observer per static site, and ``record(name, x)`` feeding them (for probes)."""
     from ..quant.observers import observer_by_name
 
     observers = {}
@@ -187,6 +188,12 @@ def _calibrate(ctx: PassContext, static: list[ActSite]) -> dict[str, tuple]:
             observers[key].observe(x)
         except CalibrationError as e:
             raise CalibrationError(f"at {key}: {e}") from None
+
+    return observers, record
+
+
+def _calibrate(ctx: PassContext, static: list[ActSite]) -> dict[str, tuple]:
+    observers, record = make_observers(static)
 
     if ctx.calib_data is None:
         raise CalibrationError(f"static activation quantization ({len(static)} tensors, e.g. {static[0].name}) needs "
@@ -239,6 +246,17 @@ def insert_qdq(ctx: PassContext) -> None:
         names = [lin.fqn for lin in linears]
         warnings.warn(f"graphquant: exclude pattern(s) {unmatched} match no layer. Layer names are: "
                       f"{names[:12]}{' ...' if len(names) > 12 else ''}", stacklevel=2)
+    quantize_linears(ctx, linears)
+
+
+def quantize_linears(ctx: PassContext, linears: list, calibrate=None, keep_site=None) -> list[ActSite]:
+    """``insert_qdq`` for ``linears``: weights replaced by their quantized storage, then the
+    activation quantizers (static ones calibrated by ``calibrate(ctx, static_sites) -> {name: qparams}``,
+    called after the weights are replaced, also when there is no static site; by default one run of the
+    whole graph over the calibration data, skipped without static sites). ``keep_site(site)``: which
+    activation sites (including KV-cache sites) to handle; the streamed pipeline passes those of
+    the resident layer. Returns the activation sites handled."""
+    config = ctx.config
     _check_weight_specs(linears, config)
     if linears and all(config.resolve(lin.fqn, "Linear") is None for lin in linears):
         why = (f"every Linear matches exclude={config.exclude!r}" if any(config.is_excluded(lin.fqn) for lin in linears)
@@ -246,6 +264,8 @@ def insert_qdq(ctx: PassContext) -> None:
         warnings.warn(f"graphquant: nothing will be quantized: {why}; the result computes the float model. "
                       "Exclude layers by name instead, e.g. exclude=['*lm_head']", UserWarning, stacklevel=2)
     sites = _gather_sites(ctx, linears, config)  # before the graph changes
+    if keep_site is not None:
+        sites = [s for s in sites if keep_site(s)]
     for lin in linears:
         qc = config.resolve(lin.fqn, "Linear")
         if qc is not None and qc.weight is not None and not getattr(qc.weight, "is_cast", False):
@@ -254,7 +274,11 @@ def insert_qdq(ctx: PassContext) -> None:
             ctx.record(action="skip", module=lin.fqn, reason="excluded or no quantization config")
     ctx.stats.pop("_order", None)
     static = [s for s in sites if not s.spec.is_dynamic]
-    qparams = _calibrate(ctx, static) if static else {}
+    if calibrate is not None:  # called even without static sites: the streamed pipeline advances its cache here
+        qparams = calibrate(ctx, static)
+    else:
+        qparams = _calibrate(ctx, static) if static else {}
     ctx.stats.pop("_order", None)
     for s in sites:
         _insert_act(ctx, s, qparams.get(s.name) if not s.spec.is_dynamic else None)
+    return sites

@@ -24,7 +24,9 @@ def rotation(n: int, kind: str, seed: int, device=None) -> torch.Tensor:
 
 
 def _device(ctx: PassContext):
-    return next(iter(ctx.gm.parameters())).device
+    from ..calibrate import _device_of
+
+    return _device_of(ctx.gm)
 
 
 def _check_norms_folded(ctx: PassContext, rs) -> None:
