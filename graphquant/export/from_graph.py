@@ -52,12 +52,15 @@ class _Reader:
         return self.cap.param(str(node.target)).detach()
 
     def act_quantizer(self, node: fx.Node) -> TensorQuantizer:
-        spec = FQ.as_spec(node.args[-1])
+        spec = FQ.as_spec(node.args[3] if _op_name(node) == "fake_quant_prefix" else node.args[-1])
         self.used_nodes.add(node)
         if _op_name(node) == "dynamic_fake_quant":
             return TensorQuantizer(spec)
         zp = self.tensor(node.args[2])
-        return TensorQuantizer(spec, self.tensor(node.args[1]).float(), zp if FQ._uses_zero_point(spec) else None)
+        q = TensorQuantizer(spec, self.tensor(node.args[1]).float(), zp if FQ._uses_zero_point(spec) else None)
+        if _op_name(node) == "fake_quant_prefix":  # SinkTokenConfig: (x, scale, zp, spec, num_tokens, seq_dim, mode)
+            q.sink_tokens, q.sink_mode = int(node.args[4]), str(node.args[6])
+        return q
 
     # ------------------------------------------------------------------ Linears
     def linear(self, dq: fx.Node) -> tuple[str, LinearRecord]:

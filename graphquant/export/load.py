@@ -15,7 +15,7 @@ from .from_graph import ExportError
 from .records import ModelRecords
 from .safe_output import MARKER
 from .shards import read_sharded
-from .writer import BUFFERS
+from .writer import BUFFERS, restore_sink_tokens
 
 
 def load(path, device=None, kernels: str = "never"):
@@ -54,6 +54,7 @@ def load(path, device=None, kernels: str = "never"):
         raise ExportError(f"{path}: quant_method {method!r} is not one graphquant reads (compressed-tensors, quark)")
     if fmt is not None:
         linears, attention, weights = fmt.read(qc, tensors, skeleton, specs)
+        restore_sink_tokens(linears, attention, specs)
     else:
         linears, attention, weights = {}, {}, tensors
     float_dtype = _float_dtype(skeleton, weights, config)

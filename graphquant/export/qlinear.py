@@ -49,8 +49,8 @@ def kernel_for(rec: LinearRecord) -> str | None:
     from ..lowering import schemes
 
     act = rec.input.spec if rec.input is not None else None
-    if rec.output is not None:
-        return None
+    if rec.output is not None or (rec.input is not None and rec.input.sink_tokens):
+        return None  # no kernel quantizes the sink tokens per token (see passes/sink_tokens.py)
     return schemes.choose(rec.weight_spec, act, rec.shape[1], rec.dtype).kernel
 
 
@@ -72,6 +72,7 @@ class _Quantizer(nn.Module):
         super().__init__()
         self.spec = q.spec.to_op_str()
         self.dynamic = q.dynamic
+        self.sink_tokens, self.sink_mode = q.sink_tokens, q.sink_mode
         if not q.dynamic:
             self.register_buffer("scale", q.scale.detach().clone())
             zp = q.zero_point if q.zero_point is not None else torch.zeros((), dtype=torch.int32)
@@ -80,16 +81,25 @@ class _Quantizer(nn.Module):
     def forward(self, x):
         if self.dynamic:
             return _ops().dynamic_fake_quant(x, self.spec)
+        if self.sink_tokens and x.dim() >= 2 and x.shape[-2] > 1:
+            # a prefill (several positions, from position 0): the first tokens as the graph does them. A
+            # decode step (one new position, past the sink) uses the static scale, as the graph would there.
+            from ..passes import sink_tokens  # noqa: F401  registers graphquant::fake_quant_prefix
+
+            return _ops().fake_quant_prefix(x, self.scale, self.zero_point, self.spec, self.sink_tokens, x.dim() - 2,
+                                            self.sink_mode)
         return _ops().fake_quant(x, self.scale, self.zero_point, self.spec)
 
     def record(self) -> TensorQuantizer:
         spec = FQ.as_spec(self.spec)
         if self.dynamic:
             return TensorQuantizer(spec)
-        return TensorQuantizer(spec, self.scale, self.zero_point if FQ._uses_zero_point(spec) else None)
+        return TensorQuantizer(spec, self.scale, self.zero_point if FQ._uses_zero_point(spec) else None,
+                               self.sink_tokens, self.sink_mode)
 
     def extra_repr(self) -> str:
-        return f"{self.spec}{' dynamic' if self.dynamic else ''}"
+        sink = f", first {self.sink_tokens} token(s) {self.sink_mode}" if self.sink_tokens else ""
+        return f"{self.spec}{' dynamic' if self.dynamic else ''}{sink}"
 
 
 class QuantLinear(nn.Module):

@@ -27,6 +27,10 @@ class TensorQuantizer:
     spec: QuantizationSpec
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
+    #: ``SinkTokenConfig``: the first ``sink_tokens`` positions of a prefill are quantized per token
+    #: (``sink_mode="dynamic"``) or kept in float (``"float"``) instead of with the static scale.
+    sink_tokens: int = 0
+    sink_mode: str = "dynamic"
 
     @property
     def dynamic(self) -> bool:

@@ -68,10 +68,40 @@ def gq_specs(rec: ModelRecords) -> dict:
             q = getattr(lr, role)
             if q is not None:
                 out[fqn][role] = q.spec.to_op_str()
+                if q.sink_tokens:
+                    out[fqn][f"{role}_sink"] = [q.sink_tokens, q.sink_mode]
     for fqn, a in rec.attention.items():
         if a.k is not None:
             out.setdefault(fqn, {})["kv"] = a.k.spec.to_op_str()
+        for role in ("k", "v"):
+            q = getattr(a, role)
+            if q is not None and q.sink_tokens:
+                out.setdefault(fqn, {})[f"{role}_sink"] = [q.sink_tokens, q.sink_mode]
     return out
+
+
+def sink_token_caveat(rec: ModelRecords) -> list[str]:
+    """``SinkTokenConfig`` is graphquant's own: no checkpoint format can say it."""
+    qs = [q for lr in rec.linears.values() for q in (lr.input, lr.output) if q is not None]
+    qs += [q for a in rec.attention.values() for q in (a.k, a.v) if q is not None]
+    sink = [q for q in qs if q.sink_tokens]
+    if not sink:
+        return []
+    return [f"sink tokens: graphquant quantizes the first {sink[0].sink_tokens} token(s) of a prefill "
+            f"{'per token' if sink[0].sink_mode == 'dynamic' else 'in float'} at {len(sink)} static activation "
+            "quantizer(s) (SinkTokenConfig); the format stores only the static scale, so transformers and vLLM apply "
+            "it to every token and clip the attention-sink token: their results DIFFER from graphquant's "
+            "(graphquant.load restores the sink handling)"]
+
+
+def restore_sink_tokens(linears: dict, attention: dict, specs: dict) -> None:
+    """Put the sink-token handling that ``gq_specs`` recorded back on the quantizers read from a checkpoint."""
+    for fqn, s in specs.items():
+        for role, holder in (("input", linears.get(fqn)), ("output", linears.get(fqn)),
+                             ("k", attention.get(fqn)), ("v", attention.get(fqn))):
+            q = getattr(holder, role, None) if holder is not None else None
+            if q is not None and f"{role}_sink" in s:
+                q.sink_tokens, q.sink_mode = int(s[f"{role}_sink"][0]), str(s[f"{role}_sink"][1])
 
 
 def save(obj, path, format: str = "compressed-tensors", max_shard_size="5GB", overwrite: bool = False, inputs=(),
@@ -100,7 +130,7 @@ def save(obj, path, format: str = "compressed-tensors", max_shard_size="5GB", ov
     if getattr(rec.config, "tie_word_embeddings", False) and out_emb is not None:
         name = next(n for n, m in skeleton.named_modules() if m is out_emb)
         tensors.pop(f"{name}.weight", None)
-    caveats = mod.caveats(rec)
+    caveats = mod.caveats(rec) + sink_token_caveat(rec)
     marker = {"graphquant_version": __version__, "format": fmt, "model_class": rec.model_class,
               "notes": list(rec.notes), "caveats": caveats, "specs": gq_specs(rec),
               "online_rotations": rec.online_rotations, "rms_norms": dict(rec.rms_norms)}

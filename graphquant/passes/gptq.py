@@ -119,10 +119,6 @@ def quantization_targets(ctx: PassContext, algo: str, qschemes=("per_tensor", "p
         if spec is None or spec.is_cast:
             continue
         check_weight_spec(spec, algo, lin.fqn, qschemes)
-        gs = spec.group_size if spec.qscheme == QSchemeType.per_group else None
-        if gs and lin.in_features % gs:
-            raise ConfigError(f"{algo}: group_size {gs} does not divide in_features {lin.in_features} of "
-                              f"{lin.fqn}; choose a group_size that divides every in_features, or exclude it")
         out.append((lin, spec))
     return out
 
@@ -207,7 +203,7 @@ class _Grid:
         qs = spec.qscheme
         self.per_tensor = qs == QSchemeType.per_tensor
         self.gs = spec.group_size if qs == QSchemeType.per_group else cols
-        self.n_groups = cols // self.gs
+        self.n_groups = -(-cols // self.gs)  # a shorter last group when gs does not divide cols
         shape = (self.n_groups, rows)
         f32 = dict(dtype=torch.float32, device=device)
         self.scale = torch.zeros(shape, **f32)
@@ -235,7 +231,7 @@ class _Grid:
         return col // self.gs
 
     def group_cols(self, g: int) -> range:
-        return range(g * self.gs, (g + 1) * self.gs)
+        return range(g * self.gs, min((g + 1) * self.gs, self.cols))
 
     def _deq(self, codes: torch.Tensor, g: int) -> torch.Tensor:
         z = self.zf[g]
@@ -379,8 +375,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: Quantizatio
         raise CalibrationError(f"GPTQ needs at least {cols} calibration tokens for {name or 'this Linear'} "
                                f"(in_features={cols}: fewer tokens give a singular Hessian), got {num_samples}; "
                                "pass more or longer calibration batches")
-    if spec.qscheme == QSchemeType.per_group and cols % spec.group_size:
-        raise ConfigError(f"GPTQ: group_size {spec.group_size} does not divide in_features {cols} of {name}")
     if not bool(torch.isfinite(hessian).all()):
         raise CalibrationError(f"GPTQ: the Hessian of {name or 'a Linear'} has NaN/Inf entries")
     notes: list[str] = []
@@ -491,7 +485,7 @@ def grid_roundtrip_error(weight: torch.Tensor, spec: QuantizationSpec) -> float:
     diff = (qw.dequantize() - w).abs()
     step = qw.scale
     if spec.qscheme == QSchemeType.per_group:
-        step = step.repeat_interleave(spec.group_size, dim=1)
+        step = step[:, torch.arange(w.shape[1], device=step.device) // spec.group_size]
     elif spec.qscheme == QSchemeType.per_channel:
         step = step[:, None]
     return float((diff / step).max()) if diff.numel() else 0.0
