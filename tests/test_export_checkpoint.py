@@ -25,6 +25,14 @@ CASES = {  # name -> (config, transformers' rel. error bound)
 }
 
 
+def _quark_or_skip():
+    """amd-quark JIT-compiles C++ kernels on its first import; skip (not fail) where that cannot work."""
+    try:
+        import quark.torch  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - missing package or a broken first-time build
+        pytest.skip(f"amd-quark is not usable here: {type(e).__name__}: {str(e)[:100]}")
+
+
 def _transformers_load(folder):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
@@ -174,13 +182,14 @@ def test_quark_format_round_trip_and_transformers(name, tmp_path):
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert info["format"] == "quark" and qc["quant_method"] == "quark" and "export" in qc
     assert torch.equal(logits(gq.load(tmp_path / "q"), ids), ref)
-    pytest.importorskip("quark")
+    _quark_or_skip()
     model, problems = _transformers_load(tmp_path / "q")
     assert problems == {}, problems
     assert rel(logits(model, ids), ref) <= bound
 
 
 def test_quark_int4_packing_is_quarks():
+    _quark_or_skip()
     pack = pytest.importorskip("quark.torch.utils.pack")
     from graphquant.export import quark_format as QF
 
@@ -241,7 +250,8 @@ def test_per_layer_schemes_become_groups(fmt, tmp_path):
     ids = torch.randint(0, 128, (1, 9))
     ref = logits(qm, ids)
     assert torch.equal(logits(gq.load(tmp_path / "q"), ids), ref)
-    pytest.importorskip("compressed_tensors" if fmt == "compressed-tensors" else "quark")
+    if fmt == "quark":
+        _quark_or_skip()
     model, problems = _transformers_load(tmp_path / "q")
     assert problems == {} and rel(logits(model, ids), ref) < 1e-5
 
