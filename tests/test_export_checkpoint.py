@@ -25,6 +25,14 @@ CASES = {  # name -> (config, transformers' rel. error bound)
 }
 
 
+def _quark_or_skip():
+    """amd-quark JIT-compiles C++ kernels on its first import; skip (not fail) where that cannot work."""
+    try:
+        import quark.torch  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - missing package or a broken first-time build
+        pytest.skip(f"amd-quark is not usable here: {type(e).__name__}: {str(e)[:100]}")
+
+
 def _transformers_load(folder):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
@@ -125,15 +133,13 @@ def test_quarot_checkpoint_needs_graphquant_load_and_says_so(tmp_path, ids):
     assert rel(logits(model, ids), ref) > 1e-2  # what plain transformers does: R4/R3 not applied
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma", "phi3", "opt", "bert"])
-def test_round_trip_architectures(arch, tmp_path):
-    model = tiny_model(arch)
-    pre = [C.RotationConfig()] if arch in ("llama", "opt") else []
-    qm = gq.quantize(model, make_config("w_int8_per_channel_a_int8_per_token", pre=pre), calib(), progress=False)
+def test_round_trip_rotated_layernorm_model(tmp_path):
+    """OPT with R1 (LayerNorms turned into weightless RMSNorms, folded biases): save / load is exact."""
+    qm = gq.quantize(tiny_model("opt"), make_config("w_int8_per_channel_a_int8_per_token", pre=[C.RotationConfig()]),
+                     calib(), progress=False)
     qm.save_pretrained(tmp_path / "q")
-    loaded = gq.load(tmp_path / "q")
     ids = torch.randint(2, 128, (2, 9))
-    assert torch.equal(logits(loaded, ids), logits(qm, ids))
+    assert torch.equal(logits(gq.load(tmp_path / "q"), ids), logits(qm, ids))
 
 
 def test_generate_after_load_equals_in_process(tmp_path):
@@ -176,13 +182,14 @@ def test_quark_format_round_trip_and_transformers(name, tmp_path):
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert info["format"] == "quark" and qc["quant_method"] == "quark" and "export" in qc
     assert torch.equal(logits(gq.load(tmp_path / "q"), ids), ref)
-    pytest.importorskip("quark")
+    _quark_or_skip()
     model, problems = _transformers_load(tmp_path / "q")
     assert problems == {}, problems
     assert rel(logits(model, ids), ref) <= bound
 
 
 def test_quark_int4_packing_is_quarks():
+    _quark_or_skip()
     pack = pytest.importorskip("quark.torch.utils.pack")
     from graphquant.export import quark_format as QF
 
@@ -243,7 +250,8 @@ def test_per_layer_schemes_become_groups(fmt, tmp_path):
     ids = torch.randint(0, 128, (1, 9))
     ref = logits(qm, ids)
     assert torch.equal(logits(gq.load(tmp_path / "q"), ids), ref)
-    pytest.importorskip("compressed_tensors" if fmt == "compressed-tensors" else "quark")
+    if fmt == "quark":
+        _quark_or_skip()
     model, problems = _transformers_load(tmp_path / "q")
     assert problems == {} and rel(logits(model, ids), ref) < 1e-5
 
