@@ -394,26 +394,23 @@ def _cmd_eval(args) -> int:
 
 
 # --- argument parsing and validation ---------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (0 is not "unset": it is refused)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
-    return v
+def _int_at_least(lowest: int):
+    """argparse type: an integer >= ``lowest`` (0 is not "unset": below the bound it is refused)."""
+    what = "a positive integer (>= 1)" if lowest == 1 else f"an integer >= {lowest}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return v
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _algo_list(text: str) -> list[str]:

@@ -42,7 +42,7 @@ from ..calibrate import probes, run_batches
 from ..capture import set_attr
 from ..errors import CalibrationError, ConfigError
 from .manager import PassContext, register_pass
-from .quantize import QDQ_TAG
+from .quantize import QDQ_TAG, _kv_projection_fqns
 
 __all__ = ["fake_quant_prefix", "prefix_select", "sink_token_config", "sink_tokens"]
 
@@ -242,16 +242,6 @@ prefix_select.register_autograd(lambda ctx, grad: (None, grad, None, None),
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-def _kv_projections(ctx: PassContext) -> set[str]:
-    out = set()
-    for p in ctx.report.of_kind("attention_qk"):
-        if p.details.get("k_proj"):
-            out.add(p.details["k_proj"])
-    for p in ctx.report.of_kind("attention_vo"):
-        out.add(p.details["v_proj"])
-    return out
-
-
 def _float_weight_prefix(ctx: PassContext, cfg, seq) -> None:
     """The first tokens through the float weights and unquantized inputs: of the K/V projections
     (``float_weights="kv"``: the sink's KV cache in full precision, PrefixQuant's prefix KV) or of every
@@ -259,7 +249,7 @@ def _float_weight_prefix(ctx: PassContext, cfg, seq) -> None:
     from .quantize import _delete_param
 
     gm, g = ctx.gm, ctx.gm.graph
-    kv = _kv_projections(ctx)
+    kv = _kv_projection_fqns(ctx)
     weight_nodes = [n for n in g.nodes if n.meta.get(QDQ_TAG, {}).get("role") == "weight"]
     used = set()
     for dq in weight_nodes:
