@@ -152,15 +152,15 @@ _RSS_SCRIPT = textwrap.dedent("""
     import json, sys, warnings
     warnings.simplefilter("ignore")
     import torch, transformers
-    from accelerate import init_empty_weights
     import graphquant as gq
+    from graphquant.stream.checkpoint import parameters_on_meta
     from graphquant.config import GPTQConfig, QuaRotConfig, preset
     from graphquant.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from graphquant.models.tiny import tiny_config
     folder, out, budget = sys.argv[1:4]
     cfg = preset("w_int8_per_channel_a_int8_per_token")
     cfg.pre_quant_opt_config = [QuaRotConfig()]
-    with init_empty_weights():  # load the code a capture needs (torch.export, the modeling file) first
+    with parameters_on_meta():  # load the code a capture needs (torch.export, the modeling file) first
         gq.analyze(transformers.AutoModelForCausalLM.from_config(tiny_config("llama", 1)))
     assert reset_peak_rss()
     base = rss_bytes()

@@ -2,10 +2,12 @@
 and its weights one tensor at a time from the safetensors shards (``safe_open``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
 
@@ -65,11 +67,30 @@ class CheckpointWeights:
         self._handles.clear()
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside the block is moved to the meta device as it is created (one
+    tensor at a time); buffers stay real. What accelerate's ``init_empty_weights(include_buffers=False)``
+    does, without needing accelerate."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 def meta_model(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """The model of the checkpoint folder ``path`` with every parameter on the meta device (no
     weights read, a few MB of memory): for ``graphquant.analyze`` and the streamed pipeline.
     Buffers computed from the config (RoPE frequencies) are real. Returns the model in eval mode."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     p = Path(path).expanduser()
@@ -79,7 +100,7 @@ def meta_model(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise UnsupportedModelError(f"transformers cannot read the config of {p}: {e}") from e
-    with init_empty_weights(include_buffers=False):
+    with parameters_on_meta():
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError as e:

@@ -484,11 +484,10 @@ class _Names(set):
 
 def _skeleton(model_class: str, config, dtype) -> _Names:
     """State-dict names (persistent) and Linear module names of the HF model, built on meta."""
-    from accelerate import init_empty_weights
-
     from ..export.hf_writeback import model_class as cls_of
+    from .checkpoint import parameters_on_meta
 
-    with init_empty_weights():
+    with parameters_on_meta():
         m = cls_of(model_class)._from_config(config, dtype=dtype)
     names = _Names(m.state_dict().keys())
     names.linears = [n for n, x in m.named_modules() if type(x) is nn.Linear]
