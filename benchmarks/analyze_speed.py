@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -42,44 +41,10 @@ import torch  # noqa: E402
 DEFAULT = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 
 
-# --- memory probes ---------------------------------------------------------------------------------
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        kb = _status_kb("VmRSS")
-        return kb * 1024 if kb is not None else peak_bytes()
-
-
-def peak_bytes() -> int:
-    kb = _status_kb("VmHWM")
-    if kb is not None:
-        return kb * 1024
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru if sys.platform == "darwin" else ru * 1024  # bytes on macOS, KiB on Linux
-
-
-def reset_peak() -> bool:
-    """Reset the peak-RSS counter (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+# --- memory probes: graphquant.memory's -----------------------------------------------------------
+from graphquant.memory import peak_rss_bytes as peak_bytes  # noqa: E402
+from graphquant.memory import reset_peak_rss as reset_peak  # noqa: E402
+from graphquant.memory import rss_bytes  # noqa: E402
 
 
 class Step:

@@ -33,6 +33,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def storable(tensors: dict[str, torch.Tensor], seen_storage: set) -> dict[str, torch.Tensor]:
+    """``tensors`` as safetensors can write them: on the CPU, contiguous, no two sharing memory (a tensor
+    whose storage was already written, e.g. a tied weight, is copied). ``seen_storage`` carries the
+    storages written so far across shards."""
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr in seen_storage or not t.is_contiguous():
+            t = t.clone().contiguous()
+        if ptr is not None:
+            seen_storage.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
 def write_sharded(tensors: dict[str, torch.Tensor], folder, max_shard_size="5GB",
                   metadata: dict | None = None) -> list[str]:
     """Write ``tensors`` into ``folder``; returns the file names written."""
@@ -54,16 +70,7 @@ def write_sharded(tensors: dict[str, torch.Tensor], folder, max_shard_size="5GB"
     seen_storage: set = set()
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        out = {}
-        for k, t in shard.items():
-            t = t.detach().to("cpu")
-            ptr = t.untyped_storage().data_ptr() if t.numel() else None
-            if ptr in seen_storage or not t.is_contiguous():
-                t = t.clone().contiguous()
-            if ptr is not None:
-                seen_storage.add(t.untyped_storage().data_ptr())
-            out[k] = t
-        save_file(out, str(folder / fname), metadata=meta)
+        save_file(storable(shard, seen_storage), str(folder / fname), metadata=meta)
         files.append(fname)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},

@@ -47,16 +47,11 @@ class StreamingShardWriter:
         """Write the pending tensors as the next shard (under a temporary name)."""
         from safetensors.torch import save_file
 
+        from ..export.shards import storable
+
         if not self.pending:
             return
-        out, seen = {}, set()
-        for k, t in self.pending.items():
-            ptr = t.untyped_storage().data_ptr() if t.numel() else None
-            if ptr in seen or not t.is_contiguous():
-                t = t.clone().contiguous()
-            if ptr is not None:
-                seen.add(t.untyped_storage().data_ptr())
-            out[k] = t
+        out = storable(self.pending, set())
         save_file(out, str(self._tmp_name(len(self.files))), metadata={"format": "pt"})
         self.files.append(sorted(self.pending))
         self.pending, self.pending_bytes = {}, 0
