@@ -4,8 +4,8 @@
 row (per-token) or one scale (per-tensor); ``w`` fp8 (N, K) with one scale per output channel or
 one. On CUDA:
 
-- M <= ``GEMV_M``: Triton ``gemv``; M <= ``SKINNY_M`` (decode): Triton ``wq_mm`` (fp8 tensor-core
-  dot, fp32 accumulation, split-K);
+- M <= ``SKINNY_M`` (decode): the kernel ``quant_triton.decode_choice`` picks: Triton ``gemv`` (CUDA
+  cores) or ``wq_mm`` (fp8 tensor-core dot, fp32 accumulation, split-K);
 - otherwise ``torch._scaled_mm``: per-tensor scales when both are single (any output dtype),
   row-wise scales otherwise (``scale_a`` (M, 1), ``scale_b`` (1, N); Hopper needs a bf16 output,
   other output dtypes are cast from it). ``USE_FAST_ACCUM`` (off) selects cuBLAS's fast fp8 accumulation.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .int8_mm import GEMV_M, _col_scale, _flat, _row_scale, guarded, scale_epilogue_torch, triton_kernels
+from .int8_mm import _col_scale, _flat, _row_scale, guarded, scale_epilogue_torch, triton_kernels
 
 SKINNY_M = 16
 #: cuBLAS fp8 "fast accumulation" (no periodic fp32 promotion): a few % faster on Hopper, but the
@@ -79,12 +79,10 @@ def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale
 
     if M == 0:
         out = torch.empty((0, N), dtype=out_dtype, device=a.device)
-    elif a.is_cuda and M <= GEMV_M and (qt := triton_kernels(a.device, "gemv")) is not None:
-        out = guarded("gemv", lambda: qt.gemv(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
-                                              out_dtype=out_dtype), scaled)
-    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "wq_mm")) is not None:
-        out = guarded("wq_mm", lambda: qt.wq_mm(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
-                                                out_dtype=out_dtype), scaled)
+    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "decode_mm")) is not None and \
+            (out := guarded("decode_mm", lambda: qt.decode_mm(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
+                                                              out_dtype=out_dtype), lambda: None)) is not None:
+        pass
     elif "_scaled_mm" not in _failed() and a.is_cuda and K % 16 == 0 and N % 16 == 0:
         out = scaled()
     else:

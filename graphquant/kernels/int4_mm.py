@@ -7,9 +7,10 @@ where ``u`` are unsigned nibbles (signed codes + 8) and ``z`` the (shifted) zero
 on; ``graphquant.lowering.layouts`` builds them):
 
 ``"nibble"``         ``w_packed`` uint8 (N, K/2), low nibble = even column; ``scale`` fp32 (N, K/g);
-                     ``zero_point`` uint8 (N, K/g) or None. CUDA: Triton ``gemv`` for M <= ``GEMV_M``,
-                     ``wq_mm`` (dequantize in registers, tensor-core dot, split-K) for M <=
-                     ``WEIGHT_ONLY_M``, else a Triton dequantize to the activation dtype + cuBLAS.
+                     ``zero_point`` uint8 (N, K/g) or None. CUDA: for M <= ``WEIGHT_ONLY_M`` the decode kernel
+                     ``quant_triton.decode_choice`` picks (``wo_mm``: bf16 operands built from
+                     the nibbles' bits on the tensor cores; ``gemv``), else a Triton dequantize
+                     to the activation dtype + cuBLAS.
                      Without Triton: torch unpack.
 ``"cpu_tinygemm"``   ``w_packed`` from ``aten._convert_weight_to_int4pack_for_cpu``; ``scale`` is
                      ``qScaleAndZeros`` (K/g, N, 2) in the activation dtype (``W = (u - 8) * s + z``);
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .int8_mm import GEMV_M, WEIGHT_ONLY_M, _flat, guarded, triton_kernels
+from .int8_mm import WEIGHT_ONLY_M, _flat, guarded, triton_kernels
 
 LAYOUTS = ("nibble", "cpu_tinygemm")
 
@@ -71,14 +72,12 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, ze
 
     if M == 0:
         out = a.new_empty((0, N))
-    elif (a.is_cuda and M <= GEMV_M and a.dtype in (torch.float16, torch.bfloat16) and group_size % 16 == 0
-          and (qt := triton_kernels(a.device, "gemv")) is not None):
-        out = guarded("gemv", lambda: qt.gemv(a, w_packed, scale, w_kind=qt.W_INT4, w_zero=zero_point, bias=bias,
-                                              group=group_size, out_dtype=a.dtype), reference)
     elif (a.is_cuda and M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16) and group_size % 16 == 0
-          and (qt := triton_kernels(a.device, "wq_mm")) is not None):
-        out = guarded("wq_mm", lambda: qt.wq_mm(a, w_packed, scale, w_kind=qt.W_INT4, w_zero=zero_point, bias=bias,
-                                                group=group_size, out_dtype=a.dtype), reference)
+          and (qt := triton_kernels(a.device, "decode_mm")) is not None
+          and (out := guarded("decode_mm", lambda: qt.decode_mm(a, w_packed, scale, w_kind=qt.W_INT4,
+                                                                w_zero=zero_point, bias=bias, group=group_size,
+                                                                out_dtype=a.dtype), lambda: None)) is not None):
+        pass
     else:
         out = reference()
     return out.reshape(*lead, N)

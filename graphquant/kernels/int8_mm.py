@@ -5,15 +5,16 @@ Device dispatch, all results ``(..., N)`` in ``out_dtype``:
 ==========  ===========================================  =========================================
 path        CUDA                                         CPU
 ==========  ===========================================  =========================================
-W8A8        M <= ``GEMV_M``: Triton ``gemv``; M <=        ``torch._int_mm`` + fp32 scale epilogue
-            ``SKINNY_M``: Triton ``wq_mm`` (int8
-            tensor-core dot, split-K); else
+W8A8        M <= ``SKINNY_M``: the decode kernel         ``torch._int_mm`` + fp32 scale epilogue
+            ``quant_triton.decode_choice`` picks
+            (``gemv`` on CUDA cores or ``wq_mm``, an
+            int8 tensor-core dot, split-K); else
             ``torch._int_mm`` (cuBLASLt) + Triton
             scale epilogue
-W8A16       M <= ``GEMV_M``: Triton ``gemv``; M <=        ``aten._weight_int8pack_mm``
-            ``WEIGHT_ONLY_M``: Triton ``wq_mm``
-            (weights dequantized in registers); else
-            Triton dequantize + cuBLAS matmul
+W8A16       M <= ``WEIGHT_ONLY_M``: the decode kernel    ``aten._weight_int8pack_mm``
+            (``wo_mm``: bf16 operands built from the
+            code bits, tensor cores; or ``gemv``);
+            else Triton dequantize + cuBLAS matmul
 ==========  ===========================================  =========================================
 
 Shapes ``torch._int_mm`` rejects on CUDA (M <= 16, K or N not a multiple of 8) fall back to a
@@ -28,9 +29,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-GEMV_M = 4  # at most this many rows: Triton GEMV (CUDA cores, weight streamed once) on CUDA
-SKINNY_M = 16  # W8A8 rows handled by the Triton skinny kernel on CUDA (decode)
-WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton kernel (above: dequantize + cuBLAS)
+SKINNY_M = 16  # W8A8 rows handled by the Triton decode kernels on CUDA (above: cuBLASLt)
+WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton decode kernels (above: dequantize + cuBLAS)
 
 _FAILED: set[str] = set()
 
@@ -121,12 +121,10 @@ def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scal
 
     if M == 0:
         out = torch.empty((0, N), dtype=out_dtype, device=a.device)
-    elif a.is_cuda and M <= GEMV_M and (qt := triton_kernels(a.device, "gemv")) is not None:
-        out = guarded("gemv", lambda: qt.gemv(a, w, sw, w_kind=qt.W_INT8, a_scale=sa, bias=bias,
-                                              out_dtype=out_dtype), reference)
-    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "wq_mm")) is not None:
-        out = guarded("wq_mm", lambda: qt.wq_mm(a, w, sw, w_kind=qt.W_INT8, a_scale=sa, bias=bias,
-                                                out_dtype=out_dtype), reference)
+    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "decode_mm")) is not None and \
+            (out := guarded("decode_mm", lambda: qt.decode_mm(a, w, sw, w_kind=qt.W_INT8, a_scale=sa, bias=bias,
+                                                              out_dtype=out_dtype), lambda: None)) is not None:
+        pass
     elif a.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0:
         acc = torch._int_mm(a, w.t())
         qt = triton_kernels(a.device, "scale_epilogue")
@@ -167,14 +165,12 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
 
     if M == 0:
         out = a.new_empty((0, N))
-    elif (a.is_cuda and M <= GEMV_M and a.dtype in (torch.float16, torch.bfloat16)
-          and (qt := triton_kernels(a.device, "gemv")) is not None):
-        out = guarded("gemv", lambda: qt.gemv(a, w, _col_scale(w_scale), w_kind=qt.W_INT8, bias=bias,
-                                              out_dtype=a.dtype), reference)
     elif (a.is_cuda and M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16)
-          and (qt := triton_kernels(a.device, "wq_mm")) is not None):
-        out = guarded("wq_mm", lambda: qt.wq_mm(a, w, _col_scale(w_scale), w_kind=qt.W_INT8, bias=bias,
-                                                out_dtype=a.dtype), reference)
+          and (qt := triton_kernels(a.device, "decode_mm")) is not None
+          and (out := guarded("decode_mm", lambda: qt.decode_mm(a, w, _col_scale(w_scale), w_kind=qt.W_INT8,
+                                                                bias=bias, out_dtype=a.dtype), lambda: None))
+          is not None):
+        pass
     elif a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16, torch.float16):
         scales = w_scale.to(a.dtype).reshape(-1).expand(N).contiguous()
         out = torch.ops.aten._weight_int8pack_mm(a, w, scales)

@@ -26,12 +26,16 @@ does that check).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
+# bf16 dot operands on GPUs; Triton's CPU interpreter (TRITON_INTERPRET=1, used to test kernels without a
+# GPU) mishandles bf16 dots, so there they are widened to fp32 (the values are exact in both)
+_OPERAND: tl.constexpr = tl.constexpr(tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16)
 
 
 @triton.jit
@@ -172,67 +176,196 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
 
 @triton.jit
-def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
+def _nibbles_minus(p, z):
+    """Unsigned nibbles of the packed bytes ``p`` as fp32 ``u - z`` (low nibbles, high nibbles), built
+    from the bits (``2^23 + u``) instead of an int->float conversion, which runs at a quarter of the
+    FMA rate on NVIDIA GPUs and would bound a 4-bit GEMV below the memory bandwidth."""
+    pi = p.to(tl.int32)
+    lo = ((pi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)
+    hi = (((pi >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)
+    return lo, hi
+
+
+@triton.jit
+def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
                 A_KIND: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
-                SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GPT: tl.constexpr):
-    """One activation row (program axis 1) times BLOCK_N weight rows, on CUDA cores: the weight is
-    streamed once in its storage format; int4 sums each group of codes against ``x`` first and applies
-    the group's zero point and scale once per group (``GPT`` groups per K tile)."""
+                SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GPT: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``C[:M] = A[:M] @ dequant(B).T`` for decode (M <= BLOCK_M <= 4 rows), on CUDA cores.
+
+    Program (pid_n, pid_k) streams the weight rows ``BLOCK_N * pid_n + [0, BLOCK_N)`` over its share of
+    K exactly once, in storage format, for all M activation rows. 8-bit products accumulate element-wise
+    and are summed once after the loop (int8 codes times int8 codes in int32); int4 products are summed
+    per group of ``GROUP`` columns, whose scale is applied once per group and row. With ``SPLIT_K > 1`` partial sums are added atomically into an
+    fp32 ``C`` that the caller zeroed (scales and bias are linear, so each split applies them to its part;
+    the bias only in split 0)."""
     pid_n = tl.program_id(0)
-    m = tl.program_id(1)
+    pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rn64 = rn.to(tl.int64)
-    a_row = A + m.to(tl.int64) * stride_am
-    if W_KIND == 2:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    a_rows = A + rm.to(tl.int64)[:, None] * stride_am
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per
+    k_hi = k_lo + k_per
+    if k_hi > K:
+        k_hi = K
+    INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
+    if INT_ACC:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.int32)
     else:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        if A_KIND == 1:
-            x = tl.load(a_row + rk, mask=k_ok, other=0).to(tl.float32)
+        k_ok = rk < k_hi
+        x_mask = m_ok[:, None] & k_ok[None, :]
+        if INT_ACC:
+            x = tl.load(a_rows + rk[None, :], mask=x_mask, other=0).to(tl.int32)
+        elif A_KIND == 1:
+            x = tl.load(a_rows + rk[None, :], mask=x_mask, other=0).to(tl.float32)
         else:
-            x = tl.load(a_row + rk, mask=k_ok, other=0.0).to(tl.float32)
+            x = tl.load(a_rows + rk[None, :], mask=x_mask, other=0.0).to(tl.float32)
         if W_KIND == 2:
-            rh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            p = tl.load(B + rn64[:, None] * stride_bn + rh[None, :], mask=n_ok[:, None] & (rh[None, :] < K // 2),
-                        other=0)
-            xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
-            prod = (p & 0xF).to(tl.float32) * xe[None, :] + (p >> 4).to(tl.float32) * xo[None, :]
-            d = tl.sum(tl.reshape(prod, (BLOCK_N, GPT, BLOCK_K // (2 * GPT))), axis=2)  # per group
-            xs = tl.sum(tl.reshape(x, (GPT, BLOCK_K // GPT)), axis=1)
+            HALF: tl.constexpr = BLOCK_K // 2
+            rh = k0 // 2 + tl.arange(0, HALF)
+            p = tl.load(B + rn64[:, None] * stride_bn + rh[None, :],
+                        mask=n_ok[:, None] & (rh[None, :] < (k_hi + 1) // 2), other=0)
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # even / odd columns
             g = k0 // GROUP + tl.arange(0, GPT)
             g_mask = n_ok[:, None] & (g[None, :] < tl.cdiv(K, GROUP))
-            s = tl.load(SW + rn64[:, None] * stride_sw + g[None, :], mask=g_mask, other=0.0)
+            s = tl.load(SW + rn64[:, None] * stride_sw + g[None, :], mask=g_mask, other=0.0)  # (BN, GPT)
             if HAS_ZERO:
-                z = tl.load(ZW + rn64[:, None] * stride_sw + g[None, :], mask=g_mask, other=0).to(tl.float32)
-                acc += tl.sum((d - z * xs[None, :]) * s, axis=1)
+                z = tl.load(ZW + rn64[:, None] * stride_sw + g[None, :], mask=g_mask, other=8).to(tl.float32)
+                zf = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GPT, HALF // GPT)), (BLOCK_N, HALF))
+                lo, hi = _nibbles_minus(p, zf)
             else:
-                acc += tl.sum((d - 8.0 * xs[None, :]) * s, axis=1)
+                lo, hi = _nibbles_minus(p, 8.0)
+            # (BM, BN, HALF) products, summed per group -> (BM, BN, GPT), scaled, summed
+            prod = lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :]
+            d = tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, GPT, HALF // GPT)), axis=3)
+            acc += tl.sum(d * s[None, :, :], axis=2)
         else:
+            w_mask = n_ok[:, None] & k_ok[None, :]
             if W_KIND == 0:
-                w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+                w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=w_mask, other=0)
+                if INT_ACC:
+                    w = w.to(tl.int32)
+                else:
+                    w = w.to(tl.float32)
             else:
-                w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-            acc2 += w.to(tl.float32) * x[None, :]
+                w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            acc3 += w[None, :, :] * x[:, None, :]  # summed once, after the loop
     if W_KIND != 2:
-        acc = tl.sum(acc2, axis=1)
+        acc = tl.sum(acc3, axis=2)
+    out = acc.to(tl.float32)
+    if W_KIND != 2:
         if W_SCALE == 1:
-            acc = acc * tl.load(SW + rn, mask=n_ok, other=0.0)
+            out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
         else:
-            acc = acc * tl.load(SW)
+            out = out * tl.load(SW)
     if A_KIND != 0:
         if SA_ROW:
-            acc = acc * tl.load(SA + m)
+            out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
         else:
-            acc = acc * tl.load(SA)
+            out = out * tl.load(SA)
     if HAS_BIAS:
-        acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(C + m.to(tl.int64) * stride_cm + rn, acc.to(C.dtype.element_ty), mask=n_ok)
+        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            b = tl.where(pid_k == 0, b, 0.0)
+        out = out + b[None, :]
+    c_ptrs = C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(c_ptrs, out, mask=mask)
+    else:
+        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _magic_bf16(u):
+    """Integers ``u`` in [0, 127] as bf16 ``128 + u`` built from the bits (exact, no int->float
+    conversion); callers subtract ``bias + 128`` times the activation sums after the product."""
+    return (u.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True).to(_OPERAND)
+
+
+@triton.jit
+def wo_mm_kernel(A, B, SW, ZW, BIAS, C, M, N, K, stride_am, stride_bn, stride_cm, stride_sw,
+                 W_KIND: tl.constexpr,  # 0 int8 (N, K), per-channel or one scale; 2 int4 nibbles (N, K/2), per group
+                 W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight-only ``C = A @ dequant(B).T`` for decode-sized M on the tensor cores (bf16 activations).
+
+    The weight codes never go through an int->float conversion: each 4-bit field ``f`` becomes the
+    bf16 number ``128 + f`` by setting bits, the bf16 products are summed in fp32 by ``tl.dot``, and
+    the offsets are removed with the activation sums (``sum_k x_k``) afterwards. int8 codes are split
+    into a signed high nibble and an unsigned low one (``w = 16 h + l``): two products. int4 tiles
+    hold one group (``BLOCK_K == GROUP``), so the group's scale (and zero point) applies to the
+    tile's partial sum. Split-K adds fp32 partial sums atomically into a zeroed ``C``."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    a_rows = A + rm.to(tl.int64)[:, None] * stride_am
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per
+    k_hi = k_lo + k_per
+    if k_hi > K:
+        k_hi = K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    HALF: tl.constexpr = BLOCK_K // 2
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if W_KIND == 2:
+            rh = k0 // 2 + tl.arange(0, HALF)
+            p = tl.load(B + rn64[:, None] * stride_bn + rh[None, :], mask=n_ok[:, None], other=0)
+            re = k0 + 2 * tl.arange(0, HALF)
+            xe = tl.load(a_rows + re[None, :], mask=m_ok[:, None], other=0.0).to(tl.bfloat16).to(_OPERAND)
+            xo = tl.load(a_rows + re[None, :] + 1, mask=m_ok[:, None], other=0.0).to(tl.bfloat16).to(_OPERAND)
+            lo = _magic_bf16(p & 0xF)
+            hi = _magic_bf16(p >> 4)
+            part = tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
+            xs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
+            g = k0 // BLOCK_K
+            s = tl.load(SW + rn64 * stride_sw + g, mask=n_ok, other=0.0)
+            if HAS_ZERO:
+                z = tl.load(ZW + rn64 * stride_sw + g, mask=n_ok, other=8).to(tl.float32)
+                part = part - (128.0 + z)[None, :] * xs[:, None]
+            else:
+                part = part - 136.0 * xs[:, None]
+            acc += part * s[None, :]
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < k_hi
+            w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            x = tl.load(a_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.bfloat16).to(_OPERAND)
+            wi = w.to(tl.int16)
+            lo = _magic_bf16(wi & 0xF)
+            hi = _magic_bf16((wi >> 4) + 8)  # arithmetic shift: -8..7, stored +8
+            part = 16.0 * tl.dot(x, tl.trans(hi)) + tl.dot(x, tl.trans(lo))
+            xs = tl.sum(x.to(tl.float32), axis=1)
+            acc += part - (128.0 + 16.0 * 136.0) * xs[:, None]
+    if W_KIND != 2:
+        if W_SCALE == 1:
+            acc = acc * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
+        else:
+            acc = acc * tl.load(SW)
+    if HAS_BIAS:
+        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            b = tl.where(pid_k == 0, b, 0.0)
+        acc = acc + b[None, :]
+    c_ptrs = C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(c_ptrs, acc, mask=mask)
+    else:
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -384,24 +517,109 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     return c.to(out_dtype) if split > 1 else c
 
 
-#: GEMV tiles: (w_kind, N, K) -> dict(BLOCK_N, BLOCK_K, num_warps[, num_stages]); else the heuristic
-#: below (``benchmarks/e2e_gpu.py --sweep`` measures the options and fills this table)
-GEMV_TILES: dict[tuple[int, int, int], dict] = {}
-GEMV_PROGRAMS_PER_SM = 2
+#: Decode kernels measured on the GPU (``benchmarks/gemv_sweep.py`` writes ``gemv_tuned.json`` beside this
+#: file): "<GPU name>" -> "<a_kind>,<w_kind>,<N>,<K>,<M bucket>" -> dict(impl="gemv"|"wq_mm"|"wo_mm", tile
+#: options). Shapes not in it use the heuristics of :func:`decode_choice`. ``GEMV_TILES`` (same keys as tuples)
+#: overrides the file, e.g. in a sweep.
+GEMV_TILES: dict[tuple[int, ...], dict] = {}
+GEMV_PROGRAMS_PER_SM = 4
+M_BUCKETS = (1, 4, 16, 64)
+TUNED_ENV = "GRAPHQUANT_DECODE_TUNED"
 
 
-def _gemv_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dict:
-    cfg = GEMV_TILES.get((w_kind, N, K))
-    if cfg is None:
-        target = GEMV_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None
-                                                   else torch.cuda.current_device())
-        # what the H200 sweep (benchmarks/e2e_gpu.py --sweep) favoured on the Llama-3-8B shapes:
-        # 4-16 rows per program, long K tiles, enough programs for ~2 per SM
-        bn = 16
-        while bn > 4 and -(-N // bn) * M < target:
-            bn //= 2
-        cfg = dict(BLOCK_N=bn, BLOCK_K=1024 if K >= 1024 else 256, num_warps=4, num_stages=3)
-    cfg = dict(cfg, GPT=1)
+@functools.lru_cache(maxsize=None)
+def _tuned(device_name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    table = {}
+    for path in (Path(__file__).with_name("gemv_tuned.json"), Path(os.environ.get(TUNED_ENV, "") or "/nonexistent")):
+        if path.is_file():
+            for k, cfg in json.loads(path.read_text()).get(device_name, {}).items():
+                table[tuple(int(v) for v in k.split(","))] = cfg
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def m_bucket(M: int) -> int:
+    return next((b for b in M_BUCKETS if M <= b), M_BUCKETS[-1])
+
+
+def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, device) -> tuple[str, dict] | None:
+    """(kernel, tile options) for a decode-sized product, or None when none fits (M too large, group not
+    supported): the measured table first, else heuristics from the H200 sweep
+    (``benchmarks/results/gemv_sweep*.json``): weight-only -> ``wo_mm`` (bit-built bf16 operands on the
+    tensor cores); W8A8 -> ``gemv`` for small weights at M <= 4, else ``wq_mm`` (int8 / fp8 tensor cores)."""
+    if M > 64:
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    key = (a_kind, w_kind, N, K, m_bucket(M))
+    cfg = GEMV_TILES.get(key) or _tuned(_device_name(idx)).get(key)
+    if cfg is not None:
+        cfg = dict(cfg)
+        return cfg.pop("impl", "gemv"), cfg
+    int4_ok = w_kind != W_INT4 or (group % 32 == 0 and K % group == 0)
+    if a_kind == A_FLOAT:
+        if int4_ok:
+            return "wo_mm", {}
+        return ("gemv", {}) if M <= 4 else None
+    if M > 16:
+        return None
+    if M <= 4 and N * K <= 8 * 1024 * 1024:
+        return "gemv", {}
+    return "wq_mm", {}
+
+
+def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None, w_zero=None,
+              bias=None, group: int = 0, out_dtype=None):
+    """``a @ dequant(w).T`` with the decode kernel :func:`decode_choice` picks, or None if none applies."""
+    M, K = a.shape
+    a_kind = A_FP8 if a.dtype == torch.float8_e4m3fn else (A_FLOAT if a.is_floating_point() else A_INT8)
+    choice = decode_choice(M, w.shape[0], K, a_kind, w_kind, group, a.device)
+    if choice is None:
+        return None
+    impl, cfg = choice
+    if impl == "wo_mm":
+        return wo_mm(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
+                     config=cfg or None)
+    if impl == "wq_mm":
+        return wq_mm(a, w, w_scale, w_kind=w_kind, a_scale=a_scale, w_zero=w_zero, bias=bias, group=group,
+                     out_dtype=out_dtype, config=_complete_wq_cfg(cfg, M, w.shape[0], K, w_kind, group, a.device))
+    if M > 4:
+        return None
+    return gemv(a, w, w_scale, w_kind=w_kind, a_scale=a_scale, w_zero=w_zero, bias=bias, group=group,
+                out_dtype=out_dtype, config=cfg or None)
+
+
+def _complete_wq_cfg(cfg, M, N, K, w_kind, group, device):
+    if not cfg:
+        return None
+    base = _mm_config(M, N, K, w_kind, group, device)
+    return {**base, **cfg, "BLOCK_M": base["BLOCK_M"]}
+
+
+def _gemv_config(M: int, N: int, K: int, w_kind: int, group: int, device, cfg: dict | None = None) -> dict:
+    """Tile options for :func:`gemv`: ``cfg`` completed, or the heuristic from the H200 sweep (8 weight rows
+    per program, 1024-long K tiles at M = 1, fewer programs' rows when N is small)."""
+    bm = 1 if M == 1 else (2 if M == 2 else 4)
+    if not cfg:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        target = GEMV_PROGRAMS_PER_SM * _sm_count(idx)
+        bn = 8 if N >= 8 * target // 2 else 4
+        bk = 2048 if w_kind == W_INT4 else 1024
+        while bk > 128 and (bk > K or bm * bn * bk > 8192):
+            bk //= 2
+        split = 1
+        while -(-N // bn) * split * 2 <= target and K >= bk * split * 4:
+            split *= 2
+        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=2)
+    cfg = dict(cfg)
+    cfg.setdefault("SPLIT_K", 1)
+    cfg["GPT"] = 1
     if w_kind == W_INT4:  # a K tile holds whole groups (GPT of them) or lies inside one group
         bk = cfg["BLOCK_K"]
         if bk >= group and bk % group == 0:
@@ -411,29 +629,72 @@ def _gemv_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dic
             while bk > 16 and group % bk:
                 bk //= 2
             cfg["BLOCK_K"] = bk
+    cfg["BLOCK_M"] = bm
     return cfg
 
 
 def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None, w_zero=None,
          bias=None, group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
-    """Like :func:`wq_mm`, for a few rows (decode): one program per (row, BLOCK_N outputs)."""
+    """Like :func:`wq_mm`, for at most 4 rows (decode): every weight byte is read once for all rows."""
     M, K = a.shape
+    if M > 4:
+        raise ValueError(f"gemv takes at most 4 rows, got {M}")
     N = w.shape[0]
     a_kind = A_FP8 if a.dtype == torch.float8_e4m3fn else (A_FLOAT if a.is_floating_point() else A_INT8)
     out_dtype = out_dtype or a.dtype
-    cfg = _gemv_config(M, N, K, w_kind, group, a.device) if config is None else dict(config)
-    if w_kind == W_INT4 and "GPT" not in cfg:
-        cfg["GPT"] = max(1, cfg["BLOCK_K"] // max(group, 1))
-    cfg.setdefault("GPT", 1)
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    cfg = _gemv_config(M, N, K, w_kind, group, a.device, config)
+    split = cfg["SPLIT_K"]
+    c = (torch.zeros((M, N), device=a.device, dtype=torch.float32) if split > 1
+         else torch.empty((M, N), device=a.device, dtype=out_dtype))
     dummy = w_scale
-    gemv_kernel[(-(-N // cfg["BLOCK_N"]), M)](
+    gemv_kernel[(-(-N // cfg["BLOCK_N"]), split)](
         a, w, w_scale, w_zero if w_zero is not None else dummy, a_scale if a_scale is not None else dummy,
-        bias if bias is not None else dummy, c, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(0),
+        bias if bias is not None else dummy, c, M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(0),
         w_scale.stride(0) if w_scale.dim() == 2 else 0, A_KIND=a_kind, W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
         SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
-    return c
+    return c.to(out_dtype) if split > 1 else c
+
+
+def wo_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, w_zero=None, bias=None,
+          group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
+    """Weight-only (W8A16 / W4A16) ``a (M, K) @ dequant(w).T`` for decode-sized M on the tensor cores,
+    with bit-built weight operands (see ``wo_mm_kernel``). int4 needs ``group`` to be a multiple of 32
+    dividing K; int8 any K. Results equal fake-quant's up to the fp32 summation order and the bf16
+    rounding of the activations (fake-quant rounds the dequantized weight to bf16 instead)."""
+    M, K = a.shape
+    N = w.shape[0]
+    out_dtype = out_dtype or a.dtype
+    if w_kind == W_INT4 and (group % 32 or K % group):
+        raise ValueError(f"wo_mm: int4 group {group} must be a multiple of 32 that divides K={K}")
+    cfg = dict(config or {})
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    cfg.setdefault("BLOCK_N", 64)
+    cfg.setdefault("num_warps", 4)
+    cfg.setdefault("num_stages", 4)
+    if w_kind == W_INT4:
+        cfg["BLOCK_K"] = group
+    else:
+        cfg.setdefault("BLOCK_K", 128)
+    if "SPLIT_K" not in cfg:
+        tiles = -(-M // bm) * -(-N // cfg["BLOCK_N"])
+        target = 2 * _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        split = 1
+        while tiles * split * 2 <= target and K >= cfg["BLOCK_K"] * split * 4:
+            split *= 2
+        cfg["SPLIT_K"] = split
+    split = cfg["SPLIT_K"]
+    c = (torch.zeros((M, N), device=a.device, dtype=torch.float32) if split > 1
+         else torch.empty((M, N), device=a.device, dtype=out_dtype))
+    grid = (-(-N // cfg["BLOCK_N"]) * -(-M // bm), split)
+    if M > bm:
+        raise ValueError(f"wo_mm takes at most 64 rows, got {M}")
+    wo_mm_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale,
+                       c, M, N, K, a.stride(0), w.stride(0), c.stride(0),
+                       w_scale.stride(0) if w_scale.dim() == 2 else 0, W_KIND=w_kind,
+                       W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0),
+                       HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, **cfg)
+    return c.to(out_dtype) if split > 1 else c
 
 
 def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:

@@ -1,0 +1,222 @@
+"""Decode kernels (M = 1 and 16): sweep the options, pick the fastest per shape, compare with cuBLAS bf16
+and torch's own int4 kernel.
+
+One GPU call::
+
+    PYTHONPATH=. python benchmarks/decode_kernels.py [--stages 2] [--out benchmarks/results/decode_kernels.json]
+                                                     [--tuned graphquant/kernels/gemv_tuned.json]
+
+For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144x4096, gate/up
+14336x4096, fused gate|up 28672x4096, down 4096x14336), each weight kind (W8A16 int8 per-channel, W4A16
+int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every option of the decode kernels
+in ``graphquant.kernels.quant_triton`` (``gemv`` on CUDA cores at M = 1; ``wq_mm``, the W8A8 tensor-core
+kernel; ``wo_mm``, the weight-only tensor-core kernel with bit-built operands), each checked against an
+fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
+into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
+shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
+scales). Bandwidth = weight bytes (codes + scales) / time, against the 4.3 TB/s the H200 copies at.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from graphquant.kernels import quant_triton as QT  # noqa: E402
+
+PEAK = 4.3e12
+SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "gate/up": (14336, 4096),
+          "gate|up": (28672, 4096), "down": (4096, 14336)}
+KINDS = ("W8A16", "W4A16", "W8A8-int8", "W8A8-fp8")
+GROUP = 128
+
+
+def gemv_options(kind: str, stages_list):
+    bks = (1024, 2048) if kind == "W4A16" else (512, 1024)
+    for bn, bk, split in itertools.product((4, 8, 16), bks, (1, 2)):
+        if bn * bk > 16384:
+            continue
+        for stages in stages_list:
+            yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
+
+
+def mma_options(kind: str, impl: str):
+    bks = (None,) if (kind == "W4A16" and impl == "wo_mm") else ((64, 128, 256) if impl == "wo_mm" else (128, 256))
+    for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
+        cfg = dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=stages)
+        if bk is not None:
+            cfg["BLOCK_K"] = bk
+        yield cfg
+
+
+def cuda_ms(fn, iters=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def graph_us(fn, reps=20, iters=20):
+    """Microseconds per call, ``reps`` calls captured in one CUDA graph (no launch overhead)."""
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    t = cuda_ms(g.replay, iters) * 1e3 / reps
+    del g
+    return t
+
+
+def operands(kind, N, K, M, dev):
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    if kind == "W4A16":
+        w = torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8)
+        s = torch.rand(N, K // GROUP, device=dev) * 0.01
+        return dict(a=x, w=w, w_scale=s, w_kind=QT.W_INT4, group=GROUP), w.numel() + s.numel() * 4
+    w = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
+    s = torch.rand(N, device=dev) * 0.01
+    nbytes = w.numel() + s.numel() * 4
+    if kind == "W8A16":
+        return dict(a=x, w=w, w_scale=s, w_kind=QT.W_INT8), nbytes
+    fp8 = kind == "W8A8-fp8"
+    q, sa = QT.quantize_rows(x, fp8)
+    if fp8:
+        w = (torch.randn(N, K, device=dev) * 40).to(torch.float8_e4m3fn)
+    return dict(a=q, w=w, w_scale=s, w_kind=QT.W_FP8 if fp8 else QT.W_INT8, a_scale=sa), nbytes
+
+
+def reference(op):
+    """fp32 reference of one gemv call (to check every tile option computes the same thing)."""
+    a, w, s = op["a"], op["w"], op["w_scale"]
+    if op["w_kind"] == QT.W_INT4:
+        u = torch.stack([w & 0xF, w >> 4], -1).reshape(w.shape[0], -1).float()
+        W = (u - 8) * s.repeat_interleave(GROUP, 1)
+    else:
+        W = w.float() * s[:, None]
+    out = a.float() @ W.t()
+    if op.get("a_scale") is not None:
+        out = out * op["a_scale"].float().reshape(-1, 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stages", default="2", help="comma-separated num_stages values to try")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_kernels.json"))
+    ap.add_argument("--tuned", default=str(ROOT / "graphquant" / "kernels" / "gemv_tuned.json"))
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    args = ap.parse_args()
+    stages = [int(v) for v in args.stages.split(",")]
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    t0 = time.time()
+    rows, best, summary = [], {}, []
+    for sname, (N, K) in SHAPES.items():
+        xb = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+        wb = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        t_bf16 = graph_us(lambda: F.linear(xb, wb))
+        x16 = torch.randn(16, K, device=dev, dtype=torch.bfloat16)
+        t_bf16_16 = graph_us(lambda: F.linear(x16, wb))
+        print(f"\n{sname:8s} N={N:6d} K={K:6d}  bf16 cuBLAS {t_bf16:6.1f} us ({2 * N * K / t_bf16 / 1e3:5.0f} GB/s); "
+              f"M=16 {t_bf16_16:6.1f} us", flush=True)
+        del wb
+        for kind in KINDS:
+            for M in (1, 16):
+                op, nbytes = operands(kind, N, K, M, dev)
+                if M == 16:
+                    op["w"], op["w_scale"] = op1["w"], op1["w_scale"]
+                else:
+                    op1 = op
+                ref = reference(op)
+                cands = []
+                impls = (["gemv"] if M == 1 else []) + (["wo_mm"] if kind in ("W8A16", "W4A16") else ["wq_mm"])
+                for impl in impls:
+                    opts = gemv_options(kind, stages) if impl == "gemv" else mma_options(kind, impl)
+                    for cfg in opts:
+                        if time.time() - t0 > args.budget_s:
+                            break
+                        fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "wo_mm": QT.wo_mm}[impl]
+                        if impl == "wq_mm":
+                            cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
+                        kw = {k: v for k, v in op.items() if not (impl == "wo_mm" and k == "a_scale")}
+                        try:
+                            out = fn(**kw, out_dtype=torch.float32, config=dict(cfg))
+                            err = float((out - ref).abs().max() / ref.abs().max())
+                            t = graph_us(lambda: fn(**kw, out_dtype=torch.bfloat16, config=dict(cfg))) \
+                                if err < 1e-3 else float("inf")
+                        except Exception as e:  # noqa: BLE001 - an option that does not build is skipped
+                            t, err = float("inf"), None
+                            print(f"   {kind} M={M} {impl} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                        cands.append((t, impl, cfg))
+                        rows.append({"shape": sname, "N": N, "K": K, "M": M, "kind": kind, "impl": impl, "us": t,
+                                     "err": err, **cfg})
+                cands.sort(key=lambda c: c[0])
+                t_best, impl_best, cfg_best = cands[0] if cands else (float("inf"), None, None)
+                by_impl = {i: min((c[0] for c in cands if c[1] == i), default=None) for i in impls}
+                extra = {}
+                if kind == "W4A16":
+                    try:
+                        wi = torch.randint(0, 16, (N, K), device=dev, dtype=torch.int32)
+                        packed = torch.ops.aten._convert_weight_to_int4pack(
+                            (wi[:, ::2] << 4 | wi[:, 1::2]).to(torch.uint8), 8)
+                        sz = torch.rand(K // GROUP, N, 2, device=dev, dtype=torch.bfloat16)
+                        xa = op["a"]
+                        extra["tinygemm_us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(xa, packed, GROUP, sz))
+                    except Exception as e:  # noqa: BLE001
+                        extra["tinygemm_error"] = f"{type(e).__name__}: {str(e)[:100]}"
+                a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
+                if cfg_best is not None:
+                    keep = {k: v for k, v in cfg_best.items() if k not in ("BLOCK_M",)}
+                    best[f"{a_kind},{op['w_kind']},{N},{K},{QT.m_bucket(M)}"] = {"impl": impl_best, **keep}
+                t_ref = t_bf16 if M == 1 else t_bf16_16
+                line = {"shape": sname, "N": N, "K": K, "M": M, "kind": kind, "best_us": t_best, "best_impl": impl_best,
+                        "best": cfg_best, "best_by_impl_us": by_impl, "bf16_us": t_ref, "weight_bytes": nbytes,
+                        "GBps": nbytes / t_best / 1e3 if t_best < float("inf") else None,
+                        "frac_peak": nbytes / (t_best * 1e-6) / PEAK if t_best < float("inf") else None,
+                        "speedup_vs_bf16": t_ref / t_best, **extra}
+                summary.append(line)
+                print(f"   {kind:10s} M={M:2d} {impl_best or '-':6s} {t_best:6.1f} us {line['GBps'] or 0:5.0f} GB/s "
+                      f"({(line['frac_peak'] or 0):4.0%}) {t_ref / t_best:4.2f}x bf16 | "
+                      + " ".join(f"{i} {v:6.1f}" for i, v in by_impl.items() if v is not None)
+                      + (f" | tinygemm {extra['tinygemm_us']:6.1f}" if "tinygemm_us" in extra else "")
+                      + f" | {cfg_best}", flush=True)
+    out = {"device": name, "torch": torch.__version__, "peak_Bps": PEAK, "summary": summary, "rows": rows,
+           "elapsed_s": time.time() - t0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    tuned_path = Path(args.tuned)
+    table = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {}
+    table[name] = {**table.get(name, {}), **best}
+    tuned_path.parent.mkdir(parents=True, exist_ok=True)
+    tuned_path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    print(f"\nwrote {args.out} and {tuned_path} ({len(best)} tuned shapes) in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

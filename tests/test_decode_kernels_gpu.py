@@ -1,0 +1,109 @@
+"""Decode kernels on CUDA: the GEMV for every weight kind, tile option and split-K against fp32
+references, with no silent fallback to torch. Skipped without CUDA (CI has none)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+GROUP = 64
+
+
+def _case(kind, M, N, K, zero, g):
+    from graphquant.kernels import quant_triton as QT
+
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    op = {"a": x}
+    if kind == "W4A16":
+        w = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8, generator=g)
+        s = torch.rand(N, K // GROUP, device="cuda", generator=g) * 1e-2
+        z = torch.randint(0, 16, (N, K // GROUP), device="cuda", dtype=torch.uint8, generator=g) if zero else None
+        op.update(w=w, w_scale=s, w_kind=QT.W_INT4, group=GROUP, w_zero=z)
+        u = torch.stack([w & 0xF, w >> 4], -1).reshape(N, K).float()
+        zz = z.float().repeat_interleave(GROUP, 1) if z is not None else 8.0
+        W = (u - zz) * s.repeat_interleave(GROUP, 1)
+    else:
+        w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8, generator=g)
+        s = torch.rand(N, device="cuda", generator=g) * 1e-2
+        op.update(w=w, w_scale=s, w_kind=QT.W_INT8)
+        if kind == "W8A8-fp8":
+            op["w"] = (torch.randn(N, K, device="cuda", generator=g) * 40).to(torch.float8_e4m3fn)
+            op["w_kind"] = QT.W_FP8
+        W = op["w"].float() * s[:, None]
+    a = x.float()
+    if kind.startswith("W8A8"):
+        q, sa = QT.quantize_rows(x, kind.endswith("fp8"))
+        op.update(a=q, a_scale=sa)
+        a = q.float() * sa
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    op["bias"] = bias
+    return op, a @ W.t() + bias.float()
+
+
+@pytest.mark.parametrize("kind", ["W8A16", "W4A16", "W8A8-int8", "W8A8-fp8"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
+def test_gemv_matches_reference_for_every_tile_option(kind, M, N, K):
+    from graphquant.kernels import int8_mm
+    from graphquant.kernels import quant_triton as QT
+
+    g = torch.Generator(device="cuda").manual_seed(M * 7 + N)
+    for zero in ((False, True) if kind == "W4A16" else (False,)):
+        op, ref = _case(kind, M, N, K, zero, g)
+        configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=2)
+                            for bn, bk, sk in [(4, 256, 1), (8, 512, 2), (16, 1024, 4), (8, 2048, 3)]]
+        for cfg in configs:
+            out = QT.gemv(**op, out_dtype=torch.float32, config=cfg)
+            err = float((out - ref).abs().max() / ref.abs().max())
+            assert err < 2e-5, (kind, M, N, K, zero, cfg, err)
+    assert "gemv" not in int8_mm._FAILED
+
+
+def test_linear_entry_points_use_the_decode_kernels():
+    """The int8 / fp8 / int4 linears route decode-sized M to ``decode_mm`` without falling back."""
+    from graphquant.kernels import fp8_mm, int4_mm, int8_mm
+    from graphquant.kernels import quant_triton as QT
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    calls = []
+    real = QT.decode_mm
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append((k["w_kind"], out is not None))
+        return out
+
+    QT.decode_mm = spy
+    try:
+        for M in (1, 16):
+            op, ref = _case("W8A16", M, 512, 1024, False, g)
+            out = int8_mm.int8_weight_only_linear(op["a"], op["w"], op["w_scale"], op["bias"])
+            assert float((out.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+            op, ref = _case("W8A8-int8", M, 512, 1024, False, g)
+            out = int8_mm.int8_linear(op["a"], op["a_scale"], op["w"], op["w_scale"], op["bias"], torch.bfloat16)
+            assert float((out.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+            op, ref = _case("W8A8-fp8", M, 512, 1024, False, g)
+            out = fp8_mm.fp8_linear(op["a"], op["a_scale"], op["w"], op["w_scale"], op["bias"], torch.bfloat16)
+            assert float((out.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+            op, ref = _case("W4A16", M, 512, 1024, True, g)
+            out = int4_mm.int4_linear(op["a"], op["w"], op["w_scale"], op["w_zero"], op["bias"], GROUP, "nibble")
+            assert float((out.float() - ref).abs().max() / ref.abs().max()) < 1e-2
+    finally:
+        QT.decode_mm = real
+    assert calls == [(QT.W_INT8, True), (QT.W_INT8, True), (QT.W_FP8, True), (QT.W_INT4, True)] * 2
+    assert not int8_mm._FAILED
+
+
+@pytest.mark.parametrize("kind", ["W8A16", "W4A16"])
+@pytest.mark.parametrize("M", [1, 5, 16, 64])
+def test_weight_only_tensor_core_kernel(kind, M):
+    from graphquant.kernels import quant_triton as QT
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    for zero in ((False, True) if kind == "W4A16" else (False,)):
+        op, ref = _case(kind, M, 1536, 2048, zero, g)
+        for cfg in (None, dict(BLOCK_N=32, SPLIT_K=2), dict(BLOCK_N=128, SPLIT_K=1, num_stages=3)):
+            out = QT.wo_mm(**op, out_dtype=torch.float32, config=cfg)
+            err = float((out - ref).abs().max() / ref.abs().max())
+            assert err < 2e-5, (kind, M, zero, cfg, err)
