@@ -10,7 +10,7 @@ For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144
 14336x4096, fused gate|up 28672x4096, down 4096x14336), each weight kind (W8A16 int8 per-channel, W4A16
 int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every option of the decode kernels
 in ``graphquant.kernels.quant_triton`` (``gemv`` on CUDA cores at M = 1; ``wq_mm``, the W8A8 tensor-core
-kernel; ``wo_mm``, the weight-only tensor-core kernel with bit-built operands), each checked against an
+kernel, which dequantizes weight-only codes in registers), each checked against an
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
@@ -52,12 +52,9 @@ def gemv_options(kind: str, stages_list):
 
 
 def mma_options(kind: str, impl: str):
-    bks = (None,) if (kind == "W4A16" and impl == "wo_mm") else ((64, 128, 256) if impl == "wo_mm" else (128, 256))
+    bks = (128,) if kind == "W4A16" else (128, 256)
     for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
-        cfg = dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=stages)
-        if bk is not None:
-            cfg["BLOCK_K"] = bk
-        yield cfg
+        yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
 
 
 def cuda_ms(fn, iters=20, warmup=3):
@@ -155,16 +152,16 @@ def main():
                     op1 = op
                 ref = reference(op)
                 cands = []
-                impls = (["gemv"] if M == 1 else []) + (["wo_mm"] if kind in ("W8A16", "W4A16") else ["wq_mm"])
+                impls = (["gemv"] if M == 1 else []) + ["wq_mm"]
                 for impl in impls:
                     opts = gemv_options(kind, stages) if impl == "gemv" else mma_options(kind, impl)
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
-                        fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "wo_mm": QT.wo_mm}[impl]
+                        fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm}[impl]
                         if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
-                        kw = {k: v for k, v in op.items() if not (impl == "wo_mm" and k == "a_scale")}
+                        kw = op
                         try:
                             out = fn(**kw, out_dtype=torch.float32, config=dict(cfg))
                             err = float((out - ref).abs().max() / ref.abs().max())

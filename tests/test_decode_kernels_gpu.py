@@ -93,17 +93,3 @@ def test_linear_entry_points_use_the_decode_kernels():
         QT.decode_mm = real
     assert calls == [(QT.W_INT8, True), (QT.W_INT8, True), (QT.W_FP8, True), (QT.W_INT4, True)] * 2
     assert not int8_mm._FAILED
-
-
-@pytest.mark.parametrize("kind", ["W8A16", "W4A16"])
-@pytest.mark.parametrize("M", [1, 5, 16, 64])
-def test_weight_only_tensor_core_kernel(kind, M):
-    from graphquant.kernels import quant_triton as QT
-
-    g = torch.Generator(device="cuda").manual_seed(M)
-    for zero in ((False, True) if kind == "W4A16" else (False,)):
-        op, ref = _case(kind, M, 1536, 2048, zero, g)
-        for cfg in (None, dict(BLOCK_N=32, SPLIT_K=2), dict(BLOCK_N=128, SPLIT_K=1, num_stages=3)):
-            out = QT.wo_mm(**op, out_dtype=torch.float32, config=cfg)
-            err = float((out - ref).abs().max() / ref.abs().max())
-            assert err < 2e-5, (kind, M, zero, cfg, err)

@@ -8,9 +8,8 @@ on; ``graphquant.lowering.layouts`` builds them):
 
 ``"nibble"``         ``w_packed`` uint8 (N, K/2), low nibble = even column; ``scale`` fp32 (N, K/g);
                      ``zero_point`` uint8 (N, K/g) or None. CUDA: for M <= ``WEIGHT_ONLY_M`` the decode kernel
-                     ``quant_triton.decode_choice`` picks (``wo_mm``: bf16 operands built from
-                     the nibbles' bits on the tensor cores; ``gemv``), else a Triton dequantize
-                     to the activation dtype + cuBLAS.
+                     ``quant_triton.decode_choice`` picks (``gemv`` or ``wq_mm``), else a Triton
+                     dequantize to the activation dtype + cuBLAS.
                      Without Triton: torch unpack.
 ``"cpu_tinygemm"``   ``w_packed`` from ``aten._convert_weight_to_int4pack_for_cpu``; ``scale`` is
                      ``qScaleAndZeros`` (K/g, N, 2) in the activation dtype (``W = (u - 8) * s + z``);

@@ -12,9 +12,9 @@ W8A8        M <= ``SKINNY_M``: the decode kernel         ``torch._int_mm`` + fp3
             ``torch._int_mm`` (cuBLASLt) + Triton
             scale epilogue
 W8A16       M <= ``WEIGHT_ONLY_M``: the decode kernel    ``aten._weight_int8pack_mm``
-            (``wo_mm``: bf16 operands built from the
-            code bits, tensor cores; or ``gemv``);
-            else Triton dequantize + cuBLAS matmul
+            (``gemv``, or ``wq_mm``: codes dequantized
+            in registers, tensor cores); else Triton
+            dequantize + cuBLAS matmul
 ==========  ===========================================  =========================================
 
 Shapes ``torch._int_mm`` rejects on CUDA (M <= 16, K or N not a multiple of 8) fall back to a

@@ -1,6 +1,6 @@
 """Triton kernels behind the lowered linears (CUDA only; ``triton`` is imported lazily).
 
-Four kernels, each with a launch wrapper that takes and returns torch tensors:
+Five kernels, each with a launch wrapper that takes and returns torch tensors:
 
 ``quantize_rows``     activation quantization: float rows -> int8 / fp8 e4m3 codes and one fp32
                       scale per row (dynamic per-token), or codes under a given per-tensor scale
@@ -12,6 +12,8 @@ Four kernels, each with a launch wrapper that takes and returns torch tensors:
                       per byte with per-group scales / zero points), the activation either float
                       (weight-only: W8A16 / W4A16) or codes with per-row scales (W8A8). Split-K
                       with fp32 atomics keeps every SM busy when M and N are small.
+``gemv``              decode (M <= 4) on CUDA cores: every weight byte read once for all rows,
+                      int4 nibbles turned into floats by bit operations, optional split-K.
 ``scale_epilogue``    ``out = acc * sa * sw (+ bias)`` for the int32 result of ``torch._int_mm``.
 ``dequantize_weight`` int8 / int4-packed weight -> float (the prefill path feeds it to cuBLAS).
 
@@ -19,6 +21,9 @@ Integer / layout conventions (shared with ``graphquant.lowering.layouts``): int4
 as unsigned nibbles ``u`` (signed codes shifted by 8), two per byte, the low nibble holding the
 even column: ``byte[n, j] = u[n, 2j] | u[n, 2j+1] << 4``; the weight is ``(u - z) * s`` with ``z``
 the (shifted) zero point per group, 8 when none is stored.
+
+``decode_mm`` picks ``gemv`` or ``wq_mm`` (and their tiles) per shape from ``gemv_tuned.json``, the
+table ``benchmarks/decode_kernels.py`` measures on the GPU, or from heuristics.
 
 Import this module only where Triton exists (``graphquant.kernels.int8_mm.triton_kernels()``
 does that check).
@@ -33,9 +38,6 @@ import triton
 import triton.language as tl
 
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
-# bf16 dot operands on GPUs; Triton's CPU interpreter (TRITON_INTERPRET=1, used to test kernels without a
-# GPU) mishandles bf16 dots, so there they are widened to fp32 (the values are exact in both)
-_OPERAND: tl.constexpr = tl.constexpr(tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16)
 
 
 @triton.jit
@@ -286,89 +288,6 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
 
 
 @triton.jit
-def _magic_bf16(u):
-    """Integers ``u`` in [0, 127] as bf16 ``128 + u`` built from the bits (exact, no int->float
-    conversion); callers subtract ``bias + 128`` times the activation sums after the product."""
-    return (u.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True).to(_OPERAND)
-
-
-@triton.jit
-def wo_mm_kernel(A, B, SW, ZW, BIAS, C, M, N, K, stride_am, stride_bn, stride_cm, stride_sw,
-                 W_KIND: tl.constexpr,  # 0 int8 (N, K), per-channel or one scale; 2 int4 nibbles (N, K/2), per group
-                 W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight-only ``C = A @ dequant(B).T`` for decode-sized M on the tensor cores (bf16 activations).
-
-    The weight codes never go through an int->float conversion: each 4-bit field ``f`` becomes the
-    bf16 number ``128 + f`` by setting bits, the bf16 products are summed in fp32 by ``tl.dot``, and
-    the offsets are removed with the activation sums (``sum_k x_k``) afterwards. int8 codes are split
-    into a signed high nibble and an unsigned low one (``w = 16 h + l``): two products. int4 tiles
-    hold one group (``BLOCK_K == GROUP``), so the group's scale (and zero point) applies to the
-    tile's partial sum. Split-K adds fp32 partial sums atomically into a zeroed ``C``."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rn64 = rn.to(tl.int64)
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    a_rows = A + rm.to(tl.int64)[:, None] * stride_am
-    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_per
-    k_hi = k_lo + k_per
-    if k_hi > K:
-        k_hi = K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    HALF: tl.constexpr = BLOCK_K // 2
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        if W_KIND == 2:
-            rh = k0 // 2 + tl.arange(0, HALF)
-            p = tl.load(B + rn64[:, None] * stride_bn + rh[None, :], mask=n_ok[:, None], other=0)
-            re = k0 + 2 * tl.arange(0, HALF)
-            xe = tl.load(a_rows + re[None, :], mask=m_ok[:, None], other=0.0).to(tl.bfloat16).to(_OPERAND)
-            xo = tl.load(a_rows + re[None, :] + 1, mask=m_ok[:, None], other=0.0).to(tl.bfloat16).to(_OPERAND)
-            lo = _magic_bf16(p & 0xF)
-            hi = _magic_bf16(p >> 4)
-            part = tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
-            xs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
-            g = k0 // BLOCK_K
-            s = tl.load(SW + rn64 * stride_sw + g, mask=n_ok, other=0.0)
-            if HAS_ZERO:
-                z = tl.load(ZW + rn64 * stride_sw + g, mask=n_ok, other=8).to(tl.float32)
-                part = part - (128.0 + z)[None, :] * xs[:, None]
-            else:
-                part = part - 136.0 * xs[:, None]
-            acc += part * s[None, :]
-        else:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < k_hi
-            w = tl.load(B + rn64[:, None] * stride_bn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            x = tl.load(a_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.bfloat16).to(_OPERAND)
-            wi = w.to(tl.int16)
-            lo = _magic_bf16(wi & 0xF)
-            hi = _magic_bf16((wi >> 4) + 8)  # arithmetic shift: -8..7, stored +8
-            part = 16.0 * tl.dot(x, tl.trans(hi)) + tl.dot(x, tl.trans(lo))
-            xs = tl.sum(x.to(tl.float32), axis=1)
-            acc += part - (128.0 + 16.0 * 136.0) * xs[:, None]
-    if W_KIND != 2:
-        if W_SCALE == 1:
-            acc = acc * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
-        else:
-            acc = acc * tl.load(SW)
-    if HAS_BIAS:
-        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            b = tl.where(pid_k == 0, b, 0.0)
-        acc = acc + b[None, :]
-    c_ptrs = C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(c_ptrs, acc, mask=mask)
-    else:
-        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
                           SA_ROW: tl.constexpr, SW_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -518,8 +437,8 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
 
 
 #: Decode kernels measured on the GPU (``benchmarks/gemv_sweep.py`` writes ``gemv_tuned.json`` beside this
-#: file): "<GPU name>" -> "<a_kind>,<w_kind>,<N>,<K>,<M bucket>" -> dict(impl="gemv"|"wq_mm"|"wo_mm", tile
-#: options). Shapes not in it use the heuristics of :func:`decode_choice`. ``GEMV_TILES`` (same keys as tuples)
+#: file): "<GPU name>" -> "<a_kind>,<w_kind>,<N>,<K>,<M bucket>" -> dict(impl="gemv"|"wq_mm", tile options,
+#: us = the measured time). Shapes not in it use the heuristics of :func:`decode_choice`. ``GEMV_TILES`` (same keys as tuples)
 #: overrides the file, e.g. in a sweep.
 GEMV_TILES: dict[tuple[int, ...], dict] = {}
 GEMV_PROGRAMS_PER_SM = 4
@@ -550,26 +469,21 @@ def m_bucket(M: int) -> int:
 
 
 def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, device) -> tuple[str, dict] | None:
-    """(kernel, tile options) for a decode-sized product, or None when none fits (M too large, group not
-    supported): the measured table first, else heuristics from the H200 sweep
-    (``benchmarks/results/gemv_sweep*.json``): weight-only -> ``wo_mm`` (bit-built bf16 operands on the
-    tensor cores); W8A8 -> ``gemv`` for small weights at M <= 4, else ``wq_mm`` (int8 / fp8 tensor cores)."""
-    if M > 64:
+    """(kernel, tile options) for a decode-sized product, or None when none fits (M too large): the measured
+    table first, else heuristics from the H200 sweeps (``benchmarks/results/decode_kernels.json``,
+    ``gemv_sweep_v1.json``): the CUDA-core ``gemv`` for small weights at M <= 4 (it has the least fixed
+    cost), else ``wq_mm`` (tensor cores; W8A8 codes go in as they are, weight-only codes are dequantized
+    in registers)."""
+    if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     key = (a_kind, w_kind, N, K, m_bucket(M))
     cfg = GEMV_TILES.get(key) or _tuned(_device_name(idx)).get(key)
     if cfg is not None:
-        cfg = dict(cfg)
+        cfg = {k: v for k, v in cfg.items() if k != "us"}
         return cfg.pop("impl", "gemv"), cfg
-    int4_ok = w_kind != W_INT4 or (group % 32 == 0 and K % group == 0)
-    if a_kind == A_FLOAT:
-        if int4_ok:
-            return "wo_mm", {}
-        return ("gemv", {}) if M <= 4 else None
-    if M > 16:
-        return None
-    if M <= 4 and N * K <= 8 * 1024 * 1024:
+    small = {A_FLOAT: 32 if w_kind != W_INT4 else 4, A_INT8: 8, A_FP8: 8}[a_kind] * 1024 * 1024
+    if M <= 4 and N * K <= small:
         return "gemv", {}
     return "wq_mm", {}
 
@@ -583,9 +497,6 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     if choice is None:
         return None
     impl, cfg = choice
-    if impl == "wo_mm":
-        return wo_mm(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
-                     config=cfg or None)
     if impl == "wq_mm":
         return wq_mm(a, w, w_scale, w_kind=w_kind, a_scale=a_scale, w_zero=w_zero, bias=bias, group=group,
                      out_dtype=out_dtype, config=_complete_wq_cfg(cfg, M, w.shape[0], K, w_kind, group, a.device))
@@ -653,47 +564,6 @@ def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int
         w_scale.stride(0) if w_scale.dim() == 2 else 0, A_KIND=a_kind, W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
         SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
-    return c.to(out_dtype) if split > 1 else c
-
-
-def wo_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, w_zero=None, bias=None,
-          group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
-    """Weight-only (W8A16 / W4A16) ``a (M, K) @ dequant(w).T`` for decode-sized M on the tensor cores,
-    with bit-built weight operands (see ``wo_mm_kernel``). int4 needs ``group`` to be a multiple of 32
-    dividing K; int8 any K. Results equal fake-quant's up to the fp32 summation order and the bf16
-    rounding of the activations (fake-quant rounds the dequantized weight to bf16 instead)."""
-    M, K = a.shape
-    N = w.shape[0]
-    out_dtype = out_dtype or a.dtype
-    if w_kind == W_INT4 and (group % 32 or K % group):
-        raise ValueError(f"wo_mm: int4 group {group} must be a multiple of 32 that divides K={K}")
-    cfg = dict(config or {})
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    cfg.setdefault("BLOCK_N", 64)
-    cfg.setdefault("num_warps", 4)
-    cfg.setdefault("num_stages", 4)
-    if w_kind == W_INT4:
-        cfg["BLOCK_K"] = group
-    else:
-        cfg.setdefault("BLOCK_K", 128)
-    if "SPLIT_K" not in cfg:
-        tiles = -(-M // bm) * -(-N // cfg["BLOCK_N"])
-        target = 2 * _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
-        split = 1
-        while tiles * split * 2 <= target and K >= cfg["BLOCK_K"] * split * 4:
-            split *= 2
-        cfg["SPLIT_K"] = split
-    split = cfg["SPLIT_K"]
-    c = (torch.zeros((M, N), device=a.device, dtype=torch.float32) if split > 1
-         else torch.empty((M, N), device=a.device, dtype=out_dtype))
-    grid = (-(-N // cfg["BLOCK_N"]) * -(-M // bm), split)
-    if M > bm:
-        raise ValueError(f"wo_mm takes at most 64 rows, got {M}")
-    wo_mm_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale,
-                       c, M, N, K, a.stride(0), w.stride(0), c.stride(0),
-                       w_scale.stride(0) if w_scale.dim() == 2 else 0, W_KIND=w_kind,
-                       W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0),
-                       HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, **cfg)
     return c.to(out_dtype) if split > 1 else c
 
 
