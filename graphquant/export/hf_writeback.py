@@ -98,6 +98,9 @@ def _save_pretrained(self, save_directory, format: str = "compressed-tensors", m
     would store graphquant's internal buffers under names no loader knows)."""
     from .writer import save
 
+    if getattr(self, "graphquant_prepared", None):
+        raise ExportError("this model was prepared for generation (graphquant.generation.prepare): its projections "
+                          "are fused and it keeps only kernel weights; save the model before preparing it")
     return save(self, save_directory, format=format, max_shard_size=max_shard_size, overwrite=overwrite,
                 tokenizer=tokenizer, source=source)
 

@@ -30,6 +30,8 @@ from .records import LinearRecord, TensorQuantizer
 #: 155-2261 us; int8 weight-only (_weight_int8pack_mm) 100-1804 us vs 107-2090 us; int4 (CPU tinygemm)
 #: 231-4794 us vs 123-2146 us; fp8 (_scaled_mm on CPU) 11-245 ms vs 0.7-30 ms.
 CPU_FASTER = {"int8_linear": True, "int8_weight_only": True, "int4_linear": False, "fp8_linear": False}
+#: at most this many rows run torch's tinygemm int4 kernel on CUDA (when ``prepare_kernels`` built its layout)
+TINYGEMM_MAX_M = 4
 
 
 def _ops():
@@ -129,6 +131,11 @@ class QuantLinear(nn.Module):
 
     def record(self) -> LinearRecord:
         """This layer as a :class:`LinearRecord` (what the checkpoint writers read)."""
+        if getattr(self, "kernels_only", False):
+            from .from_graph import ExportError
+
+            raise ExportError("this model was prepared for generation (graphquant.generation.prepare) and keeps only "
+                              "its kernel weights; save the model before preparing it")
         spec = FQ.as_spec(self.weight_spec)
         return LinearRecord(self.weight, spec, self.weight_scale,
                             self.weight_zero_point if FQ._uses_zero_point(spec) else None,
@@ -168,6 +175,26 @@ class QuantLinear(nn.Module):
             self._layouts[key] = kw
         return self._layouts[key]
 
+    def prepare_kernels(self, device, tinygemm: bool = True, free_codes: bool = False) -> None:
+        """Build the kernel layout on ``device`` now (not on the first call, which a compiled or
+        CUDA-graphed forward must not do), plus torch's tinygemm layout for int4 decode on CUDA.
+        ``free_codes`` drops the fake-quant codes where the layout does not share them (the module
+        then runs only its kernels and can no longer be saved)."""
+        device = torch.device(device)
+        if self.backend != "kernel":
+            return
+        kw = self._layout(device)
+        if self.kernel == "int4_linear" and tinygemm and kw.args.get("layout") == "nibble":
+            from ..lowering import layouts
+
+            tg = layouts.int4_tinygemm_cuda(kw.tensors["qweight"], kw.tensors["qscale"], kw.tensors.get("qzeros"),
+                                            kw.args["group_size"], self.dtype)
+            if tg is not None:
+                self._layouts[("tinygemm", str(device))] = tg
+        if free_codes and all(t.data_ptr() != self.weight.data_ptr() for t in kw.tensors.values()):
+            self.weight = torch.empty((0,), dtype=self.weight.dtype, device=device)
+            self.kernels_only = True
+
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         from ..lowering import activation
         from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
@@ -177,6 +204,14 @@ class QuantLinear(nn.Module):
         t = kw.tensors
         if self.kernel == "int4_linear":
             x = _hadamard(x) if self.input_rotation else x
+            tg = self._layouts.get(("tinygemm", str(x.device)))
+            if tg is not None and x.dtype == torch.bfloat16 and x[..., 0].numel() <= TINYGEMM_MAX_M:
+                # decode: torch's own int4 kernel (tinygemm), measured fastest at M = 1 on the H200
+                # (benchmarks/results/decode_kernels.json); prefill keeps the nibble layout
+                out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), tg.tensors["tg_weight"],
+                                                         tg.args["group_size"], tg.tensors["tg_scale_zeros"])
+                out = out.reshape(*x.shape[:-1], self.out_features)
+                return out + self.bias if self.bias is not None else out
             return ops.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias, kw.args["group_size"],
                                    kw.args["layout"])
         if self.kernel == "int8_weight_only":

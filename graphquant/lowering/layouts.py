@@ -88,3 +88,34 @@ def int4_weight(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     if not bool((z == 8).all()):
         tensors["qzeros"] = z.to(torch.uint8)
     return KernelWeight(tensors, {"group_size": g, "layout": "nibble"})
+
+
+#: group sizes and inner K tiles ``aten._weight_int4pack_mm`` (CUDA "tinygemm") accepts
+CUDA_INT4_GROUPS = (32, 64, 128, 256)
+
+
+def int4_tinygemm_cuda(packed: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None, group: int,
+                       dtype: torch.dtype) -> KernelWeight | None:
+    """The ``"nibble"`` layout (CUDA tensors) re-packed for torch's own int4 decode kernel,
+    ``aten._weight_int4pack_mm`` (tinygemm): codes by ``aten._convert_weight_to_int4pack`` (even
+    column in the high nibble of its input), ``scale_and_zeros`` (K/g, N, 2) in bf16 with
+    ``W = (u - 8) * s + zero``, ``zero = (8 - z) * s``. None where tinygemm does not apply (not
+    CUDA, not bf16, N not a multiple of 8, K not a multiple of 32 tiles, other group sizes).
+    The scales are rounded to bf16 (the graph keeps them in fp32)."""
+    N, half = packed.shape
+    K = 2 * half
+    if not packed.is_cuda or dtype != torch.bfloat16 or N % 8 or group not in CUDA_INT4_GROUPS or K % group:
+        return None
+    inner = next((t for t in (8, 4, 2) if K % (16 * t) == 0), None)
+    if inner is None:
+        return None
+    u = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(N, K)
+    hi_first = ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8).contiguous()
+    try:
+        tg = torch.ops.aten._convert_weight_to_int4pack(hi_first, inner)
+    except (RuntimeError, NotImplementedError):
+        return None
+    s = scale.to(torch.float32).reshape(N, -1)
+    z = zeros.to(torch.float32).reshape(N, -1) if zeros is not None else torch.full_like(s, 8.0)
+    sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return KernelWeight({"tg_weight": tg, "tg_scale_zeros": sz}, {"group_size": group, "inner_k_tiles": inner})

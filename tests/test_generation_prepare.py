@@ -1,0 +1,96 @@
+"""``graphquant.generation.prepare``: horizontal fusion of q|k|v and gate|up, R3 elision and kernel
+layouts keep the model's function (CPU; the CUDA side is in test_generation_gpu.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphquant as gq
+from graphquant import config as C
+from graphquant.export.from_graph import ExportError
+from graphquant.export.qlinear import QuantLinear
+from graphquant.generation import PrepareError, fuse_records, prepare
+from graphquant.models.tiny import tiny_model
+from test_export_hf import calib, logits, make_config, rel
+
+
+def _fused_names(model):
+    return sorted(n for n, m in model.named_modules() if n.endswith("graphquant_fused"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("scheme,group,pre,kv", [
+    ("w_int8_per_channel_a_int8_per_token", None, (), None),
+    ("w_int8_a_int8_per_tensor_sym", None, (C.SmoothQuantConfig(),), None),   # static, per-tensor weights
+    ("w_int4_per_group_sym", 32, (), None),
+    ("w_uint4_per_group_asym", 32, (), None),
+])
+def test_prepare_keeps_logits_and_greedy_tokens(arch, scheme, group, pre, kv):
+    model = tiny_model(arch)
+    qm = gq.quantize(model, make_config(scheme, group, pre=pre, kv=kv), calib(), progress=False)
+    hf = qm.to_hf()
+    ids = torch.randint(2, 128, (2, 9))
+    ref = logits(hf, ids)
+    ref_tokens = hf.generate(input_ids=ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prepare(hf)
+    report = hf.graphquant_prepared
+    assert len(report["fused"]) == 2 * hf.config.num_hidden_layers, report
+    layer = hf.model.layers[0]
+    assert isinstance(layer.self_attn.graphquant_fused, QuantLinear)
+    assert isinstance(layer.mlp.graphquant_fused, QuantLinear)
+    assert not isinstance(layer.self_attn.q_proj, QuantLinear)
+    assert layer.self_attn.graphquant_fused.out_features == sum(
+        layer.self_attn.get_submodule(p).stop - layer.self_attn.get_submodule(p).start
+        for p in ("q_proj", "k_proj", "v_proj"))
+    assert rel(logits(hf, ids), ref) < 1e-5
+    assert torch.equal(hf.generate(input_ids=ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0), ref_tokens)
+
+
+def test_quarot_r3_elided_without_kv_quantizer_and_kept_with_one():
+    model = tiny_model("llama")
+    qm = gq.quantize(model, make_config("w_int8_per_channel_a_int8_per_token", pre=[C.QuaRotConfig()]), calib(),
+                     progress=False)
+    hf = qm.to_hf()
+    assert hf.model.layers[0].self_attn.graphquant_online.r3
+    ids = torch.randint(2, 128, (1, 10))
+    ref = logits(hf, ids)
+    tokens = hf.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prepare(hf)
+    assert len(hf.graphquant_prepared["r3_elided"]) == hf.config.num_hidden_layers
+    assert not hasattr(hf.model.layers[0].self_attn, "graphquant_online")
+    assert rel(logits(hf, ids), ref) < 1e-4  # only the rounding of the rotated Q and K differs
+    assert torch.equal(hf.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0), tokens)
+
+    qm = gq.quantize(model, make_config("w_int8_per_channel_a_int8_per_token", pre=[C.QuaRotConfig()], kv="fp8"),
+                     calib(), progress=False)
+    hf = qm.to_hf()
+    ref = logits(hf, ids)
+    prepare(hf)
+    assert hf.graphquant_prepared["r3_elided"] == []
+    assert hf.model.layers[0].self_attn.graphquant_online.r3
+    assert rel(logits(hf, ids), ref) < 1e-5
+
+
+def test_fuse_records_refuses_different_input_quantizers_and_converts_per_tensor_scales():
+    model = tiny_model("llama")
+    qm = gq.quantize(model, make_config("w_int8_a_int8_per_tensor_sym"), calib(), progress=False)
+    hf = qm.to_hf()
+    attn = hf.model.layers[0].self_attn
+    recs = [attn.q_proj.record(), attn.k_proj.record(), attn.v_proj.record()]
+    fused = fuse_records(recs)
+    assert fused is not None and fused.shape[0] == sum(r.shape[0] for r in recs)
+    if not all(torch.equal(r.weight_scale, recs[0].weight_scale) for r in recs):
+        assert fused.weight_spec.qscheme.value == "per_channel"
+    mlp = hf.model.layers[0].mlp
+    assert fuse_records([attn.q_proj.record(), mlp.gate_proj.record()]) is None  # other input, other scale
+
+
+def test_prepared_model_cannot_be_saved_and_prepare_needs_a_graphquant_model(tmp_path):
+    model = tiny_model("llama")
+    qm = gq.quantize(model, make_config("w_int4_per_group_sym", 32), progress=False)
+    hf = prepare(qm.to_hf())
+    with pytest.raises(ExportError, match="save the model before preparing it"):
+        hf.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PrepareError, match="no graphquant QuantLinear"):
+        prepare(tiny_model("llama"))
