@@ -93,3 +93,29 @@ def test_linear_entry_points_use_the_decode_kernels():
         QT.decode_mm = real
     assert calls == [(QT.W_INT8, True), (QT.W_INT8, True), (QT.W_FP8, True), (QT.W_INT4, True)] * 2
     assert not int8_mm._FAILED
+
+
+@pytest.mark.parametrize("n", [128, 4096, 14336])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_fused_hadamard_quantize_equals_the_two_ops(n, fp8, rows):
+    """One kernel for QuaRot's online R4 + activation quantization gives the codes (and scales) of the
+    Hadamard op followed by fake-quant, dynamic per-row and static."""
+    from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
+    from graphquant.kernels import hadamard_triton as HT
+    from graphquant.quant import fake_quant as FQ
+
+    assert HT.fusable(n, torch.bfloat16)
+    x = (torch.randn(rows, n, device="cuda") * 3).to(torch.bfloat16)
+    y = torch.ops.graphquant.hadamard_transform(x, False)
+    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
+    q, s = HT.hadamard_quantize(x, fp8)
+    q2, s2, _ = FQ.dynamic_quantize(y, spec)
+    assert torch.equal(s, s2.float())
+    assert torch.equal(q.float(), q2.float())
+    st = s2.amax().reshape(())
+    qs, none = HT.hadamard_quantize(x, fp8, static_scale=st)
+    assert none is None
+    ref = FQ.quantize(y, st, torch.zeros((), dtype=torch.int32, device="cuda"),
+                      spec.replace("per_token", "per_tensor").replace("dynamic", "static"))
+    assert torch.equal(qs.float(), ref.float())

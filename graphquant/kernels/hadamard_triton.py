@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
+from .quant_triton import TINY_C, _fp32_reciprocal, _rint, _round_e4m3
 
-__all__ = ["hadamard_transform_triton", "supports", "plan", "candidates", "Plan"]
+__all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan"]
 
 DENSE_MAX = 256            # orders handled by the dense kernel by preference
 DENSE_FALLBACK_MAX = 4096  # largest dense matrix used when no factored plan exists
@@ -180,14 +181,38 @@ def _sylvester_stages(t, h1, h2, BM: tl.constexpr, D1: tl.constexpr, D2: tl.cons
 
 
 @triton.jit
-def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale,
+def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
+                    QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr):
+    """Store the codes of ``y`` (the transform's output, already rounded to the activation dtype):
+    per-row dynamic scale ``max(amax / QMAX, tiny)`` (stored at ``s_ptr + row``) or the static one.
+    Numerics of ``quant_triton.quant_rows_kernel`` (and so of fake-quant)."""
+    yf = y.to(tl.float32)
+    if STATIC:
+        sc = tl.load(s_in_ptr).to(tl.float32)
+    else:
+        sc = tl.maximum(row_amax * RCP, TINY_C)
+        tl.store(s_ptr + row, sc, mask=s_mask)
+    v = tl.math.div_rn(yf, sc)
+    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    if QUANT == 2:
+        tl.store(q_ptrs, _round_e4m3(v).to(tl.float8e4nv), mask=mask)
+    else:
+        tl.store(q_ptrs, _rint(v).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr,
                        BM: tl.constexpr, D1: tl.constexpr, LOG1: tl.constexpr, D1H: tl.constexpr,
                        D2: tl.constexpr, LOG2: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
-                       MIDDLE: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr):
+                       MIDDLE: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
+                       QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
+                       RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16):
     """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows.
 
     ``A`` (``BM×BM``, zero-padded) and the Sylvester matrices are built once per program and
-    stay on chip; each loop iteration loads one row, applies the three stages, stores it.
+    stay on chip; each loop iteration loads one row, applies the three stages, stores it. With
+    ``QUANT`` (1 int8, 2 fp8 e4m3) it stores the row's codes instead (``y_ptr`` then points to codes)
+    and, for a dynamic scale, the row's scale: the transformed row is never written out.
     """
     N: tl.constexpr = D1 * D2
     offs_m = tl.arange(0, BM)
@@ -204,14 +229,23 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale,
         else:
             acc = _dot_split_right(a, x.to(tl.float32), tl.zeros((BM, N), dtype=tl.float32), IN_PARTS, OP)
         t = _sylvester_stages(acc, h1, h2, BM, D1, D2, MID_PARTS, MIDDLE, OP)
-        tl.store(y_ptr + base + offs_m[:, None] * N + offs_n[None, :], (t * scale).to(y_ptr.dtype.element_ty),
-                 mask=in_rows)
+        if QUANT == 0:
+            tl.store(y_ptr + base + offs_m[:, None] * N + offs_n[None, :], (t * scale).to(y_ptr.dtype.element_ty),
+                     mask=in_rows)
+        else:
+            y = (t * scale).to(OUT_DTYPE)
+            amax = tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0)
+            _quantize_store(y, in_rows, amax, y_ptr + base + offs_m[:, None] * N + offs_n[None, :], s_ptr, s_in_ptr,
+                            row, True, QUANT, STATIC, QMAX, RCP)
 
 
 @triton.jit
-def _dense_persistent_kernel(x_ptr, g_ptr, y_ptr, R, NBLK, NPROG, N, scale, BR: tl.constexpr, NP: tl.constexpr,
-                             IN_PARTS: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr):
-    """``Y = scale · X @ G`` for ``n ≤ NP ≤ 128``: ``G`` stays on chip, blocks of ``BR`` rows loop."""
+def _dense_persistent_kernel(x_ptr, g_ptr, y_ptr, R, NBLK, NPROG, N, scale, s_ptr, s_in_ptr, BR: tl.constexpr,
+                             NP: tl.constexpr, IN_PARTS: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
+                             QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
+                             RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16):
+    """``Y = scale · X @ G`` for ``n ≤ NP ≤ 128``: ``G`` stays on chip, blocks of ``BR`` rows loop
+    (``QUANT``: codes and per-row scales instead, as in ``_persistent_kernel``)."""
     cols = tl.arange(0, NP)
     g = tl.load(g_ptr + cols[:, None] * NP + cols[None, :]).to(OP)
     col_ok = cols[None, :] < N
@@ -224,7 +258,13 @@ def _dense_persistent_kernel(x_ptr, g_ptr, y_ptr, R, NBLK, NPROG, N, scale, BR: 
             acc = tl.dot(x.to(OP), g)
         else:
             acc = _dot_split_left(x.to(tl.float32), g, tl.zeros((BR, NP), dtype=tl.float32), IN_PARTS, OP)
-        tl.store(y_ptr + off, (acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+        if QUANT == 0:
+            tl.store(y_ptr + off, (acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            y = (acc * scale).to(OUT_DTYPE)
+            amax = tl.max(tl.where(mask, tl.abs(y.to(tl.float32)), 0.0), axis=1)
+            _quantize_store(y, mask, amax[:, None], y_ptr + off, s_ptr, s_in_ptr, rows[:, None],
+                            rows[:, None] < R, QUANT, STATIC, QMAX, RCP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +454,14 @@ def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: O
     return y.reshape(x.shape)
 
 
-def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int) -> None:
+def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
+                       sq: Optional[torch.Tensor] = None, s_in: Optional[torch.Tensor] = None,
+                       quant: Optional[dict] = None) -> None:
+    """The persistent kernels; with ``quant`` (constexprs of ``_quantize_store``) ``y`` receives codes and
+    ``sq`` the per-row scales (or ``s_in`` is the static scale)."""
+    quant = quant or {}
+    sq = sq if sq is not None else x2
+    s_in = s_in if s_in is not None else x2
     rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
     in_parts = _PARTS[x2.dtype]
@@ -424,16 +471,55 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
         g = _dense_operand(n, transpose, npad, x2.device)
         nblk = triton.cdiv(rows, p.BR)
         nprog = max(1, min(nblk, programs))
-        _dense_persistent_kernel[(nprog,)](x2, g, y, rows, nblk, nprog, n, scale, BR=p.BR, NP=npad, IN_PARTS=in_parts, OP=_OPERAND,
-                                       STAGES=p.stages, num_warps=p.num_warps)
+        _dense_persistent_kernel[(nprog,)](x2, g, y, rows, nblk, nprog, n, scale, sq, s_in, BR=p.BR, NP=npad,
+                                           IN_PARTS=in_parts, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps,
+                                           **quant)
         return
     a = _factor_operand(p.m, p.i, transpose, p.BM, p.BM, x2.device)
     d1h = max(p.D1, 16)
     nprog = max(1, min(rows, programs))
     _persistent_kernel[(nprog,)](
-        x2, a, y, rows, nprog, p.M0, scale, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
+        x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
         D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
-        MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps)
+        MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
+
+
+_FP8_MAX = 448.0
+
+
+def fusable(n: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`hadamard_quantize` has a kernel for rows of ``n`` elements of ``dtype``."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    p = plan(n, 3 if dtype == torch.float32 else 2)
+    return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
+
+
+def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None):
+    """QuaRot's online Hadamard then activation quantization in one kernel: ``(codes, scale)`` of
+    ``hadamard_transform(x)`` exactly as ``quantize_rows`` would give them (the transform rounded to
+    ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out. ``scale``:
+    fp32 ``x.shape[:-1] + (1,)`` per row, or None when ``static_scale`` (one fp32 element) is given.
+    Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError:
+    the caller runs the two ops instead."""
+    n = x.shape[-1]
+    out_parts = 3 if x.dtype == torch.float32 else 2
+    if not fusable(n, x.dtype):
+        raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
+    p = plan(n, out_parts)
+    x2 = x.reshape(-1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    static = static_scale is not None
+    sq = None if static else torch.empty((rows,), device=x.device, dtype=torch.float32)
+    qmax = _FP8_MAX if fp8 else 127.0
+    out_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
+    _launch_persistent(p, x2, q, False, out_parts, sq, static_scale.reshape(1).float() if static else None,
+                       dict(QUANT=2 if fp8 else 1, STATIC=static, QMAX=qmax, RCP=_fp32_reciprocal(qmax),
+                            OUT_DTYPE=out_dtype))
+    return q.reshape(x.shape), (None if static else sq.reshape(*x.shape[:-1], 1))
 
 
 def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int) -> None:

@@ -12,9 +12,10 @@ fuses the quantization into the kernel that produces the activation (RMSNorm, Si
 fake-quant's codes.
 
 ``hadamard=True`` first applies the online Hadamard (QuaRot R4) that preceded the quantizer in the
-fake-quant graph, ``graphquant::hadamard_transform(x, False)``; a fused transform+quantize kernel
-from ``graphquant.kernels.hadamard_triton`` is used when it offers one
-(``hadamard_quantize(x, fp8: bool, static_scale) -> (codes, scale)``).
+fake-quant graph, ``graphquant::hadamard_transform(x, False)``. On CUDA, where
+``hadamard_triton.fusable`` says so (orders whose row fits one on-chip tile: 14336, 4096, ...), one
+kernel does both (``hadamard_quantize``), in eager and under ``torch.compile`` alike; the
+transformed rows are never written out.
 """
 from __future__ import annotations
 
@@ -30,14 +31,16 @@ def _triton_spec(spec) -> bool:
             and ((spec.dtype == Dtype.int8 and spec.symmetric) or spec.dtype == Dtype.fp8_e4m3))
 
 
-def _fused_hadamard_quantize():
-    if "hadamard_quantize" in _FAILED:
+def _fused_hadamard_quantize(x: torch.Tensor):
+    """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` (CUDA, Triton, a persistent plan
+    for its last dimension), else None."""
+    if not x.is_cuda or "hadamard_quantize" in _FAILED or triton_kernels(x.device, "hadamard_quantize") is None:
         return None
     try:
         from ..kernels import hadamard_triton
-    except Exception:  # noqa: BLE001 - not there (CPU, other engineer's module absent)
+    except Exception:  # noqa: BLE001 - Triton present but the module does not import here
         return None
-    return getattr(hadamard_triton, "hadamard_quantize", None)
+    return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype) else None
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +54,7 @@ def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False):
     spec = FQ.as_spec(spec_str)
     fast = x.is_cuda and _triton_spec(spec) and spec.qscheme == QSchemeType.per_token
     fp8 = spec.dtype == Dtype.fp8_e4m3
-    if fast and hadamard and (fused := _fused_hadamard_quantize()) is not None:
+    if fast and hadamard and (fused := _fused_hadamard_quantize(x)) is not None:
         return guarded("hadamard_quantize", lambda: fused(x, fp8, None), lambda: quantize_dynamic(x, spec_str, True))
     if hadamard:
         x = _hadamard(x)
@@ -71,7 +74,7 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec_str: str, hadamar
     fast = x.is_cuda and _triton_spec(spec) and scale.numel() == 1
     fp8 = spec.dtype == Dtype.fp8_e4m3
     s = scale.to(torch.float32).reshape(())
-    if fast and hadamard and (fused := _fused_hadamard_quantize()) is not None:
+    if fast and hadamard and (fused := _fused_hadamard_quantize(x)) is not None:
         return guarded("hadamard_quantize", lambda: fused(x, fp8, s)[0],
                        lambda: quantize_static(x, scale, spec_str, True))
     if hadamard:
@@ -119,9 +122,21 @@ def _codes_inline(v: torch.Tensor, fp8: bool) -> torch.Tensor:
     return torch.round(v).clamp(-127.0, 127.0).to(torch.int8)
 
 
+def _fused_under_compile(x: torch.Tensor, hadamard: bool) -> bool:
+    """With an online Hadamard on CUDA, the fused transform+quantize kernel (one custom-op call) beats
+    tracing the two: Inductor cannot fuse the quantization into the opaque transform."""
+    if not (hadamard and x.is_cuda):
+        return False
+    try:
+        from ..kernels import hadamard_triton
+    except Exception:  # noqa: BLE001 - no Triton
+        return False
+    return hadamard_triton.fusable(x.shape[-1], x.dtype)
+
+
 def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False):
     """(codes, scale) for a dynamic activation quantizer; see the module docstring."""
-    kind = _inline_spec(spec) if torch.compiler.is_compiling() else None
+    kind = _inline_spec(spec) if torch.compiler.is_compiling() and not _fused_under_compile(x, hadamard) else None
     if kind is None:
         return torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard)
     fp8, per_token = kind
@@ -135,7 +150,8 @@ def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False
 
 def quantize_act_static_node(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False):
     """Codes for a static (calibrated per-tensor scale) activation quantizer."""
-    kind = _inline_spec(spec) if torch.compiler.is_compiling() and scale.numel() == 1 else None
+    kind = _inline_spec(spec) if (torch.compiler.is_compiling() and scale.numel() == 1
+                                  and not _fused_under_compile(x, hadamard)) else None
     if kind is None:
         return torch.ops.graphquant.quantize_act_static(x, scale, spec, hadamard)
     if hadamard:
