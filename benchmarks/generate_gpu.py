@@ -22,7 +22,7 @@ Per variant: decode step at batch 1 and 16 (cache position 256 of a 384-token ca
 + 256 new), graph-replayed, CUDA-event median; prefill 8 x 2048 through the static cache (compiled);
 ``generate`` at batch 1 and 16 (prompt 128, 256 new tokens): wall time of the whole call (prefill
 included) -> tokens/s, and decode-only tokens/s; weight bytes of the decoder layers (tensor
-subclasses counted by their inner tensors) -> GB/s at decode b1 and the fraction of 4.3e12 B/s;
+subclasses counted by their inner tensors, a graphquant QuantLinear by its kernel layout) -> GB/s at decode b1 and the fraction of 4.3e12 B/s;
 peak CUDA memory above what was allocated before the variant was built.
 
 Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
@@ -220,7 +220,38 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def layer_weight_bytes(model) -> int:
-    """Bytes of the decoder layers' parameters and buffers (what quantization changes)."""
+    """Bytes of the decoder layers' weights that a decode step reads. A graphquant ``QuantLinear``
+    with kernels keeps its kernel layout (``_layouts``, built on first use) beside its checkpoint
+    tensors and reads only the layout: that is counted when it exists. Call after a forward."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+
+    for name, mod in model.named_modules():
+        if ".layers." not in f".{name}.":
+            continue
+        own = [t for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+               if "inv_freq" not in n]
+        layouts = getattr(mod, "_layouts", None)
+        if layouts:
+            for t in own:  # the checkpoint tensors stay resident but the kernels do not read them
+                seen.add(id(t))
+            for kw in layouts.values():
+                for t in kw.tensors.values():
+                    add(t)
+            add(getattr(mod, "bias", None) if isinstance(getattr(mod, "bias", None), torch.Tensor) else None)
+        else:
+            for t in own:
+                add(t)
+    return total
+
+
+def resident_layer_bytes(model) -> int:
+    """Bytes of the decoder layers' parameters and buffers (what the model holds, layouts aside)."""
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if ".layers." in f".{name}" and id(t) not in seen and "inv_freq" not in name:
@@ -367,12 +398,13 @@ def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
         r["errors"] = [f"build: {type(e).__name__}: {first}"]
     r["build_s"] = time.time() - t
     if m is not None:
-        r["layer_weight_bytes"] = layer_weight_bytes(m)
+        r["resident_layer_bytes"] = resident_layer_bytes(m)
         if dev == "cuda":
             sync(dev)
             r["resident_bytes"] = torch.cuda.memory_allocated() - base
             torch.cuda.reset_peak_memory_stats()
         measure(m, setup, r)
+        r["layer_weight_bytes"] = layer_weight_bytes(m)
         if dev == "cuda":
             r["peak_bytes"] = torch.cuda.max_memory_allocated() - base
     del m
@@ -415,6 +447,8 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
             row["weight_bandwidth_frac"] = row["weight_gb_per_s_b1"] * 1e9 / HBM_BYTES_PER_S
         else:
             row["weight_bandwidth_frac"] = None
+        if r.get("resident_layer_bytes") is not None:
+            row["resident_layer_bytes_per_layer"] = r["resident_layer_bytes"] / layers
         for k in ("peak_bytes", "resident_bytes", "build_s"):
             if k in r:
                 row[k] = r[k]
