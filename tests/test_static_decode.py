@@ -58,18 +58,20 @@ def test_step_is_a_function_of_position_and_timing_does_not_disturb(llama):
 
 def test_other_architecture_and_graphquant_write_back():
     """Generic over transformers causal LMs: Qwen3 (q/k norms), and graphquant's HF write-back with
-    QuantLinear modules (W8A8 static, fake-quant) decodes the tokens of its own generate()."""
+    QuantLinear modules and online R3 (attention) / R4 (down_proj) rotations of QuaRot, W8A8 dynamic
+    per-token, decodes the tokens of its own generate()."""
     qwen = tiny_model("qwen3")
     ids = prompt(2, 6)
     assert torch.equal(StaticDecoder(qwen, 2, 20, compile=False).generate(ids, 10), hf_greedy(qwen, ids, 10))
 
     model = tiny_model("llama", seed=3)
-    cfg = dataclasses.replace(C.preset("w_int8_a_int8_per_tensor_sym"), exclude=["*lm_head"])
-    calib = [prompt(2, 16, seed=s) for s in range(2)]
-    hf = gq.quantize(model, cfg, calib, progress=False).to_hf()
+    cfg = dataclasses.replace(C.preset("w_int8_per_channel_a_int8_per_token"), exclude=["*lm_head"],
+                              pre_quant_opt_config=[C.QuaRotConfig()])
+    hf = gq.quantize(model, cfg, None, progress=False).to_hf()
     from graphquant.export.qlinear import QuantLinear
 
     assert any(isinstance(m, QuantLinear) for m in hf.modules())
+    assert hf.model.layers[0].mlp.down_proj.input_rotation  # R4 online
     assert torch.equal(StaticDecoder(hf, 2, 20, compile=False).generate(ids, 10), hf_greedy(hf, ids, 10))
 
 
