@@ -1,7 +1,7 @@
 """Generation speed with a static KV cache: bf16 vs graphquant vs torchao, one H200, one run (issue 13).
 
     PYTHONPATH=. python benchmarks/generate_gpu.py [--layers 2] [--variants W4A16,fp8] [--no-quarot]
-        [--only-quarot] [--no-torchao] [--budget-s 500] [--out benchmarks/results/generate_gpu.json]
+        [--only-quarot] [--no-torchao] [--who graphquant|torchao] [--budget-s 500] [--out ...json]
     PYTHONPATH=. python benchmarks/generate_gpu.py --merge a.json b.json --out generate_gpu.json
     PYTHONPATH=. python benchmarks/generate_gpu.py --smoke          # CPU, tiny Llama, a minute
 
@@ -146,17 +146,19 @@ class Variant:
         return self.scheme + (" + QuaRot" if self.quarot else "")
 
 
-def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False) -> list[Variant]:
-    """bf16 first, then graphquant without and with QuaRot, then torchao; ``filters``: substrings of
-    scheme names (bf16 is always kept: every speedup needs it)."""
+def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
+                    who=("graphquant", "torchao")) -> list[Variant]:
+    """bf16 first, then graphquant without and with QuaRot, then torchao (last: its ``quantize_``
+    changes inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``:
+    which libraries (bf16 is always kept: every speedup needs it)."""
     schemes = [s for s in GQ_SCHEMES if (smoke and s in SMOKE_VARIANTS) or
                (not smoke and (not filters or any(f.lower() in s.lower() for f in filters)))]
     out = [Variant("bf16", "bf16")]
-    if not only_quarot:
+    if "graphquant" in who and not only_quarot:
         out += [Variant("graphquant", s) for s in schemes]
-    if quarot or only_quarot:
+    if "graphquant" in who and (quarot or only_quarot):
         out += [Variant("graphquant", s, True) for s in schemes]
-    if torchao and not smoke and not only_quarot:
+    if "torchao" in who and torchao and not smoke and not only_quarot:
         out += [Variant("torchao", s) for s in schemes if s in TORCHAO_SCHEMES]
     return out
 
@@ -615,6 +617,8 @@ def main(argv=None):
     ap.add_argument("--no-quarot", action="store_true")
     ap.add_argument("--only-quarot", action="store_true", help="bf16 and the graphquant + QuaRot rows only")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--who", default="graphquant,torchao",
+                    help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny Llama, fp32, eager: checks the script end to end")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSONs into --out and print")
@@ -650,7 +654,8 @@ def main(argv=None):
         out["notes"].append("graphquant.generation.prepare not in this tree: graphquant rows use to_hf(kernels='always')")
     filters = [s.strip() for s in args.variants.split(",") if s.strip()]
     variants = select_variants(filters, quarot=not args.no_quarot, only_quarot=args.only_quarot,
-                               torchao=not args.no_torchao, smoke=args.smoke)
+                               torchao=not args.no_torchao, smoke=args.smoke,
+                               who=tuple(w.strip() for w in args.who.split(",")))
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")

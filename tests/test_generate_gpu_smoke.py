@@ -125,6 +125,8 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
     only = bench.select_variants(only_quarot=True)
     assert only[0].who == "bf16" and all(v.quarot for v in only[1:]) and len(only) == 6
     assert all(v.who != "torchao" for v in bench.select_variants(quarot=False, torchao=False))
+    ao = bench.select_variants(who=("torchao",))
+    assert [v.who for v in ao] == ["bf16"] + ["torchao"] * 4
 
 
 def test_smoke_run_on_cpu(bench, tmp_path):
