@@ -174,7 +174,7 @@ def llama3_8b(setup: Setup, layers: int):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(setup.device):
-        model = LlamaForCausalLM._from_config(cfg, torch_dtype=setup.dtype)
+        model = LlamaForCausalLM._from_config(cfg, dtype=setup.dtype)
     model.generation_config.eos_token_id = None
     return model.eval()
 
