@@ -5,6 +5,16 @@
     PYTHONPATH=. python benchmarks/generate_gpu.py --merge a.json b.json --out generate_gpu.json
     PYTHONPATH=. python benchmarks/generate_gpu.py --smoke          # CPU, tiny Llama, a minute
 
+On the H200 (about 9 minutes a call; the torchao wheel travels in ``.whl``, see the device notes)::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/torchao-*.whl && export PYTHONPATH=/tmp/site
+    PYTHONPATH=.:/tmp/site python3 benchmarks/generate_gpu.py --who graphquant --budget-s 480 \
+        --out benchmarks/results/generate_gpu_gq.json
+    PYTHONPATH=.:/tmp/site python3 benchmarks/generate_gpu.py --who torchao --budget-s 480 \
+        --out benchmarks/results/generate_gpu_ao.json
+    python3 benchmarks/generate_gpu.py --merge benchmarks/results/generate_gpu_gq.json \
+        benchmarks/results/generate_gpu_ao.json --out benchmarks/results/generate_gpu.json
+
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128,
 vocab 128256), random bf16 weights, ``--layers`` decoder layers (default 2), sdpa attention,
 ``lm_head`` bf16 in every variant. Every variant is a transformers model run by the same
@@ -22,7 +32,8 @@ Per variant: decode step at batch 1 and 16 (cache position 256 of a 384-token ca
 + 256 new), graph-replayed, CUDA-event median; prefill 8 x 2048 through the static cache (compiled);
 ``generate`` at batch 1 and 16 (prompt 128, 256 new tokens): wall time of the whole call (prefill
 included) -> tokens/s, and decode-only tokens/s; weight bytes of the decoder layers (tensor
-subclasses counted by their inner tensors, a graphquant QuantLinear by its kernel layout) -> GB/s at decode b1 and the fraction of 4.3e12 B/s;
+subclasses counted by their inner tensors, a graphquant QuantLinear by its kernel layout) -> GB/s
+at decode b1 and the fraction of 4.3e12 B/s;
 peak CUDA memory above what was allocated before the variant was built.
 
 Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
@@ -38,6 +49,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -151,8 +163,8 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
     """bf16 first, then graphquant without and with QuaRot, then torchao (last: its ``quantize_``
     changes inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``:
     which libraries (bf16 is always kept: every speedup needs it)."""
-    schemes = [s for s in GQ_SCHEMES if (smoke and s in SMOKE_VARIANTS) or
-               (not smoke and (not filters or any(f.lower() in s.lower() for f in filters)))]
+    schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
+               and (not filters or any(f.lower() in s.lower() for f in filters))]
     out = [Variant("bf16", "bf16")]
     if "graphquant" in who and not only_quarot:
         out += [Variant("graphquant", s) for s in schemes]
@@ -197,7 +209,8 @@ def build(model, v: Variant, setup: Setup, calib):
     cfg = dataclasses.replace(factory(), exclude=["*lm_head"])
     if v.quarot:
         cfg = dataclasses.replace(cfg, pre_quant_opt_config=[QuaRotConfig()])
-    ex = {"input_ids": torch.randint(0, min(1000, setup.vocab), (2, 16), device=setup.device), "use_cache": False, "logits_to_keep": 1}
+    ex = {"input_ids": torch.randint(0, min(1000, setup.vocab), (2, 16), device=setup.device), "use_cache": False,
+          "logits_to_keep": 1}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qm = gq.quantize(model, cfg, calib if needs_calib else None, example_inputs=ex, check=False, progress=False)
@@ -544,7 +557,8 @@ def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
             f"{_f(r['peak_bytes'] / 1e9 if r.get('peak_bytes') else None, '7.2f')}",
             f"{_f(100 * r['quarot_overhead'] if r.get('quarot_overhead') is not None else None, '6.1f')}"
             + ("%" if r.get("quarot_overhead") is not None else " ")]))
-    lines += ["", f"Full {FULL_LAYERS}-layer model, EXTRAPOLATED (head + {FULL_LAYERS} x per-layer): decode ms per step "
+    lines += ["", f"Full {FULL_LAYERS}-layer model, EXTRAPOLATED (head + {FULL_LAYERS} x per-layer): "
+              "decode ms per step "
               f"and tokens/s (decode only), vs bf16"]
     for r in rows:
         cells = []
@@ -646,12 +660,10 @@ def main(argv=None):
         out["torchao"] = f"not importable: {type(e).__name__}: {e}"
     print(f"device: {dev_name}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"torchao {out['torchao']}, layers measured: {args.layers}", flush=True)
-    try:
-        from graphquant.generation import prepare  # noqa: F401
-
+    if importlib.util.find_spec("graphquant.generation") is not None:
         out["notes"].append("graphquant rows: to_hf(kernels='always') then graphquant.generation.prepare")
-    except ImportError:
-        out["notes"].append("graphquant.generation.prepare not in this tree: graphquant rows use to_hf(kernels='always')")
+    else:
+        out["notes"].append("graphquant.generation not in this tree: graphquant rows use to_hf(kernels='always')")
     filters = [s.strip() for s in args.variants.split(",") if s.strip()]
     variants = select_variants(filters, quarot=not args.no_quarot, only_quarot=args.only_quarot,
                                torchao=not args.no_torchao, smoke=args.smoke,

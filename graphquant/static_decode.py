@@ -93,10 +93,10 @@ class StaticDecoder:
             self.model(input_ids=dummy, past_key_values=self.cache, use_cache=True, **self._logits_kw)
         self._counters = [layer.cumulative_length for layer in self.cache.layers
                           if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
-        if len(self._counters) != len(self.cache.layers) or not all(getattr(l, "is_initialized", False)
-                                                                     for l in self.cache.layers):
-            raise ValueError(f"{type(self.model).__name__}: StaticDecoder needs transformers static cache layers with a "
-                             "tensor position counter (transformers >= 5.17); use model.generate() for this model")
+        ready = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
+        if len(self._counters) != len(self.cache.layers) or not ready:
+            raise ValueError(f"{type(self.model).__name__}: StaticDecoder needs transformers static cache layers "
+                             "with a tensor position counter (transformers >= 5.17); use model.generate() for this model")
         self._set_position(0)
 
     def _set_position(self, pos) -> None:
@@ -121,7 +121,8 @@ class StaticDecoder:
     def _check_batch(self, ids: torch.Tensor, what: str) -> None:
         if ids.dim() != 2 or ids.shape[0] != self.batch_size:
             raise ValueError(f"{what}: expected token ids of shape ({self.batch_size}, n) for this StaticDecoder's "
-                             f"batch_size={self.batch_size}, got {tuple(ids.shape)}; build a StaticDecoder per batch size")
+                             f"batch_size={self.batch_size}, got {tuple(ids.shape)}; "
+                             "build a StaticDecoder per batch size")
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

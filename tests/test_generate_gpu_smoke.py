@@ -69,7 +69,8 @@ def test_rows_have_the_issue_fields_and_right_arithmetic(bench):
     assert w4["weight_gb_per_s_b1"] == pytest.approx(115e6 / 0.07e-3 / 1e9)
     assert w4["weight_bandwidth_frac"] == pytest.approx(115e6 / 0.07e-3 / 4.3e12)
     assert w4["decode_b1_full32_ms_extrapolated"] == pytest.approx(0.2 + 32 * 0.07)
-    assert w4["full32_decode_tokens_per_s_b1_extrapolated_vs_bf16"] == pytest.approx((0.2 + 32 * 0.2) / (0.2 + 32 * 0.07))
+    assert w4["full32_decode_tokens_per_s_b1_extrapolated_vs_bf16"] == \
+        pytest.approx((0.2 + 32 * 0.2) / (0.2 + 32 * 0.07))
     assert "quarot_overhead" not in w4
     rot = by["graphquant", "W4A16 g128 + QuaRot"]
     assert rot["quarot_overhead_parts"]["decode_b1"] == pytest.approx(0.0714 / 0.07 - 1)
@@ -103,7 +104,8 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
     setup = {"batches": [1, 16], "new_tokens": 256}
     a = {"layers": 2, "setup": setup, "head": HEAD, "raw": [raw[0], raw[1], raw[3]], "notes": ["a"]}
     other_bf16 = dict(raw[0], decode_b1_ms=99.0)
-    b = {"layers": 2, "setup": setup, "head": {**HEAD, "decode_b1_ms": 5.0}, "raw": [other_bf16, raw[2]], "notes": ["b"]}
+    b = {"layers": 2, "setup": setup, "head": {**HEAD, "decode_b1_ms": 5.0}, "raw": [other_bf16, raw[2]],
+         "notes": ["b"]}
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps(b))
     out = tmp_path / "merged.json"
@@ -130,18 +132,20 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
 
 
 def test_smoke_run_on_cpu(bench, tmp_path):
-    """The whole script on a tiny fp32 Llama: bf16 + two graphquant variants, every row measured."""
+    """The whole script on a tiny fp32 Llama: bf16 + graphquant int8 W8A8 with and without QuaRot, every row
+    measured."""
     out = tmp_path / "smoke.json"
-    bench.main(["--smoke", "--no-quarot", "--out", str(out)])
+    bench.main(["--smoke", "--variants", "int8", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert [(r["who"], r["variant"]) for r in doc["rows"]] == [
-        ("bf16", "bf16"), ("graphquant", "int8 W8A8"), ("graphquant", "W4A16 g128")]
+        ("bf16", "bf16"), ("graphquant", "int8 W8A8"), ("graphquant", "int8 W8A8 + QuaRot")]
     for r in doc["rows"]:
         assert r["errors"] == [], r
         assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b4"] > 0 and r["decode_b1_layer_speedup"] > 0
         assert r["prefill_layer_speedup"] > 0 and r["weight_bandwidth_frac"] > 0
-    w4, fp32 = doc["rows"][2], doc["rows"][0]
-    # the int4 kernel layout (packed, two weights a byte) is what a decode step reads: ~8x below fp32
-    assert w4["layer_weight_bytes_per_layer"] < fp32["layer_weight_bytes_per_layer"] / 6
-    assert w4["resident_layer_bytes_per_layer"] > w4["layer_weight_bytes_per_layer"]
+    w8, fp32 = doc["rows"][1], doc["rows"][0]
+    assert doc["rows"][2]["quarot_overhead"] is not None
+    # int8 weights + per-channel scales: about 4x below fp32 (norm weights stay fp32)
+    assert fp32["layer_weight_bytes_per_layer"] / 4.2 < w8["layer_weight_bytes_per_layer"] \
+        < fp32["layer_weight_bytes_per_layer"] / 3.5
     assert not (tmp_path / "smoke.json.partial").exists()
