@@ -96,7 +96,8 @@ class StaticDecoder:
         ready = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
         if len(self._counters) != len(self.cache.layers) or not ready:
             raise ValueError(f"{type(self.model).__name__}: StaticDecoder needs transformers static cache layers "
-                             "with a tensor position counter (transformers >= 5.17); use model.generate() for this model")
+                             "with a tensor position counter (transformers >= 5.17); "
+                             "use model.generate() for this model")
         self._set_position(0)
 
     def _set_position(self, pos) -> None:
