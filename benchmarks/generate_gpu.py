@@ -540,7 +540,7 @@ def _f(v, fmt):
 def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
     b2 = batches[-1]
     head = (f"{'who':10s} {'variant':24s} {'dec b1 ms/L':>11s} {'x':>5s} {f'dec b{b2} ms/L':>12s} {'x':>5s} "
-            f"{'prefill ms/L':>12s} {'x':>5s} {'tok/s b1':>9s} {f'tok/s b{b2}':>10s} {'GB/s b1':>8s} {'%HBM':>5s} "
+            f"{'prefill ms/L':>12s} {'x':>5s} {'tok/s b1':>9s} {'x':>5s} {f'tok/s b{b2}':>10s} {'x':>5s} {'GB/s b1':>8s} {'%HBM':>5s} "
             f"{'L MB':>7s} {'peak GB':>7s} {'QuaRot+':>7s}")
     lines = [f"Per decoder layer ({layers} layers measured, head subtracted); x = speedup over bf16; tokens/s = "
              f"generate() wall time of the {layers}-layer model, prefill included", head]
@@ -550,7 +550,8 @@ def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
             f"{_f(r.get('decode_b1_layer_ms'), '11.4f')}", f"{_f(r.get('decode_b1_layer_speedup'), '5.2f')}",
             f"{_f(r.get(f'decode_b{b2}_layer_ms'), '12.4f')}", f"{_f(r.get(f'decode_b{b2}_layer_speedup'), '5.2f')}",
             f"{_f(r.get('prefill_layer_ms'), '12.3f')}", f"{_f(r.get('prefill_layer_speedup'), '5.2f')}",
-            f"{_f(r.get('tokens_per_s_b1'), '9.0f')}", f"{_f(r.get(f'tokens_per_s_b{b2}'), '10.0f')}",
+            f"{_f(r.get('tokens_per_s_b1'), '9.0f')}", f"{_f(r.get('tokens_per_s_b1_vs_bf16'), '5.2f')}",
+            f"{_f(r.get(f'tokens_per_s_b{b2}'), '10.0f')}", f"{_f(r.get(f'tokens_per_s_b{b2}_vs_bf16'), '5.2f')}",
             f"{_f(r.get('weight_gb_per_s_b1'), '8.0f')}",
             f"{_f(100 * r['weight_bandwidth_frac'] if r.get('weight_bandwidth_frac') else None, '5.1f')}",
             f"{_f(r['layer_weight_bytes_per_layer'] / 1e6 if r.get('layer_weight_bytes_per_layer') else None, '7.1f')}",
