@@ -216,14 +216,25 @@ def build(model, v: Variant, setup: Setup, calib):
         qm = gq.quantize(model, cfg, calib if needs_calib else None, example_inputs=ex, check=False, progress=False)
         hf = qm.to_hf(kernels="always", device=setup.device)
     del qm
-    try:
-        from graphquant.generation import prepare
-    except ImportError:
-        prepare = None
+    prepare = generation_prepare()
     if prepare is not None:
         hf = prepare(hf)
     hf.generation_config.eos_token_id = None
     return hf.eval()
+
+
+def generation_prepare():
+    """``graphquant.generation.prepare`` of the graphquant being run, or None while that module does
+    not exist in this tree (an editable install elsewhere can otherwise supply another tree's module)."""
+    import graphquant
+
+    spec = importlib.util.find_spec("graphquant.generation")
+    if spec is None or not spec.origin or \
+            Path(spec.origin).resolve().parent != Path(graphquant.__file__).resolve().parent:
+        return None
+    from graphquant.generation import prepare
+
+    return prepare
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -661,7 +672,7 @@ def main(argv=None):
         out["torchao"] = f"not importable: {type(e).__name__}: {e}"
     print(f"device: {dev_name}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"torchao {out['torchao']}, layers measured: {args.layers}", flush=True)
-    if importlib.util.find_spec("graphquant.generation") is not None:
+    if generation_prepare() is not None:
         out["notes"].append("graphquant rows: to_hf(kernels='always') then graphquant.generation.prepare")
     else:
         out["notes"].append("graphquant.generation not in this tree: graphquant rows use to_hf(kernels='always')")
