@@ -247,8 +247,10 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def layer_weight_bytes(model) -> int:
     """Bytes of the decoder layers' weights that a decode step reads. A graphquant ``QuantLinear``
-    with kernels keeps its kernel layout (``_layouts``, built on first use) beside its checkpoint
-    tensors and reads only the layout: that is counted when it exists. Call after a forward."""
+    with kernels keeps its kernel layouts (``_layouts``, built on first use or by
+    ``graphquant.generation.prepare``) beside its checkpoint tensors and reads only a layout: each
+    layout holds the whole weight (int4 may have two: tinygemm for decode, nibbles for prefill), so
+    the largest one is counted. Call after a forward."""
     seen, total = set(), 0
 
     def add(t):
@@ -266,9 +268,9 @@ def layer_weight_bytes(model) -> int:
         if layouts:
             for t in own:  # the checkpoint tensors stay resident but the kernels do not read them
                 seen.add(id(t))
-            for kw in layouts.values():
-                for t in kw.tensors.values():
-                    add(t)
+            sizes = [sum(tensor_bytes(t) for t in getattr(kw, "tensors", {}).values() if isinstance(t, torch.Tensor))
+                     for kw in layouts.values()]
+            total += max(sizes, default=0)
             add(getattr(mod, "bias", None) if isinstance(getattr(mod, "bias", None), torch.Tensor) else None)
         else:
             for t in own:
@@ -551,7 +553,8 @@ def _f(v, fmt):
 def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
     b2 = batches[-1]
     head = (f"{'who':10s} {'variant':24s} {'dec b1 ms/L':>11s} {'x':>5s} {f'dec b{b2} ms/L':>12s} {'x':>5s} "
-            f"{'prefill ms/L':>12s} {'x':>5s} {'tok/s b1':>9s} {'x':>5s} {f'tok/s b{b2}':>10s} {'x':>5s} {'GB/s b1':>8s} {'%HBM':>5s} "
+            f"{'prefill ms/L':>12s} {'x':>5s} {'tok/s b1':>9s} {'x':>5s} {f'tok/s b{b2}':>10s} {'x':>5s} "
+            f"{'GB/s b1':>8s} {'%HBM':>5s} "
             f"{'L MB':>7s} {'peak GB':>7s} {'QuaRot+':>7s}")
     lines = [f"Per decoder layer ({layers} layers measured, head subtracted); x = speedup over bf16; tokens/s = "
              f"generate() wall time of the {layers}-layer model, prefill included", head]
