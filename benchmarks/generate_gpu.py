@@ -1,0 +1,712 @@
+"""Generation speed with a static KV cache: bf16 vs graphquant vs torchao, one H200, one run (issue 13).
+
+    PYTHONPATH=. python benchmarks/generate_gpu.py [--layers 2] [--variants W4A16,fp8] [--no-quarot]
+        [--only-quarot] [--no-torchao] [--who graphquant|torchao] [--budget-s 500] [--out ...json]
+    PYTHONPATH=. python benchmarks/generate_gpu.py --merge a.json b.json --out generate_gpu.json
+    PYTHONPATH=. python benchmarks/generate_gpu.py --smoke          # CPU, tiny Llama, a minute
+
+On the H200 (about 9 minutes a call; the torchao wheel travels in ``.whl``, see the device notes)::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/torchao-*.whl && export PYTHONPATH=/tmp/site
+    PYTHONPATH=.:/tmp/site python3 benchmarks/generate_gpu.py --who graphquant --budget-s 480 \
+        --out benchmarks/results/generate_gpu_gq.json
+    PYTHONPATH=.:/tmp/site python3 benchmarks/generate_gpu.py --who torchao --budget-s 480 \
+        --out benchmarks/results/generate_gpu_ao.json
+    python3 benchmarks/generate_gpu.py --merge benchmarks/results/generate_gpu_gq.json \
+        benchmarks/results/generate_gpu_ao.json --out benchmarks/results/generate_gpu.json
+
+Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128,
+vocab 128256), random bf16 weights, ``--layers`` decoder layers (default 2), sdpa attention,
+``lm_head`` bf16 in every variant. Every variant is a transformers model run by the same
+:class:`graphquant.static_decode.StaticDecoder` (static KV cache, ``torch.compile`` decode step
+replayed as a CUDA graph, compiled prefill):
+
+- ``bf16``: a copy of the HF model itself; every speedup is over this row;
+- ``graphquant``: ``gq.quantize(model, cfg, calib)`` (no lowering) -> ``qm.to_hf(kernels="always")``
+  -> ``graphquant.generation.prepare(hf)`` when that module exists; each scheme also "+ QuaRot";
+- ``torchao``: ``torchao.quantization.quantize_`` on a copy of the bf16 model (``lm_head`` skipped).
+  torchao is not a graphquant dependency: its wheel is carried to the GPU machine; a missing
+  torchao or a failing config is recorded in that row and the run goes on.
+
+Per variant: decode step at batch 1 and 16 (cache position 256 of a 384-token cache: prompt 128
++ 256 new), graph-replayed, CUDA-event median; prefill 8 x 2048 through the static cache (compiled);
+``generate`` at batch 1 and 16 (prompt 128, 256 new tokens): wall time of the whole call (prefill
+included) -> tokens/s, and decode-only tokens/s; weight bytes of the decoder layers (tensor
+subclasses counted by their inner tensors, a graphquant QuantLinear by its kernel layout) -> GB/s
+at decode b1 and the fraction of 4.3e12 B/s;
+peak CUDA memory above what was allocated before the variant was built.
+
+Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
+position, argmax) timed on its own. Full 32-layer numbers = head + 32 x per-layer: an
+extrapolation, labelled so. A failure in one measurement lands in the row's ``errors``.
+The rows (``rows`` in the JSON) are computed from the raw measurements (``raw``) by
+:func:`build_rows`, so two runs' JSONs merge with ``--merge`` (each run measures bf16 and the head
+again; the first file's are used).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy, measured on this workplace's machines (KINDS.md)
+FULL_LAYERS = 32
+T0 = time.time()
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Model shape and workload of one run."""
+    hidden: int = 4096
+    intermediate: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    vocab: int = 128256
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cuda"
+    prompt: int = 128
+    new_tokens: int = 256
+    batches: tuple = (1, 16)
+    prefill_shape: tuple = (8, 2048)
+    compile: bool = True
+    cuda_graph: bool = True
+    step_iters: int = 100
+    prefill_iters: int = 10
+    generate_iters: int = 3
+
+    @property
+    def max_length(self) -> int:
+        return self.prompt + self.new_tokens
+
+
+SMOKE = Setup(hidden=256, intermediate=512, heads=4, kv_heads=2, head_dim=64, vocab=512, dtype=torch.float32,
+              device="cpu", prompt=16, new_tokens=16, batches=(1, 4), prefill_shape=(2, 64), compile=False,
+              cuda_graph=False, step_iters=5, prefill_iters=2, generate_iters=1)
+SMOKE_VARIANTS = ("int8 W8A8", "W4A16 g128")
+
+
+# ------------------------------------------------------------------------------------ variants
+def _w8a16():
+    from graphquant.config import Config, QuantizationConfig, QuantizationSpec
+
+    return Config(global_quant_config=QuantizationConfig(
+        weight=QuantizationSpec(dtype="int8", qscheme="per_channel", ch_axis=0)))
+
+
+def _preset(name):
+    from graphquant.config import preset
+
+    return lambda: preset(name)
+
+
+#: scheme -> (graphquant config factory, needs calibration data)
+GQ_SCHEMES = {
+    "fp8 static": (_preset("w_fp8_a_fp8"), True),
+    "fp8 dynamic": (_preset("w_fp8_a_fp8_per_token"), False),
+    "int8 W8A8": (_preset("w_int8_per_channel_a_int8_per_token"), False),
+    "W8A16": (_w8a16, False),
+    "W4A16 g128": (_preset("w_int4_per_group_sym"), False),
+}
+
+
+def _torchao_config(scheme: str):
+    """torchao 0.18's config for a scheme (names read from torchao/quantization/quant_api.py of the wheel)."""
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
+                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow)
+
+    if scheme == "fp8 dynamic":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if scheme == "int8 W8A8":
+        return Int8DynamicActivationInt8WeightConfig()
+    if scheme == "W8A16":
+        return Int8WeightOnlyConfig()
+    if scheme == "W4A16 g128":
+        # PLAIN packing needs the mslk/fbgemm kernels; tile_packed_to_4d is torch's own tinygemm
+        # (torch.ops.aten._weight_int4pack_mm), see torchao's Int4PackingFormat
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    raise KeyError(scheme)
+
+
+TORCHAO_SCHEMES = ("fp8 dynamic", "int8 W8A8", "W8A16", "W4A16 g128")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    who: str            # "bf16" | "graphquant" | "torchao"
+    scheme: str         # "bf16" or a key of GQ_SCHEMES
+    quarot: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.scheme + (" + QuaRot" if self.quarot else "")
+
+
+def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
+                    who=("graphquant", "torchao")) -> list[Variant]:
+    """bf16 first, then graphquant without and with QuaRot, then torchao (last: its ``quantize_``
+    changes inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``:
+    which libraries (bf16 is always kept: every speedup needs it)."""
+    schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
+               and (not filters or any(f.lower() in s.lower() for f in filters))]
+    out = [Variant("bf16", "bf16")]
+    if "graphquant" in who and not only_quarot:
+        out += [Variant("graphquant", s) for s in schemes]
+    if "graphquant" in who and (quarot or only_quarot):
+        out += [Variant("graphquant", s, True) for s in schemes]
+    if "torchao" in who and torchao and not smoke and not only_quarot:
+        out += [Variant("torchao", s) for s in schemes if s in TORCHAO_SCHEMES]
+    return out
+
+
+# ------------------------------------------------------------------------------------ model
+def llama3_8b(setup: Setup, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=setup.hidden, intermediate_size=setup.intermediate,
+                      num_attention_heads=setup.heads, num_key_value_heads=setup.kv_heads, head_dim=setup.head_dim,
+                      vocab_size=setup.vocab, num_hidden_layers=layers, max_position_embeddings=8192,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(setup.device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=setup.dtype)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def build(model, v: Variant, setup: Setup, calib):
+    """A fresh transformers model for variant ``v`` (the source ``model`` is left unchanged)."""
+    if v.who == "bf16":
+        return copy.deepcopy(model)
+    if v.who == "torchao":
+        from torchao.quantization import quantize_
+
+        m = copy.deepcopy(model)
+        quantize_(m, _torchao_config(v.scheme),
+                  filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and "lm_head" not in fqn)
+        return m
+    import graphquant as gq
+    from graphquant.config import QuaRotConfig
+
+    factory, needs_calib = GQ_SCHEMES[v.scheme]
+    cfg = dataclasses.replace(factory(), exclude=["*lm_head"])
+    if v.quarot:
+        cfg = dataclasses.replace(cfg, pre_quant_opt_config=[QuaRotConfig()])
+    ex = {"input_ids": torch.randint(0, min(1000, setup.vocab), (2, 16), device=setup.device), "use_cache": False,
+          "logits_to_keep": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = gq.quantize(model, cfg, calib if needs_calib else None, example_inputs=ex, check=False, progress=False)
+        hf = qm.to_hf(kernels="always", device=setup.device)
+    del qm
+    prepare = generation_prepare()
+    if prepare is not None:
+        hf = prepare(hf)
+    hf.generation_config.eos_token_id = None
+    return hf.eval()
+
+
+def generation_prepare():
+    """``graphquant.generation.prepare`` of the graphquant being run, or None while that module does
+    not exist in this tree (an editable install elsewhere can otherwise supply another tree's module)."""
+    import graphquant
+
+    spec = importlib.util.find_spec("graphquant.generation")
+    if spec is None or not spec.origin or \
+            Path(spec.origin).resolve().parent != Path(graphquant.__file__).resolve().parent:
+        return None
+    from graphquant.generation import prepare
+
+    return prepare
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of ``t``; tensor subclasses (torchao) count their inner tensors."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def layer_weight_bytes(model) -> int:
+    """Bytes of the decoder layers' weights that a decode step reads. A graphquant ``QuantLinear``
+    with kernels keeps its kernel layouts (``_layouts``, built on first use or by
+    ``graphquant.generation.prepare``) beside its checkpoint tensors and reads only a layout: each
+    layout holds the whole weight (int4 may have two: tinygemm for decode, nibbles for prefill), so
+    the largest one is counted. Call after a forward."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+
+    for name, mod in model.named_modules():
+        if ".layers." not in f".{name}.":
+            continue
+        own = [t for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+               if "inv_freq" not in n]
+        layouts = getattr(mod, "_layouts", None)
+        if layouts:
+            for t in own:  # the checkpoint tensors stay resident but the kernels do not read them
+                seen.add(id(t))
+            sizes = [sum(tensor_bytes(t) for t in getattr(kw, "tensors", {}).values() if isinstance(t, torch.Tensor))
+                     for kw in layouts.values()]
+            total += max(sizes, default=0)
+            add(getattr(mod, "bias", None) if isinstance(getattr(mod, "bias", None), torch.Tensor) else None)
+        else:
+            for t in own:
+                add(t)
+    return total
+
+
+def resident_layer_bytes(model) -> int:
+    """Bytes of the decoder layers' parameters and buffers (what the model holds, layouts aside)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if ".layers." in f".{name}" and id(t) not in seen and "inv_freq" not in name:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
+# ------------------------------------------------------------------------------------ timing
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, iters: int, device: str, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(max(1, iters)):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def graph_replay(fn, device: str):
+    """``fn`` captured as a CUDA graph (warmed up on a side stream); returns (replay, graph)."""
+    if device != "cuda":
+        return fn, None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay, g
+
+
+class Head(torch.nn.Module):
+    """What a step does outside the decoder layers: embedding, final norm, lm_head of the last position, argmax."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed, self.norm, self.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
+
+    def forward(self, ids):
+        return self.lm_head(self.norm(self.embed(ids)[:, -1:, :])).argmax(-1)
+
+
+@torch.no_grad()
+def time_head(model, setup: Setup) -> dict:
+    head = Head(model)
+    fn = torch.compile(head, dynamic=False) if setup.compile else head
+    out = {}
+    for b in setup.batches:
+        ids = torch.randint(0, setup.vocab, (b, 1), device=setup.device)
+        replay, g = graph_replay(lambda ids=ids: fn(ids), setup.device) if setup.cuda_graph else (lambda: fn(ids), None)
+        out[f"decode_b{b}_ms"] = median_ms(replay, setup.step_iters, setup.device)
+        del g
+    ids = torch.randint(0, setup.vocab, setup.prefill_shape, device=setup.device)
+    out["prefill_ms"] = median_ms(lambda: fn(ids), setup.prefill_iters, setup.device)
+    torch._dynamo.reset()
+    return out
+
+
+def _attempt(r: dict, what: str, fn) -> None:
+    """One measurement; a failure is recorded in ``r["errors"]`` and the others go on."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        first = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
+        r.setdefault("errors", []).append(f"{what}: {type(e).__name__}: {first}")
+        print(f"   {what} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+        torch._dynamo.reset()
+
+
+@torch.no_grad()
+def measure(model, setup: Setup, r: dict) -> None:
+    """Fill ``r`` with the raw timings of one variant (see the module docstring)."""
+    from graphquant.static_decode import StaticDecoder
+
+    dev = setup.device
+    for b in setup.batches:
+        def decode(b=b):
+            t = time.time()
+            dec = StaticDecoder(model, b, setup.max_length, compile=setup.compile, cuda_graph=setup.cuda_graph)
+            prompt = torch.randint(0, setup.vocab, (b, setup.prompt), device=dev)
+            dec.generate(prompt, setup.new_tokens)  # compiles prefill and step, captures the graph
+            r[f"compile_b{b}_s"] = time.time() - t
+            r[f"decode_b{b}_ms"] = dec.time_step_ms(setup.step_iters, position=setup.max_length - setup.new_tokens // 2
+                                                    if setup.new_tokens > 1 else setup.prompt)
+            walls, pre, dec_ms = [], [], []
+            for _ in range(setup.generate_iters):
+                sync(dev)
+                t = time.perf_counter()
+                dec.generate(prompt, setup.new_tokens)
+                sync(dev)
+                walls.append((time.perf_counter() - t) * 1e3)
+                pre.append(dec.last_timing["prefill_ms"])
+                dec_ms.append(dec.last_timing["decode_ms"])
+            r[f"generate_b{b}_wall_ms"] = statistics.median(walls)
+            r[f"generate_b{b}_prefill_ms"] = statistics.median(pre)
+            r[f"generate_b{b}_decode_ms"] = statistics.median(dec_ms)
+            del dec
+        _attempt(r, f"decode/generate batch {b}", decode)
+        gc.collect()
+
+    def prefill():
+        bp, lp = setup.prefill_shape
+        dec = StaticDecoder(model, bp, lp + 8, compile=setup.compile, cuda_graph=False)
+        ids = torch.randint(0, setup.vocab, (bp, lp), device=dev)
+        r["prefill_ms"] = dec.time_prefill_ms(ids, setup.prefill_iters)
+        del dec
+    _attempt(r, "prefill", prefill)
+
+
+def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
+    r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot}
+    dev = setup.device
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        sync(dev)
+        base = torch.cuda.memory_allocated()
+    t = time.time()
+    m = None
+    try:
+        m = build(model, v, setup, calib)
+    except Exception as e:  # noqa: BLE001 - a variant that cannot be built is a row with its error
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
+        r["errors"] = [f"build: {type(e).__name__}: {first}"]
+    r["build_s"] = time.time() - t
+    if m is not None:
+        r["resident_layer_bytes"] = resident_layer_bytes(m)
+        if dev == "cuda":
+            sync(dev)
+            r["resident_bytes"] = torch.cuda.memory_allocated() - base
+            torch.cuda.reset_peak_memory_stats()
+        measure(m, setup, r)
+        r["layer_weight_bytes"] = layer_weight_bytes(m)
+        if dev == "cuda":
+            r["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    del m
+    torch._dynamo.reset()
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return r
+
+
+# ------------------------------------------------------------------------------------ rows
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_tokens: int = 256) -> list[dict]:
+    """The issue's rows from raw measurements: per-layer times (head subtracted), speedups over the
+    bf16 row, tokens/s, weight bandwidth, QuaRot overhead, full-32-layer extrapolations."""
+    rows = []
+    for r in raw:
+        row = {k: r[k] for k in ("who", "variant", "scheme", "quarot") if k in r}
+        for key in [f"decode_b{b}" for b in batches] + ["prefill"]:
+            v, h = r.get(f"{key}_ms"), head.get(f"{key}_ms")
+            if v is not None and h is not None:
+                row[f"{key}_layer_ms"] = (v - h) / layers
+                row[f"{key}_full32_ms_extrapolated"] = h + FULL_LAYERS * (v - h) / layers
+        for b in batches:
+            wall = r.get(f"generate_b{b}_wall_ms")
+            dec = r.get(f"generate_b{b}_decode_ms")
+            row[f"tokens_per_s_b{b}"] = b * new_tokens / (wall / 1e3) if wall else None
+            row[f"decode_tokens_per_s_b{b}"] = b * (new_tokens - 1) / (dec / 1e3) if dec else None
+            full = row.get(f"decode_b{b}_full32_ms_extrapolated")
+            row[f"full32_decode_tokens_per_s_b{b}_extrapolated"] = b / (full / 1e3) if full else None
+        lb = r.get("layer_weight_bytes")
+        d1 = row.get("decode_b1_layer_ms")
+        if lb is not None:
+            row["layer_weight_bytes_per_layer"] = lb / layers
+        if lb is not None and d1:
+            row["weight_gb_per_s_b1"] = lb / layers / (d1 / 1e3) / 1e9
+            row["weight_bandwidth_frac"] = row["weight_gb_per_s_b1"] * 1e9 / HBM_BYTES_PER_S
+        else:
+            row["weight_bandwidth_frac"] = None
+        if r.get("resident_layer_bytes") is not None:
+            row["resident_layer_bytes_per_layer"] = r["resident_layer_bytes"] / layers
+        for k in ("peak_bytes", "resident_bytes", "build_s"):
+            if k in r:
+                row[k] = r[k]
+        row["errors"] = list(r.get("errors", []))
+        rows.append(row)
+    base = next((x for x in rows if x["who"] == "bf16"), None)
+    for row in rows:
+        for key in [f"decode_b{b}" for b in batches] + ["prefill"]:
+            row[f"{key}_layer_speedup"] = _ratio(base.get(f"{key}_layer_ms"), row.get(f"{key}_layer_ms")) \
+                if base else None
+        for b in batches:
+            for k in (f"tokens_per_s_b{b}", f"full32_decode_tokens_per_s_b{b}_extrapolated"):
+                row[f"{k}_vs_bf16"] = _ratio(row.get(k), base.get(k)) if base else None
+        if row.get("quarot"):
+            plain = next((x for x in rows if x["who"] == row["who"] and x["scheme"] == row["scheme"]
+                          and not x.get("quarot")), None)
+            parts = {}
+            for key in ("decode_b1", "prefill"):
+                a = row.get(f"{key}_layer_ms")
+                p = plain.get(f"{key}_layer_ms") if plain else None
+                if a is not None and p:
+                    parts[key] = a / p - 1
+            row["quarot_overhead_parts"] = parts
+            row["quarot_overhead"] = max(parts.values()) if parts else None
+    return rows
+
+
+#: per-layer decode batch-1 speedup goals over compiled bf16 (issue 13)
+DECODE_GOALS = {"W4A16 g128": 2.5, "W8A16": 1.7, "int8 W8A8": 1.6, "fp8 static": 1.7, "fp8 dynamic": 1.7}
+PREFILL_GOALS = {"fp8 static": 1.6, "fp8 dynamic": 1.6}
+QUAROT_MAX = 0.05
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    out = []
+
+    def add(what, row, value, goal, higher=True):
+        if value is None:
+            return
+        out.append({"target": what, "who": row["who"], "variant": row["variant"], "value": value, "goal": goal,
+                    "pass": value >= goal if higher else value <= goal})
+
+    for row in rows:
+        if row["who"] != "graphquant":
+            continue
+        add("decode b1 per-layer speedup", row, row.get("decode_b1_layer_speedup"), DECODE_GOALS[row["scheme"]])
+        if row["scheme"] in PREFILL_GOALS:
+            add("prefill 8x2048 per-layer speedup", row, row.get("prefill_layer_speedup"), PREFILL_GOALS[row["scheme"]])
+        if row.get("quarot"):
+            add("QuaRot overhead (max of decode b1, prefill)", row, row.get("quarot_overhead"), QUAROT_MAX, False)
+    for row in rows:
+        if row["who"] != "torchao":
+            continue
+        gq = next((x for x in rows if x["who"] == "graphquant" and x["scheme"] == row["scheme"]
+                   and not x.get("quarot")), None)
+        if gq is None:
+            continue
+        for key in [k for k in row if k.endswith("_layer_speedup")]:
+            a, t = gq.get(key), row.get(key)
+            if a is not None and t is not None:
+                out.append({"target": f"graphquant >= torchao: {key}", "who": "graphquant", "variant": row["scheme"],
+                            "value": a, "goal": t, "pass": a >= t})
+            elif a is not None:
+                out.append({"target": f"graphquant >= torchao: {key}", "who": "graphquant", "variant": row["scheme"],
+                            "value": a, "goal": None, "pass": None,
+                            "reason": "torchao did not run: " + "; ".join(row.get("errors", []))[:200]})
+    return out
+
+
+def _f(v, fmt):
+    return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+
+def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
+    b2 = batches[-1]
+    head = (f"{'who':10s} {'variant':24s} {'dec b1 ms/L':>11s} {'x':>5s} {f'dec b{b2} ms/L':>12s} {'x':>5s} "
+            f"{'prefill ms/L':>12s} {'x':>5s} {'tok/s b1':>9s} {'x':>5s} {f'tok/s b{b2}':>10s} {'x':>5s} "
+            f"{'GB/s b1':>8s} {'%HBM':>5s} "
+            f"{'L MB':>7s} {'peak GB':>7s} {'QuaRot+':>7s}")
+    lines = [f"Per decoder layer ({layers} layers measured, head subtracted); x = speedup over bf16; tokens/s = "
+             f"generate() wall time of the {layers}-layer model, prefill included", head]
+    for r in rows:
+        lines.append(" ".join([
+            f"{r['who']:10s}", f"{r['variant']:24s}",
+            f"{_f(r.get('decode_b1_layer_ms'), '11.4f')}", f"{_f(r.get('decode_b1_layer_speedup'), '5.2f')}",
+            f"{_f(r.get(f'decode_b{b2}_layer_ms'), '12.4f')}", f"{_f(r.get(f'decode_b{b2}_layer_speedup'), '5.2f')}",
+            f"{_f(r.get('prefill_layer_ms'), '12.3f')}", f"{_f(r.get('prefill_layer_speedup'), '5.2f')}",
+            f"{_f(r.get('tokens_per_s_b1'), '9.0f')}", f"{_f(r.get('tokens_per_s_b1_vs_bf16'), '5.2f')}",
+            f"{_f(r.get(f'tokens_per_s_b{b2}'), '10.0f')}", f"{_f(r.get(f'tokens_per_s_b{b2}_vs_bf16'), '5.2f')}",
+            f"{_f(r.get('weight_gb_per_s_b1'), '8.0f')}",
+            f"{_f(100 * r['weight_bandwidth_frac'] if r.get('weight_bandwidth_frac') else None, '5.1f')}",
+            f"{_f(r['layer_weight_bytes_per_layer'] / 1e6 if r.get('layer_weight_bytes_per_layer') else None, '7.1f')}",
+            f"{_f(r['peak_bytes'] / 1e9 if r.get('peak_bytes') else None, '7.2f')}",
+            f"{_f(100 * r['quarot_overhead'] if r.get('quarot_overhead') is not None else None, '6.1f')}"
+            + ("%" if r.get("quarot_overhead") is not None else " ")]))
+    lines += ["", f"Full {FULL_LAYERS}-layer model, EXTRAPOLATED (head + {FULL_LAYERS} x per-layer): "
+              "decode ms per step "
+              f"and tokens/s (decode only), vs bf16"]
+    for r in rows:
+        cells = []
+        for b in batches:
+            ms = r.get(f"decode_b{b}_full32_ms_extrapolated")
+            tps = r.get(f"full32_decode_tokens_per_s_b{b}_extrapolated")
+            x = r.get(f"full32_decode_tokens_per_s_b{b}_extrapolated_vs_bf16")
+            cells.append(f"b{b}: {_f(ms, '7.3f')} ms {_f(tps, '8.0f')} tok/s ({_f(x, '4.2f')}x)")
+        lines.append(f"  {r['who']:10s} {r['variant']:24s} " + "   ".join(cells))
+    errs = [(r["who"], r["variant"], e) for r in rows for e in r.get("errors", [])]
+    if errs:
+        lines += ["", "Errors:"] + [f"  {w} {v}: {e}" for w, v, e in errs]
+    return "\n".join(lines)
+
+
+def targets_text(ts: list[dict]) -> str:
+    lines = ["Targets (issue 13):"]
+    for t in ts:
+        verdict = "PASS" if t["pass"] else ("MISS" if t["pass"] is False else "n/a ")
+        goal = f"goal {t['goal']:.2f}" if t["goal"] is not None else t.get("reason", "")
+        lines.append(f"  {verdict}  {t['target']:48s} {t['variant']:22s} {t['value']:.3f} ({goal})")
+    return "\n".join(lines)
+
+
+def finish(out: dict, path: str) -> None:
+    """Rows, targets and the table from ``out['raw']``; print; write ``path`` atomically."""
+    if any(r["who"] == "bf16" for r in out["raw"]) and out.get("head"):
+        batches = tuple(out["setup"]["batches"])
+        out["rows"] = build_rows(out["raw"], out["head"], out["layers"], batches, out["setup"]["new_tokens"])
+        out["targets"] = targets(out["rows"])
+        print()
+        print(table(out["rows"], out["layers"], batches))
+        print()
+        print(targets_text(out["targets"]))
+    for n in out.get("notes", []):
+        print("note:", n)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1, default=str))
+    os.replace(tmp, p)
+    print(f"wrote {p} ({time.time() - T0:.0f} s)", flush=True)
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several runs: the first file's setup, head and bf16 row; later files' rows
+    replace earlier ones of the same (who, variant)."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    out = {k: v for k, v in docs[0].items() if k not in ("rows", "targets", "raw")}
+    out["merged_from"] = [str(p) for p in paths]
+    out["notes"] = [n for d in docs for n in d.get("notes", [])]
+    raw: dict = {}
+    for i, d in enumerate(docs):
+        if d.get("layers") != out.get("layers"):
+            raise SystemExit(f"{paths[i]} measured {d.get('layers')} layers, {paths[0]} {out.get('layers')}: "
+                             "merge runs of the same --layers only")
+        for r in d.get("raw", []):
+            if r["who"] == "bf16" and i > 0:
+                continue
+            raw[(r["who"], r["variant"])] = r
+    out["raw"] = list(raw.values())
+    return out
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--variants", default="", help="comma-separated substrings of scheme names (default: all)")
+    ap.add_argument("--no-quarot", action="store_true")
+    ap.add_argument("--only-quarot", action="store_true", help="bf16 and the graphquant + QuaRot rows only")
+    ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--who", default="graphquant,torchao",
+                    help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny Llama, fp32, eager: checks the script end to end")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSONs into --out and print")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    default_name = "generate_gpu_smoke.json" if args.smoke else "generate_gpu.json"
+    path = args.out or str(ROOT / "benchmarks" / "results" / default_name)
+    if args.merge:
+        finish(merge(args.merge), path)
+        return
+    setup = SMOKE if args.smoke else Setup()
+    if setup.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("generate_gpu.py needs a CUDA GPU; use --smoke to check it on CPU")
+    import transformers
+
+    dev_name = torch.cuda.get_device_name() if setup.device == "cuda" else "cpu"
+    setup_json = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in dataclasses.asdict(setup).items()}
+    out = {"device": dev_name, "torch": torch.__version__, "transformers": transformers.__version__,
+           "layers": args.layers, "setup": setup_json, "raw": [], "notes": []}
+    try:
+        import torchao
+
+        out["torchao"] = torchao.__version__
+    except Exception as e:  # noqa: BLE001
+        out["torchao"] = f"not importable: {type(e).__name__}: {e}"
+    print(f"device: {dev_name}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"torchao {out['torchao']}, layers measured: {args.layers}", flush=True)
+    if generation_prepare() is not None:
+        out["notes"].append("graphquant rows: to_hf(kernels='always') then graphquant.generation.prepare")
+    else:
+        out["notes"].append("graphquant.generation not in this tree: graphquant rows use to_hf(kernels='always')")
+    filters = [s.strip() for s in args.variants.split(",") if s.strip()]
+    variants = select_variants(filters, quarot=not args.no_quarot, only_quarot=args.only_quarot,
+                               torchao=not args.no_torchao, smoke=args.smoke,
+                               who=tuple(w.strip() for w in args.who.split(",")))
+    if args.smoke:
+        out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
+                            "is the fp32 model; the timings check the script, not the kernels")
+    model = llama3_8b(setup, args.layers)
+    calib = [torch.randint(0, setup.vocab, (1, 256 if not args.smoke else 32), device=setup.device) for _ in range(2)]
+    out["head"] = time_head(model, setup)
+    print("head: " + ", ".join(f"{k} {v:.4f}" for k, v in out["head"].items()), flush=True)
+    for v in variants:
+        if time.time() - T0 > args.budget_s:
+            out["notes"].append(f"time budget {args.budget_s:.0f} s reached: {v.who} {v.name} and later not run")
+            break
+        print(f"[{time.time() - T0:6.1f}s] {v.who} {v.name} ...", flush=True)
+        r = run_variant(model, v, setup, calib)
+        out["raw"].append(r)
+        print("   " + ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in r.items()
+                                if k not in ("who", "variant", "scheme", "quarot")), flush=True)
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.with_name(p.name + ".partial").write_text(json.dumps(out, indent=1, default=str))
+    finish(out, path)
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    if partial.exists():
+        partial.unlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Greedy generation with a static KV cache, compiled and replayed as a CUDA graph.
+
+Works for any transformers causal LM whose cache layers are ``StaticLayer`` s: a plain float
+model, a torchao-quantized one, or graphquant's HF write-back (``QuantLinear`` modules). ::
+
+    dec = StaticDecoder(model, batch_size=1, max_length=384)   # compile=True, cuda_graph=True
+    ids = dec.generate(prompt_ids, max_new_tokens=256)           # (B, prompt + 256), greedy
+    dec.time_step_ms(100)                                        # median ms of one decode step
+
+How it works (the gpt-fast recipe on top of ``transformers.StaticCache``):
+
+- the cache is allocated once, by one eager forward of a dummy token, so its K/V tensors have
+  the model's own dtype, device and head counts and a fixed address before anything is compiled;
+- ``prefill`` runs the prompt in one forward (``torch.compile(dynamic=False)`` if asked) and
+  returns the argmax of the last position;
+- a decode step is ``model(ids (B, 1), position_ids, past_key_values=cache)`` -> argmax ids,
+  ``torch.compile(fullgraph=True, dynamic=False)`` and, on CUDA, captured once into a
+  ``torch.cuda.CUDAGraph`` whose static inputs (token ids, cache position) are overwritten in
+  place before each replay.
+
+Position bookkeeping: transformers 5.x static layers count the tokens they hold in a device
+tensor ``cumulative_length`` (the write index of ``update`` and the query offset of the causal
+mask; both 5.17 and 5.23 work so). The decode step first copies its ``cache_position`` into
+every layer's counter, so a step is a pure function of (ids, position) and CUDA-graph warm-up
+runs or repeated timing replays cannot shift the cache.
+
+Greedy only: no sampling, no early stop at EOS (the benchmark needs fixed lengths), prompts of
+equal length (no left padding).
+"""
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+
+import torch
+
+__all__ = ["StaticDecoder"]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    raise ValueError("the model has no tensors on a real device; load its weights (e.g. .to('cuda')) first")
+
+
+class StaticDecoder:
+    """Greedy generator with a static KV cache for ``batch_size`` sequences of up to ``max_length`` tokens.
+
+    ``compile``: ``torch.compile`` the decode step (``fullgraph=True, dynamic=False``) and, unless
+    ``compile_prefill=False``, the prefill (``dynamic=False``, one compile per prompt shape).
+    ``cuda_graph``: capture the decode step into a CUDA graph (CUDA only; ignored on CPU).
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int, compile: bool = True, cuda_graph: bool = True,
+                 compile_prefill: bool | None = None):
+        from transformers import StaticCache
+
+        if batch_size < 1 or max_length < 2:
+            raise ValueError(f"StaticDecoder needs batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
+        self.model = model.eval()
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        self.device = _model_device(model)
+        self.compile = bool(compile)
+        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        params = inspect.signature(model.forward).parameters
+        self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # keyword arguments that transformers 5.17 and 5.23 both take (config, max_cache_len); the
+        # others are what 4.x needed and 5.x swallows in **kwargs
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_length, max_batch_size=self.batch_size,
+                                 device=self.device, dtype=dtype)
+        self._initialize_cache()
+        self._ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._out = None
+        self._graph = None
+        self._step_fn = self._forward_step
+        self._prefill_fn = self._forward_prefill
+        if self.compile:
+            self._step_fn = torch.compile(self._forward_step, fullgraph=True, dynamic=False)
+            if compile_prefill is None or compile_prefill:
+                self._prefill_fn = torch.compile(self._forward_prefill, dynamic=False)
+        self.last_timing: dict = {}
+
+    # ---------------------------------------------------------------- cache
+    def _initialize_cache(self) -> None:
+        """One eager forward of a dummy token allocates every layer's K/V tensors (lazily sized by
+        transformers from the real key/value states) before anything is compiled or captured."""
+        dummy = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            self.model(input_ids=dummy, past_key_values=self.cache, use_cache=True, **self._logits_kw)
+        self._counters = [layer.cumulative_length for layer in self.cache.layers
+                          if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+        ready = all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
+        if len(self._counters) != len(self.cache.layers) or not ready:
+            raise ValueError(f"{type(self.model).__name__}: StaticDecoder needs transformers static cache layers "
+                             "with a tensor position counter (transformers >= 5.17); "
+                             "use model.generate() for this model")
+        self._set_position(0)
+
+    def _set_position(self, pos) -> None:
+        for c in self._counters:
+            c.copy_(pos) if isinstance(pos, torch.Tensor) else c.fill_(pos)
+
+    # ---------------------------------------------------------------- the two forwards
+    def _forward_prefill(self, input_ids):
+        for c in self._counters:
+            c.zero_()
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, **self._logits_kw)
+        return out.logits[:, -1, :].argmax(dim=-1)
+
+    def _forward_step(self, token_ids, cache_position):
+        for c in self._counters:
+            c.copy_(cache_position[0])
+        out = self.model(input_ids=token_ids, position_ids=cache_position.view(1, 1), past_key_values=self.cache,
+                         use_cache=True, **self._logits_kw)
+        return out.logits[:, -1, :].argmax(dim=-1)
+
+    # ---------------------------------------------------------------- public steps
+    def _check_batch(self, ids: torch.Tensor, what: str) -> None:
+        if ids.dim() != 2 or ids.shape[0] != self.batch_size:
+            raise ValueError(f"{what}: expected token ids of shape ({self.batch_size}, n) for this StaticDecoder's "
+                             f"batch_size={self.batch_size}, got {tuple(ids.shape)}; "
+                             "build a StaticDecoder per batch size")
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt (B, L) through the model, filling cache positions 0..L-1; returns the
+        greedy next token ids (B,)."""
+        self._check_batch(input_ids, "prefill")
+        if input_ids.shape[1] >= self.max_length:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in max_length={self.max_length}; "
+                             "build the StaticDecoder with a larger max_length")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("StaticDecoder runs equal-length prompts only (attention_mask all ones); "
+                             "group prompts by length or use model.generate() for padded batches")
+        return self._prefill_fn(input_ids.to(self.device))
+
+    def _capture(self) -> None:
+        """Warm up (compiles) on a side stream, then capture one step into a CUDA graph."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self._out = self._step_fn(self._ids, self._pos)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._out = self._step_fn(self._ids, self._pos)
+        self._graph = graph
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``token_ids`` (B, 1) at position ``cache_position`` (1,) -> next ids (B,).
+        With a CUDA graph the result is the graph's output buffer: copy it before the next step."""
+        self._check_batch(token_ids, "step")
+        if token_ids.shape[1] != 1 or cache_position.numel() != 1:
+            raise ValueError(f"step takes token_ids (B, 1) and cache_position (1,), got {tuple(token_ids.shape)} and "
+                             f"{tuple(cache_position.shape)}")
+        if not self.cuda_graph:
+            return self._step_fn(token_ids, cache_position.view(1))
+        self._ids.copy_(token_ids)
+        self._pos.copy_(cache_position.view(1))
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy: the prompt (B, L) followed by ``max_new_tokens`` new tokens, (B, L + max_new_tokens).
+        Equals ``model.generate(input_ids, max_new_tokens=n, do_sample=False)`` without EOS stopping.
+        ``self.last_timing`` holds prefill / decode / total ms of this call (CUDA events on CUDA)."""
+        self._check_batch(input_ids, "generate")
+        b, length = input_ids.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if length + max_new_tokens > self.max_length:
+            raise ValueError(f"prompt {length} + max_new_tokens {max_new_tokens} = {length + max_new_tokens} exceeds "
+                             f"max_length={self.max_length}; build the StaticDecoder with a larger max_length")
+        input_ids = input_ids.to(self.device)
+        out = torch.empty(b, length + max_new_tokens, dtype=torch.long, device=self.device)
+        out[:, :length] = input_ids
+        marks = [self._mark()]
+        nxt = self.prefill(input_ids)
+        out[:, length] = nxt
+        marks.append(self._mark())
+        pos = torch.full((1,), length, dtype=torch.long, device=self.device)
+        for i in range(1, max_new_tokens):
+            nxt = self.step(nxt.view(b, 1), pos)
+            out[:, length + i] = nxt
+            pos.add_(1)
+        marks.append(self._mark())
+        self.last_timing = self._elapsed(marks)
+        return out
+
+    # ---------------------------------------------------------------- timing
+    def _mark(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _elapsed(self, marks) -> dict:
+        if self.device.type == "cuda":
+            marks[-1].synchronize()
+            ms = [marks[0].elapsed_time(m) for m in marks[1:]]
+        else:
+            ms = [(m - marks[0]) * 1e3 for m in marks[1:]]
+        return {"prefill_ms": ms[0], "decode_ms": ms[1] - ms[0], "total_ms": ms[1]}
+
+    def _median_ms(self, fn, iters: int, warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(max(1, iters)):
+            a = self._mark()
+            fn()
+            b = self._mark()
+            if self.device.type == "cuda":
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                times.append((b - a) * 1e3)
+        return statistics.median(times)
+
+    @torch.no_grad()
+    def time_step_ms(self, iters: int = 50, position: int | None = None) -> float:
+        """Median ms of one decode step at cache ``position`` (default: half of ``max_length``): with a
+        CUDA graph, the replay alone (CUDA events). The cache slot at ``position`` is overwritten."""
+        position = self.max_length // 2 if position is None else int(position)
+        if not 0 <= position < self.max_length:
+            raise ValueError(f"position {position} is outside the cache (max_length={self.max_length})")
+        ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        pos = torch.full((1,), position, dtype=torch.long, device=self.device)
+        self.step(ids, pos)  # fills the graph's input buffers (and captures it on first use)
+        if self._graph is not None:
+            return self._median_ms(self._graph.replay, iters)  # the replay alone, no input copies
+        return self._median_ms(lambda: self.step(ids, pos), iters)
+
+    @torch.no_grad()
+    def time_prefill_ms(self, input_ids: torch.Tensor, iters: int = 10) -> float:
+        """Median ms of ``prefill(input_ids)`` (compiled if ``compile``)."""
+        self._check_batch(input_ids, "time_prefill_ms")
+        input_ids = input_ids.to(self.device)
+        return self._median_ms(lambda: self.prefill(input_ids), iters)

@@ -1,0 +1,151 @@
+"""benchmarks/generate_gpu.py: the issue-13 rows from fake timings, merging two runs, and a CPU smoke run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "generate_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("generate_gpu_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the script is executed
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+HEAD = {"decode_b1_ms": 0.2, "decode_b16_ms": 0.3, "prefill_ms": 1.0}
+MB = 1e6
+
+
+def raw_row(who, scheme, quarot, d1, d16, pre, layer_bytes, wall1=None, **extra):
+    r = {"who": who, "variant": scheme + (" + QuaRot" if quarot else ""), "scheme": scheme, "quarot": quarot,
+         "decode_b1_ms": d1, "decode_b16_ms": d16, "prefill_ms": pre, "layer_weight_bytes": layer_bytes,
+         "generate_b1_wall_ms": wall1, "generate_b1_decode_ms": wall1 and wall1 * 0.9,
+         "generate_b16_wall_ms": wall1 and 2 * wall1, "generate_b16_decode_ms": wall1 and 1.8 * wall1}
+    r.update(extra)
+    return r
+
+
+def fake_raw():
+    # 2 layers: per-layer = (model - head) / 2
+    return [
+        raw_row("bf16", "bf16", False, 0.2 + 2 * 0.2, 0.3 + 2 * 0.25, 1.0 + 2 * 10.0, 2 * 436 * MB, 200.0,
+                peak_bytes=5e9),
+        raw_row("graphquant", "W4A16 g128", False, 0.2 + 2 * 0.07, 0.3 + 2 * 0.1, 1.0 + 2 * 9.0, 2 * 115 * MB, 100.0),
+        raw_row("graphquant", "W4A16 g128", True, 0.2 + 2 * 0.0714, 0.3 + 2 * 0.1, 1.0 + 2 * 9.9, 2 * 115 * MB, 101.0),
+        raw_row("graphquant", "fp8 dynamic", False, 0.2 + 2 * 0.11, 0.3 + 2 * 0.13, 1.0 + 2 * 6.0, 2 * 218 * MB, 120.0),
+        raw_row("torchao", "fp8 dynamic", False, 0.2 + 2 * 0.2, 0.3 + 2 * 0.2, 1.0 + 2 * 6.5, 2 * 218 * MB, 190.0),
+        {"who": "torchao", "variant": "int8 W8A8", "scheme": "int8 W8A8", "quarot": False,
+         "errors": ["decode/generate batch 1: RuntimeError: _int_mm needs M > 16"]},
+        raw_row("graphquant", "int8 W8A8", False, 0.2 + 2 * 0.12, None, 1.0 + 2 * 8.0, 2 * 218 * MB, 130.0),
+    ]
+
+
+def test_rows_have_the_issue_fields_and_right_arithmetic(bench):
+    rows = bench.build_rows(fake_raw(), HEAD, layers=2, batches=(1, 16), new_tokens=256)
+    by = {(r["who"], r["variant"]): r for r in rows}
+    for r in rows:
+        for k in ("who", "variant", "decode_b1_layer_speedup", "prefill_layer_speedup", "tokens_per_s_b1",
+                  "tokens_per_s_b16", "weight_bandwidth_frac", "errors"):
+            assert k in r, (r["variant"], k)
+    bf16, w4 = by["bf16", "bf16"], by["graphquant", "W4A16 g128"]
+    assert w4["decode_b1_layer_ms"] == pytest.approx(0.07)
+    assert w4["decode_b1_layer_speedup"] == pytest.approx(0.2 / 0.07)
+    assert w4["prefill_layer_speedup"] == pytest.approx(10.0 / 9.0)
+    assert bf16["decode_b1_layer_speedup"] == pytest.approx(1.0)
+    assert w4["tokens_per_s_b1"] == pytest.approx(256 / 0.1)
+    assert w4["tokens_per_s_b16"] == pytest.approx(16 * 256 / 0.2)
+    assert w4["decode_tokens_per_s_b1"] == pytest.approx(255 / 0.09)
+    assert w4["weight_gb_per_s_b1"] == pytest.approx(115e6 / 0.07e-3 / 1e9)
+    assert w4["weight_bandwidth_frac"] == pytest.approx(115e6 / 0.07e-3 / 4.3e12)
+    assert w4["decode_b1_full32_ms_extrapolated"] == pytest.approx(0.2 + 32 * 0.07)
+    assert w4["full32_decode_tokens_per_s_b1_extrapolated_vs_bf16"] == \
+        pytest.approx((0.2 + 32 * 0.2) / (0.2 + 32 * 0.07))
+    assert "quarot_overhead" not in w4
+    rot = by["graphquant", "W4A16 g128 + QuaRot"]
+    assert rot["quarot_overhead_parts"]["decode_b1"] == pytest.approx(0.0714 / 0.07 - 1)
+    assert rot["quarot_overhead"] == pytest.approx(0.1)  # prefill 9.9 vs 9.0 is the larger
+    broken = by["torchao", "int8 W8A8"]
+    assert broken["decode_b1_layer_speedup"] is None and broken["weight_bandwidth_frac"] is None
+    assert broken["errors"] and "_int_mm" in broken["errors"][0]
+    assert by["graphquant", "int8 W8A8"]["decode_b16_layer_speedup"] is None  # a missing timing stays missing
+
+
+def test_targets_pass_miss_and_torchao_comparison(bench):
+    rows = bench.build_rows(fake_raw(), HEAD, layers=2, batches=(1, 16), new_tokens=256)
+    ts = bench.targets(rows)
+    got = {(t["target"], t["variant"]): t for t in ts}
+    assert got["decode b1 per-layer speedup", "W4A16 g128"]["pass"] is True      # 2.86 >= 2.5
+    assert got["decode b1 per-layer speedup", "fp8 dynamic"]["pass"] is True     # 1.82 >= 1.7
+    assert got["prefill 8x2048 per-layer speedup", "fp8 dynamic"]["pass"] is True  # 1.67 >= 1.6
+    assert got["decode b1 per-layer speedup", "int8 W8A8"]["pass"] is True       # 1.67 >= 1.6
+    assert got["QuaRot overhead (max of decode b1, prefill)", "W4A16 g128 + QuaRot"]["pass"] is False  # 10%
+    assert got["graphquant >= torchao: decode_b1_layer_speedup", "fp8 dynamic"]["pass"] is True
+    assert got["graphquant >= torchao: prefill_layer_speedup", "fp8 dynamic"]["pass"] is True
+    no_ao = got["graphquant >= torchao: decode_b1_layer_speedup", "int8 W8A8"]
+    assert no_ao["pass"] is None and "_int_mm" in no_ao["reason"]
+    text = bench.table(rows, 2) + "\n" + bench.targets_text(ts)
+    assert "EXTRAPOLATED" in text and "W4A16 g128 + QuaRot" in text and "MISS" in text and "PASS" in text
+    assert "_int_mm needs M > 16" in text
+
+
+def test_merge_two_runs_and_variant_selection(bench, tmp_path):
+    raw = fake_raw()
+    setup = {"batches": [1, 16], "new_tokens": 256}
+    a = {"layers": 2, "setup": setup, "head": HEAD, "raw": [raw[0], raw[1], raw[3]], "notes": ["a"]}
+    other_bf16 = dict(raw[0], decode_b1_ms=99.0)
+    b = {"layers": 2, "setup": setup, "head": {**HEAD, "decode_b1_ms": 5.0}, "raw": [other_bf16, raw[2]],
+         "notes": ["b"]}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "merged.json"
+    bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["head"] == HEAD and doc["notes"] == ["a", "b"]
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == {"bf16", "W4A16 g128", "fp8 dynamic", "W4A16 g128 + QuaRot"}
+    assert rows["bf16"]["decode_b1_layer_ms"] == pytest.approx(0.2)  # the first run's bf16 and head
+    assert rows["W4A16 g128 + QuaRot"]["quarot_overhead"] == pytest.approx(0.1)  # plain row from the other run
+    (tmp_path / "c.json").write_text(json.dumps({**b, "layers": 4}))
+    with pytest.raises(SystemExit, match="same --layers"):
+        bench.merge([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+
+    names = [(v.who, v.name) for v in bench.select_variants(["W4A16", "fp8 dyn"])]
+    assert names == [("bf16", "bf16"), ("graphquant", "fp8 dynamic"), ("graphquant", "W4A16 g128"),
+                     ("graphquant", "fp8 dynamic + QuaRot"), ("graphquant", "W4A16 g128 + QuaRot"),
+                     ("torchao", "fp8 dynamic"), ("torchao", "W4A16 g128")]
+    only = bench.select_variants(only_quarot=True)
+    assert only[0].who == "bf16" and all(v.quarot for v in only[1:]) and len(only) == 6
+    assert all(v.who != "torchao" for v in bench.select_variants(quarot=False, torchao=False))
+    ao = bench.select_variants(who=("torchao",))
+    assert [v.who for v in ao] == ["bf16"] + ["torchao"] * 4
+
+
+def test_smoke_run_on_cpu(bench, tmp_path):
+    """The whole script on a tiny fp32 Llama: bf16 + graphquant int8 W8A8 with and without QuaRot, every row
+    measured."""
+    out = tmp_path / "smoke.json"
+    bench.main(["--smoke", "--variants", "int8", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert [(r["who"], r["variant"]) for r in doc["rows"]] == [
+        ("bf16", "bf16"), ("graphquant", "int8 W8A8"), ("graphquant", "int8 W8A8 + QuaRot")]
+    for r in doc["rows"]:
+        assert r["errors"] == [], r
+        assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b4"] > 0 and r["decode_b1_layer_speedup"] > 0
+        assert r["prefill_layer_speedup"] > 0 and r["weight_bandwidth_frac"] > 0
+    w8, fp32 = doc["rows"][1], doc["rows"][0]
+    assert doc["rows"][2]["quarot_overhead"] is not None
+    # int8 weights + per-channel scales: about 4x below fp32 (norm weights stay fp32)
+    assert fp32["layer_weight_bytes_per_layer"] / 4.2 < w8["layer_weight_bytes_per_layer"] \
+        < fp32["layer_weight_bytes_per_layer"] / 3.5
+    assert not (tmp_path / "smoke.json.partial").exists()

@@ -1,0 +1,103 @@
+"""StaticDecoder: greedy generation with a static KV cache gives model.generate()'s tokens (CPU, fp32)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import graphquant as gq
+from graphquant import config as C
+from graphquant.models.tiny import tiny_model
+from graphquant.static_decode import StaticDecoder
+
+
+def hf_greedy(model, ids, n):
+    """transformers' own greedy generate, EOS stopping off (StaticDecoder never stops early)."""
+    model.generation_config.eos_token_id = None
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def prompt(b, length, seed=0):
+    return torch.randint(0, 128, (b, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_generate_equals_hf_generate_and_repeats(llama):
+    ids = prompt(2, 7)
+    ref = hf_greedy(llama, ids, 12)
+    dec = StaticDecoder(llama, batch_size=2, max_length=24, compile=False)
+    got = dec.generate(ids, 12)
+    assert got.shape == (2, 19) and got.dtype == torch.long
+    assert torch.equal(got, ref)
+    # a second prompt of another length in the same cache: the cache is reset by prefill
+    ids2 = prompt(2, 4, seed=1)
+    assert torch.equal(dec.generate(ids2, 20), hf_greedy(llama, ids2, 20))
+    assert torch.equal(dec.generate(ids, 12), ref)
+    assert set(dec.last_timing) == {"prefill_ms", "decode_ms", "total_ms"}
+    assert dec.last_timing["total_ms"] >= dec.last_timing["prefill_ms"] > 0
+
+
+def test_step_is_a_function_of_position_and_timing_does_not_disturb(llama):
+    ids = prompt(1, 5)
+    ref = hf_greedy(llama, ids, 6)
+    dec = StaticDecoder(llama, batch_size=1, max_length=16, compile=False)
+    first = dec.prefill(ids)
+    assert torch.equal(first, ref[:, 5])
+    pos = torch.tensor([5])
+    a = dec.step(first.view(1, 1), pos).clone()
+    b = dec.step(first.view(1, 1), pos).clone()  # same slot again: same answer, counters re-synced
+    assert torch.equal(a, b) and torch.equal(a, ref[:, 6])
+    assert dec.time_step_ms(3) > 0 and dec.time_prefill_ms(ids, 2) > 0
+    assert torch.equal(dec.generate(ids, 6), ref)
+
+
+def test_other_architecture_and_graphquant_write_back():
+    """Generic over transformers causal LMs: Qwen3 (q/k norms), and graphquant's HF write-back with
+    QuantLinear modules and online R3 (attention) / R4 (down_proj) rotations of QuaRot, W8A8 dynamic
+    per-token, decodes the tokens of its own generate()."""
+    qwen = tiny_model("qwen3")
+    ids = prompt(2, 6)
+    assert torch.equal(StaticDecoder(qwen, 2, 20, compile=False).generate(ids, 10), hf_greedy(qwen, ids, 10))
+
+    model = tiny_model("llama", seed=3)
+    cfg = dataclasses.replace(C.preset("w_int8_per_channel_a_int8_per_token"), exclude=["*lm_head"],
+                              pre_quant_opt_config=[C.QuaRotConfig()])
+    hf = gq.quantize(model, cfg, None, progress=False).to_hf()
+    from graphquant.export.qlinear import QuantLinear
+
+    assert any(isinstance(m, QuantLinear) for m in hf.modules())
+    assert hf.model.layers[0].mlp.down_proj.input_rotation  # R4 online
+    assert torch.equal(StaticDecoder(hf, 2, 20, compile=False).generate(ids, 10), hf_greedy(hf, ids, 10))
+
+
+def test_compiled_step_equals_hf_generate(llama):
+    """torch.compile(fullgraph=True, dynamic=False) decode step on CPU (prefill left eager: compile time)."""
+    ids = prompt(1, 6)
+    dec = StaticDecoder(llama, batch_size=1, max_length=16, compile=True, compile_prefill=False)
+    assert not dec.cuda_graph  # CPU: no CUDA graph even when asked
+    assert torch.equal(dec.generate(ids, 8), hf_greedy(llama, ids, 8))
+
+
+def test_errors_say_what_to_do(llama):
+    dec = StaticDecoder(llama, batch_size=2, max_length=10, compile=False)
+    with pytest.raises(ValueError, match="exceeds max_length=10"):
+        dec.generate(prompt(2, 6), 5)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        dec.generate(prompt(3, 4), 2)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        dec.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"\(B, 1\)"):
+        dec.step(torch.zeros(2, 2, dtype=torch.long), torch.tensor([3]))
+    with pytest.raises(ValueError, match="attention_mask all ones"):
+        dec.prefill(prompt(2, 4), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate(prompt(2, 4), 0)
+    with pytest.raises(ValueError, match="outside the cache"):
+        dec.time_step_ms(1, position=10)
+    # an all-ones mask is accepted
+    assert dec.prefill(prompt(2, 4), attention_mask=torch.ones(2, 4, dtype=torch.long)).shape == (2,)
