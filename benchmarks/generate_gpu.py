@@ -159,17 +159,19 @@ class Variant:
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
-                    who=("graphquant", "torchao")) -> list[Variant]:
+                    who=("graphquant", "torchao"), quarot_filters=None) -> list[Variant]:
     """bf16 first, then graphquant without and with QuaRot, then torchao (last: its ``quantize_``
     changes inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``:
-    which libraries (bf16 is always kept: every speedup needs it)."""
+    which libraries (bf16 is always kept: every speedup needs it); ``quarot_filters``: of those schemes,
+    the ones also run + QuaRot (default: all)."""
     schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
                and (not filters or any(f.lower() in s.lower() for f in filters))]
     out = [Variant("bf16", "bf16")]
     if "graphquant" in who and not only_quarot:
         out += [Variant("graphquant", s) for s in schemes]
     if "graphquant" in who and (quarot or only_quarot):
-        out += [Variant("graphquant", s, True) for s in schemes]
+        out += [Variant("graphquant", s, True) for s in schemes
+                if not quarot_filters or any(f.lower() in s.lower() for f in quarot_filters)]
     if "torchao" in who and torchao and not smoke and not only_quarot:
         out += [Variant("torchao", s) for s in schemes if s in TORCHAO_SCHEMES]
     return out
@@ -644,6 +646,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--variants", default="", help="comma-separated substrings of scheme names (default: all)")
     ap.add_argument("--no-quarot", action="store_true")
+    ap.add_argument("--quarot-variants", default="", help="comma-separated substrings: only these schemes + QuaRot")
     ap.add_argument("--only-quarot", action="store_true", help="bf16 and the graphquant + QuaRot rows only")
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--who", default="graphquant,torchao",
@@ -682,7 +685,8 @@ def main(argv=None):
     filters = [s.strip() for s in args.variants.split(",") if s.strip()]
     variants = select_variants(filters, quarot=not args.no_quarot, only_quarot=args.only_quarot,
                                torchao=not args.no_torchao, smoke=args.smoke,
-                               who=tuple(w.strip() for w in args.who.split(",")))
+                               who=tuple(w.strip() for w in args.who.split(",")),
+                               quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()])
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")
