@@ -481,9 +481,13 @@ def _cmd_generate(args) -> int:
 
     import torch
 
+    if args.fast and args.temperature > 0:
+        raise CliError("--fast generates greedily: drop --temperature (or drop --fast to sample)", EXIT_USAGE)
     model, tok = _load_with_tokenizer(args)
     enc = tok(args.prompt, return_tensors="pt")
     enc = {k: v.to(args.device) for k, v in enc.items()}
+    if args.fast:
+        return _generate_fast(args, model, tok, enc["input_ids"])
     t0 = time.time()
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -493,6 +497,39 @@ def _cmd_generate(args) -> int:
     new = out.shape[1] - enc["input_ids"].shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
     print(f"[{new} new tokens in {dt:.2f}s, {new / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return EXIT_OK
+
+
+def _generate_fast(args, model, tok, ids) -> int:
+    """``--fast``: graphquant.generation.prepare (kernels, fused projections) and a static-cache decoder,
+    compiled and replayed as a CUDA graph on CUDA (greedy)."""
+    import torch
+
+    from .export.qlinear import QuantLinear
+    from .generation import PrepareError, prepare
+    from .static_decode import StaticDecoder
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        try:
+            prepare(model)
+        except PrepareError as e:
+            raise CliError(f"--fast: {_one_line(e)}; run without --fast", EXIT_USAGE) from e
+    cuda = ids.is_cuda
+    dec = StaticDecoder(model, batch_size=1, max_length=ids.shape[1] + args.max_new_tokens, compile=cuda,
+                        cuda_graph=cuda)
+    with torch.no_grad():
+        out = dec.generate(ids, args.max_new_tokens)
+    new = out[0, ids.shape[1]:]
+    eos = tok.eos_token_id
+    stop = (new == eos).nonzero() if eos is not None else new.new_empty((0, 1))
+    if len(stop):
+        new = new[: int(stop[0, 0]) + 1]
+    print(tok.decode(torch.cat([ids[0], new]), skip_special_tokens=True))
+    timing = dec.last_timing
+    steps = args.max_new_tokens - 1
+    rate = f", decode {steps / (timing['decode_ms'] / 1e3):.1f} tokens/s" if steps and timing.get("decode_ms") else ""
+    print(f"[{len(new)} new tokens; first call {timing['total_ms'] / 1e3:.2f}s including compilation{rate}]",
+          file=sys.stderr)
     return EXIT_OK
 
 
@@ -591,6 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kernels", choices=["auto", "always", "never"], default="auto",
                      help="quantized Linears: low-precision kernels where faster on this device (auto), wherever "
                           "one exists (always), or fake-quant, bit-identical to graphquant's graph (never)")
+    gen.add_argument("--fast", action="store_true",
+                     help="greedy decoding with a static KV cache: quantized models are prepared for generation "
+                          "(kernels, fused q|k|v and gate|up); on CUDA the decode step is compiled and replayed as a "
+                          "CUDA graph (the first call includes the compilation)")
     gen.set_defaults(func=_cmd_generate)
     return parser
 

@@ -20,8 +20,9 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
    attention scores ``(qH)·(kH) = q·k`` do not change. It only matters for a quantized K cache,
    so where no K quantizer follows it, it is dropped.
 
-A probe forward before and after steps 2-3 (same kernels) must agree to bf16 noise, else
-:class:`PrepareError` says which step broke and the model is left unfused. The prepared model is for
+A probe forward before and after steps 2-3 (same kernels) must agree to rounding noise
+(``PROBE_TOLERANCE``), else :class:`PrepareError` says so; the model is then left half-prepared:
+build it again and call ``prepare(model, fuse=False, r3="keep")``. The prepared model is for
 generation only: saving it raises (save before preparing).
 """
 from __future__ import annotations
@@ -39,7 +40,12 @@ from .export.records import LinearRecord, TensorQuantizer
 #: sibling projections fused into one QuantLinear (child names of one parent module)
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 PREPARED_ATTR = "graphquant_prepared"
-PROBE_TOLERANCE = 2e-2
+#: relative logit change ``prepare`` accepts. Fusion and R3 elision change only rounding (kernel tiles, the bf16
+#: rounding of rotated Q and K), but a later activation quantizer can move a value across a code boundary, and
+#: that difference then travels to the logits: 3.7% on the int8 W8A8 + QuaRot Llama-3-8B-shaped 2-layer random
+#: model in bf16 on the H200 (the same order as lowered vs fake-quant, tests/test_lowering_gpu.py). A structural
+#: mistake (a slice of the wrong projection) changes them by O(1) (tests/test_generation_prepare.py).
+PROBE_TOLERANCE = 0.1
 
 
 class PrepareError(RuntimeError):
@@ -205,7 +211,7 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
         if not err <= PROBE_TOLERANCE:
             raise PrepareError(f"prepare() changed the model's logits by {err:.3g} (relative, > {PROBE_TOLERANCE}) "
                                f"after fusing {report['fused'][:3]} / eliding R3 in {len(report['r3_elided'])} "
-                               "modules; call prepare(model, fuse=False) and report this model")
+                               "modules; build the model again and call prepare(model, fuse=False, r3='keep')")
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.prepare_kernels(device, free_codes=device.type == "cuda")

@@ -51,6 +51,11 @@ def test_quantize_save_then_eval_and_generate(gq_llama_20m, tmp_path, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "Once upon a time", "--max_new_tokens", "8"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("Once upon a time") and "8 new tokens" in captured.err
+    # --fast (prepared model, static KV cache): the same greedy text
+    assert main(["generate", "--model", str(out), "--prompt", "Once upon a time", "--max_new_tokens", "8",
+                 "--fast"]) == 0
+    fast = capsys.readouterr()
+    assert fast.out == captured.out and "including compilation" in fast.err
     # a second run replaces the graphquant output without --overwrite
     code = main(["quantize", "--model", str(gq_llama_20m), "--quant_scheme", "w_fp8_a_fp8", "--num_calib_data", "1",
                  "--seq_len", "16", "--output_dir", str(out), "--model_export", "hf_format"])
@@ -81,3 +86,9 @@ def test_stories260k_tied_embeddings_save_and_load(shared_dir, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, qm(input_ids=ids).logits)
         excluded = bool(cfg.exclude)
         assert loaded.config.tie_word_embeddings == bool(excluded)
+
+
+def test_generate_fast_refuses_sampling_in_one_line(capsys):
+    assert main(["generate", "--model", "nowhere", "--prompt", "x", "--fast", "--temperature", "0.7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fast generates greedily" in err[0]

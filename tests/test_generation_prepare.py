@@ -94,3 +94,16 @@ def test_prepared_model_cannot_be_saved_and_prepare_needs_a_graphquant_model(tmp
     assert not (tmp_path / "out").exists()
     with pytest.raises(PrepareError, match="no graphquant QuantLinear"):
         prepare(tiny_model("llama"))
+
+
+def test_a_wrong_fusion_is_caught_by_the_probe(monkeypatch):
+    """Every projection reading the first slice (a structural mistake) changes the logits by far more than
+    the tolerance: prepare refuses the model."""
+    from graphquant import generation
+
+    model = tiny_model("llama")
+    qm = gq.quantize(model, make_config("w_int8_per_channel_a_int8_per_token"), calib(), progress=False)
+    hf = qm.to_hf()
+    monkeypatch.setattr(generation._Slice, "forward", lambda self, x: x[..., :self.stop - self.start])
+    with pytest.raises(PrepareError, match="changed the model's logits"):
+        prepare(hf)
