@@ -90,6 +90,14 @@ def graph_us(fn, reps=20, iters=20):
     return t
 
 
+def bf16_us(N, K, dev):
+    """cuBLAS bf16 ``F.linear`` at M = 1 and M = 16 (the baseline)."""
+    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+    x1 = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    x16 = torch.randn(16, K, device=dev, dtype=torch.bfloat16)
+    return graph_us(lambda: F.linear(x1, w)), graph_us(lambda: F.linear(x16, w))
+
+
 def operands(kind, N, K, M, dev):
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
     if kind == "W4A16":
@@ -135,21 +143,16 @@ def main():
     t0 = time.time()
     rows, best, summary = [], {}, []
     for sname, (N, K) in SHAPES.items():
-        xb = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
-        wb = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
-        t_bf16 = graph_us(lambda: F.linear(xb, wb))
-        x16 = torch.randn(16, K, device=dev, dtype=torch.bfloat16)
-        t_bf16_16 = graph_us(lambda: F.linear(x16, wb))
+        t_bf16, t_bf16_16 = bf16_us(N, K, dev)
         print(f"\n{sname:8s} N={N:6d} K={K:6d}  bf16 cuBLAS {t_bf16:6.1f} us ({2 * N * K / t_bf16 / 1e3:5.0f} GB/s); "
               f"M=16 {t_bf16_16:6.1f} us", flush=True)
-        del wb
         for kind in KINDS:
+            op1 = None
             for M in (1, 16):
                 op, nbytes = operands(kind, N, K, M, dev)
-                if M == 16:
+                if op1 is not None:  # M = 16 multiplies the same weight
                     op["w"], op["w_scale"] = op1["w"], op1["w_scale"]
-                else:
-                    op1 = op
+                op1 = op
                 ref = reference(op)
                 cands = []
                 impls = (["gemv"] if M == 1 else []) + ["wq_mm"]

@@ -2,7 +2,7 @@
 
 One call prints a table and writes ``benchmarks/results/e2e_gpu.json``::
 
-    PYTHONPATH=. python benchmarks/e2e_gpu.py [--layers 2] [--quick] [--sweep]
+    PYTHONPATH=. python benchmarks/e2e_gpu.py [--layers 2] [--quick]
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128,
 vocab 128256), random init, bf16, with ``--layers`` decoder layers (default 2) so the run fits the
@@ -24,7 +24,8 @@ Measurements (CUDA events, median):
 
 Targets (issue 6): prefill fp8 >= 1.5x over compiled bf16 (stretch 1.65x); decode batch 1
 W4A16 >= 1.6x, W8A16 / W8A8 >= 1.3x; layer weights >= 1.9x smaller (8-bit), >= 3.5x (4-bit).
-``--sweep`` first times ``wq_mm`` tile options for decode (M = 1) on the Llama shapes.
+Decode kernel tiles are measured by ``benchmarks/decode_kernels.py``; KV-cached generation by
+``benchmarks/generate_gpu.py``.
 """
 from __future__ import annotations
 
@@ -332,68 +333,6 @@ def targets(results: list[dict]) -> list[dict]:
     return out
 
 
-# ------------------------------------------------------------------------------------ sweep
-def graph_us(fn, reps: int = 20, iters: int = 20) -> float:
-    """Microseconds per call of ``fn``, ``reps`` calls captured in one CUDA graph (no launch overhead)."""
-    fn()
-    replay, g = graphed(lambda: [fn() for _ in range(reps)])
-    t = cuda_ms(replay, iters) * 1e3 / reps
-    del g
-    return t
-
-
-#: (BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the sweep: [8-bit weights, int4 weights]
-GEMV_OPTIONS = {False: [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (8, 1024, 8, 4),
-                        (16, 1024, 8, 3), (32, 512, 8, 3), (8, 512, 4, 5)],
-                True: [(8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (16, 1024, 8, 3), (32, 512, 8, 3),
-                       (4, 1024, 4, 3), (32, 256, 4, 3), (16, 256, 4, 4)]}
-
-
-def sweep() -> list[dict]:
-    """Time GEMV tile options at M = 1 on the Llama-3-8B linear shapes (CUDA-graph timing) and make
-    the fastest the tiles ``graphquant.kernels.quant_triton.gemv`` uses for those shapes."""
-    import torch.nn.functional as F
-
-    from graphquant.kernels import quant_triton as QT
-
-    rows = []
-    for N, K in [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
-        x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
-        wb = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16)
-        t_bf16 = graph_us(lambda: F.linear(x, wb))
-        w8 = torch.randint(-127, 128, (N, K), device=DEVICE, dtype=torch.int8)
-        s8 = torch.rand(N, device=DEVICE)
-        p4 = torch.randint(0, 256, (N, K // 2), device=DEVICE, dtype=torch.uint8)
-        s4 = torch.rand(N, K // 128, device=DEVICE)
-        q, sa = QT.quantize_rows(x, False)
-        qf, saf = QT.quantize_rows(x, True)
-        kinds = {"W8A16": (x, w8, s8, QT.W_INT8, None), "W4A16": (x, p4, s4, QT.W_INT4, None),
-                 "W8A8-int8": (q, w8, s8, QT.W_INT8, sa), "W8A8-fp8": (qf, w8.view(torch.float8_e4m3fn), s8,
-                                                                      QT.W_FP8, saf)}
-        print(f"sweep N={N:6d} K={K:6d} bf16 F.linear {t_bf16:6.1f} us ({2 * N * K / t_bf16 / 1e3:5.0f} GB/s)",
-              flush=True)
-        for kind, (a, w, s, wk, asc) in kinds.items():
-            best_row = None
-            for bn, bk, warps, stages in GEMV_OPTIONS[wk == QT.W_INT4]:
-                cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-                try:
-                    t = graph_us(lambda: QT.gemv(a, w, s, w_kind=wk, a_scale=asc, group=128,
-                                                 out_dtype=torch.bfloat16, config=cfg))
-                except Exception as e:  # noqa: BLE001
-                    t = float("inf")
-                    print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
-                row = {"N": N, "K": K, "kind": kind, "us": t, "bf16_us": t_bf16, **cfg}
-                rows.append(row)
-                if best_row is None or t < best_row["us"]:
-                    best_row = row
-            wbytes = w.numel() * w.element_size()
-            QT.GEMV_TILES[(wk, N, K)] = {k: best_row[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
-            print(f"   {kind:10s} best {best_row['us']:6.1f} us ({wbytes / best_row['us'] / 1e3:5.0f} GB/s, "
-                  f"{t_bf16 / best_row['us']:4.2f}x bf16) BN={best_row['BLOCK_N']} BK={best_row['BLOCK_K']}",
-                  flush=True)
-    return rows
-
-
 # ------------------------------------------------------------------------------------ main
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -404,7 +343,6 @@ def main():
     ap.add_argument("--only-quarot", action="store_true", help="only the variants with online R3/R4")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-compile-decode", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new variants after this many s")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "e2e_gpu.json"))
     args = ap.parse_args()
@@ -412,8 +350,6 @@ def main():
     dev = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(f"device: {dev}, torch {torch.__version__}, layers measured: {args.layers}", flush=True)
     out = {"device": dev, "torch": torch.__version__, "layers": args.layers, "results": [], "notes": []}
-    if args.sweep:
-        out["sweep"] = sweep()
     iters = {"prefill": 5 if args.quick else 10, "decode": 30 if args.quick else 100}
     model = llama3_8b(args.layers)
     bf16_layer_bytes = layer_bytes(list(model.named_parameters()))

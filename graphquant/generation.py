@@ -33,6 +33,7 @@ import functools
 import torch
 from torch import nn
 
+from .errors import GraphQuantError
 from .export import attention as A
 from .export.qlinear import QuantLinear
 from .export.records import LinearRecord, TensorQuantizer
@@ -48,8 +49,8 @@ PREPARED_ATTR = "graphquant_prepared"
 PROBE_TOLERANCE = 0.1
 
 
-class PrepareError(RuntimeError):
-    """``prepare`` could not keep the model's function."""
+class PrepareError(GraphQuantError, RuntimeError):
+    """``prepare`` was given a model without graphquant Linears, or could not keep its function."""
 
 
 class _Slice(nn.Module):
