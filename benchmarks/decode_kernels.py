@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from graphquant.kernels import quant_triton as QT  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import graph_us  # noqa: E402
 
 PEAK = 4.3e12
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "gate/up": (14336, 4096),
@@ -55,39 +57,6 @@ def mma_options(kind: str, impl: str):
     bks = (128,) if kind == "W4A16" else (128, 256)
     for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
-
-
-def cuda_ms(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
-
-
-def graph_us(fn, reps=20, iters=20):
-    """Microseconds per call, ``reps`` calls captured in one CUDA graph (no launch overhead)."""
-    fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    t = cuda_ms(g.replay, iters) * 1e3 / reps
-    del g
-    return t
 
 
 def bf16_us(N, K, dev):

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -47,6 +46,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import graphquant as gq  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import graphed, median_ms  # noqa: E402
 from graphquant.config import Config, QuantizationConfig, QuantizationSpec, QuaRotConfig, preset  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
@@ -119,32 +121,7 @@ def all_bytes(module) -> int:
 
 # ------------------------------------------------------------------------------------ timing
 def cuda_ms(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def graphed(fn):
-    """``fn`` captured as a CUDA graph; returns (replay, graph) — keep ``graph`` alive while timing."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay, g
+    return median_ms(fn, iters, "cuda", warmup)
 
 
 def decode_ms(fn, iters: int) -> tuple[float, str]:

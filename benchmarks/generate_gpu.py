@@ -64,6 +64,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import graphed, median_ms, sync  # noqa: E402
 
 HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy, measured on this workplace's machines (KINDS.md)
 FULL_LAYERS = 32
@@ -291,45 +293,9 @@ def resident_layer_bytes(model) -> int:
 
 
 # ------------------------------------------------------------------------------------ timing
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, iters: int, device: str, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(max(1, iters)):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def graph_replay(fn, device: str):
     """``fn`` captured as a CUDA graph (warmed up on a side stream); returns (replay, graph)."""
-    if device != "cuda":
-        return fn, None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay, g
+    return graphed(fn) if device == "cuda" else (fn, None)
 
 
 class Head(torch.nn.Module):

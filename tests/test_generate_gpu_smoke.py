@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -141,8 +142,11 @@ def test_smoke_run_on_cpu(bench, tmp_path):
         ("bf16", "bf16"), ("graphquant", "int8 W8A8"), ("graphquant", "int8 W8A8 + QuaRot")]
     for r in doc["rows"]:
         assert r["errors"] == [], r
-        assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b4"] > 0 and r["decode_b1_layer_speedup"] > 0
-        assert r["prefill_layer_speedup"] > 0 and r["weight_bandwidth_frac"] > 0
+        # per-layer times are differences of two timings (model - head): on a busy CPU they can come out at or
+        # below zero, so only their presence is checked; tokens/s are whole-call timings
+        assert r["tokens_per_s_b1"] > 0 and r["tokens_per_s_b4"] > 0
+        for key in ("decode_b1_layer_speedup", "prefill_layer_speedup", "weight_bandwidth_frac"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r[key])
     w8, fp32 = doc["rows"][1], doc["rows"][0]
     assert doc["rows"][2]["quarot_overhead"] is not None
     # int8 weights + per-channel scales: about 4x below fp32 (norm weights stay fp32)
