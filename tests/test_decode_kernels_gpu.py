@@ -103,19 +103,26 @@ def test_fused_hadamard_quantize_equals_the_two_ops(n, fp8, rows):
     Hadamard op followed by fake-quant, dynamic per-row and static."""
     from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
     from graphquant.kernels import hadamard_triton as HT
-    from graphquant.quant import fake_quant as FQ
 
     assert HT.fusable(n, torch.bfloat16)
     x = (torch.randn(rows, n, device="cuda") * 3).to(torch.bfloat16)
-    y = torch.ops.graphquant.hadamard_transform(x, False)
+    assert_codes_of_fake_quant(lambda st: HT.hadamard_quantize(x, fp8, static_scale=st),
+                               torch.ops.graphquant.hadamard_transform(x, False), fp8)
+
+
+def assert_codes_of_fake_quant(quantize, y, fp8):
+    """``quantize(static_scale)`` -> (codes, scale) gives fake-quant's codes of ``y``: per row with its own
+    scales (``static_scale=None``), and under one static scale (then its scale is None)."""
+    from graphquant.quant import fake_quant as FQ
+
     spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
-    q, s = HT.hadamard_quantize(x, fp8)
+    q, s = quantize(None)
     q2, s2, _ = FQ.dynamic_quantize(y, spec)
     assert torch.equal(s, s2.float())
     assert torch.equal(q.float(), q2.float())
     st = s2.amax().reshape(())
-    qs, none = HT.hadamard_quantize(x, fp8, static_scale=st)
+    qs, none = quantize(st)
     assert none is None
-    ref = FQ.quantize(y, st, torch.zeros((), dtype=torch.int32, device="cuda"),
+    ref = FQ.quantize(y, st, torch.zeros((), dtype=torch.int32, device=y.device),
                       spec.replace("per_token", "per_tensor").replace("dynamic", "static"))
     assert torch.equal(qs.float(), ref.float())

@@ -63,16 +63,10 @@ SCHEMES = {
 def test_quantize_rows_matches_fake_quant_codes(fp8, M):
     from graphquant.kernels import quant_triton as QT
 
+    from test_decode_kernels_gpu import assert_codes_of_fake_quant
+
     x = (torch.randn(M, 4096, device="cuda") * 3).to(torch.bfloat16)
-    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
-    q, s = QT.quantize_rows(x, fp8)
-    q2, s2, _ = FQ.dynamic_quantize(x, spec)
-    assert torch.equal(s, s2.float())
-    assert torch.equal(q.float(), q2.float())
-    st = s2.amax().reshape(())
-    qs, _ = QT.quantize_rows(x, fp8, static_scale=st)
-    assert torch.equal(qs.float(), FQ.quantize(x, st, torch.zeros((), dtype=torch.int32, device="cuda"), spec.replace(
-        "per_token", "per_tensor").replace("dynamic", "static")).float())
+    assert_codes_of_fake_quant(lambda st: QT.quantize_rows(x, fp8, static_scale=st), x, fp8)
 
 
 @pytest.mark.parametrize("M", [1, 16, 64, 300])
