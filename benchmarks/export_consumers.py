@@ -13,7 +13,6 @@ Writes ``benchmarks/results/export_consumers_<format>.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -34,12 +33,7 @@ MODEL = ROOT.parent / "shared" / "data" / "models" / "gq-llama-20m"
 
 
 def _cfg(scheme, group=None, pre=()):
-    cfg = C.preset(scheme)
-    if group:
-        g = cfg.global_quant_config
-        cfg = dataclasses.replace(cfg, global_quant_config=dataclasses.replace(
-            g, weight=dataclasses.replace(g.weight, group_size=group)))
-    return dataclasses.replace(cfg, pre_quant_opt_config=list(pre))
+    return C.preset(scheme, group_size=group, pre_quant_opt_config=pre)
 
 
 ROWS = {

@@ -19,7 +19,6 @@ Writes ``benchmarks/results/generate_cpu.json`` and ``generate_cpu.md``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -40,12 +39,7 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 
 
 def _cfg(scheme, group=None, pre=()):
-    cfg = C.preset(scheme)
-    if group:
-        g = cfg.global_quant_config
-        cfg = dataclasses.replace(cfg, global_quant_config=dataclasses.replace(
-            g, weight=dataclasses.replace(g.weight, group_size=group)))
-    return dataclasses.replace(cfg, pre_quant_opt_config=list(pre))
+    return C.preset(scheme, group_size=group, pre_quant_opt_config=pre)
 
 
 SCHEMES = {

@@ -1083,11 +1083,13 @@ def list_presets() -> dict[str, str]:
     return {k: d for k, (d, _) in _PRESETS.items()}
 
 
-def preset(name: str) -> Config:
+def preset(name: str, group_size: int | None = None, pre_quant_opt_config=None) -> Config:
     """A fresh :class:`Config` for scheme ``name`` (see :func:`list_presets`).
 
     Presets quantize every Linear except the output head: ``exclude=["*lm_head"]``, as Quark's CLI
     does by default. To quantize ``lm_head`` too: ``dataclasses.replace(cfg, exclude=[])``.
+    ``group_size`` replaces a per-group weight scheme's group size; ``pre_quant_opt_config`` (a list
+    such as ``[QuaRotConfig()]``) sets the rewrites that run before quantization.
     """
     entry = _PRESETS.get(name)
     if entry is None:
@@ -1095,7 +1097,16 @@ def preset(name: str) -> Config:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown quantization scheme {name!r}.{hint} Known schemes: "
                           f"{', '.join(_PRESETS)}")
-    return entry[1]()
+    cfg = entry[1]()
+    if group_size:
+        g = cfg.global_quant_config
+        if g.weight is None or g.weight.qscheme != QSchemeType.per_group:
+            raise ConfigError(f"group_size={group_size}: scheme {name!r} has no per-group weights")
+        cfg = dataclasses.replace(cfg, global_quant_config=dataclasses.replace(
+            g, weight=dataclasses.replace(g.weight, group_size=int(group_size))))
+    if pre_quant_opt_config is not None:
+        cfg = dataclasses.replace(cfg, pre_quant_opt_config=list(pre_quant_opt_config))
+    return cfg
 
 
 def with_kv_cache(config: Config, dtype: str | Dtype | None, qscheme: str | QSchemeType = "per_tensor",

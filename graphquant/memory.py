@@ -17,20 +17,20 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 _EXAMPLE = "e.g. 'cuda=8GiB,cpu=16GiB' or {0: '8GiB', 'cpu': '16GiB'}"
 
 
-def parse_size(size) -> int:
-    """``"8GiB"`` / ``"500MB"`` / ``1024`` -> bytes."""
+def parse_size(size, what: str = "memory size") -> int:
+    """``"8GiB"`` / ``"500MB"`` / ``1024`` -> bytes (``what`` names the value in error messages)."""
     if isinstance(size, bool):
-        raise ConfigError(f"memory size {size!r} is not a size; use bytes or a string such as '8GiB'")
+        raise ConfigError(f"{what} {size!r} is not a size; use bytes or a string such as '8GiB'")
     if isinstance(size, (int, float)):
         if size <= 0:
-            raise ConfigError(f"memory size must be positive, got {size}")
+            raise ConfigError(f"{what} must be positive, got {size}")
         return int(size)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
     if not m:
-        raise ConfigError(f"memory size {size!r} not understood; use bytes or e.g. '8GiB', '16GB', '500MiB'")
+        raise ConfigError(f"{what} {size!r} not understood; use bytes or e.g. '8GiB', '5GB', '500MiB'")
     value = float(m.group(1)) * _UNITS[m.group(2) or "B"]
     if value <= 0:
-        raise ConfigError(f"memory size must be positive, got {size!r}")
+        raise ConfigError(f"{what} must be positive, got {size!r}")
     return int(value)
 
 

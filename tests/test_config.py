@@ -325,3 +325,12 @@ def test_unmatched_exclude():
     c = Config(QuantizationConfig(weight=INT8), exclude=["*lm_head", "*layers.9.*"])
     assert c.unmatched_exclude(["lm_head", "model.layers.0.mlp.down_proj"]) == ["*layers.9.*"]
     assert c.is_excluded("lm_head") and not c.is_excluded("model.lm_head.x")
+
+
+def test_preset_group_size_and_pre_quant_overrides():
+    cfg = preset("w_int4_per_group_sym", group_size=32, pre_quant_opt_config=[QuaRotConfig()])
+    assert cfg.global_quant_config.weight.group_size == 32
+    assert [type(p) for p in cfg.pre_quant_opt_config] == [QuaRotConfig]
+    assert preset("w_int4_per_group_sym").global_quant_config.weight.group_size == 128  # fresh each call
+    with pytest.raises(ConfigError, match="no per-group weights"):
+        preset("w_int8_per_channel_a_int8_per_token", group_size=64)

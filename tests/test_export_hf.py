@@ -13,12 +13,7 @@ from graphquant.models.tiny import ARCHITECTURES, tiny_model
 
 
 def make_config(scheme, group_size=None, pre=(), kv=None):
-    cfg = C.preset(scheme)
-    if group_size:
-        g = cfg.global_quant_config
-        cfg = dataclasses.replace(cfg, global_quant_config=dataclasses.replace(
-            g, weight=dataclasses.replace(g.weight, group_size=group_size)))
-    cfg = dataclasses.replace(cfg, pre_quant_opt_config=list(pre))
+    cfg = C.preset(scheme, group_size=group_size, pre_quant_opt_config=pre)
     return C.with_kv_cache(cfg, kv) if kv else cfg
 
 

@@ -9,24 +9,18 @@ safetensors never sees shared storage; callers drop names a format leaves out (e
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 INDEX = "model.safetensors.index.json"
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-          "TIB": 2**40}
 
 
 def parse_size(size) -> int:
-    """``"5GB"`` / ``"500MiB"`` / an int (bytes) -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"max_shard_size {size!r} not understood; use bytes or e.g. '5GB', '500MB', '2GiB'")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    """``"5GB"`` / ``"500MiB"`` / an int (bytes) -> bytes, as ``graphquant.memory.parse_size`` reads sizes."""
+    from ..memory import parse_size as _parse
+
+    return _parse(size, "max_shard_size")
 
 
 def _nbytes(t: torch.Tensor) -> int:
