@@ -528,8 +528,8 @@ def _generate_fast(args, model, tok, ids) -> int:
     timing = dec.last_timing
     steps = args.max_new_tokens - 1
     rate = f", decode {steps / (timing['decode_ms'] / 1e3):.1f} tokens/s" if steps and timing.get("decode_ms") else ""
-    print(f"[{len(new)} new tokens; first call {timing['total_ms'] / 1e3:.2f}s including compilation{rate}]",
-          file=sys.stderr)
+    print(f"[{len(new)} new tokens; first call {timing['total_ms'] / 1e3:.2f}s"
+          f"{' including compilation' if cuda else ''}{rate}]", file=sys.stderr)
     return EXIT_OK
 
 
