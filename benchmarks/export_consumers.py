@@ -32,18 +32,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT.parent / "shared" / "data" / "models" / "gq-llama-20m"
 
 
-def _cfg(scheme, group=None, pre=()):
-    return C.preset(scheme, group_size=group, pre_quant_opt_config=pre)
-
-
 ROWS = {
-    "w8a8_static": lambda: _cfg("w_int8_a_int8_per_tensor_sym"),
-    "w8a8_dynamic_token": lambda: _cfg("w_int8_per_channel_a_int8_per_token"),
-    "fp8_static": lambda: _cfg("w_fp8_a_fp8"),
-    "w4a16_sym_g128": lambda: _cfg("w_int4_per_group_sym", 128),
-    "w4a16_asym_g128": lambda: _cfg("w_uint4_per_group_asym", 128),
-    "sq_rot_fp8": lambda: _cfg("w_fp8_a_fp8", pre=[C.SmoothQuantConfig(), C.RotationConfig()]),
-    "quarot_w8a8_token": lambda: _cfg("w_int8_per_channel_a_int8_per_token", pre=[C.QuaRotConfig()]),
+    "w8a8_static": lambda: C.preset("w_int8_a_int8_per_tensor_sym"),
+    "w8a8_dynamic_token": lambda: C.preset("w_int8_per_channel_a_int8_per_token"),
+    "fp8_static": lambda: C.preset("w_fp8_a_fp8"),
+    "w4a16_sym_g128": lambda: C.preset("w_int4_per_group_sym"),
+    "w4a16_asym_g128": lambda: C.preset("w_uint4_per_group_asym"),
+    "sq_rot_fp8": lambda: C.preset("w_fp8_a_fp8",
+                                    pre_quant_opt_config=[C.SmoothQuantConfig(), C.RotationConfig()]),
+    "quarot_w8a8_token": lambda: C.preset("w_int8_per_channel_a_int8_per_token",
+                                           pre_quant_opt_config=[C.QuaRotConfig()]),
 }
 
 

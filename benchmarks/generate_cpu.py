@@ -38,17 +38,14 @@ MODEL = ROOT.parent / "shared" / "data" / "models" / "gq-llama-20m"
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
-def _cfg(scheme, group=None, pre=()):
-    return C.preset(scheme, group_size=group, pre_quant_opt_config=pre)
-
-
 SCHEMES = {
-    "w8a8_int8_token": lambda: _cfg("w_int8_per_channel_a_int8_per_token"),
-    "w8a8_int8_static": lambda: _cfg("w_int8_a_int8_per_tensor_sym"),
-    "w8a16_int8": lambda: _cfg("w_int8_per_tensor"),
-    "w4a16_g128": lambda: _cfg("w_int4_per_group_sym", 128),
-    "fp8_static": lambda: _cfg("w_fp8_a_fp8"),
-    "quarot_w8a8_token": lambda: _cfg("w_int8_per_channel_a_int8_per_token", pre=[C.QuaRotConfig()]),
+    "w8a8_int8_token": lambda: C.preset("w_int8_per_channel_a_int8_per_token"),
+    "w8a8_int8_static": lambda: C.preset("w_int8_a_int8_per_tensor_sym"),
+    "w8a16_int8": lambda: C.preset("w_int8_per_tensor"),
+    "w4a16_g128": lambda: C.preset("w_int4_per_group_sym"),
+    "fp8_static": lambda: C.preset("w_fp8_a_fp8"),
+    "quarot_w8a8_token": lambda: C.preset("w_int8_per_channel_a_int8_per_token",
+                                           pre_quant_opt_config=[C.QuaRotConfig()]),
 }
 
 
