@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import TINY_C, _fp32_reciprocal, _rint, _round_e4m3
+from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan"]
 
@@ -186,18 +186,12 @@ def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
     """Store the codes of ``y`` (the transform's output, already rounded to the activation dtype):
     per-row dynamic scale ``max(amax / QMAX, tiny)`` (stored at ``s_ptr + row``) or the static one.
     Numerics of ``quant_triton.quant_rows_kernel`` (and so of fake-quant)."""
-    yf = y.to(tl.float32)
     if STATIC:
         sc = tl.load(s_in_ptr).to(tl.float32)
     else:
         sc = tl.maximum(row_amax * RCP, TINY_C)
         tl.store(s_ptr + row, sc, mask=s_mask)
-    v = tl.math.div_rn(yf, sc)
-    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-    if QUANT == 2:
-        tl.store(q_ptrs, _round_e4m3(v).to(tl.float8e4nv), mask=mask)
-    else:
-        tl.store(q_ptrs, _rint(v).to(tl.int8), mask=mask)
+    tl.store(q_ptrs, codes(y.to(tl.float32), sc, QMAX, QUANT == 2), mask=mask)
 
 
 @triton.jit
@@ -484,9 +478,6 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
         MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
 
 
-_FP8_MAX = 448.0
-
-
 def fusable(n: int, dtype: torch.dtype) -> bool:
     """Whether :func:`hadamard_quantize` has a kernel for rows of ``n`` elements of ``dtype``."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -514,7 +505,7 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     static = static_scale is not None
     sq = None if static else torch.empty((rows,), device=x.device, dtype=torch.float32)
-    qmax = _FP8_MAX if fp8 else 127.0
+    qmax = FP8_MAX if fp8 else 127.0
     out_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
     _launch_persistent(p, x2, q, False, out_parts, sq, static_scale.reshape(1).float() if static else None,
                        dict(QUANT=2 if fp8 else 1, STATIC=static, QMAX=qmax, RCP=_fp32_reciprocal(qmax),

@@ -31,7 +31,6 @@ does that check).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -61,6 +60,17 @@ def _round_e4m3(v):
 
 
 @triton.jit
+def codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """fp32 ``x`` under ``scale`` -> int8 / fp8 e4m3 codes: ``x / scale`` (correctly rounded), clamped to
+    ``±QMAX``, rounded half-to-even (fake-quant's numerics; shared by every quantizing kernel)."""
+    v = tl.math.div_rn(x, scale)
+    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    if FP8:
+        return _round_e4m3(v).to(tl.float8e4nv)
+    return _rint(v).to(tl.int8)
+
+
+@triton.jit
 def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
                       QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, STATIC: tl.constexpr,
                       BLOCK: tl.constexpr):
@@ -83,13 +93,7 @@ def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
     for k0 in range(0, K, BLOCK):
         offs = k0 + offs0
         x = tl.load(xp + offs, mask=offs < K, other=0.0).to(tl.float32)
-        v = tl.math.div_rn(x, scale)
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        if FP8:
-            q = _round_e4m3(v).to(tl.float8e4nv)
-        else:
-            q = _rint(v).to(tl.int8)
-        tl.store(qp + offs, q, mask=offs < K)
+        tl.store(qp + offs, codes(x, scale, QMAX, FP8), mask=offs < K)
 
 @triton.jit
 def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
@@ -198,9 +202,9 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
     Program (pid_n, pid_k) streams the weight rows ``BLOCK_N * pid_n + [0, BLOCK_N)`` over its share of
     K exactly once, in storage format, for all M activation rows. 8-bit products accumulate element-wise
     and are summed once after the loop (int8 codes times int8 codes in int32); int4 products are summed
-    per group of ``GROUP`` columns, whose scale is applied once per group and row. With ``SPLIT_K > 1`` partial sums are added atomically into an
-    fp32 ``C`` that the caller zeroed (scales and bias are linear, so each split applies them to its part;
-    the bias only in split 0)."""
+    per group of ``GROUP`` columns, whose scale is applied once per group and row. With ``SPLIT_K > 1``
+    partial sums are added atomically into an fp32 ``C`` that the caller zeroed (scales and bias are
+    linear, so each split applies them to its part; the bias only in split 0)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -350,6 +354,11 @@ A_FLOAT, A_INT8, A_FP8 = 0, 1, 2
 W_INT8, W_FP8, W_INT4 = 0, 1, 2
 
 
+def _a_kind(a: torch.Tensor) -> int:
+    """``A_FLOAT`` / ``A_INT8`` / ``A_FP8``: what the activation operand of a kernel holds."""
+    return A_FP8 if a.dtype == torch.float8_e4m3fn else (A_FLOAT if a.is_floating_point() else A_INT8)
+
+
 @functools.lru_cache(maxsize=None)
 def _fp32_reciprocal(v: float) -> float:
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(v, dtype=torch.float32))
@@ -414,8 +423,7 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     ``w_scale`` / ``w_zero`` of shape (N, K/group)."""
     M, K = a.shape
     N = w.shape[0]
-    a_kind = A_FLOAT if a.is_floating_point() and a.dtype != torch.float8_e4m3fn else (
-        A_FP8 if a.dtype == torch.float8_e4m3fn else A_INT8)
+    a_kind = _a_kind(a)
     out_dtype = out_dtype or a.dtype
     cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
     split = cfg["SPLIT_K"]
@@ -436,14 +444,11 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     return c.to(out_dtype) if split > 1 else c
 
 
-#: Decode kernels measured on the GPU (``benchmarks/gemv_sweep.py`` writes ``gemv_tuned.json`` beside this
-#: file): "<GPU name>" -> "<a_kind>,<w_kind>,<N>,<K>,<M bucket>" -> dict(impl="gemv"|"wq_mm", tile options,
-#: us = the measured time). Shapes not in it use the heuristics of :func:`decode_choice`. ``GEMV_TILES`` (same keys as tuples)
-#: overrides the file, e.g. in a sweep.
-GEMV_TILES: dict[tuple[int, ...], dict] = {}
+#: Decode kernels measured on the GPU (``benchmarks/decode_kernels.py`` writes ``gemv_tuned.json`` beside
+#: this file): "<GPU name>" -> "<a_kind>,<w_kind>,<N>,<K>,<M bucket>" -> dict(impl="gemv"|"wq_mm", tile
+#: options, us = the measured time). Shapes not in it use the heuristics of :func:`decode_choice`.
 GEMV_PROGRAMS_PER_SM = 4
 M_BUCKETS = (1, 4, 16, 64)
-TUNED_ENV = "GRAPHQUANT_DECODE_TUNED"
 
 
 @functools.lru_cache(maxsize=None)
@@ -451,12 +456,9 @@ def _tuned(device_name: str) -> dict:
     import json
     from pathlib import Path
 
-    table = {}
-    for path in (Path(__file__).with_name("gemv_tuned.json"), Path(os.environ.get(TUNED_ENV, "") or "/nonexistent")):
-        if path.is_file():
-            for k, cfg in json.loads(path.read_text()).get(device_name, {}).items():
-                table[tuple(int(v) for v in k.split(","))] = cfg
-    return table
+    path = Path(__file__).with_name("gemv_tuned.json")
+    table = json.loads(path.read_text()).get(device_name, {}) if path.is_file() else {}
+    return {tuple(int(v) for v in k.split(",")): cfg for k, cfg in table.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -478,7 +480,7 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     key = (a_kind, w_kind, N, K, m_bucket(M))
-    cfg = GEMV_TILES.get(key) or _tuned(_device_name(idx)).get(key)
+    cfg = _tuned(_device_name(idx)).get(key)
     if cfg is not None:
         cfg = {k: v for k, v in cfg.items() if k != "us"}
         return cfg.pop("impl", "gemv"), cfg
@@ -492,7 +494,7 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
               bias=None, group: int = 0, out_dtype=None):
     """``a @ dequant(w).T`` with the decode kernel :func:`decode_choice` picks, or None if none applies."""
     M, K = a.shape
-    a_kind = A_FP8 if a.dtype == torch.float8_e4m3fn else (A_FLOAT if a.is_floating_point() else A_INT8)
+    a_kind = _a_kind(a)
     choice = decode_choice(M, w.shape[0], K, a_kind, w_kind, group, a.device)
     if choice is None:
         return None
@@ -551,7 +553,7 @@ def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int
     if M > 4:
         raise ValueError(f"gemv takes at most 4 rows, got {M}")
     N = w.shape[0]
-    a_kind = A_FP8 if a.dtype == torch.float8_e4m3fn else (A_FLOAT if a.is_floating_point() else A_INT8)
+    a_kind = _a_kind(a)
     out_dtype = out_dtype or a.dtype
     cfg = _gemv_config(M, N, K, w_kind, group, a.device, config)
     split = cfg["SPLIT_K"]
