@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .int8_mm import _col_scale, _flat, _row_scale, guarded, scale_epilogue_torch, triton_kernels
+from .int8_mm import _col_scale, _flat, _row_scale, decode_kernel, guarded, scale_epilogue_torch
 
 SKINNY_M = 16
 #: cuBLAS fp8 "fast accumulation" (no periodic fp32 promotion): a few % faster on Hopper, but the
@@ -36,7 +36,6 @@ _NO_FAST_ROWWISE = []  # set once fast accumulation is refused for row-wise scal
 
 
 def _scaled_mm(a, sa, w, sw, bias, out_dtype):
-    M, N = a.shape[0], w.shape[0]
     fast = USE_FAST_ACCUM and a.is_cuda
     rowwise = not (sa.numel() == 1 and sw.numel() == 1)
     if rowwise and fast and not _NO_FAST_ROWWISE:
@@ -79,9 +78,8 @@ def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale
 
     if M == 0:
         out = torch.empty((0, N), dtype=out_dtype, device=a.device)
-    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "decode_mm")) is not None and \
-            (out := guarded("decode_mm", lambda: qt.decode_mm(a, w, sw, w_kind=qt.W_FP8, a_scale=sa, bias=bias,
-                                                              out_dtype=out_dtype), lambda: None)) is not None:
+    elif M <= SKINNY_M and (out := decode_kernel(a, w, sw, "fp8", a_scale=sa, bias=bias,
+                                                 out_dtype=out_dtype)) is not None:
         pass
     elif "_scaled_mm" not in _failed() and a.is_cuda and K % 16 == 0 and N % 16 == 0:
         out = scaled()

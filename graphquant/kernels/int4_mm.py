@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .int8_mm import WEIGHT_ONLY_M, _flat, guarded, triton_kernels
+from .int8_mm import WEIGHT_ONLY_M, _flat, decode_kernel, guarded, triton_kernels
 
 LAYOUTS = ("nibble", "cpu_tinygemm")
 
@@ -71,11 +71,9 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, ze
 
     if M == 0:
         out = a.new_empty((0, N))
-    elif (a.is_cuda and M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16) and group_size % 16 == 0
-          and (qt := triton_kernels(a.device, "decode_mm")) is not None
-          and (out := guarded("decode_mm", lambda: qt.decode_mm(a, w_packed, scale, w_kind=qt.W_INT4,
-                                                                w_zero=zero_point, bias=bias, group=group_size,
-                                                                out_dtype=a.dtype), lambda: None)) is not None):
+    elif (M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16) and group_size % 16 == 0
+          and (out := decode_kernel(a, w_packed, scale, "int4", w_zero=zero_point, bias=bias, group=group_size,
+                                    out_dtype=a.dtype)) is not None):
         pass
     else:
         out = reference()

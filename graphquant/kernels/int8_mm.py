@@ -68,6 +68,16 @@ def guarded(name: str, fast, fallback):
         return fallback()
 
 
+def decode_kernel(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_kind: str, **kwargs):
+    """``quant_triton.decode_mm`` for a decode-sized product on CUDA (``w_kind``: "int8", "fp8" or "int4"),
+    or None where it does not run: not CUDA, no Triton, no kernel for the shape, or the kernel failed
+    before (``guarded`` warns once and the caller's next path runs from then on)."""
+    if not a.is_cuda or (qt := triton_kernels(a.device, "decode_mm")) is None:
+        return None
+    kind = {"int8": qt.W_INT8, "fp8": qt.W_FP8, "int4": qt.W_INT4}[w_kind]
+    return guarded("decode_mm", lambda: qt.decode_mm(a, w, w_scale, w_kind=kind, **kwargs), lambda: None)
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -121,9 +131,8 @@ def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scal
 
     if M == 0:
         out = torch.empty((0, N), dtype=out_dtype, device=a.device)
-    elif a.is_cuda and M <= SKINNY_M and (qt := triton_kernels(a.device, "decode_mm")) is not None and \
-            (out := guarded("decode_mm", lambda: qt.decode_mm(a, w, sw, w_kind=qt.W_INT8, a_scale=sa, bias=bias,
-                                                              out_dtype=out_dtype), lambda: None)) is not None:
+    elif M <= SKINNY_M and (out := decode_kernel(a, w, sw, "int8", a_scale=sa, bias=bias,
+                                                 out_dtype=out_dtype)) is not None:
         pass
     elif a.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0:
         acc = torch._int_mm(a, w.t())
@@ -165,11 +174,8 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
 
     if M == 0:
         out = a.new_empty((0, N))
-    elif (a.is_cuda and M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16)
-          and (qt := triton_kernels(a.device, "decode_mm")) is not None
-          and (out := guarded("decode_mm", lambda: qt.decode_mm(a, w, _col_scale(w_scale), w_kind=qt.W_INT8,
-                                                                bias=bias, out_dtype=a.dtype), lambda: None))
-          is not None):
+    elif (M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16)
+          and (out := decode_kernel(a, w, _col_scale(w_scale), "int8", bias=bias, out_dtype=a.dtype)) is not None):
         pass
     elif a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16, torch.float16):
         scales = w_scale.to(a.dtype).reshape(-1).expand(N).contiguous()

@@ -125,13 +125,7 @@ def _codes_inline(v: torch.Tensor, fp8: bool) -> torch.Tensor:
 def _fused_under_compile(x: torch.Tensor, hadamard: bool) -> bool:
     """With an online Hadamard on CUDA, the fused transform+quantize kernel (one custom-op call) beats
     tracing the two: Inductor cannot fuse the quantization into the opaque transform."""
-    if not (hadamard and x.is_cuda):
-        return False
-    try:
-        from ..kernels import hadamard_triton
-    except Exception:  # noqa: BLE001 - no Triton
-        return False
-    return hadamard_triton.fusable(x.shape[-1], x.dtype)
+    return hadamard and _fused_hadamard_quantize(x) is not None
 
 
 def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False):
