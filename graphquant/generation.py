@@ -106,10 +106,9 @@ def fuse_records(recs: list[LinearRecord]) -> LinearRecord | None:
     if qs not in ("per_tensor", "per_channel", "per_group"):
         return None
     scales, zps = [r.weight_scale for r in recs], [r.weight_zero_point for r in recs]
+    # one weight spec: every member stores a zero point, or none does
     if qs == "per_tensor":
-        if all(torch.equal(s, scales[0]) for s in scales) and all(
-                (z is None and zps[0] is None) or (z is not None and zps[0] is not None and torch.equal(z, zps[0]))
-                for z in zps):
+        if all(torch.equal(s, scales[0]) for s in scales) and all(z is None or torch.equal(z, zps[0]) for z in zps):
             scale, zp = scales[0], zps[0]
         else:  # one scale per projection -> one per output channel, the same numbers
             spec = spec.evolve(qscheme="per_channel", ch_axis=0)
@@ -120,8 +119,6 @@ def fuse_records(recs: list[LinearRecord]) -> LinearRecord | None:
             return None
         scale = torch.cat([s.reshape(r.shape[0], -1) for s, r in zip(scales, recs)]).reshape(
             (-1,) if qs == "per_channel" else (sum(r.shape[0] for r in recs), -1))
-        if (zps[0] is None) != any(z is None for z in zps) and any(z is not None for z in zps):
-            return None
         zp = None if zps[0] is None else torch.cat([z.reshape(r.shape[0], -1) for z, r in zip(zps, recs)]).reshape(
             scale.shape)
     bias = None
@@ -149,7 +146,7 @@ def fuse_projections(model: nn.Module, device) -> list[str]:
         if rec is None:
             continue
         big = QuantLinear(rec, backend)
-        big.prepare_kernels(device, free_codes=backend == "kernel")
+        big.prepare_kernels(device)
         start = 0
         for child, m in zip(group, members):
             setattr(mod, child, _Slice(start, start + m.out_features))
@@ -201,10 +198,10 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
     for m in qlinears:
         if m.kernel is not None and device.type == "cuda":
             m.backend = "kernel"
-    for m in qlinears:
-        m.prepare_kernels(device, free_codes=False)
+        m.prepare_kernels(device)
     before = _probe(model, device) if check else None
-    report = {"fused": fuse_projections(model, device) if fuse else [], "r3_elided": elide_r3(model) if r3 == "elide" else []}
+    report = {"fused": fuse_projections(model, device) if fuse else [],
+              "r3_elided": elide_r3(model) if r3 == "elide" else []}
     if check:
         after = _probe(model, device)
         err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
@@ -213,8 +210,9 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
             raise PrepareError(f"prepare() changed the model's logits by {err:.3g} (relative, > {PROBE_TOLERANCE}) "
                                f"after fusing {report['fused'][:3]} / eliding R3 in {len(report['r3_elided'])} "
                                "modules; build the model again and call prepare(model, fuse=False, r3='keep')")
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.prepare_kernels(device, free_codes=device.type == "cuda")
+    if device.type == "cuda":
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.drop_codes(device)
     model.__dict__[PREPARED_ATTR] = report
     return model

@@ -175,23 +175,29 @@ class QuantLinear(nn.Module):
             self._layouts[key] = kw
         return self._layouts[key]
 
-    def prepare_kernels(self, device, tinygemm: bool = True, free_codes: bool = False) -> None:
+    def prepare_kernels(self, device) -> None:
         """Build the kernel layout on ``device`` now (not on the first call, which a compiled or
-        CUDA-graphed forward must not do), plus torch's tinygemm layout for int4 decode on CUDA.
-        ``free_codes`` drops the fake-quant codes where the layout does not share them (the module
-        then runs only its kernels and can no longer be saved)."""
+        CUDA-graphed forward must not do), plus torch's tinygemm layout for int4 decode on CUDA."""
         device = torch.device(device)
         if self.backend != "kernel":
             return
         kw = self._layout(device)
-        if self.kernel == "int4_linear" and tinygemm and kw.args.get("layout") == "nibble":
+        key = ("tinygemm", str(device))
+        if self.kernel == "int4_linear" and kw.args.get("layout") == "nibble" and key not in self._layouts:
             from ..lowering import layouts
 
             tg = layouts.int4_tinygemm_cuda(kw.tensors["qweight"], kw.tensors["qscale"], kw.tensors.get("qzeros"),
                                             kw.args["group_size"], self.dtype)
             if tg is not None:
-                self._layouts[("tinygemm", str(device))] = tg
-        if free_codes and all(t.data_ptr() != self.weight.data_ptr() for t in kw.tensors.values()):
+                self._layouts[key] = tg
+
+    def drop_codes(self, device) -> None:
+        """Free the fake-quant codes where the kernel layout on ``device`` does not share them: the module
+        then runs only its kernels and can no longer be saved."""
+        if self.backend != "kernel":
+            return
+        kw = self._layout(torch.device(device))
+        if all(t.data_ptr() != self.weight.data_ptr() for t in kw.tensors.values()):
             self.weight = torch.empty((0,), dtype=self.weight.dtype, device=device)
             self.kernels_only = True
 

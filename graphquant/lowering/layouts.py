@@ -22,8 +22,9 @@ import torch
 from ..config import QSchemeType, QuantizationSpec
 from ..quant import formats as F
 
-#: group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts
-CPU_INT4_GROUPS = (32, 64, 128, 256)
+#: group sizes torch's int4 "tinygemm" kernels accept (``aten._weight_int4pack_mm_for_cpu`` and, on CUDA,
+#: ``aten._weight_int4pack_mm``)
+TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
 @dataclass
@@ -78,10 +79,9 @@ def int4_weight(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     else:
         z = torch.full_like(s, 8, dtype=torch.int32)
     s, z = s.expand(N, K // g).contiguous(), z.expand(N, K // g).contiguous()
-    if qdata.device.type == "cpu" and N % 16 == 0 and g in CPU_INT4_GROUPS:
+    if qdata.device.type == "cpu" and N % 16 == 0 and g in TINYGEMM_GROUPS:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
-        # tinygemm: W = (u - 8) * s + zero, so zero = (8 - z) * s
-        sz = torch.stack([s, (8 - z).to(torch.float32) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        sz = _tinygemm_scale_and_zeros(s, z, dtype)
         return KernelWeight({"qweight": packed, "qscale": sz}, {"group_size": g, "layout": "cpu_tinygemm"})
     packed = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8).contiguous()
     tensors = {"qweight": packed, "qscale": s}
@@ -90,32 +90,32 @@ def int4_weight(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return KernelWeight(tensors, {"group_size": g, "layout": "nibble"})
 
 
-#: group sizes and inner K tiles ``aten._weight_int4pack_mm`` (CUDA "tinygemm") accepts
-CUDA_INT4_GROUPS = (32, 64, 128, 256)
+def _tinygemm_scale_and_zeros(s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tinygemm's ``(K/g, N, 2)`` scales and zeros for per-group ``s`` / shifted zero points ``z`` (N, K/g):
+    tinygemm computes ``W = (u - 8) * s + zero``, so ``zero = (8 - z) * s``."""
+    return torch.stack([s, (8 - z.to(torch.float32)) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
 def int4_tinygemm_cuda(packed: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None, group: int,
                        dtype: torch.dtype) -> KernelWeight | None:
     """The ``"nibble"`` layout (CUDA tensors) re-packed for torch's own int4 decode kernel,
-    ``aten._weight_int4pack_mm`` (tinygemm): codes by ``aten._convert_weight_to_int4pack`` (even
-    column in the high nibble of its input), ``scale_and_zeros`` (K/g, N, 2) in bf16 with
-    ``W = (u - 8) * s + zero``, ``zero = (8 - z) * s``. None where tinygemm does not apply (not
-    CUDA, not bf16, N not a multiple of 8, K not a multiple of 32 tiles, other group sizes).
-    The scales are rounded to bf16 (the graph keeps them in fp32)."""
+    ``aten._weight_int4pack_mm`` (tinygemm): codes by ``aten._convert_weight_to_int4pack`` (its input
+    holds the even column in the high nibble, ours in the low one: the nibbles are swapped), scales and
+    zeros in bf16 (``_tinygemm_scale_and_zeros``). None where tinygemm does not apply (not CUDA, not
+    bf16, N not a multiple of 8, K not a multiple of 32 tiles, other group sizes). The scales are
+    rounded to bf16 (the graph keeps them in fp32)."""
     N, half = packed.shape
     K = 2 * half
-    if not packed.is_cuda or dtype != torch.bfloat16 or N % 8 or group not in CUDA_INT4_GROUPS or K % group:
+    if not packed.is_cuda or dtype != torch.bfloat16 or N % 8 or group not in TINYGEMM_GROUPS or K % group:
         return None
     inner = next((t for t in (8, 4, 2) if K % (16 * t) == 0), None)
     if inner is None:
         return None
-    u = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(N, K)
-    hi_first = ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8).contiguous()
     try:
-        tg = torch.ops.aten._convert_weight_to_int4pack(hi_first, inner)
+        tg = torch.ops.aten._convert_weight_to_int4pack(((packed << 4) | (packed >> 4)).contiguous(), inner)
     except (RuntimeError, NotImplementedError):
         return None
     s = scale.to(torch.float32).reshape(N, -1)
-    z = zeros.to(torch.float32).reshape(N, -1) if zeros is not None else torch.full_like(s, 8.0)
-    sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return KernelWeight({"tg_weight": tg, "tg_scale_zeros": sz}, {"group_size": group, "inner_k_tiles": inner})
+    z = zeros.reshape(N, -1) if zeros is not None else torch.full_like(s, 8.0)
+    return KernelWeight({"tg_weight": tg, "tg_scale_zeros": _tinygemm_scale_and_zeros(s, z, torch.bfloat16)},
+                        {"group_size": group, "inner_k_tiles": inner})
