@@ -34,8 +34,7 @@ if str(ROOT) not in sys.path:
 
 from graphquant.kernels import quant_triton as QT  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import graph_us  # noqa: E402
+from graphquant.timing import graph_us  # noqa: E402
 
 PEAK = 4.3e12
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "gate/up": (14336, 4096),

@@ -47,8 +47,7 @@ if str(ROOT) not in sys.path:
 
 import graphquant as gq  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import graphed, median_ms  # noqa: E402
+from graphquant.timing import graphed, median_ms  # noqa: E402
 from graphquant.config import Config, QuantizationConfig, QuantizationSpec, QuaRotConfig, preset  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256

@@ -64,8 +64,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import graphed, median_ms, sync  # noqa: E402
+from graphquant.timing import graphed, median_ms, sync  # noqa: E402
 
 HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy, measured on this workplace's machines (KINDS.md)
 FULL_LAYERS = 32

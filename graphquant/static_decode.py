@@ -30,10 +30,11 @@ equal length (no left padding).
 from __future__ import annotations
 
 import inspect
-import statistics
 import time
 
 import torch
+
+from .timing import median_ms
 
 __all__ = ["StaticDecoder"]
 
@@ -213,19 +214,7 @@ class StaticDecoder:
         return {"prefill_ms": ms[0], "decode_ms": ms[1] - ms[0], "total_ms": ms[1]}
 
     def _median_ms(self, fn, iters: int, warmup: int = 2) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(max(1, iters)):
-            a = self._mark()
-            fn()
-            b = self._mark()
-            if self.device.type == "cuda":
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                times.append((b - a) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, iters, self.device.type, warmup)
 
     @torch.no_grad()
     def time_step_ms(self, iters: int = 50, position: int | None = None) -> float:

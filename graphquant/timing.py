@@ -1,4 +1,4 @@
-"""Timing helpers shared by the GPU benchmarks: CUDA-event medians and CUDA-graph replay.
+"""Timing helpers (the GPU benchmarks, ``StaticDecoder``): CUDA-event medians and CUDA-graph replay.
 
 ``median_ms(fn, iters, device)``: median milliseconds of ``fn()`` (CUDA events on CUDA, wall clock on CPU)
 after ``warmup`` calls. ``graphed(fn, reps)``: ``reps`` calls of ``fn`` captured in one CUDA graph (warmed
