@@ -52,7 +52,7 @@ def gemv_options(kind: str, stages_list):
             yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
 
 
-def mma_options(kind: str, impl: str):
+def mma_options(kind: str):
     bks = (128,) if kind == "W4A16" else (128, 256)
     for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
@@ -125,18 +125,17 @@ def main():
                 cands = []
                 impls = (["gemv"] if M == 1 else []) + ["wq_mm"]
                 for impl in impls:
-                    opts = gemv_options(kind, stages) if impl == "gemv" else mma_options(kind, impl)
+                    opts = gemv_options(kind, stages) if impl == "gemv" else mma_options(kind)
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
                         fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm}[impl]
                         if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
-                        kw = op
                         try:
-                            out = fn(**kw, out_dtype=torch.float32, config=dict(cfg))
+                            out = fn(**op, out_dtype=torch.float32, config=dict(cfg))
                             err = float((out - ref).abs().max() / ref.abs().max())
-                            t = graph_us(lambda: fn(**kw, out_dtype=torch.bfloat16, config=dict(cfg))) \
+                            t = graph_us(lambda: fn(**op, out_dtype=torch.bfloat16, config=dict(cfg))) \
                                 if err < 1e-3 else float("inf")
                         except Exception as e:  # noqa: BLE001 - an option that does not build is skipped
                             t, err = float("inf"), None
