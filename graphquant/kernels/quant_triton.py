@@ -65,9 +65,12 @@ def codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
     ``±QMAX``, rounded half-to-even (fake-quant's numerics; shared by every quantizing kernel)."""
     v = tl.math.div_rn(x, scale)
     v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    # one return: Triton checks every return statement's type, also those of a constexpr branch not taken
     if FP8:
-        return _round_e4m3(v).to(tl.float8e4nv)
-    return _rint(v).to(tl.int8)
+        q = _round_e4m3(v).to(tl.float8e4nv)
+    else:
+        q = _rint(v).to(tl.int8)
+    return q
 
 
 @triton.jit

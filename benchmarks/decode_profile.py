@@ -1,0 +1,118 @@
+"""Where a decode step's time goes: the GPU kernels of one graph-replayed step, per variant (issue 13).
+
+    PYTHONPATH=. python benchmarks/decode_profile.py [--variants "bf16,int8 W8A8,W4A16 g128"] [--batch 1]
+        [--layers 2] [--out benchmarks/results/decode_profile.json]
+
+Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.py``, runs one
+:class:`graphquant.static_decode.StaticDecoder` step (compiled, CUDA graph) under
+``torch.profiler`` for ``--steps`` replays and prints, per variant, the kernels of one step:
+name, launches per step, microseconds per step, and the sum of kernel time against the replay's
+CUDA-event time (the difference is the gap between kernels inside the graph). Kernel names are
+shortened (Triton's generated names keep their fused-op suffixes). CUDA only.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import generate_gpu as gg  # noqa: E402
+
+
+def _variant(spec: str) -> gg.Variant:
+    spec = spec.strip()
+    who = "torchao" if spec.startswith("torchao ") else "bf16" if spec == "bf16" else "graphquant"
+    name = spec.removeprefix("torchao ").strip()
+    quarot = name.endswith("+ QuaRot")
+    scheme = name.removesuffix("+ QuaRot").strip()
+    if who != "bf16" and scheme not in gg.GQ_SCHEMES:
+        raise SystemExit(f"unknown variant {spec!r}; schemes: {', '.join(gg.GQ_SCHEMES)} (prefix 'torchao ', "
+                         "suffix ' + QuaRot')")
+    return gg.Variant(who, "bf16" if who == "bf16" else scheme, quarot)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 90 else name[:87] + "..."
+
+
+@torch.no_grad()
+def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from graphquant.static_decode import StaticDecoder
+
+    m = gg.build(model, v, setup, calib)
+    dec = StaticDecoder(m, batch, setup.max_length)
+    prompt = torch.randint(0, setup.vocab, (batch, setup.prompt), device="cuda")
+    dec.generate(prompt, 8)
+    step_ms = dec.time_step_ms(100, position=setup.prompt + 64)
+    replay = dec._graph.replay
+    for _ in range(5):
+        replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += 1
+            per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    kernels = sorted(({"kernel": k, "launches": c / steps, "us": t / steps} for k, (c, t) in per.items()),
+                     key=lambda d: -d["us"])
+    del dec, m
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return {"variant": f"{v.who} {v.name}", "batch": batch, "step_ms": step_ms,
+            "kernel_us": sum(k["us"] for k in kernels), "launches": sum(k["launches"] for k in kernels),
+            "kernels": kernels}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default="bf16,int8 W8A8,fp8 dynamic,W8A16,W4A16 g128")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_profile.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_profile.py needs a CUDA GPU")
+    setup = gg.Setup()
+    model = gg.llama3_8b(setup, args.layers)
+    calib = [torch.randint(0, setup.vocab, (1, 256), device="cuda") for _ in range(2)]
+    results = []
+    for spec in args.variants.split(","):
+        if not spec.strip():
+            continue
+        v = _variant(spec)
+        try:
+            r = profile_variant(model, v, setup, calib, args.batch, args.steps)
+        except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others run
+            print(f"{spec}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        results.append(r)
+        print(f"\n== {r['variant']}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us (graph replay), "
+              f"kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
+              f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
+        print(f"{'us/step':>9} {'launches':>8}  kernel")
+        for k in r["kernels"][:args.top]:
+            print(f"{k['us']:9.2f} {k['launches']:8.1f}  {_short(k['kernel'])}")
+        p = Path(args.out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                 "layers": args.layers, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
