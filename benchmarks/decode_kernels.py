@@ -52,6 +52,12 @@ def gemv_options(kind: str, stages_list):
             yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
 
 
+def packed_options(kind: str):
+    for bn, bq, split, warps in itertools.product((16, 32, 64), (32, 64, 128), (1, 2, 4), (4, 8)):
+        if bn * bq <= 4096 and (warps == 4 or bn * bq >= 2048):
+            yield dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=split, num_warps=warps)
+
+
 def mma_options(kind: str):
     bks = (128,) if kind == "W4A16" else (128, 256)
     for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
@@ -104,19 +110,29 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_kernels.json"))
     ap.add_argument("--tuned", default=str(ROOT / "graphquant" / "kernels" / "gemv_tuned.json"))
     ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all of SHAPES)")
+    ap.add_argument("--kinds", default="", help="comma-separated kinds (default: all of KINDS)")
+    ap.add_argument("--impls", default="", help="comma-separated kernels: gemv, gemv_packed, wq_mm (default: all)")
+    ap.add_argument("--m", default="1,16", help="comma-separated M values")
     args = ap.parse_args()
+    args.shapes, args.kinds, args.impls = ([v for v in a.split(",") if v] for a in (args.shapes, args.kinds, args.impls))
+    args.m = [int(v) for v in args.m.split(",")]
     stages = [int(v) for v in args.stages.split(",")]
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
     t0 = time.time()
     rows, best, summary = [], {}, []
     for sname, (N, K) in SHAPES.items():
+        if args.shapes and sname not in args.shapes:
+            continue
         t_bf16, t_bf16_16 = bf16_us(N, K, dev)
         print(f"\n{sname:8s} N={N:6d} K={K:6d}  bf16 cuBLAS {t_bf16:6.1f} us ({2 * N * K / t_bf16 / 1e3:5.0f} GB/s); "
               f"M=16 {t_bf16_16:6.1f} us", flush=True)
         for kind in KINDS:
+            if args.kinds and kind not in args.kinds:
+                continue
             op1 = None
-            for M in (1, 16):
+            for M in args.m:
                 op, nbytes = operands(kind, N, K, M, dev)
                 if op1 is not None:  # M = 16 multiplies the same weight
                     op["w"], op["w_scale"] = op1["w"], op1["w_scale"]
@@ -124,12 +140,16 @@ def main():
                 ref = reference(op)
                 cands = []
                 impls = (["gemv"] if M == 1 else []) + ["wq_mm"]
+                if M == 1 and kind in ("W8A16", "W4A16"):
+                    impls.append("gemv_packed")
+                impls = [i for i in impls if not args.impls or i in args.impls]
                 for impl in impls:
-                    opts = gemv_options(kind, stages) if impl == "gemv" else mma_options(kind)
+                    opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
+                            "gemv_packed": lambda: packed_options(kind)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
-                        fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm}[impl]
+                        fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "gemv_packed": QT.gemv_packed}[impl]
                         if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
                         try:
@@ -155,12 +175,17 @@ def main():
                         sz = torch.rand(K // GROUP, N, 2, device=dev, dtype=torch.bfloat16)
                         xa = op["a"]
                         extra["tinygemm_us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(xa, packed, GROUP, sz))
+                        if M <= 4:  # a candidate: QuantLinear runs tinygemm at decode when decode_choice says so
+                            cands.append((extra["tinygemm_us"], "tinygemm", {}))
+                            cands.sort(key=lambda c: c[0])
+                            t_best, impl_best, cfg_best = cands[0]
                     except Exception as e:  # noqa: BLE001
                         extra["tinygemm_error"] = f"{type(e).__name__}: {str(e)[:100]}"
                 a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
                 if cfg_best is not None:
                     keep = {k: v for k, v in cfg_best.items() if k not in ("BLOCK_M",)}
-                    best[f"{a_kind},{op['w_kind']},{N},{K},{QT.m_bucket(M)}"] = {"impl": impl_best, **keep}
+                    best[f"{a_kind},{op['w_kind']},{N},{K},{QT.m_bucket(M)}"] = {"impl": impl_best, **keep,
+                                                                       "us": round(t_best, 1)}
                 t_ref = t_bf16 if M == 1 else t_bf16_16
                 line = {"shape": sname, "N": N, "K": K, "M": M, "kind": kind, "best_us": t_best, "best_impl": impl_best,
                         "best": cfg_best, "best_by_impl_us": by_impl, "bf16_us": t_ref, "weight_bytes": nbytes,
@@ -179,7 +204,10 @@ def main():
     Path(args.out).write_text(json.dumps(out, indent=1))
     tuned_path = Path(args.tuned)
     table = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {}
-    table[name] = {**table.get(name, {}), **best}
+    old = table.get(name, {})
+    if args.impls:  # a partial sweep replaces an entry only where it measured something faster
+        best = {k: v for k, v in best.items() if v["us"] < old.get(k, {}).get("us", float("inf"))}
+    table[name] = {**old, **best}
     tuned_path.parent.mkdir(parents=True, exist_ok=True)
     tuned_path.write_text(json.dumps(table, indent=1, sort_keys=True))
     print(f"\nwrote {args.out} and {tuned_path} ({len(best)} tuned shapes) in {time.time() - t0:.0f} s")

@@ -60,6 +60,25 @@ def test_gemv_matches_reference_for_every_tile_option(kind, M, N, K):
     assert "gemv" not in int8_mm._FAILED
 
 
+@pytest.mark.parametrize("kind", ["W8A16", "W4A16"])
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
+def test_gemv_packed_matches_reference_for_every_tile_option(kind, M, N, K):
+    from graphquant.kernels import quant_triton as QT
+
+    g = torch.Generator(device="cuda").manual_seed(M * 5 + N)
+    for zero in ((False, True) if kind == "W4A16" else (False,)):
+        op, ref = _case(kind, M, N, K, zero, g)
+        for cfg in [None] + [dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=sk, num_warps=w)
+                             for bn, bq, sk, w in [(16, 32, 1, 4), (32, 64, 2, 4), (64, 64, 3, 8), (16, 128, 4, 4)]]:
+            out = QT.gemv_packed(**op, out_dtype=torch.float32, config=cfg)
+            err = float((out - ref).abs().max() / ref.abs().max())
+            assert err < 2e-5, (kind, M, N, K, zero, cfg, err)
+    # a layout it cannot read as words is refused (None), not misread
+    assert QT.gemv_packed(op["a"][:, 1:], op["w"][:, 1:], op["w_scale"], w_kind=op["w_kind"],
+                          group=op.get("group", 0)) is None
+
+
 def test_linear_entry_points_use_the_decode_kernels():
     """The int8 / fp8 / int4 linears route decode-sized M to ``decode_mm`` without falling back."""
     from graphquant.kernels import fp8_mm, int4_mm, int8_mm

@@ -34,6 +34,19 @@ CPU_FASTER = {"int8_linear": True, "int8_weight_only": True, "int4_linear": Fals
 TINYGEMM_MAX_M = 4
 
 
+def _tinygemm_decodes(N: int, K: int, group: int, device: torch.device) -> bool:
+    """Whether int4 decode (M = 1) of an (N, K) weight on ``device`` runs torch's tinygemm: where
+    ``quant_triton.decode_choice`` (the H200 sweep's table) says it beats graphquant's kernels, or where
+    Triton cannot run."""
+    from ..kernels import int8_mm
+
+    qt = int8_mm.triton_kernels(device, "decode_mm")
+    if qt is None:
+        return True
+    choice = qt.decode_choice(1, N, K, qt.A_FLOAT, qt.W_INT4, group, device)
+    return choice is not None and choice[0] == "tinygemm"
+
+
 def _ops():
     from ..quant import ops  # noqa: F401  registers graphquant::* ops
 
@@ -183,7 +196,8 @@ class QuantLinear(nn.Module):
             return
         kw = self._layout(device)
         key = ("tinygemm", str(device))
-        if self.kernel == "int4_linear" and kw.args.get("layout") == "nibble" and key not in self._layouts:
+        if self.kernel == "int4_linear" and kw.args.get("layout") == "nibble" and key not in self._layouts \
+                and _tinygemm_decodes(self.out_features, self.in_features, kw.args["group_size"], device):
             from ..lowering import layouts
 
             tg = layouts.int4_tinygemm_cuda(kw.tensors["qweight"], kw.tensors["qscale"], kw.tensors.get("qzeros"),

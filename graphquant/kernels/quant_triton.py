@@ -295,6 +295,142 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
 
 
 @triton.jit
+def _byte_f32(w, SHIFT: tl.constexpr):
+    """Byte ``SHIFT // 8`` (0 or 1) of each int32 word whose bytes were offset by 128 (``w ^ 0x80808080``),
+    as the fp32 ``(byte - 128) * 2^SHIFT``: built from the bits, exact (all values < 2^24)."""
+    return ((w & (0xFF << SHIFT)) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 128.0 * (1 << SHIFT))
+
+
+@triton.jit
+def _nibble_f32(w, SHIFT: tl.constexpr, z):
+    """Nibble ``SHIFT // 4`` (0..3) of each int32 word as the fp32 ``(u - z) * 2^SHIFT``, exact."""
+    return ((w & (0xF << SHIFT)) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z * (1 << SHIFT))
+
+
+@triton.jit
+def _x(xp, j: tl.constexpr, mask, SCALE: tl.constexpr):
+    """Activations ``xp[j]`` (one row, one per word) as fp32 times ``SCALE`` (a power of two), as (1, BQ)."""
+    return (tl.load(xp + j, mask=mask, other=0.0).to(tl.float32) * SCALE)[None, :]
+
+
+@triton.jit
+def _w8_row(f0, f1, f2, f3, xp, mask):
+    """One activation row against the decoded bytes of int8 words: (BN, BQ) partial products."""
+    return (f0 * _x(xp, 0, mask, 1.0) + f1 * _x(xp, 1, mask, 1.0 / 256.0)
+            + f2 * _x(xp, 2, mask, 1.0) + f3 * _x(xp, 3, mask, 1.0 / 256.0))
+
+
+@triton.jit
+def _w4_row(f0, f1, f2, f3, f4, f5, f6, f7, xp, mask):
+    """One activation row against the decoded nibbles of int4 words: (BN, BQ) partial products."""
+    return (f0 * _x(xp, 0, mask, 1.0) + f1 * _x(xp, 1, mask, 1.0 / 16.0) + f2 * _x(xp, 2, mask, 1.0 / 256.0)
+            + f3 * _x(xp, 3, mask, 1.0 / 4096.0) + f4 * _x(xp, 4, mask, 1.0) + f5 * _x(xp, 5, mask, 1.0 / 16.0)
+            + f6 * _x(xp, 6, mask, 1.0 / 256.0) + f7 * _x(xp, 7, mask, 1.0 / 4096.0))
+
+
+@triton.jit
+def _packed_store(acc, m, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm,
+                  W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    out = tl.sum(acc, axis=1)
+    if W_KIND == 0:
+        if W_SCALE == 1:
+            out = out * tl.load(SW + rn, mask=n_ok, other=0.0)
+        else:
+            out = out * tl.load(SW)
+    if HAS_BIAS:
+        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            b = tl.where(pid_k == 0, b, 0.0)
+        out = out + b
+    ptrs = C + m * stride_cm + rn
+    mask = n_ok & (m < M)
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, out, mask=mask)
+    else:
+        tl.store(ptrs, out.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, stride_cm, stride_sw,
+                       GROUP: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
+    """Weight-only decode GEMV (float activations, M <= BLOCK_M <= 4) reading the weight as int32 words.
+
+    ``B`` is the weight viewed as int32 (N, Q): 4 int8 codes or 8 int4 nibbles (low first) per word, so
+    every load is a wide one and a code becomes fp32 by two integer operations on its word and one
+    subtraction (the bits ``2^23 + code * 2^s`` are a float; no int->float conversion, which runs at a
+    quarter of the FMA rate). The code at bit ``s`` of its 16-bit half comes out scaled by ``2^s``, so the
+    matching activation is multiplied by ``2^-s`` (exact) instead. The weight is decoded once per tile and
+    used by every activation row (one 2-D accumulator per row: no 3-D layouts, no shared-memory shuffles
+    in the loop); products are summed once after the loop; int4 group scales (and zero points) are
+    gathered per word (a word never straddles a group: GROUP % 8 == 0). ``SPLIT_K > 1``: partial sums
+    are added atomically into an fp32 ``C`` the caller zeroed; the bias only in split 0."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    q_per = tl.cdiv(tl.cdiv(Q, SPLIT_K), BLOCK_Q) * BLOCK_Q
+    q_lo = pid_k * q_per
+    q_hi = q_lo + q_per
+    if q_hi > Q:
+        q_hi = Q
+    PER: tl.constexpr = 4 if W_KIND == 0 else 8
+    acc0 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
+        rq = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = rq < q_hi
+        w_mask = n_ok[:, None] & q_ok[None, :]
+        w = tl.load(B + rn64[:, None] * stride_bn + rq[None, :], mask=w_mask, other=0)
+        xp = A + PER * rq
+        if W_KIND == 0:
+            w = w ^ -2139062144  # 0x80808080: each signed byte b becomes the unsigned b + 128
+            hi = w >> 16
+            f0 = _byte_f32(w, 0)
+            f1 = _byte_f32(w, 8)
+            f2 = _byte_f32(hi, 0)
+            f3 = _byte_f32(hi, 8)
+            acc0 += _w8_row(f0, f1, f2, f3, xp, q_ok)
+            if BLOCK_M > 1:
+                acc1 += _w8_row(f0, f1, f2, f3, xp + stride_am, q_ok & (1 < M))
+            if BLOCK_M > 2:
+                acc2 += _w8_row(f0, f1, f2, f3, xp + 2 * stride_am, q_ok & (2 < M))
+                acc3 += _w8_row(f0, f1, f2, f3, xp + 3 * stride_am, q_ok & (3 < M))
+        else:
+            g_off = rn64[:, None] * stride_sw + (rq * 8 // GROUP)[None, :]
+            if HAS_ZERO:
+                z = tl.load(ZW + g_off, mask=w_mask, other=8).to(tl.float32)
+            else:
+                z = 8.0
+            hi = w >> 16
+            f0 = _nibble_f32(w, 0, z)
+            f1 = _nibble_f32(w, 4, z)
+            f2 = _nibble_f32(w, 8, z)
+            f3 = _nibble_f32(w, 12, z)
+            f4 = _nibble_f32(hi, 0, z)
+            f5 = _nibble_f32(hi, 4, z)
+            f6 = _nibble_f32(hi, 8, z)
+            f7 = _nibble_f32(hi, 12, z)
+            s = tl.load(SW + g_off, mask=w_mask, other=0.0)
+            acc0 += _w4_row(f0, f1, f2, f3, f4, f5, f6, f7, xp, q_ok) * s
+            if BLOCK_M > 1:
+                acc1 += _w4_row(f0, f1, f2, f3, f4, f5, f6, f7, xp + stride_am, q_ok & (1 < M)) * s
+            if BLOCK_M > 2:
+                acc2 += _w4_row(f0, f1, f2, f3, f4, f5, f6, f7, xp + 2 * stride_am, q_ok & (2 < M)) * s
+                acc3 += _w4_row(f0, f1, f2, f3, f4, f5, f6, f7, xp + 3 * stride_am, q_ok & (3 < M)) * s
+    _packed_store(acc0, 0, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 1:
+        _packed_store(acc1, 1, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 2:
+        _packed_store(acc2, 2, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
+        _packed_store(acc3, 3, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
 def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
                           SA_ROW: tl.constexpr, SW_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -502,11 +638,17 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     if choice is None:
         return None
     impl, cfg = choice
-    if impl == "wq_mm":
+    if impl == "tinygemm":  # torch's kernel runs where the caller holds its layout (QuantLinear); else ours
+        impl, cfg = "gemv_packed", {}
+    if impl == "gemv_packed":
+        out = gemv_packed(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
+                          config=cfg or None, a_scale=a_scale)
+        if out is not None:
+            return out
+        impl, cfg = "gemv", {}
+    if impl == "wq_mm" or M > 4:
         return wq_mm(a, w, w_scale, w_kind=w_kind, a_scale=a_scale, w_zero=w_zero, bias=bias, group=group,
                      out_dtype=out_dtype, config=_complete_wq_cfg(cfg, M, w.shape[0], K, w_kind, group, a.device))
-    if M > 4:
-        return None
     return gemv(a, w, w_scale, w_kind=w_kind, a_scale=a_scale, w_zero=w_zero, bias=bias, group=group,
                 out_dtype=out_dtype, config=cfg or None)
 
@@ -569,6 +711,59 @@ def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int
         w_scale.stride(0) if w_scale.dim() == 2 else 0, A_KIND=a_kind, W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
         SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
+    return c.to(out_dtype) if split > 1 else c
+
+
+def packed_words(w: torch.Tensor, w_kind: int, K: int, group: int = 0) -> torch.Tensor | None:
+    """``w`` (int8 (N, K) or int4 nibble-packed (N, K/2)) viewed as int32 words (N, K/4 or K/8) for
+    :func:`gemv_packed`, without a copy; None when the layout does not allow it."""
+    if w_kind not in (W_INT8, W_INT4) or w.dim() != 2 or w.stride(1) != 1 or w.stride(0) % 4 \
+            or w.storage_offset() % 4 or K % (8 if w_kind == W_INT4 else 4) \
+            or (w_kind == W_INT4 and (group <= 0 or group % 8)):
+        return None
+    return w.view(torch.int32)
+
+
+def _packed_config(M: int, N: int, Q: int, device, cfg: dict | None) -> dict:
+    """Tile options for :func:`gemv_packed`: ``cfg`` completed, or 32 rows x 64 words per program with
+    split-K until about 4 programs per SM."""
+    bm = 1 if M == 1 else (2 if M == 2 else 4)
+    if not cfg:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        target = GEMV_PROGRAMS_PER_SM * _sm_count(idx)
+        bn, bq = 32, 64
+        split = 1
+        while -(-N // bn) * split * 2 <= target and Q >= bq * split * 2:
+            split *= 2
+        cfg = dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=split, num_warps=4)
+    cfg = dict(cfg)
+    cfg.setdefault("SPLIT_K", 1)
+    cfg["BLOCK_M"] = bm
+    return cfg
+
+
+def gemv_packed(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, w_zero=None, bias=None,
+                group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None) -> torch.Tensor | None:
+    """Weight-only ``a (M <= 4, K) float @ dequant(w).T`` through :func:`gemv_packed_kernel`; None when
+    the operands do not fit it (activation codes, fp8 weights, a layout :func:`packed_words` refuses)."""
+    M, K = a.shape
+    if M > 4 or a_scale is not None or not a.is_floating_point() or a.stride(1) != 1:
+        return None
+    words = packed_words(w, w_kind, K, group)
+    if words is None:
+        return None
+    N, Q = words.shape
+    out_dtype = out_dtype or a.dtype
+    cfg = _packed_config(M, N, Q, a.device, config)
+    split = cfg["SPLIT_K"]
+    c = (torch.zeros((M, N), device=a.device, dtype=torch.float32) if split > 1
+         else torch.empty((M, N), device=a.device, dtype=out_dtype))
+    gemv_packed_kernel[(-(-N // cfg["BLOCK_N"]), split)](
+        a, words, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale, c,
+        M, N, Q, a.stride(0), words.stride(0), c.stride(0),
+        w_scale.stride(0) if w_scale.dim() == 2 else 0, GROUP=max(group, 8), W_KIND=w_kind,
+        W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
+        HAS_BIAS=bias is not None, **cfg)
     return c.to(out_dtype) if split > 1 else c
 
 
