@@ -614,6 +614,9 @@ def main(argv=None):
     ap.add_argument("--quarot-variants", default="", help="comma-separated substrings: only these schemes + QuaRot")
     ap.add_argument("--only-quarot", action="store_true", help="bf16 and the graphquant + QuaRot rows only")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="skip the bf16 row (a run to --merge after one that has it; each variant can then run in "
+                         "its own process under its own time limit)")
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
@@ -652,6 +655,8 @@ def main(argv=None):
                                torchao=not args.no_torchao, smoke=args.smoke,
                                who=tuple(w.strip() for w in args.who.split(",")),
                                quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()])
+    if args.no_bf16:
+        variants = [v for v in variants if v.who != "bf16"]
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")

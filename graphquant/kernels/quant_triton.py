@@ -612,9 +612,11 @@ def m_bucket(M: int) -> int:
 def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, device) -> tuple[str, dict] | None:
     """(kernel, tile options) for a decode-sized product, or None when none fits (M too large): the measured
     table first, else heuristics from the H200 sweeps (``benchmarks/results/decode_kernels.json``,
-    ``gemv_sweep_v1.json``): the CUDA-core ``gemv`` for small weights at M <= 4 (it has the least fixed
-    cost), else ``wq_mm`` (tensor cores; W8A8 codes go in as they are, weight-only codes are dequantized
-    in registers)."""
+    ``decode_kernels_packed.json``, ``gemv_sweep_v1.json``): at M <= 4 torch's tinygemm for int4 weights
+    ("tinygemm": ``QuantLinear`` runs it where it built that layout, else :func:`decode_mm` runs
+    ``gemv_packed``), ``gemv_packed`` for large int8 weights, the CUDA-core ``gemv`` for small weights (it
+    has the least fixed cost); else ``wq_mm`` (tensor cores; W8A8 codes go in as they are, weight-only
+    codes are dequantized in registers)."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -623,6 +625,10 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     if cfg is not None:
         cfg = {k: v for k, v in cfg.items() if k != "us"}
         return cfg.pop("impl", "gemv"), cfg
+    if M <= 4 and a_kind == A_FLOAT and w_kind == W_INT4:
+        return "tinygemm", {}  # faster than ours on all five Llama-3-8B shapes (decode_kernels_packed.json)
+    if M <= 4 and a_kind == A_FLOAT and w_kind == W_INT8 and N * K > 8 * 1024 * 1024:
+        return "gemv_packed", {}  # 52-72% of HBM from 16M weights up, ahead of gemv and wq_mm there
     small = {A_FLOAT: 32 if w_kind != W_INT4 else 4, A_INT8: 8, A_FP8: 8}[a_kind] * 1024 * 1024
     if M <= 4 and N * K <= small:
         return "gemv", {}
