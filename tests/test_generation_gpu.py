@@ -85,13 +85,24 @@ def test_gq_llama_20m_fast_path_greedy_tokens_equal_fake_quant(name):
 
     from graphquant.static_decode import StaticDecoder
 
+    from transformers import AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(GQ20M, dtype=torch.bfloat16).cuda().eval()
     qm = gq.quantize(model, _config(name, False), _calib(model.config.vocab_size), progress=False, check=False)
     ref_model = qm.to_hf(device="cuda")
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=g).cuda()
+    # a story opening (gq-llama-20m is a TinyStories-style model): random token ids give flat next-token
+    # distributions whose near-ties flip under any rounding change
+    ids = AutoTokenizer.from_pretrained(GQ20M)("Once upon a time, there was a little girl named Lily. She loved",
+                                              return_tensors="pt").input_ids.cuda()
+    n = ids.shape[1]
     want = ref_model.generate(input_ids=ids, max_new_tokens=32, do_sample=False, pad_token_id=0)
     fast = prepare(qm.to_hf(kernels="always", device="cuda"))
-    got = StaticDecoder(fast, batch_size=1, max_length=64).generate(ids, max_new_tokens=32)
-    same = int((got == want).all(0).sum()) - 16
-    assert torch.equal(got, want), f"{name}: {same}/32 tokens equal\n{got.tolist()}\n{want.tolist()}"
+    got = StaticDecoder(fast, batch_size=1, max_length=n + 40).generate(ids, max_new_tokens=32)
+    if not torch.equal(got, want):
+        first = int((got != want).nonzero()[0, 1])
+        with torch.no_grad():  # the fake-quant model's top-2 margin where the two first part
+            top = ref_model(input_ids=want[:, :first]).logits[0, -1].float().topk(2).values
+        same = int((got == want).all(0).sum()) - n
+        raise AssertionError(f"{name}: {same}/32 tokens equal, first difference at new token {first - n}, where "
+                             f"the fake-quant model's top-2 logit margin is {float(top[0] - top[1]):.4f}\n"
+                             f"{got.tolist()}\n{want.tolist()}")

@@ -13,9 +13,9 @@ fake-quant's codes.
 
 ``hadamard=True`` first applies the online Hadamard (QuaRot R4) that preceded the quantizer in the
 fake-quant graph, ``graphquant::hadamard_transform(x, False)``. On CUDA, where
-``hadamard_triton.fusable`` says so (orders whose row fits one on-chip tile: 14336, 4096, ...), one
-kernel does both (``hadamard_quantize``), in eager and under ``torch.compile`` alike; the
-transformed rows are never written out.
+``hadamard_triton.fusable`` says so (orders whose row fits one on-chip tile: 14336, 4096, ...) and the
+input has at least ``FUSED_MIN_ROWS`` rows (prefill), one kernel does both (``hadamard_quantize``), in
+eager and under ``torch.compile`` alike; the transformed rows are never written out.
 """
 from __future__ import annotations
 
@@ -31,10 +31,18 @@ def _triton_spec(spec) -> bool:
             and ((spec.dtype == Dtype.int8 and spec.symmetric) or spec.dtype == Dtype.fp8_e4m3))
 
 
+#: rows below which the Hadamard and the quantization run as two kernels: the fused kernel gives each row
+#: to one program, and its quantization epilogue made a decode row (1 x 14336) take 32 us on the H200
+#: against 8 us for the plain transform plus ~3 us for a separate quantization (decode_profile.py and
+#: generate_gpu.py, int8 W8A8 / W4A16 + QuaRot); prefill-sized inputs keep the fused kernel
+FUSED_MIN_ROWS = 512
+
+
 def _fused_hadamard_quantize(x: torch.Tensor):
     """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` (CUDA, Triton, a persistent plan
-    for its last dimension), else None."""
-    if not x.is_cuda or "hadamard_quantize" in _FAILED or triton_kernels(x.device, "hadamard_quantize") is None:
+    for its last dimension, at least ``FUSED_MIN_ROWS`` rows), else None."""
+    if not x.is_cuda or "hadamard_quantize" in _FAILED or x.numel() < FUSED_MIN_ROWS * x.shape[-1] \
+            or triton_kernels(x.device, "hadamard_quantize") is None:
         return None
     try:
         from ..kernels import hadamard_triton
