@@ -162,14 +162,14 @@ class Variant:
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
-                    who=("graphquant", "torchao"), quarot_filters=None) -> list[Variant]:
+                    who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False) -> list[Variant]:
     """bf16 first, then graphquant without and with QuaRot, then torchao (last: its ``quantize_``
     changes inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``:
-    which libraries (bf16 is always kept: every speedup needs it); ``quarot_filters``: of those schemes,
-    the ones also run + QuaRot (default: all)."""
+    which libraries (bf16 is kept, as every speedup needs it, unless ``no_bf16``: a run to merge with one that
+    has it); ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all)."""
     schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
                and (not filters or any(f.lower() in s.lower() for f in filters))]
-    out = [Variant("bf16", "bf16")]
+    out = [] if no_bf16 else [Variant("bf16", "bf16")]
     if "graphquant" in who and not only_quarot:
         out += [Variant("graphquant", s) for s in schemes]
     if "graphquant" in who and (quarot or only_quarot):
@@ -656,9 +656,8 @@ def main(argv=None):
     variants = select_variants(filters, quarot=not args.no_quarot, only_quarot=args.only_quarot,
                                torchao=not args.no_torchao, smoke=args.smoke,
                                who=tuple(w.strip() for w in args.who.split(",")),
-                               quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()])
-    if args.no_bf16:
-        variants = [v for v in variants if v.who != "bf16"]
+                               quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()],
+                               no_bf16=args.no_bf16)
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")

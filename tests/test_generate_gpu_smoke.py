@@ -124,12 +124,13 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
     names = [(v.who, v.name) for v in bench.select_variants(["W4A16", "fp8 dyn"])]
     assert names == [("bf16", "bf16"), ("graphquant", "fp8 dynamic"), ("graphquant", "W4A16 g128"),
                      ("graphquant", "fp8 dynamic + QuaRot"), ("graphquant", "W4A16 g128 + QuaRot"),
-                     ("torchao", "fp8 dynamic"), ("torchao", "W4A16 g128")]
+                     ("torchao", "W4A16 g128"), ("torchao", "fp8 dynamic")]  # torchao's fp8 dynamic last
     only = bench.select_variants(only_quarot=True)
     assert only[0].who == "bf16" and all(v.quarot for v in only[1:]) and len(only) == 6
     assert all(v.who != "torchao" for v in bench.select_variants(quarot=False, torchao=False))
     ao = bench.select_variants(who=("torchao",))
     assert [v.who for v in ao] == ["bf16"] + ["torchao"] * 4
+    assert [v.name for v in bench.select_variants(who=("torchao",), no_bf16=True)] == list(bench.TORCHAO_SCHEMES)
 
 
 def test_smoke_run_on_cpu(bench, tmp_path):
