@@ -5,15 +5,15 @@
     PYTHONPATH=. python benchmarks/generate_gpu.py --merge a.json b.json --out generate_gpu.json
     PYTHONPATH=. python benchmarks/generate_gpu.py --smoke          # CPU, tiny Llama, a minute
 
-On the H200 (about 9 minutes a call; the torchao wheel travels in ``.whl``, see the device notes)::
+On the H200 (about 40 s per variant; the torchao wheel travels in ``.whl``, see the device notes)::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/torchao-*.whl && export PYTHONPATH=/tmp/site
-    PYTHONPATH=.:/tmp/site python3 benchmarks/generate_gpu.py --who graphquant --budget-s 480 \
-        --out benchmarks/results/generate_gpu_gq.json
-    PYTHONPATH=.:/tmp/site python3 benchmarks/generate_gpu.py --who torchao --budget-s 480 \
-        --out benchmarks/results/generate_gpu_ao.json
-    python3 benchmarks/generate_gpu.py --merge benchmarks/results/generate_gpu_gq.json \
-        benchmarks/results/generate_gpu_ao.json --out benchmarks/results/generate_gpu.json
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/torchao-*.whl && export PYTHONPATH=.:/tmp/site
+    python3 benchmarks/generate_gpu.py --who graphquant --budget-s 480 --out gq.json
+    # torchao without the bf16 row, under its own time limit (its fp8 dynamic row has not finished compiling
+    # within 225 s on torch 2.11 + torchao 0.18; it runs last), then one table from both runs
+    timeout 300 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --out ao.json
+    python3 benchmarks/generate_gpu.py --merge gq.json ao.json --out benchmarks/results/generate_gpu.json
+    # (ao.json.partial holds the finished rows when the time limit stopped the run; it merges the same way)
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128,
 vocab 128256), random bf16 weights, ``--layers`` decoder layers (default 2), sdpa attention,
