@@ -32,9 +32,10 @@ def _triton_spec(spec) -> bool:
 
 
 #: rows below which the Hadamard and the quantization run as two kernels: the fused kernel gives each row
-#: to one program, and its quantization epilogue made a decode row (1 x 14336) take 32 us on the H200
-#: against 8 us for the plain transform plus ~3 us for a separate quantization (decode_profile.py and
-#: generate_gpu.py, int8 W8A8 / W4A16 + QuaRot); prefill-sized inputs keep the fused kernel
+#: to one program, and with its quantization epilogue a decode row (1 x 14336) took 32 us on the H200
+#: (benchmarks/decode_profile.py, int8 W8A8 + QuaRot), while the plain transform added 8 us per layer to
+#: W4A16 (generate_gpu.py); the separate quantization is one more small kernel (the two-kernel decode step
+#: as a whole is not measured yet). Prefill-sized inputs keep the fused kernel
 FUSED_MIN_ROWS = 512
 
 
