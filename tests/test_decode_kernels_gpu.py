@@ -52,7 +52,7 @@ def test_gemv_matches_reference_for_every_tile_option(kind, M, N, K):
     for zero in ((False, True) if kind == "W4A16" else (False,)):
         op, ref = _case(kind, M, N, K, zero, g)
         configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=2)
-                            for bn, bk, sk in [(4, 256, 1), (8, 512, 2), (16, 1024, 4), (8, 2048, 3)]]
+                            for bn, bk, sk in [(4, 256, 1), (16, 1024, 4)]]  # each compiles: keep the call short
         for cfg in configs:
             out = QT.gemv(**op, out_dtype=torch.float32, config=cfg)
             err = float((out - ref).abs().max() / ref.abs().max())
@@ -61,7 +61,7 @@ def test_gemv_matches_reference_for_every_tile_option(kind, M, N, K):
 
 
 @pytest.mark.parametrize("kind", ["W8A16", "W4A16"])
-@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("M", [1, 4])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
 def test_gemv_packed_matches_reference_for_every_tile_option(kind, M, N, K):
     from graphquant.kernels import quant_triton as QT
@@ -70,7 +70,7 @@ def test_gemv_packed_matches_reference_for_every_tile_option(kind, M, N, K):
     for zero in ((False, True) if kind == "W4A16" else (False,)):
         op, ref = _case(kind, M, N, K, zero, g)
         for cfg in [None] + [dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=sk, num_warps=w)
-                             for bn, bq, sk, w in [(16, 32, 1, 4), (32, 64, 2, 4), (64, 64, 3, 8), (16, 128, 4, 4)]]:
+                             for bn, bq, sk, w in [(16, 32, 1, 4), (64, 64, 3, 8)]]:
             out = QT.gemv_packed(**op, out_dtype=torch.float32, config=cfg)
             err = float((out - ref).abs().max() / ref.abs().max())
             assert err < 2e-5, (kind, M, N, K, zero, cfg, err)
