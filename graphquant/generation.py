@@ -7,9 +7,10 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
 1. **Kernels, built up front.** Every ``QuantLinear`` with a kernel runs it (``kernels="always"``
    on CUDA; on CPU the measured choice of ``qlinear.choose_backend``), with its weight layout built
    now, on the model's device, so a compiled or graph-captured forward only reads buffers. int4
-   weights on CUDA also get torch's own tinygemm layout, which decode (M <= 4) uses: the H200 sweep
-   measured it fastest there (``benchmarks/results/decode_kernels.json``); prefill keeps graphquant's
-   nibble layout (dequantize + cuBLAS). The fake-quant codes that no kernel reads are freed.
+   weights on CUDA also get torch's own tinygemm layout, which decode (M <= 4) uses, wherever the
+   decode table (``quant_triton.decode_choice``) measured it faster than graphquant's kernels: on the
+   H200 that is every Llama-3-8B shape (``benchmarks/results/decode_kernels_packed.json``); prefill keeps
+   graphquant's nibble layout (dequantize + cuBLAS). The fake-quant codes that no kernel reads are freed.
 2. **Horizontal fusion.** Sibling projections that read the same input through the same input
    quantizer and rotation (``q_proj|k_proj|v_proj``, ``gate_proj|up_proj``) become one
    ``QuantLinear`` over their concatenated weights: one activation quantization and one weight
