@@ -8,7 +8,7 @@ on; ``graphquant.lowering.layouts`` builds them):
 
 ``"nibble"``         ``w_packed`` uint8 (N, K/2), low nibble = even column; ``scale`` fp32 (N, K/g);
                      ``zero_point`` uint8 (N, K/g) or None. CUDA: for M <= ``WEIGHT_ONLY_M`` the decode kernel
-                     ``quant_triton.decode_choice`` picks (``gemv`` or ``wq_mm``), else a Triton
+                     ``quant_triton.decode_choice`` picks (``gemv``, ``gemv_packed`` or ``wq_mm``), else a Triton
                      dequantize to the activation dtype + cuBLAS.
                      Without Triton: torch unpack.
 ``"cpu_tinygemm"``   ``w_packed`` from ``aten._convert_weight_to_int4pack_for_cpu``; ``scale`` is

@@ -12,8 +12,9 @@ W8A8        M <= ``SKINNY_M``: the decode kernel         ``torch._int_mm`` + fp3
             ``torch._int_mm`` (cuBLASLt) + Triton
             scale epilogue
 W8A16       M <= ``WEIGHT_ONLY_M``: the decode kernel    ``aten._weight_int8pack_mm``
-            (``gemv``, or ``wq_mm``: codes dequantized
-            in registers, tensor cores); else Triton
+            (``gemv`` / ``gemv_packed`` on CUDA cores,
+            or ``wq_mm``: codes dequantized in
+            registers, tensor cores); else Triton
             dequantize + cuBLAS matmul
 ==========  ===========================================  =========================================
 

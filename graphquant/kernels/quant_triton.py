@@ -1,6 +1,6 @@
 """Triton kernels behind the lowered linears (CUDA only; ``triton`` is imported lazily).
 
-Five kernels, each with a launch wrapper that takes and returns torch tensors:
+Six kernels, each with a launch wrapper that takes and returns torch tensors:
 
 ``quantize_rows``     activation quantization: float rows -> int8 / fp8 e4m3 codes and one fp32
                       scale per row (dynamic per-token), or codes under a given per-tensor scale
@@ -14,6 +14,8 @@ Five kernels, each with a launch wrapper that takes and returns torch tensors:
                       with fp32 atomics keeps every SM busy when M and N are small.
 ``gemv``              decode (M <= 4) on CUDA cores: every weight byte read once for all rows,
                       int4 nibbles turned into floats by bit operations, optional split-K.
+``gemv_packed``       weight-only decode (M <= 4, float activations, int8 or int4 weights): the weight
+                      read as int32 words, codes turned into floats from their bits in place.
 ``scale_epilogue``    ``out = acc * sa * sw (+ bias)`` for the int32 result of ``torch._int_mm``.
 ``dequantize_weight`` int8 / int4-packed weight -> float (the prefill path feeds it to cuBLAS).
 
@@ -22,8 +24,9 @@ as unsigned nibbles ``u`` (signed codes shifted by 8), two per byte, the low nib
 even column: ``byte[n, j] = u[n, 2j] | u[n, 2j+1] << 4``; the weight is ``(u - z) * s`` with ``z``
 the (shifted) zero point per group, 8 when none is stored.
 
-``decode_mm`` picks ``gemv`` or ``wq_mm`` (and their tiles) per shape from ``gemv_tuned.json``, the
-table ``benchmarks/decode_kernels.py`` measures on the GPU, or from heuristics.
+``decode_mm`` picks ``gemv``, ``gemv_packed`` or ``wq_mm`` (and their tiles) per shape from
+``gemv_tuned.json``, the table ``benchmarks/decode_kernels.py`` measures on the GPU, or from heuristics;
+where that table names torch's int4 kernel ("tinygemm"), ``QuantLinear`` runs it.
 
 Import this module only where Triton exists (``graphquant.kernels.int8_mm.triton_kernels()``
 does that check).
