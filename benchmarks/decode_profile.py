@@ -39,6 +39,20 @@ def _variant(spec: str) -> gg.Variant:
     return gg.Variant(who, "bf16" if who == "bf16" else scheme, quarot)
 
 
+#: kernel-name substrings -> what the kernel does (first match wins; Inductor's fused names list their ops)
+CATEGORIES = (("matmul", ("wq_mm", "gemv", "nvjet", "tinygemm", "gemm", "cutlass", "splitKreduce", "_scaled_mm")),
+              ("attention", ("sdpa", "attention", "flash")),
+              ("hadamard", ("_persistent_kernel", "_factored_kernel", "_dense_kernel", "hadamard")),
+              ("argmax", ("argmax",)),
+              ("norm (+quant)", ("rsqrt",)),
+              ("activation quant", ("amax", "quant")),
+              ("rope / cache", ("cos", "sin", "index_copy", "index_put")))
+
+
+def category(name: str) -> str:
+    return next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+
+
 def _short(name: str) -> str:
     return name if len(name) <= 90 else name[:87] + "..."
 
@@ -72,9 +86,12 @@ def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, st
     del dec, m
     torch._dynamo.reset()
     torch.cuda.empty_cache()
+    cats = collections.defaultdict(float)
+    for k in kernels:
+        cats[category(k["kernel"])] += k["us"]
     return {"variant": f"{v.who} {v.name}", "batch": batch, "step_ms": step_ms,
             "kernel_us": sum(k["us"] for k in kernels), "launches": sum(k["launches"] for k in kernels),
-            "kernels": kernels}
+            "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels}
 
 
 def main(argv=None):
@@ -105,6 +122,7 @@ def main(argv=None):
         print(f"\n== {r['variant']}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us (graph replay), "
               f"kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
               f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
+        print("   by kind (us/step): " + ", ".join(f"{c} {us:.1f}" for c, us in r["categories_us"].items()))
         print(f"{'us/step':>9} {'launches':>8}  kernel")
         for k in r["kernels"][:args.top]:
             print(f"{k['us']:9.2f} {k['launches']:8.1f}  {_short(k['kernel'])}")
