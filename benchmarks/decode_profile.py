@@ -1,14 +1,16 @@
 """Where a decode step's time goes: the GPU kernels of one graph-replayed step, per variant (issue 13).
 
     PYTHONPATH=. python benchmarks/decode_profile.py [--variants "bf16,int8 W8A8,W4A16 g128"] [--batch 1]
-        [--layers 2] [--out benchmarks/results/decode_profile.json]
+        [--layers 2] [--sdpa "default;efficient_attention;math"] [--out benchmarks/results/decode_profile.json]
 
 Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.py``, runs one
 :class:`graphquant.static_decode.StaticDecoder` step (compiled, CUDA graph) under
 ``torch.profiler`` for ``--steps`` replays and prints, per variant, the kernels of one step:
 name, launches per step, microseconds per step, and the sum of kernel time against the replay's
-CUDA-event time (the difference is the gap between kernels inside the graph). Kernel names are
-shortened (Triton's generated names keep their fused-op suffixes). CUDA only.
+CUDA-event time (the difference is the gap between kernels inside the graph), and the time by kind
+of kernel (``category``). ``--sdpa`` repeats each variant with the decode step restricted to other
+attention backends (``StaticDecoder(sdpa=...)``). Kernel names are shortened (Triton's generated
+names keep their fused-op suffixes). CUDA only.
 """
 from __future__ import annotations
 
@@ -58,13 +60,29 @@ def _short(name: str) -> str:
 
 
 @torch.no_grad()
-def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, steps: int) -> dict:
+def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, steps: int,
+                    sdpa_options=(None,)) -> list[dict]:
+    """One result per SDPA option (None: torch's choice); the variant is built once."""
+    m = gg.build(model, v, setup, calib)
+    out = []
+    for sdpa in sdpa_options:
+        try:
+            out.append(_profile_step(m, v, setup, batch, steps, sdpa))
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run this attention is reported
+            print(f"{v.who} {v.name} sdpa={sdpa}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        torch._dynamo.reset()
+    del m
+    torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdpa) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from graphquant.static_decode import StaticDecoder
 
-    m = gg.build(model, v, setup, calib)
-    dec = StaticDecoder(m, batch, setup.max_length)
+    dec = StaticDecoder(m, batch, setup.max_length, sdpa=sdpa)
     prompt = torch.randint(0, setup.vocab, (batch, setup.prompt), device="cuda")
     dec.generate(prompt, 8)
     step_ms = dec.time_step_ms(100, position=setup.prompt + 64)
@@ -83,15 +101,30 @@ def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, st
             per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     kernels = sorted(({"kernel": k, "launches": c / steps, "us": t / steps} for k, (c, t) in per.items()),
                      key=lambda d: -d["us"])
-    del dec, m
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
+    del dec
     cats = collections.defaultdict(float)
     for k in kernels:
         cats[category(k["kernel"])] += k["us"]
-    return {"variant": f"{v.who} {v.name}", "batch": batch, "step_ms": step_ms,
-            "kernel_us": sum(k["us"] for k in kernels), "launches": sum(k["launches"] for k in kernels),
+    return {"variant": f"{v.who} {v.name}", "sdpa": "default" if sdpa is None else ",".join(sdpa),
+            "batch": batch, "step_ms": step_ms, "kernel_us": sum(k["us"] for k in kernels),
+            "launches": sum(k["launches"] for k in kernels),
             "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels}
+
+
+def _print(r: dict, top: int) -> None:
+    print(f"\n== {r['variant']}  sdpa {r['sdpa']}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us "
+          f"(graph replay), kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
+          f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
+    print("   by kind (us/step): " + ", ".join(f"{c} {us:.1f}" for c, us in r["categories_us"].items()))
+    print(f"{'us/step':>9} {'launches':>8}  kernel")
+    for k in r["kernels"][:top]:
+        print(f"{k['us']:9.2f} {k['launches']:8.1f}  {_short(k['kernel'])}")
+
+
+def sdpa_options(text: str) -> list:
+    """``'default;efficient_attention;flash_attention,math'`` -> [None, ('efficient_attention',), ...]."""
+    return [None if o.strip() == "default" else tuple(b.strip() for b in o.split(",") if b.strip())
+            for o in text.split(";") if o.strip()]
 
 
 def main(argv=None):
@@ -101,10 +134,14 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--sdpa", default="default",
+                    help="';'-separated SDPA backend sets for the decode step, each a ','-separated list of "
+                         "torch.nn.attention.SDPBackend names, e.g. 'default;efficient_attention;math'")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_profile.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
+    options = sdpa_options(args.sdpa)
     setup = gg.Setup()
     model = gg.llama3_8b(setup, args.layers)
     calib = [torch.randint(0, setup.vocab, (1, 256), device="cuda") for _ in range(2)]
@@ -114,18 +151,13 @@ def main(argv=None):
             continue
         v = _variant(spec)
         try:
-            r = profile_variant(model, v, setup, calib, args.batch, args.steps)
+            rs = profile_variant(model, v, setup, calib, args.batch, args.steps, options)
         except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others run
             print(f"{spec}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        results.append(r)
-        print(f"\n== {r['variant']}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us (graph replay), "
-              f"kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
-              f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
-        print("   by kind (us/step): " + ", ".join(f"{c} {us:.1f}" for c, us in r["categories_us"].items()))
-        print(f"{'us/step':>9} {'launches':>8}  kernel")
-        for k in r["kernels"][:args.top]:
-            print(f"{k['us']:9.2f} {k['launches']:8.1f}  {_short(k['kernel'])}")
+        for r in rs:
+            results.append(r)
+            _print(r, args.top)
         p = Path(args.out)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

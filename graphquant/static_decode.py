@@ -46,20 +46,38 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     raise ValueError("the model has no tensors on a real device; load its weights (e.g. .to('cuda')) first")
 
 
+def _sdpa_backends(names):
+    """``torch.nn.attention.SDPBackend`` members for their names (case-insensitive), or None."""
+    if names is None:
+        return None
+    from torch.nn.attention import SDPBackend
+
+    known = {n.lower(): getattr(SDPBackend, n) for n in dir(SDPBackend) if n.isupper() and n != "ERROR"}
+    names = [names] if isinstance(names, str) else list(names)
+    bad = [n for n in names if str(n).lower() not in known]
+    if bad or not names:
+        raise ValueError(f"unknown SDPA backend(s) {bad or names}; choose from {', '.join(sorted(known))}")
+    return [known[str(n).lower()] for n in names]
+
+
 class StaticDecoder:
     """Greedy generator with a static KV cache for ``batch_size`` sequences of up to ``max_length`` tokens.
 
     ``compile``: ``torch.compile`` the decode step (``fullgraph=True, dynamic=False``) and, unless
     ``compile_prefill=False``, the prefill (``dynamic=False``, one compile per prompt shape).
     ``cuda_graph``: capture the decode step into a CUDA graph (CUDA only; ignored on CPU).
+    ``sdpa``: the ``scaled_dot_product_attention`` backends the decode step may use (names of
+    ``torch.nn.attention.SDPBackend``, e.g. ``("efficient_attention", "math")``); default: torch's choice.
+    Prefill keeps torch's choice.
     """
 
     def __init__(self, model, batch_size: int, max_length: int, compile: bool = True, cuda_graph: bool = True,
-                 compile_prefill: bool | None = None):
+                 compile_prefill: bool | None = None, sdpa: tuple[str, ...] | None = None):
         from transformers import StaticCache
 
         if batch_size < 1 or max_length < 2:
             raise ValueError(f"StaticDecoder needs batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
+        self._sdpa = _sdpa_backends(sdpa)
         self.model = model.eval()
         self.batch_size, self.max_length = int(batch_size), int(max_length)
         self.device = _model_device(model)
@@ -115,8 +133,15 @@ class StaticDecoder:
     def _forward_step(self, token_ids, cache_position):
         for c in self._counters:
             c.copy_(cache_position[0])
-        out = self.model(input_ids=token_ids, position_ids=cache_position.view(1, 1), past_key_values=self.cache,
-                         use_cache=True, **self._logits_kw)
+        if self._sdpa is None:
+            out = self.model(input_ids=token_ids, position_ids=cache_position.view(1, 1),
+                             past_key_values=self.cache, use_cache=True, **self._logits_kw)
+        else:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(self._sdpa):
+                out = self.model(input_ids=token_ids, position_ids=cache_position.view(1, 1),
+                                 past_key_values=self.cache, use_cache=True, **self._logits_kw)
         return out.logits[:, -1, :].argmax(dim=-1)
 
     # ---------------------------------------------------------------- public steps

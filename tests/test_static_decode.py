@@ -83,6 +83,20 @@ def test_compiled_step_equals_hf_generate(llama):
     assert torch.equal(dec.generate(ids, 8), hf_greedy(llama, ids, 8))
 
 
+def test_decode_step_under_a_chosen_sdpa_backend(llama):
+    """``sdpa=`` restricts the decode step's attention backends (the math kernel here); tokens unchanged,
+    compiled as in the benchmark."""
+    ids = prompt(1, 6)
+    dec = StaticDecoder(llama, batch_size=1, max_length=16, compile=True, compile_prefill=False, sdpa=("MATH",))
+    assert torch.equal(dec.generate(ids, 8), hf_greedy(llama, ids, 8))
+    with pytest.raises(ValueError, match="choose from"):
+        StaticDecoder(llama, batch_size=1, max_length=16, compile=False, sdpa=("warp_speed",))
+    # the restriction is real: cuDNN attention alone has no CPU kernel, so the step fails
+    dec = StaticDecoder(llama, batch_size=1, max_length=16, compile=False, sdpa=("cudnn_attention",))
+    with pytest.raises(RuntimeError):
+        dec.generate(ids, 3)
+
+
 def test_errors_say_what_to_do(llama):
     dec = StaticDecoder(llama, batch_size=2, max_length=10, compile=False)
     with pytest.raises(ValueError, match="exceeds max_length=10"):
