@@ -29,6 +29,7 @@ equal length (no left padding).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 
@@ -133,16 +134,17 @@ class StaticDecoder:
     def _forward_step(self, token_ids, cache_position):
         for c in self._counters:
             c.copy_(cache_position[0])
-        if self._sdpa is None:
+        with self._attention_backends():
             out = self.model(input_ids=token_ids, position_ids=cache_position.view(1, 1),
                              past_key_values=self.cache, use_cache=True, **self._logits_kw)
-        else:
-            from torch.nn.attention import sdpa_kernel
-
-            with sdpa_kernel(self._sdpa):
-                out = self.model(input_ids=token_ids, position_ids=cache_position.view(1, 1),
-                                 past_key_values=self.cache, use_cache=True, **self._logits_kw)
         return out.logits[:, -1, :].argmax(dim=-1)
+
+    def _attention_backends(self):
+        if self._sdpa is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel(self._sdpa)
 
     # ---------------------------------------------------------------- public steps
     def _check_batch(self, ids: torch.Tensor, what: str) -> None:

@@ -102,6 +102,16 @@ def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
         tl.store(qp + offs, codes(x, scale, QMAX, FP8), mask=offs < K)
 
 @triton.jit
+def _bias(BIAS, rn, n_ok, pid_k, FIRST_SPLIT_ONLY: tl.constexpr):
+    """fp32 bias of the columns ``rn``; with split-K only split 0 adds it (the splits' partial sums are added
+    atomically, so each other split contributes zero)."""
+    b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if FIRST_SPLIT_ONLY:
+        b = tl.where(pid_k == 0, b, 0.0)
+    return b
+
+
+@triton.jit
 def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
                  M, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
                  A_KIND: tl.constexpr,   # 0 float, 1 int8 codes, 2 fp8 codes
@@ -176,10 +186,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         else:
             out = out * tl.load(SW)
     if HAS_BIAS:
-        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if ATOMIC:
-            b = tl.where(pid_k == 0, b, 0.0)
-        out = out + b[None, :]
+        out = out + _bias(BIAS, rn, n_ok, pid_k, ATOMIC)[None, :]
     c_ptrs = C + rm[:, None] * stride_cm + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
@@ -285,10 +292,7 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
         else:
             out = out * tl.load(SA)
     if HAS_BIAS:
-        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            b = tl.where(pid_k == 0, b, 0.0)
-        out = out + b[None, :]
+        out = out + _bias(BIAS, rn, n_ok, pid_k, SPLIT_K > 1)[None, :]
     c_ptrs = C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:
@@ -341,10 +345,7 @@ def _packed_store(acc, m, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm,
         else:
             out = out * tl.load(SW)
     if HAS_BIAS:
-        b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            b = tl.where(pid_k == 0, b, 0.0)
-        out = out + b
+        out = out + _bias(BIAS, rn, n_ok, pid_k, SPLIT_K > 1)
     ptrs = C + m * stride_cm + rn
     mask = n_ok & (m < M)
     if SPLIT_K > 1:
@@ -558,6 +559,14 @@ def _mm_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dict:
     return dict(cfg, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split)
 
 
+def _output(M: int, N: int, split: int, device, out_dtype) -> torch.Tensor:
+    """The (M, N) result buffer of a launch: zeroed fp32 for split-K's atomic adds (cast to ``out_dtype``
+    afterwards), else ``out_dtype`` written once."""
+    if split > 1:
+        return torch.zeros((M, N), device=device, dtype=torch.float32)
+    return torch.empty((M, N), device=device, dtype=out_dtype)
+
+
 def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None,
           w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
     """``a (M, K) @ dequant(w).T -> (M, N)``. ``a``: float (weight-only) or int8 / fp8 codes with
@@ -569,10 +578,7 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     out_dtype = out_dtype or a.dtype
     cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
     split = cfg["SPLIT_K"]
-    if split > 1:
-        c = torch.zeros((M, N), device=a.device, dtype=torch.float32)
-    else:
-        c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    c = _output(M, N, split, a.device, out_dtype)
     w_scale_kind = 2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0)
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
     dummy = w_scale
@@ -711,8 +717,7 @@ def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int
     out_dtype = out_dtype or a.dtype
     cfg = _gemv_config(M, N, K, w_kind, group, a.device, config)
     split = cfg["SPLIT_K"]
-    c = (torch.zeros((M, N), device=a.device, dtype=torch.float32) if split > 1
-         else torch.empty((M, N), device=a.device, dtype=out_dtype))
+    c = _output(M, N, split, a.device, out_dtype)
     dummy = w_scale
     gemv_kernel[(-(-N // cfg["BLOCK_N"]), split)](
         a, w, w_scale, w_zero if w_zero is not None else dummy, a_scale if a_scale is not None else dummy,
@@ -765,8 +770,7 @@ def gemv_packed(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_ki
     out_dtype = out_dtype or a.dtype
     cfg = _packed_config(M, N, Q, a.device, config)
     split = cfg["SPLIT_K"]
-    c = (torch.zeros((M, N), device=a.device, dtype=torch.float32) if split > 1
-         else torch.empty((M, N), device=a.device, dtype=out_dtype))
+    c = _output(M, N, split, a.device, out_dtype)
     gemv_packed_kernel[(-(-N // cfg["BLOCK_N"]), split)](
         a, words, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale, c,
         M, N, Q, a.stride(0), words.stride(0), c.stride(0),
