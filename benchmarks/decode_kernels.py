@@ -36,6 +36,9 @@ from graphquant.kernels import quant_triton as QT  # noqa: E402
 
 from graphquant.timing import graph_us  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from generate_gpu import write_json  # noqa: E402
+
 PEAK = 4.3e12
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "gate/up": (14336, 4096),
           "gate|up": (28672, 4096), "down": (4096, 14336)}
@@ -200,16 +203,14 @@ def main():
                       + f" | {cfg_best}", flush=True)
     out = {"device": name, "torch": torch.__version__, "peak_Bps": PEAK, "summary": summary, "rows": rows,
            "elapsed_s": time.time() - t0}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     tuned_path = Path(args.tuned)
     table = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {}
     old = table.get(name, {})
     if args.impls:  # a partial sweep replaces an entry only where it measured something faster
         best = {k: v for k, v in best.items() if v["us"] < old.get(k, {}).get("us", float("inf"))}
     table[name] = {**old, **best}
-    tuned_path.parent.mkdir(parents=True, exist_ok=True)
-    tuned_path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    write_json(tuned_path, table, sort_keys=True)
     print(f"\nwrote {args.out} and {tuned_path} ({len(best)} tuned shapes) in {time.time() - t0:.0f} s")
 
 

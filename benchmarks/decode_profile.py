@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 
@@ -158,10 +157,8 @@ def main(argv=None):
         for r in rs:
             results.append(r)
             _print(r, args.top)
-        p = Path(args.out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                 "layers": args.layers, "results": results}, indent=1))
+        gg.write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                 "layers": args.layers, "results": results})
 
 
 if __name__ == "__main__":

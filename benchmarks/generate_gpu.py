@@ -579,12 +579,18 @@ def finish(out: dict, path: str) -> None:
         print(targets_text(out["targets"]))
     for n in out.get("notes", []):
         print("note:", n)
+    write_json(path, out)
+    print(f"wrote {path} ({time.time() - T0:.0f} s)", flush=True)
+
+
+def write_json(path, doc, **dumps_kw) -> None:
+    """``doc`` as JSON at ``path`` (parents created), atomically: an interrupted write leaves the previous
+    file as it was. Shared by the GPU benchmarks."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1, default=str))
+    tmp.write_text(json.dumps(doc, indent=1, default=str, **dumps_kw))
     os.replace(tmp, p)
-    print(f"wrote {p} ({time.time() - T0:.0f} s)", flush=True)
 
 
 def merge(paths: list[str]) -> dict:
@@ -674,9 +680,7 @@ def main(argv=None):
         out["raw"].append(r)
         print("   " + ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in r.items()
                                 if k not in ("who", "variant", "scheme", "quarot")), flush=True)
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.with_name(p.name + ".partial").write_text(json.dumps(out, indent=1, default=str))
+        write_json(Path(path).with_name(Path(path).name + ".partial"), out)
     finish(out, path)
     partial = Path(path).with_name(Path(path).name + ".partial")
     if partial.exists():
