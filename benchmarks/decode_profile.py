@@ -29,20 +29,26 @@ import generate_gpu as gg  # noqa: E402
 
 
 def _variant(spec: str) -> gg.Variant:
+    """"bf16", "bf16 + decode attention", "[torchao ]<scheme>[ + QuaRot][ + sdpa]" (graphquant rows run prepare's
+    decode attention unless " + sdpa")."""
     spec = spec.strip()
-    who = "torchao" if spec.startswith("torchao ") else "bf16" if spec == "bf16" else "graphquant"
+    if spec.startswith("bf16"):
+        return gg.Variant("bf16", "bf16", attention="decode" if spec.endswith("+ decode attention") else "sdpa")
+    who = "torchao" if spec.startswith("torchao ") else "graphquant"
     name = spec.removeprefix("torchao ").strip()
+    attention = "sdpa" if name.endswith("+ sdpa") else "default"
+    name = name.removesuffix("+ sdpa").strip()
     quarot = name.endswith("+ QuaRot")
     scheme = name.removesuffix("+ QuaRot").strip()
-    if who != "bf16" and scheme not in gg.GQ_SCHEMES:
+    if scheme not in gg.GQ_SCHEMES:
         raise SystemExit(f"unknown variant {spec!r}; schemes: {', '.join(gg.GQ_SCHEMES)} (prefix 'torchao ', "
-                         "suffix ' + QuaRot')")
-    return gg.Variant(who, "bf16" if who == "bf16" else scheme, quarot)
+                         "suffixes ' + QuaRot', ' + sdpa'), or 'bf16', 'bf16 + decode attention'")
+    return gg.Variant(who, scheme, quarot, attention=attention)
 
 
 #: kernel-name substrings -> what the kernel does (first match wins; Inductor's fused names list their ops)
 CATEGORIES = (("matmul", ("wq_mm", "gemv", "nvjet", "tinygemm", "gemm", "cutlass", "splitKreduce", "_scaled_mm")),
-              ("attention", ("sdpa", "attention", "flash")),
+              ("attention", ("sdpa", "attention", "flash")),  # graphquant's decode_attention_* kernels too
               ("hadamard", ("_persistent_kernel", "_factored_kernel", "_dense_kernel", "hadamard")),
               ("argmax", ("argmax",)),
               ("norm (+quant)", ("rsqrt",)),
@@ -104,7 +110,7 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
     cats = collections.defaultdict(float)
     for k in kernels:
         cats[category(k["kernel"])] += k["us"]
-    return {"variant": f"{v.who} {v.name}", "sdpa": "default" if sdpa is None else ",".join(sdpa),
+    return {"variant": f"{v.who} {v.name}" + (" + sdpa" if v.who != "bf16" and v.attention == "sdpa" else ""), "sdpa": "default" if sdpa is None else ",".join(sdpa),
             "batch": batch, "step_ms": step_ms, "kernel_us": sum(k["us"] for k in kernels),
             "launches": sum(k["launches"] for k in kernels),
             "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels}

@@ -155,25 +155,32 @@ class Variant:
     who: str            # "bf16" | "graphquant" | "torchao"
     scheme: str         # "bf16" or a key of GQ_SCHEMES
     quarot: bool = False
+    attention: str = "default"  # "decode": graphquant's decode attention backend; "sdpa"; "default": the library's
 
     @property
     def name(self) -> str:
-        return self.scheme + (" + QuaRot" if self.quarot else "")
+        return self.scheme + (" + QuaRot" if self.quarot else "") + \
+            (" + decode attention" if self.who == "bf16" and self.attention == "decode" else "")
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
-                    who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False) -> list[Variant]:
-    """bf16 first, then graphquant without and with QuaRot, then torchao (last: its ``quantize_``
-    changes inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``:
-    which libraries (bf16 is kept, as every speedup needs it, unless ``no_bf16``: a run to merge with one that
-    has it); ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all)."""
+                    who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False,
+                    attention="decode") -> list[Variant]:
+    """bf16 first (stock, then with graphquant's decode attention when ``attention == "decode"``), then
+    graphquant without and with QuaRot, then torchao (last: its ``quantize_`` changes inductor settings
+    for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
+    as every speedup needs it, unless ``no_bf16``: a run to merge with one that has it);
+    ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all); ``attention``: the
+    graphquant rows' attention ("decode": ``prepare``'s default, or "sdpa")."""
     schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
                and (not filters or any(f.lower() in s.lower() for f in filters))]
-    out = [] if no_bf16 else [Variant("bf16", "bf16")]
+    out = [] if no_bf16 else [Variant("bf16", "bf16", attention="sdpa")]
+    if not no_bf16 and attention == "decode" and "graphquant" in who:
+        out.append(Variant("bf16", "bf16", attention="decode"))
     if "graphquant" in who and not only_quarot:
-        out += [Variant("graphquant", s) for s in schemes]
+        out += [Variant("graphquant", s, attention=attention) for s in schemes]
     if "graphquant" in who and (quarot or only_quarot):
-        out += [Variant("graphquant", s, True) for s in schemes
+        out += [Variant("graphquant", s, True, attention=attention) for s in schemes
                 if not quarot_filters or any(f.lower() in s.lower() for f in quarot_filters)]
     if "torchao" in who and torchao and not smoke and not only_quarot:
         out += [Variant("torchao", s) for s in TORCHAO_SCHEMES if s in schemes]
@@ -199,7 +206,12 @@ def llama3_8b(setup: Setup, layers: int):
 def build(model, v: Variant, setup: Setup, calib):
     """A fresh transformers model for variant ``v`` (the source ``model`` is left unchanged)."""
     if v.who == "bf16":
-        return copy.deepcopy(model)
+        m = copy.deepcopy(model)
+        if v.attention == "decode":
+            from graphquant import decode_attention
+
+            decode_attention.use(m)
+        return m
     if v.who == "torchao":
         from torchao.quantization import quantize_
 
@@ -223,7 +235,7 @@ def build(model, v: Variant, setup: Setup, calib):
     del qm
     prepare = generation_prepare()
     if prepare is not None:
-        hf = prepare(hf)
+        hf = prepare(hf, attention="keep" if v.attention == "sdpa" else "decode")
     hf.generation_config.eos_token_id = None
     return hf.eval()
 
@@ -378,7 +390,7 @@ def measure(model, setup: Setup, r: dict) -> None:
 
 
 def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
-    r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot}
+    r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention}
     dev = setup.device
     gc.collect()
     if dev == "cuda":
@@ -395,6 +407,7 @@ def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
         r["errors"] = [f"build: {type(e).__name__}: {first}"]
     r["build_s"] = time.time() - t
     if m is not None:
+        r["attention"] = getattr(m.config, "_attn_implementation", None)  # what the model really runs
         r["resident_layer_bytes"] = resident_layer_bytes(m)
         if dev == "cuda":
             sync(dev)
@@ -422,7 +435,7 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
     bf16 row, tokens/s, weight bandwidth, QuaRot overhead, full-32-layer extrapolations."""
     rows = []
     for r in raw:
-        row = {k: r[k] for k in ("who", "variant", "scheme", "quarot") if k in r}
+        row = {k: r[k] for k in ("who", "variant", "scheme", "quarot", "attention") if k in r}
         for key in [f"decode_b{b}" for b in batches] + ["prefill"]:
             v, h = r.get(f"{key}_ms"), head.get(f"{key}_ms")
             if v is not None and h is not None:
@@ -451,11 +464,16 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
                 row[k] = r[k]
         row["errors"] = list(r.get("errors", []))
         rows.append(row)
-    base = next((x for x in rows if x["who"] == "bf16"), None)
+    bf16 = [x for x in rows if x["who"] == "bf16"]
+    base = next((x for x in bf16 if x.get("attention") in (None, "sdpa")), bf16[0] if bf16 else None)
     for row in rows:
+        # the same attention as this row's, so the ratio shows the Linear kernels alone
+        same = next((x for x in bf16 if x.get("attention") == row.get("attention")), None)
         for key in [f"decode_b{b}" for b in batches] + ["prefill"]:
             row[f"{key}_layer_speedup"] = _ratio(base.get(f"{key}_layer_ms"), row.get(f"{key}_layer_ms")) \
                 if base else None
+            row[f"{key}_layer_speedup_same_attention"] = \
+                _ratio(same.get(f"{key}_layer_ms"), row.get(f"{key}_layer_ms")) if same else None
         for b in batches:
             for k in (f"tokens_per_s_b{b}", f"full32_decode_tokens_per_s_b{b}_extrapolated"):
                 row[f"{k}_vs_bf16"] = _ratio(row.get(k), base.get(k)) if base else None
@@ -492,6 +510,9 @@ def targets(rows: list[dict]) -> list[dict]:
         if row["who"] != "graphquant":
             continue
         add("decode b1 per-layer speedup", row, row.get("decode_b1_layer_speedup"), DECODE_GOALS[row["scheme"]])
+        if row.get("attention") not in (None, "sdpa"):
+            add("  same, over bf16 with the same attention", row, row.get("decode_b1_layer_speedup_same_attention"),
+                DECODE_GOALS[row["scheme"]])
         if row["scheme"] in PREFILL_GOALS:
             add("prefill 8x2048 per-layer speedup", row, row.get("prefill_layer_speedup"), PREFILL_GOALS[row["scheme"]])
         if row.get("quarot"):
@@ -508,6 +529,10 @@ def targets(rows: list[dict]) -> list[dict]:
             if a is not None and t is not None:
                 out.append({"target": f"graphquant >= torchao: {key}", "who": "graphquant", "variant": row["scheme"],
                             "value": a, "goal": t, "pass": a >= t})
+                same = gq.get(f"{key}_same_attention")
+                if same is not None and gq.get("attention") != row.get("attention"):
+                    out.append({"target": "  same, each over bf16 with its own attention", "who": "graphquant",
+                                "variant": row["scheme"], "value": same, "goal": t, "pass": same >= t})
             elif a is not None:
                 out.append({"target": f"graphquant >= torchao: {key}", "who": "graphquant", "variant": row["scheme"],
                             "value": a, "goal": None, "pass": None,
@@ -521,16 +546,19 @@ def _f(v, fmt):
 
 def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
     b2 = batches[-1]
-    head = (f"{'who':10s} {'variant':24s} {'dec b1 ms/L':>11s} {'x':>5s} {f'dec b{b2} ms/L':>12s} {'x':>5s} "
+    head = (f"{'who':10s} {'variant':33s} {'dec b1 ms/L':>11s} {'x':>5s} {'x same':>6s} {f'dec b{b2} ms/L':>12s} "
+            f"{'x':>5s} "
             f"{'prefill ms/L':>12s} {'x':>5s} {'tok/s b1':>9s} {'x':>5s} {f'tok/s b{b2}':>10s} {'x':>5s} "
             f"{'GB/s b1':>8s} {'%HBM':>5s} "
             f"{'L MB':>7s} {'peak GB':>7s} {'QuaRot+':>7s}")
-    lines = [f"Per decoder layer ({layers} layers measured, head subtracted); x = speedup over bf16; tokens/s = "
+    lines = [f"Per decoder layer ({layers} layers measured, head subtracted); x = speedup over bf16 (stock sdpa "
+             "attention); x same = over the bf16 row with this row's attention (the Linear kernels alone); tokens/s = "
              f"generate() wall time of the {layers}-layer model, prefill included", head]
     for r in rows:
         lines.append(" ".join([
-            f"{r['who']:10s}", f"{r['variant']:24s}",
+            f"{r['who']:10s}", f"{r['variant']:33s}",
             f"{_f(r.get('decode_b1_layer_ms'), '11.4f')}", f"{_f(r.get('decode_b1_layer_speedup'), '5.2f')}",
+            f"{_f(r.get('decode_b1_layer_speedup_same_attention'), '6.2f')}",
             f"{_f(r.get(f'decode_b{b2}_layer_ms'), '12.4f')}", f"{_f(r.get(f'decode_b{b2}_layer_speedup'), '5.2f')}",
             f"{_f(r.get('prefill_layer_ms'), '12.3f')}", f"{_f(r.get('prefill_layer_speedup'), '5.2f')}",
             f"{_f(r.get('tokens_per_s_b1'), '9.0f')}", f"{_f(r.get('tokens_per_s_b1_vs_bf16'), '5.2f')}",
@@ -551,7 +579,7 @@ def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
             tps = r.get(f"full32_decode_tokens_per_s_b{b}_extrapolated")
             x = r.get(f"full32_decode_tokens_per_s_b{b}_extrapolated_vs_bf16")
             cells.append(f"b{b}: {_f(ms, '7.3f')} ms {_f(tps, '8.0f')} tok/s ({_f(x, '4.2f')}x)")
-        lines.append(f"  {r['who']:10s} {r['variant']:24s} " + "   ".join(cells))
+        lines.append(f"  {r['who']:10s} {r['variant']:33s} " + "   ".join(cells))
     errs = [(r["who"], r["variant"], e) for r in rows for e in r.get("errors", [])]
     if errs:
         lines += ["", "Errors:"] + [f"  {w} {v}: {e}" for w, v, e in errs]
@@ -625,6 +653,9 @@ def main(argv=None):
     ap.add_argument("--no-bf16", action="store_true",
                     help="skip the bf16 row (a run to --merge after one that has it; each variant can then run in "
                          "its own process under its own time limit)")
+    ap.add_argument("--attention", choices=("decode", "sdpa"), default="decode",
+                    help="graphquant rows' attention: graphquant's decode backend (prepare's default; a 'bf16 + decode "
+                         "attention' row is added) or stock sdpa")
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
@@ -663,7 +694,7 @@ def main(argv=None):
                                torchao=not args.no_torchao, smoke=args.smoke,
                                who=tuple(w.strip() for w in args.who.split(",")),
                                quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()],
-                               no_bf16=args.no_bf16)
+                               no_bf16=args.no_bf16, attention=args.attention)
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")

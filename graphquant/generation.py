@@ -21,6 +21,11 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
    attention scores ``(qH)·(kH) = q·k`` do not change. It only matters for a quantized K cache,
    so where no K quantizer follows it, it is dropped.
 
+4. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
+   (:mod:`graphquant.decode_attention`: the one-token decode calls read each KV head once for its
+   query group instead of sdpa's ``repeat_kv`` copies; prefill and everything else stay sdpa's).
+   ``attention="keep"`` leaves the model's attention as it was.
+
 A probe forward before and after steps 2-3 (same kernels) must agree to rounding noise
 (``PROBE_TOLERANCE``), else :class:`PrepareError` says so; the model is then left half-prepared:
 build it again and call ``prepare(model, fuse=False, r3="keep")``. The prepared model is for
@@ -182,12 +187,16 @@ def _probe(model: nn.Module, device) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
-def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool = True) -> nn.Module:
+def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool = True,
+            attention: str = "decode") -> nn.Module:
     """Ready a written-back graphquant model for fast generation (see the module docstring); returns
     it (changed in place). ``fuse``: horizontal fusion of q|k|v and gate|up; ``r3``: "elide" (drop R3
-    where it feeds no K quantizer) or "keep"; ``check``: compare a probe forward before and after."""
+    where it feeds no K quantizer) or "keep"; ``check``: compare a probe forward before and after;
+    ``attention``: "decode" (graphquant's decode attention backend, on CUDA) or "keep"."""
     if r3 not in ("elide", "keep"):
         raise ValueError(f"r3={r3!r}: choose 'elide' or 'keep'")
+    if attention not in ("decode", "keep"):
+        raise ValueError(f"attention={attention!r}: choose 'decode' or 'keep'")
     if getattr(model, PREPARED_ATTR, None):
         return model
     qlinears = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -215,5 +224,10 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.drop_codes(device)
+        if attention == "decode" and getattr(model.config, "_attn_implementation", None) in ("sdpa", A.PREFIX + "sdpa"):
+            from . import decode_attention
+
+            decode_attention.use(model)
+    report["attention"] = getattr(model.config, "_attn_implementation", None)
     model.__dict__[PREPARED_ATTR] = report
     return model

@@ -122,11 +122,14 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
         bench.merge([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
 
     names = [(v.who, v.name) for v in bench.select_variants(["W4A16", "fp8 dyn"])]
-    assert names == [("bf16", "bf16"), ("graphquant", "fp8 dynamic"), ("graphquant", "W4A16 g128"),
+    assert names == [("bf16", "bf16"), ("bf16", "bf16 + decode attention"), ("graphquant", "fp8 dynamic"), ("graphquant", "W4A16 g128"),
                      ("graphquant", "fp8 dynamic + QuaRot"), ("graphquant", "W4A16 g128 + QuaRot"),
                      ("torchao", "W4A16 g128"), ("torchao", "fp8 dynamic")]  # torchao's fp8 dynamic last
     only = bench.select_variants(only_quarot=True)
-    assert only[0].who == "bf16" and all(v.quarot for v in only[1:]) and len(only) == 6
+    assert [v.who for v in only[:2]] == ["bf16"] * 2 and all(v.quarot for v in only[2:]) and len(only) == 7
+    assert all(v.attention == "decode" for v in only[1:])
+    plain = bench.select_variants(["int8"], attention="sdpa", quarot=False, torchao=False)
+    assert [(v.name, v.attention) for v in plain] == [("bf16", "sdpa"), ("int8 W8A8", "sdpa")]
     assert all(v.who != "torchao" for v in bench.select_variants(quarot=False, torchao=False))
     ao = bench.select_variants(who=("torchao",))
     assert [v.who for v in ao] == ["bf16"] + ["torchao"] * 4
@@ -140,7 +143,11 @@ def test_smoke_run_on_cpu(bench, tmp_path):
     bench.main(["--smoke", "--variants", "int8", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert [(r["who"], r["variant"]) for r in doc["rows"]] == [
-        ("bf16", "bf16"), ("graphquant", "int8 W8A8"), ("graphquant", "int8 W8A8 + QuaRot")]
+        ("bf16", "bf16"), ("bf16", "bf16 + decode attention"), ("graphquant", "int8 W8A8"),
+        ("graphquant", "int8 W8A8 + QuaRot")]
+    # the backend is set (CPU decode calls then go to sdpa); prepare switches only CUDA models
+    assert [r["attention"] for r in doc["rows"]] == ["sdpa", "graphquant_decode", "sdpa", "graphquant_sdpa"]
+    doc["rows"].pop(1)
     for r in doc["rows"]:
         assert r["errors"] == [], r
         # per-layer times are differences of two timings (model - head): on a busy CPU they can come out at or
@@ -154,3 +161,29 @@ def test_smoke_run_on_cpu(bench, tmp_path):
     assert fp32["layer_weight_bytes_per_layer"] / 4.2 < w8["layer_weight_bytes_per_layer"] \
         < fp32["layer_weight_bytes_per_layer"] / 3.5
     assert not (tmp_path / "smoke.json.partial").exists()
+
+
+def test_same_attention_speedups(bench):
+    """Rows on graphquant's decode attention get a second speedup over the bf16 row with the same attention;
+    the issue's speedup stays over stock bf16."""
+    raw = fake_raw()
+    for r in raw:
+        r["attention"] = "sdpa" if r["who"] != "graphquant" else "graphquant_decode"
+    raw.insert(1, raw_row("bf16", "bf16", False, 0.2 + 2 * 0.18, 0.3 + 2 * 0.24, 1.0 + 2 * 10.0, 2 * 436 * MB,
+                          190.0, attention="graphquant_decode"))
+    raw[1]["variant"] = "bf16 + decode attention"
+    rows = bench.build_rows(raw, HEAD, layers=2, batches=(1, 16), new_tokens=256)
+    by = {(r["who"], r["variant"]): r for r in rows}
+    w4 = by["graphquant", "W4A16 g128"]
+    assert w4["decode_b1_layer_speedup"] == pytest.approx(0.2 / 0.07)
+    assert w4["decode_b1_layer_speedup_same_attention"] == pytest.approx(0.18 / 0.07)
+    assert by["bf16", "bf16"]["decode_b1_layer_speedup"] == pytest.approx(1.0)
+    assert by["bf16", "bf16 + decode attention"]["decode_b1_layer_speedup"] == pytest.approx(0.2 / 0.18)
+    assert by["torchao", "fp8 dynamic"]["decode_b1_layer_speedup_same_attention"] == pytest.approx(1.0)
+    ts = bench.targets(rows)
+    got = {(t["target"].strip(), t["variant"]): t for t in ts}
+    assert got["same, over bf16 with the same attention", "W4A16 g128"]["value"] == pytest.approx(0.18 / 0.07)
+    vs_ao = [t for t in ts if t["target"].strip() == "same, each over bf16 with its own attention"]
+    assert [t["variant"] for t in vs_ao] == ["fp8 dynamic"] * 3  # decode b1, b16, prefill
+    assert vs_ao[0]["value"] == pytest.approx(0.18 / 0.11) and vs_ao[0]["goal"] == pytest.approx(1.0)
+    assert "x same" in bench.table(rows, 2)

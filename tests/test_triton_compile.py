@@ -43,6 +43,7 @@ def compile_only(monkeypatch):
         def is_active(self):
             return True
 
+    from graphquant.kernels import decode_attention_triton as DA
     from graphquant.kernels import hadamard_triton as HT
     from graphquant.kernels import quant_triton as QT
 
@@ -64,6 +65,7 @@ def compile_only(monkeypatch):
     monkeypatch.setattr(QT, "_sm_count", lambda index: 132)
     monkeypatch.setattr(QT, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(HT, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(DA, "_multiprocessors", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     try:
         yield errors
@@ -135,4 +137,20 @@ def test_hadamard_kernels_compile_for_sm90(compile_only):
                 _call(errors, f"hadamard_quantize {n} fp8={fp8}", lambda: HT.hadamard_quantize(x, fp8))
                 _call(errors, f"hadamard_quantize {n} static fp8={fp8}",
                       lambda: HT.hadamard_quantize(x, fp8, static_scale=torch.tensor(0.5)))
+    assert not errors, errors
+
+
+def test_decode_attention_kernels_compile_for_sm90(compile_only):
+    from graphquant.kernels import decode_attention_triton as DA
+
+    errors = compile_only
+    for hq, hkv, d in ((32, 8, 128), (16, 16, 64), (14, 2, 64)):
+        q = torch.randn(2, 1, hq, d, dtype=BF).transpose(1, 2)
+        k, v = (torch.randn(2, hkv, 384, d, dtype=BF) for _ in range(2))
+        masks = {"none": None, "bool": torch.ones(2, 384, dtype=torch.bool),
+                 "additive": torch.zeros(2, 384, dtype=BF)}
+        for name, m in masks.items():
+            for splits in (1, 6):
+                _call(errors, f"decode_attention {hq}/{hkv}x{d} {name} splits={splits}",
+                      lambda: DA.decode_attention_triton(q, k, v, m, d ** -0.5, splits=splits))
     assert not errors, errors

@@ -1,0 +1,192 @@
+"""graphquant::decode_attention: the reference equals SDPA, the Triton kernel equals the reference (in
+Triton's interpreter, a subprocess), and the transformers backend decodes the tokens of sdpa (CPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphquant import decode_attention as DA
+from graphquant.models.tiny import tiny_model
+from graphquant.static_decode import StaticDecoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sdpa(q, k, v, mask, scale):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    m = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_equals_sdpa_with_grouped_heads(mask_kind, dtype):
+    g = torch.Generator().manual_seed(0)
+    B, HQ, HKV, S, D = 3, 8, 2, 37, 16
+    q = torch.randn(B, HQ, 1, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, HKV, S, D, generator=g).to(dtype) for _ in range(2))
+    keep = torch.rand(B, S, generator=g) > 0.4
+    mask = {"none": None, "bool": keep,
+            "additive": torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)}[mask_kind]
+    got = DA.decode_attention_reference(q, k, v, mask, 0.3)
+    want = _sdpa(q.float(), k.float(), v.float(), None if mask is None else mask.float() if mask_kind == "additive"
+                 else mask, 0.3)
+    assert got.shape == (B, 1, HQ, D) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+    # the op (CPU kernel = the reference) gives the same
+    assert torch.equal(torch.ops.graphquant.decode_attention(q, k, v, mask, 0.3), got)
+
+
+def test_fully_masked_sequence_gives_zeros_not_nan():
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.tensor([[True] * 5, [False] * 5])
+    out = DA.decode_attention_reference(q, k, v, mask, 0.25)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0
+
+
+_KERNEL_CHECK = r"""
+import itertools, torch
+from graphquant.decode_attention import decode_attention_reference as ref
+from graphquant.kernels import decode_attention_triton as K
+torch.manual_seed(0)
+worst = 0.0
+for (B, HQ, HKV, S, D), kind, splits in itertools.product(
+        [(1, 8, 2, 100, 64), (2, 4, 4, 70, 32), (3, 6, 2, 33, 16)], ["none", "bool", "additive", "tail"], [None, 1, 3]):
+    q = torch.randn(B, 1, HQ, D, dtype=torch.bfloat16).transpose(1, 2)  # HF's strided layout
+    k, v = (torch.randn(B, HKV, S, D, dtype=torch.bfloat16) for _ in range(2))
+    m = {"none": None, "bool": torch.rand(B, S) > 0.3,
+         "additive": torch.where(torch.rand(B, S) > 0.3, 0.0, float("-inf")).to(torch.bfloat16)}.get(kind)
+    if kind == "tail":  # a static cache's empty tail, one sequence fully masked, a broadcast (stride-0) view
+        m = torch.zeros(1, S, dtype=torch.bool)
+        m[:, : S // 2] = True
+        m = m.expand(B, S).clone()
+        m[-1] = False
+    a = K.decode_attention_triton(q, k, v, m, D ** -0.5, splits=splits)
+    r = ref(q, k, v, m, D ** -0.5)
+    assert a.shape == r.shape and a.dtype == r.dtype
+    err = ((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
+    worst = max(worst, err)
+    assert err < 2e-2, (B, HQ, HKV, S, D, kind, splits, err)
+print("worst relative error", worst)
+"""
+
+
+def test_triton_kernel_equals_reference_in_the_interpreter():
+    """Every mask kind, split count (1: no merge kernel) and query-group size; bf16 inputs."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 and "interpreter" in run.stderr.lower() and "assert" not in run.stderr.lower():
+        pytest.skip(f"this Triton's interpreter cannot run the kernel: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "worst relative error" in run.stdout
+
+
+def test_split_plan_covers_the_cache_with_enough_programs():
+    pytest.importorskip("triton")
+    from graphquant.kernels import decode_attention_triton as K
+
+    for b, h, s in [(1, 8, 384), (16, 8, 384), (1, 8, 8192), (4, 1, 17), (64, 8, 4096)]:
+        chunk, splits = K.split_plan(b, h, s, sms=132)
+        assert chunk % K.BLOCK_S == 0 and (splits - 1) * chunk < s <= splits * chunk
+        assert b * h * splits >= min(K.TARGET_PROGRAMS * 132, b * h * -(-s // K.BLOCK_S)) * 0.5
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """The backend takes CPU decode calls too (the op then runs the reference), to test the plumbing."""
+    monkeypatch.setattr(DA, "DEVICES", ("cuda", "cpu"))
+    calls = []
+    real = DA.decode_attention_reference
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(DA, "decode_attention_reference", counted)
+    return calls
+
+
+def _greedy(model, ids, n):
+    return StaticDecoder(model, ids.shape[0], ids.shape[1] + n + 3, compile=False).generate(ids, n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_backend_decodes_the_tokens_of_sdpa(on_cpu, arch):
+    """Grouped-query tiny models: the decode steps go through the op (counted), prefill through sdpa,
+    and the greedy tokens equal those of the stock sdpa model."""
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    ref_model = tiny_model(arch, seed=2)
+    want = _greedy(ref_model, ids, 10)
+    model = DA.use(tiny_model(arch, seed=2))
+    assert model.config._attn_implementation == DA.NAME
+    got = _greedy(model, ids, 10)
+    assert torch.equal(got, want)
+    assert on_cpu and all(s[2] == 1 for s in on_cpu)  # one query position per call
+    # logits of one decode step agree to rounding (not only the argmax)
+    dec_a, dec_b = StaticDecoder(ref_model, 2, 20, compile=False), StaticDecoder(model, 2, 20, compile=False)
+    for d in (dec_a, dec_b):
+        d.prefill(ids)
+    pos = torch.tensor([6])
+    la = ref_model(input_ids=want[:, 6:7], position_ids=pos.view(1, 1), past_key_values=dec_a.cache).logits
+    lb = model(input_ids=want[:, 6:7], position_ids=pos.view(1, 1), past_key_values=dec_b.cache).logits
+    assert torch.allclose(la, lb, atol=1e-5, rtol=1e-4)
+
+
+def test_backend_compiles_into_the_decode_step(on_cpu):
+    """fullgraph torch.compile of the decode step keeps the op as one node (as on the GPU, before the CUDA graph)."""
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    want = _greedy(tiny_model("llama", seed=4), ids, 6)
+    model = DA.use(tiny_model("llama", seed=4))
+    dec = StaticDecoder(model, 1, 16, compile=True, compile_prefill=False)
+    assert torch.equal(dec.generate(ids, 6), want)
+    assert len(on_cpu) >= 5 * 2  # 5 compiled decode steps x 2 layers ran the op
+
+
+def test_other_calls_go_to_sdpa_unchanged(monkeypatch):
+    """Prefill (several query positions), CPU tensors, dropout and softcap are sdpa's."""
+    seen = []
+    import transformers.integrations.sdpa_attention as S
+
+    monkeypatch.setattr(S, "sdpa_attention_forward", lambda *a, **k: seen.append(a[1].shape) or ("sdpa", None))
+    q1, q5 = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 5, 16)
+    k = v = torch.randn(1, 2, 8, 16)
+    assert DA.attention_forward(None, q5, k, v, None)[0] == "sdpa"
+    assert DA.attention_forward(None, q1, k, v, None)[0] == "sdpa"  # CPU: not in DEVICES
+    monkeypatch.setattr(DA, "DEVICES", ("cpu",))
+    assert DA.attention_forward(None, q1, k, v, None, dropout=0.1)[0] == "sdpa"
+    assert DA.attention_forward(None, q1, k, v, None, softcap=30.0)[0] == "sdpa"
+    per_head_mask = torch.ones(1, 4, 1, 8, dtype=torch.bool)
+    assert DA.attention_forward(None, q1, k, v, per_head_mask)[0] == "sdpa"
+    out, weights = DA.attention_forward(None, q1, k, v, None)
+    assert weights is None and out.shape == (1, 1, 4, 16)
+    assert len(seen) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 16])
+def test_kernel_on_the_gpu_at_llama3_8b_shapes(batch):
+    """32 query / 8 KV heads of 128, a 384-slot static cache filled to 257, bool and additive masks, and the
+    HF layout of the query; against the fp32 reference and torch's SDPA."""
+    from graphquant.kernels import decode_attention_triton as K
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, 1, 32, 128, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(batch, 8, 384, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    keep = torch.zeros(batch, 384, dtype=torch.bool, device="cuda")
+    keep[:, :257] = True
+    for mask in (keep, torch.where(keep, 0.0, float("-inf")).to(torch.bfloat16), None):
+        for splits in (None, 1):
+            got = K.decode_attention_triton(q, k, v, mask, 128 ** -0.5, splits=splits)
+            ref = DA.decode_attention_reference(q, k, v, mask, 128 ** -0.5)
+            assert (got.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    sdpa = _sdpa(q, k, v, keep, 128 ** -0.5)
+    assert (DA.decode_attention(q, k, v, keep, 128 ** -0.5).float() - sdpa.float()).abs().max() < 2e-2
