@@ -18,6 +18,15 @@ from graphquant.models.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles a new StaticDecoder step; without a reset, dynamo's per-function recompile limit (8)
+    stops the ninth one in the same process."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
 REPO = Path(__file__).resolve().parents[1]
 GQ20M = next((p for p in (REPO / ".devdata" / "gq-llama-20m",
                           Path(os.environ.get("GRAPHQUANT_SHARED", REPO.parent / "shared")) / "data" / "models"
