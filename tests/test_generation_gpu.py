@@ -104,7 +104,9 @@ def test_gq_llama_20m_fast_path_greedy_tokens_equal_fake_quant(name):
     ids = AutoTokenizer.from_pretrained(GQ20M)("Once upon a time, there was a little girl named Lily. She loved",
                                               return_tensors="pt").input_ids.cuda()
     n = ids.shape[1]
-    want = ref_model.generate(input_ids=ids, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    # the prompt starts with BOS (id 0 here): an explicit all-ones mask, or generate() would take id 0 for padding
+    want = ref_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                              do_sample=False, pad_token_id=model.config.pad_token_id)
     fast = prepare(qm.to_hf(kernels="always", device="cuda"))
     got = StaticDecoder(fast, batch_size=1, max_length=n + 40).generate(ids, max_new_tokens=32)
     if not torch.equal(got, want):
