@@ -14,6 +14,9 @@ On the H200 (about 40 s per variant; the torchao wheel travels in ``.whl``, see 
     timeout 300 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --out ao.json
     python3 benchmarks/generate_gpu.py --merge gq.json ao.json --out benchmarks/results/generate_gpu.json
     # (ao.json.partial holds the finished rows when the time limit stopped the run; it merges the same way)
+    # torchao's first compile (W4A16 g128) did not finish within 235 s either (2026-11-29): its rows without
+    # torch.compile, the decode step still a CUDA graph, labelled "(eager + CUDA graph)":
+    timeout 300 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --torchao-eager --out ao_eager.json
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128,
 vocab 128256), random bf16 weights, ``--layers`` decoder layers (default 2), sdpa attention,
@@ -156,22 +159,25 @@ class Variant:
     scheme: str         # "bf16" or a key of GQ_SCHEMES
     quarot: bool = False
     attention: str = "default"  # "decode": graphquant's decode attention backend; "sdpa"; "default": the library's
+    compile: bool = True        # False: eager decode step, still replayed as a CUDA graph (no CPU overhead)
 
     @property
     def name(self) -> str:
         return self.scheme + (" + QuaRot" if self.quarot else "") + \
-            (" + decode attention" if self.who == "bf16" and self.attention == "decode" else "")
+            (" + decode attention" if self.who == "bf16" and self.attention == "decode" else "") + \
+            ("" if self.compile else " (eager + CUDA graph)")
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
                     who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False,
-                    attention="decode") -> list[Variant]:
+                    attention="decode", torchao_eager=False) -> list[Variant]:
     """bf16 first (stock, then with graphquant's decode attention when ``attention == "decode"``), then
     graphquant without and with QuaRot, then torchao (last: its ``quantize_`` changes inductor settings
     for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
     as every speedup needs it, unless ``no_bf16``: a run to merge with one that has it);
     ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all); ``attention``: the
-    graphquant rows' attention ("decode": ``prepare``'s default, or "sdpa")."""
+    graphquant rows' attention ("decode": ``prepare``'s default, or "sdpa"); ``torchao_eager``: torchao rows
+    without ``torch.compile`` (the decode step is still a CUDA graph), for when its compiles do not finish."""
     schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
                and (not filters or any(f.lower() in s.lower() for f in filters))]
     out = [] if no_bf16 else [Variant("bf16", "bf16", attention="sdpa")]
@@ -183,7 +189,7 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
         out += [Variant("graphquant", s, True, attention=attention) for s in schemes
                 if not quarot_filters or any(f.lower() in s.lower() for f in quarot_filters)]
     if "torchao" in who and torchao and not smoke and not only_quarot:
-        out += [Variant("torchao", s) for s in TORCHAO_SCHEMES if s in schemes]
+        out += [Variant("torchao", s, compile=not torchao_eager) for s in TORCHAO_SCHEMES if s in schemes]
     return out
 
 
@@ -390,7 +396,8 @@ def measure(model, setup: Setup, r: dict) -> None:
 
 
 def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
-    r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention}
+    r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention,
+         "compiled": v.compile}
     dev = setup.device
     gc.collect()
     if dev == "cuda":
@@ -413,7 +420,7 @@ def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
             sync(dev)
             r["resident_bytes"] = torch.cuda.memory_allocated() - base
             torch.cuda.reset_peak_memory_stats()
-        measure(m, setup, r)
+        measure(m, setup if v.compile else dataclasses.replace(setup, compile=False), r)
         r["layer_weight_bytes"] = layer_weight_bytes(m)
         if dev == "cuda":
             r["peak_bytes"] = torch.cuda.max_memory_allocated() - base
@@ -435,7 +442,7 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
     bf16 row, tokens/s, weight bandwidth, QuaRot overhead, full-32-layer extrapolations."""
     rows = []
     for r in raw:
-        row = {k: r[k] for k in ("who", "variant", "scheme", "quarot", "attention") if k in r}
+        row = {k: r[k] for k in ("who", "variant", "scheme", "quarot", "attention", "compiled") if k in r}
         for key in [f"decode_b{b}" for b in batches] + ["prefill"]:
             v, h = r.get(f"{key}_ms"), head.get(f"{key}_ms")
             if v is not None and h is not None:
@@ -656,6 +663,8 @@ def main(argv=None):
     ap.add_argument("--attention", choices=("decode", "sdpa"), default="decode",
                     help="graphquant rows' attention: graphquant's decode backend (prepare's default; a 'bf16 + decode "
                          "attention' row is added) or stock sdpa")
+    ap.add_argument("--torchao-eager", action="store_true",
+                    help="torchao rows without torch.compile (decode still replayed as a CUDA graph; prefill eager)")
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
@@ -694,7 +703,7 @@ def main(argv=None):
                                torchao=not args.no_torchao, smoke=args.smoke,
                                who=tuple(w.strip() for w in args.who.split(",")),
                                quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()],
-                               no_bf16=args.no_bf16, attention=args.attention)
+                               no_bf16=args.no_bf16, attention=args.attention, torchao_eager=args.torchao_eager)
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")

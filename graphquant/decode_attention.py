@@ -22,7 +22,6 @@ reference (:func:`decode_attention_reference`), which the tests compare the kern
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -74,14 +73,19 @@ def _decode_attention_cuda(query, key, value, mask, scale):
     return decode_attention_reference(query, key, value, mask, scale)
 
 
-@functools.lru_cache(maxsize=1)
+_KERNELS: dict = {}
+
+
 def _triton():
-    """The Triton module, imported on first CUDA use only; ``None`` when Triton is missing."""
-    try:
-        from .kernels import decode_attention_triton
-    except ImportError:
-        return None
-    return decode_attention_triton
+    """The Triton module, imported on first CUDA use only; ``None`` when Triton is missing. (A plain dict, not
+    ``lru_cache``: dynamo traces this call inside compiled decode steps.)"""
+    if "module" not in _KERNELS:
+        try:
+            from .kernels import decode_attention_triton as module
+        except ImportError:
+            module = None
+        _KERNELS["module"] = module
+    return _KERNELS["module"]
 
 
 def _decode_mask(attention_mask, query, key):

@@ -134,6 +134,8 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
     ao = bench.select_variants(who=("torchao",))
     assert [v.who for v in ao] == ["bf16"] + ["torchao"] * 4
     assert [v.name for v in bench.select_variants(who=("torchao",), no_bf16=True)] == list(bench.TORCHAO_SCHEMES)
+    eager = bench.select_variants(["int8"], who=("torchao",), no_bf16=True, torchao_eager=True)
+    assert [(v.name, v.compile) for v in eager] == [("int8 W8A8 (eager + CUDA graph)", False)]
 
 
 def test_smoke_run_on_cpu(bench, tmp_path):
