@@ -14,8 +14,9 @@ On the H200 (about 40 s per variant; the torchao wheel travels in ``.whl``, see 
     timeout 300 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --out ao.json
     python3 benchmarks/generate_gpu.py --merge gq.json ao.json --out benchmarks/results/generate_gpu.json
     # (ao.json.partial holds the finished rows when the time limit stopped the run; it merges the same way)
-    # torchao's first compile (W4A16 g128) did not finish within 235 s either (2026-11-29): its rows without
-    # torch.compile, the decode step still a CUDA graph, labelled "(eager + CUDA graph)":
+    # torchao's first compile (W4A16 g128) did not finish within 235 s either (2026-11-29), with torchao's
+    # set_inductor_config=True (coordinate-descent tuning of every compile); since then its rows are built with
+    # it off (--torchao-tuning turns it back on). Without torch.compile at all (decode still a CUDA graph):
     timeout 300 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --torchao-eager --out ao_eager.json
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128,
@@ -130,21 +131,28 @@ GQ_SCHEMES = {
 }
 
 
-def _torchao_config(scheme: str):
-    """torchao 0.18's config for a scheme (names read from torchao/quantization/quant_api.py of the wheel)."""
+def _torchao_config(scheme: str, tuning: bool = False):
+    """torchao 0.18's config for a scheme (names read from torchao/quantization/quant_api.py of the wheel).
+
+    ``tuning``: torchao's ``set_inductor_config`` (default True in torchao), which turns on inductor's
+    coordinate-descent tuning in all directions for every later compile of the process
+    (``torchao.quantization.utils.recommended_inductor_config_setter``). Off here by default: every row then
+    compiles with the same inductor settings, and with it on torchao's first compile did not finish within
+    235 s on the H200 (2026-11-29)."""
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
                                       Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow)
 
+    kw = {"set_inductor_config": bool(tuning)}
     if scheme == "fp8 dynamic":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **kw)
     if scheme == "int8 W8A8":
-        return Int8DynamicActivationInt8WeightConfig()
+        return Int8DynamicActivationInt8WeightConfig(**kw)
     if scheme == "W8A16":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(**kw)
     if scheme == "W4A16 g128":
         # PLAIN packing needs the mslk/fbgemm kernels; tile_packed_to_4d is torch's own tinygemm
         # (torch.ops.aten._weight_int4pack_mm), see torchao's Int4PackingFormat
-        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d", **kw)
     raise KeyError(scheme)
 
 
@@ -160,24 +168,26 @@ class Variant:
     quarot: bool = False
     attention: str = "default"  # "decode": graphquant's decode attention backend; "sdpa"; "default": the library's
     compile: bool = True        # False: eager decode step, still replayed as a CUDA graph (no CPU overhead)
+    tuning: bool = False        # torchao: its recommended inductor settings (coordinate-descent tuning)
 
     @property
     def name(self) -> str:
         return self.scheme + (" + QuaRot" if self.quarot else "") + \
             (" + decode attention" if self.who == "bf16" and self.attention == "decode" else "") + \
-            ("" if self.compile else " (eager + CUDA graph)")
+            ("" if self.compile else " (eager + CUDA graph)") + (" (inductor tuning)" if self.tuning else "")
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
                     who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False,
-                    attention="decode", torchao_eager=False) -> list[Variant]:
+                    attention="decode", torchao_eager=False, torchao_tuning=False) -> list[Variant]:
     """bf16 first (stock, then with graphquant's decode attention when ``attention == "decode"``), then
-    graphquant without and with QuaRot, then torchao (last: its ``quantize_`` changes inductor settings
+    graphquant without and with QuaRot, then torchao (last: with ``torchao_tuning`` its ``quantize_`` changes inductor settings
     for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
     as every speedup needs it, unless ``no_bf16``: a run to merge with one that has it);
     ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all); ``attention``: the
     graphquant rows' attention ("decode": ``prepare``'s default, or "sdpa"); ``torchao_eager``: torchao rows
-    without ``torch.compile`` (the decode step is still a CUDA graph), for when its compiles do not finish."""
+    without ``torch.compile`` (the decode step is still a CUDA graph), for when its compiles do not finish;
+    ``torchao_tuning``: torchao rows with its recommended inductor settings (see :func:`_torchao_config`)."""
     schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
                and (not filters or any(f.lower() in s.lower() for f in filters))]
     out = [] if no_bf16 else [Variant("bf16", "bf16", attention="sdpa")]
@@ -189,7 +199,8 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
         out += [Variant("graphquant", s, True, attention=attention) for s in schemes
                 if not quarot_filters or any(f.lower() in s.lower() for f in quarot_filters)]
     if "torchao" in who and torchao and not smoke and not only_quarot:
-        out += [Variant("torchao", s, compile=not torchao_eager) for s in TORCHAO_SCHEMES if s in schemes]
+        out += [Variant("torchao", s, compile=not torchao_eager, tuning=torchao_tuning)
+                for s in TORCHAO_SCHEMES if s in schemes]
     return out
 
 
@@ -222,7 +233,7 @@ def build(model, v: Variant, setup: Setup, calib):
         from torchao.quantization import quantize_
 
         m = copy.deepcopy(model)
-        quantize_(m, _torchao_config(v.scheme),
+        quantize_(m, _torchao_config(v.scheme, v.tuning),
                   filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and "lm_head" not in fqn)
         return m
     import graphquant as gq
@@ -665,6 +676,9 @@ def main(argv=None):
                          "attention' row is added) or stock sdpa")
     ap.add_argument("--torchao-eager", action="store_true",
                     help="torchao rows without torch.compile (decode still replayed as a CUDA graph; prefill eager)")
+    ap.add_argument("--torchao-tuning", action="store_true",
+                    help="torchao rows with torchao's recommended inductor settings (coordinate-descent tuning of "
+                         "every later compile; off by default: the same inductor settings for every row)")
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
@@ -703,7 +717,8 @@ def main(argv=None):
                                torchao=not args.no_torchao, smoke=args.smoke,
                                who=tuple(w.strip() for w in args.who.split(",")),
                                quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()],
-                               no_bf16=args.no_bf16, attention=args.attention, torchao_eager=args.torchao_eager)
+                               no_bf16=args.no_bf16, attention=args.attention, torchao_eager=args.torchao_eager,
+                               torchao_tuning=args.torchao_tuning)
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")

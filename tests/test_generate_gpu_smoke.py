@@ -189,3 +189,29 @@ def test_same_attention_speedups(bench):
     assert [t["variant"] for t in vs_ao] == ["fp8 dynamic"] * 3  # decode b1, b16, prefill
     assert vs_ao[0]["value"] == pytest.approx(0.18 / 0.11) and vs_ao[0]["goal"] == pytest.approx(1.0)
     assert "x same" in bench.table(rows, 2)
+
+
+def test_torchao_rows_compile_with_the_same_inductor_settings_unless_asked(bench, monkeypatch):
+    """torchao's configs default to set_inductor_config=True (coordinate-descent tuning of every later compile);
+    the benchmark turns it off unless --torchao-tuning (a stand-in torchao module records the arguments)."""
+    import types
+
+    made = []
+
+    def config(name):
+        return lambda **kw: made.append((name, kw)) or name
+
+    fake = types.ModuleType("torchao.quantization")
+    for n in ("Float8DynamicActivationFloat8WeightConfig", "Int4WeightOnlyConfig",
+              "Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig"):
+        setattr(fake, n, config(n))
+    fake.PerRow = lambda: "row"
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake)
+    for scheme in bench.TORCHAO_SCHEMES:
+        bench._torchao_config(scheme)
+    assert len(made) == 4 and all(kw["set_inductor_config"] is False for _, kw in made)
+    bench._torchao_config("W8A16", tuning=True)
+    assert made[-1] == ("Int8WeightOnlyConfig", {"set_inductor_config": True})
+    tuned = bench.select_variants(["W8A16"], who=("torchao",), no_bf16=True, torchao_tuning=True)
+    assert [(v.name, v.tuning) for v in tuned] == [("W8A16 (inductor tuning)", True)]
