@@ -116,6 +116,10 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
             _call(errors, f"gemv {a_kind}/{w_kind} M={M}", lambda: QT.gemv(**op, bias=bias, out_dtype=BF))
         op = {**_activation(a_kind, 16, K), **_weight(w_kind, N, K)}
         _call(errors, f"wq_mm {a_kind}/{w_kind}", lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF))
+        tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
+        for split in (1, 4):  # one split writes the result; four write a workspace that split_sum adds up
+            _call(errors, f"wq_mm {a_kind}/{w_kind} split={split}",
+                  lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF, config=dict(tiles, SPLIT_K=split)))
         if a_kind == "float":
             for M in (1, 4):
                 op = {**_activation(a_kind, M, K), **_weight(w_kind, N, K)}

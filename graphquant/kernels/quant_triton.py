@@ -11,7 +11,9 @@ Six kernels, each with a launch wrapper that takes and returns torch tensors:
                       weight streamed in its low-precision form (int8, fp8 e4m3 or int4 packed two
                       per byte with per-group scales / zero points), the activation either float
                       (weight-only: W8A16 / W4A16) or codes with per-row scales (W8A8). Split-K
-                      with fp32 atomics keeps every SM busy when M and N are small.
+                      keeps every SM busy when M and N are small: each split stores its fp32 partial
+                      sums in a workspace that ``split_sum`` adds up in split order (deterministic, and
+                      one launch where zero-filling, atomics and a cast took two more).
 ``gemv``              decode (M <= 4) on CUDA cores: every weight byte read once for all rows,
                       int4 nibbles turned into floats by bit operations, optional split-K.
 ``gemv_packed``       weight-only decode (M <= 4, float activations, int8 or int4 weights): the weight
@@ -103,12 +105,30 @@ def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
 
 @triton.jit
 def _bias(BIAS, rn, n_ok, pid_k, FIRST_SPLIT_ONLY: tl.constexpr):
-    """fp32 bias of the columns ``rn``; with split-K only split 0 adds it (the splits' partial sums are added
-    atomically, so each other split contributes zero)."""
+    """fp32 bias of the columns ``rn``; with split-K only split 0 adds it (the splits' partial sums are added up
+    afterwards, so each other split contributes zero)."""
     b = tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)
     if FIRST_SPLIT_ONLY:
         b = tl.where(pid_k == 0, b, 0.0)
     return b
+
+
+@triton.jit
+def _split_rows(C, pid_k, M, stride_cm):
+    """Where split ``pid_k`` writes: its own (M, N) slice of the (SPLIT_K, M, N) fp32 workspace (the result
+    itself when there is one split, pid_k = 0)."""
+    return C + pid_k.to(tl.int64) * M * stride_cm
+
+
+@triton.jit
+def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """``C = sum_s P[s]`` over the splits of a (SPLIT, M, N) fp32 workspace, in split order, cast to C's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.load(P + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(P + s * MN + offs, mask=ok, other=0.0)
+    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -118,7 +138,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
                  W_KIND: tl.constexpr,   # 0 int8, 1 fp8 e4m3, 2 int4 nibble-packed
                  W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT_K, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -186,13 +206,10 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         else:
             out = out * tl.load(SW)
     if HAS_BIAS:
-        out = out + _bias(BIAS, rn, n_ok, pid_k, ATOMIC)[None, :]
-    c_ptrs = C + rm[:, None] * stride_cm + rn[None, :]
+        out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
+    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(c_ptrs, out, mask=mask)
-    else:
-        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
 
 @triton.jit
 def _nibbles_minus(p, z):
@@ -216,7 +233,7 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
     K exactly once, in storage format, for all M activation rows. 8-bit products accumulate element-wise
     and are summed once after the loop (int8 codes times int8 codes in int32); int4 products are summed
     per group of ``GROUP`` columns, whose scale is applied once per group and row. With ``SPLIT_K > 1``
-    partial sums are added atomically into an fp32 ``C`` that the caller zeroed (scales and bias are
+    each split stores its partial sums in its slice of an fp32 workspace (scales and bias are
     linear, so each split applies them to its part; the bias only in split 0)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -293,12 +310,9 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
             out = out * tl.load(SA)
     if HAS_BIAS:
         out = out + _bias(BIAS, rn, n_ok, pid_k, SPLIT_K > 1)[None, :]
-    c_ptrs = C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(c_ptrs, out, mask=mask)
-    else:
-        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -346,12 +360,9 @@ def _packed_store(acc, m, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm,
             out = out * tl.load(SW)
     if HAS_BIAS:
         out = out + _bias(BIAS, rn, n_ok, pid_k, SPLIT_K > 1)
-    ptrs = C + m * stride_cm + rn
+    ptrs = _split_rows(C, pid_k, M, stride_cm) + m * stride_cm + rn
     mask = n_ok & (m < M)
-    if SPLIT_K > 1:
-        tl.atomic_add(ptrs, out, mask=mask)
-    else:
-        tl.store(ptrs, out.to(C.dtype.element_ty), mask=mask)
+    tl.store(ptrs, out.to(C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -369,7 +380,7 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, str
     used by every activation row (one 2-D accumulator per row: no 3-D layouts, no shared-memory shuffles
     in the loop); products are summed once after the loop; int4 group scales (and zero points) are
     gathered per word (a word never straddles a group: GROUP % 8 == 0). ``SPLIT_K > 1``: partial sums
-    are added atomically into an fp32 ``C`` the caller zeroed; the bias only in split 0."""
+    go to the split's slice of an fp32 workspace (:func:`split_sum` adds them up); the bias only in split 0."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -560,11 +571,26 @@ def _mm_config(M: int, N: int, K: int, w_kind: int, group: int, device) -> dict:
 
 
 def _output(M: int, N: int, split: int, device, out_dtype) -> torch.Tensor:
-    """The (M, N) result buffer of a launch: zeroed fp32 for split-K's atomic adds (cast to ``out_dtype``
-    afterwards), else ``out_dtype`` written once."""
+    """The buffer a launch writes: the (M, N) result in ``out_dtype``, or with split-K an uninitialised
+    (split, M, N) fp32 workspace, one slice per split (every element is written), for :func:`split_sum`."""
     if split > 1:
-        return torch.zeros((M, N), device=device, dtype=torch.float32)
+        return torch.empty((split, M, N), device=device, dtype=torch.float32)
     return torch.empty((M, N), device=device, dtype=out_dtype)
+
+
+SPLIT_SUM_BLOCK = 1024
+
+
+def split_sum(c: torch.Tensor, out_dtype) -> torch.Tensor:
+    """The (M, N) result from a launch's :func:`_output`: the splits' partial sums added up (one kernel), or ``c``
+    itself when there was one split."""
+    if c.dim() == 2:
+        return c
+    split, M, N = c.shape
+    out = torch.empty((M, N), device=c.device, dtype=out_dtype)
+    split_sum_kernel[(triton.cdiv(M * N, SPLIT_SUM_BLOCK),)](c, out, M * N, SPLIT=split, BLOCK=SPLIT_SUM_BLOCK,
+                                                             num_warps=4)
+    return out
 
 
 def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None,
@@ -584,12 +610,12 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     dummy = w_scale
     wq_mm_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else dummy,
                      a_scale if a_scale is not None else dummy, bias if bias is not None else dummy, c,
-                     M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(0),
+                     M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(-2),
                      w_scale.stride(0) if w_scale.dim() == 2 else 0,
                      A_KIND=a_kind, W_KIND=w_kind, W_SCALE=w_scale_kind, HAS_ZERO=w_zero is not None,
                      SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
-                     ATOMIC=split > 1, **cfg)
-    return c.to(out_dtype) if split > 1 else c
+                     PARTIAL=split > 1, **cfg)
+    return split_sum(c, out_dtype)
 
 
 #: Decode kernels measured on the GPU (``benchmarks/decode_kernels.py`` writes ``gemv_tuned.json`` beside
@@ -721,11 +747,11 @@ def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int
     dummy = w_scale
     gemv_kernel[(-(-N // cfg["BLOCK_N"]), split)](
         a, w, w_scale, w_zero if w_zero is not None else dummy, a_scale if a_scale is not None else dummy,
-        bias if bias is not None else dummy, c, M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(0),
+        bias if bias is not None else dummy, c, M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(-2),
         w_scale.stride(0) if w_scale.dim() == 2 else 0, A_KIND=a_kind, W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
         SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
-    return c.to(out_dtype) if split > 1 else c
+    return split_sum(c, out_dtype)
 
 
 def packed_words(w: torch.Tensor, w_kind: int, K: int, group: int = 0) -> torch.Tensor | None:
@@ -773,11 +799,11 @@ def gemv_packed(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_ki
     c = _output(M, N, split, a.device, out_dtype)
     gemv_packed_kernel[(-(-N // cfg["BLOCK_N"]), split)](
         a, words, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale, c,
-        M, N, Q, a.stride(0), words.stride(0), c.stride(0),
+        M, N, Q, a.stride(0), words.stride(0), c.stride(-2),
         w_scale.stride(0) if w_scale.dim() == 2 else 0, GROUP=max(group, 8), W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
         HAS_BIAS=bias is not None, **cfg)
-    return c.to(out_dtype) if split > 1 else c
+    return split_sum(c, out_dtype)
 
 
 def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
