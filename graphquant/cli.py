@@ -501,8 +501,8 @@ def _cmd_generate(args) -> int:
 
 
 def _generate_fast(args, model, tok, ids) -> int:
-    """``--fast``: graphquant.generation.prepare (kernels, fused projections) and a static-cache decoder,
-    compiled and replayed as a CUDA graph on CUDA (greedy)."""
+    """``--fast``: graphquant.generation.prepare (kernels, fused projections, decode attention) and a
+    static-cache decoder, compiled and replayed as a CUDA graph on CUDA (greedy)."""
     import torch
 
     from .export.qlinear import QuantLinear
@@ -515,6 +515,10 @@ def _generate_fast(args, model, tok, ids) -> int:
         except PrepareError as e:
             raise CliError(f"--fast: {_one_line(e)}; run without --fast", EXIT_USAGE) from e
     cuda = ids.is_cuda
+    if cuda and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        from . import decode_attention  # float models too; prepare switched the quantized ones
+
+        decode_attention.use(model)
     dec = StaticDecoder(model, batch_size=1, max_length=ids.shape[1] + args.max_new_tokens, compile=cuda,
                         cuda_graph=cuda)
     with torch.no_grad():
