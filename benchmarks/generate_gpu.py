@@ -181,8 +181,8 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
                     who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False,
                     attention="decode", torchao_eager=False, torchao_tuning=False) -> list[Variant]:
     """bf16 first (stock, then with graphquant's decode attention when ``attention == "decode"``), then
-    graphquant without and with QuaRot, then torchao (last: with ``torchao_tuning`` its ``quantize_`` changes inductor settings
-    for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
+    graphquant without and with QuaRot, then torchao (last: with ``torchao_tuning`` its ``quantize_`` changes
+    inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
     as every speedup needs it, unless ``no_bf16``: a run to merge with one that has it);
     ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all); ``attention``: the
     graphquant rows' attention ("decode": ``prepare``'s default, or "sdpa"); ``torchao_eager``: torchao rows

@@ -16,9 +16,10 @@ static cache).
 The backend takes the decode calls it can (one query position, CUDA, 16-bit floats, head sizes
 16-256, a mask of one row per sequence or none, no dropout / softcap / attention sinks / position
 bias) and hands everything else (prefill, CPU, other cases) to transformers' own ``sdpa`` function
-unchanged. It asks transformers for the same masks as ``sdpa``, and runs graphquant's online attention work
-(QuaRot's R3, KV-cache quantizers) first where a module carries it, so it also replaces ``graphquant_sdpa``. On CPU the op runs a float
-reference (:func:`decode_attention_reference`), which the tests compare the kernel with.
+unchanged. It asks transformers for the same masks as ``sdpa``, and runs graphquant's online attention
+work (QuaRot's R3, KV-cache quantizers) first where a module carries it, so it also replaces
+``graphquant_sdpa``. On CPU the op runs a float reference (:func:`decode_attention_reference`), which the
+tests compare the kernel with.
 """
 from __future__ import annotations
 

@@ -162,6 +162,6 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
         D=D, BLOCK_G=max(MIN_ROWS, triton.next_power_of_2(G)), BLOCK=BLOCK_S, MASK=kind, DIRECT=direct, OP=op,
         num_warps=4)
     if not direct:
-        decode_attention_combine_kernel[(B * HQ,)](o_part, ml, out, splits, D=D, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                   num_warps=4)
+        decode_attention_combine_kernel[(B * HQ,)](o_part, ml, out, splits, D=D,
+                                                   BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
     return out
