@@ -119,7 +119,7 @@ def _greedy(model, ids, n):
     return StaticDecoder(model, ids.shape[0], ids.shape[1] + n + 3, compile=False).generate(ids, n)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral", "gemma", "phi3"])
 def test_backend_decodes_the_tokens_of_sdpa(on_cpu, arch):
     """Grouped-query tiny models: the decode steps go through the op (counted), prefill through sdpa,
     and the greedy tokens equal those of the stock sdpa model."""
@@ -190,3 +190,13 @@ def test_kernel_on_the_gpu_at_llama3_8b_shapes(batch):
             assert (got.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
     sdpa = _sdpa(q, k, v, keep, 128 ** -0.5)
     assert (DA.decode_attention(q, k, v, keep, 128 ** -0.5).float() - sdpa.float()).abs().max() < 2e-2
+
+
+def test_backend_with_a_sliding_window_cache(on_cpu):
+    """Mistral with a 5-token window: the static cache keeps a 5-slot ring (StaticSlidingWindowLayer) and the mask
+    says which slots are live; 14 new tokens go past the window and equal sdpa's."""
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    want = _greedy(tiny_model("mistral", seed=2, sliding_window=5), ids, 14)
+    model = DA.use(tiny_model("mistral", seed=2, sliding_window=5))
+    assert torch.equal(_greedy(model, ids, 14), want)
+    assert on_cpu and all(shape[2] == 1 for shape in on_cpu)
