@@ -43,7 +43,6 @@ def compile_only(monkeypatch):
         def is_active(self):
             return True
 
-    from graphquant.kernels import decode_attention_triton as DA
     from graphquant.kernels import hadamard_triton as HT
     from graphquant.kernels import quant_triton as QT
 
@@ -65,7 +64,6 @@ def compile_only(monkeypatch):
     monkeypatch.setattr(QT, "_sm_count", lambda index: 132)
     monkeypatch.setattr(QT, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(HT, "_multiprocessors", lambda device: 132)
-    monkeypatch.setattr(DA, "_multiprocessors", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     try:
         yield errors

@@ -14,12 +14,13 @@ scale and the mask applied in fp32, probabilities rounded to the input dtype for
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .quant_triton import _sm_count
 
 __all__ = ["decode_attention_triton", "supports", "split_plan"]
 
@@ -111,11 +112,6 @@ def supports(query: torch.Tensor, key: torch.Tensor) -> bool:
             and d in (16, 32, 64, 128, 256) and query.shape[1] % key.shape[1] == 0)
 
 
-@functools.lru_cache(maxsize=16)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 132
-
-
 def split_plan(batch: int, kv_heads: int, positions: int, sms: int = 132) -> tuple[int, int]:
     """(chunk, splits): cache positions per program and chunks per (sequence, KV head), about
     ``TARGET_PROGRAMS`` programs per multiprocessor and at least one ``BLOCK_S`` block per chunk."""
@@ -137,7 +133,11 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
         key, value = key.contiguous(), value.contiguous()
     q = query if query.stride(-1) == 1 else query.contiguous()
     if splits is None:
-        chunk, splits = split_plan(B, HKV, S, _multiprocessors(q.device.index or 0) if q.is_cuda else 132)
+        if q.is_cuda:
+            chunk, splits = split_plan(B, HKV, S, _sm_count(q.device.index if q.device.index is not None
+                                                            else torch.cuda.current_device()))
+        else:  # Triton's CPU interpreter
+            chunk, splits = split_plan(B, HKV, S)
     else:
         chunk = triton.cdiv(triton.cdiv(S, splits), BLOCK_S) * BLOCK_S
         splits = triton.cdiv(S, chunk)
