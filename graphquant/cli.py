@@ -515,10 +515,10 @@ def _generate_fast(args, model, tok, ids) -> int:
         except PrepareError as e:
             raise CliError(f"--fast: {_one_line(e)}; run without --fast", EXIT_USAGE) from e
     cuda = ids.is_cuda
-    if cuda and getattr(model.config, "_attn_implementation", None) == "sdpa":
-        from . import decode_attention  # float models too; prepare switched the quantized ones
+    if cuda:
+        from . import decode_attention  # float models too (prepare already switched the quantized ones)
 
-        decode_attention.use(model)
+        decode_attention.use_if_sdpa(model)
     dec = StaticDecoder(model, batch_size=1, max_length=ids.shape[1] + args.max_new_tokens, compile=cuda,
                         cuda_graph=cuda)
     with torch.no_grad():

@@ -27,9 +27,10 @@ from typing import Optional
 
 import torch
 
-from .export.attention import ONLINE_ATTR
+from .export.attention import ONLINE_ATTR, PREFIX
 
-__all__ = ["NAME", "decode_attention", "decode_attention_reference", "attention_forward", "register", "use"]
+__all__ = ["NAME", "decode_attention", "decode_attention_reference", "attention_forward", "register", "use",
+           "use_if_sdpa"]
 
 #: the attention implementation name registered with transformers
 NAME = "graphquant_decode"
@@ -148,4 +149,13 @@ def use(model):
     """Switch a transformers model to this backend (in place); returns the model."""
     register()
     model.set_attn_implementation(NAME)
+    return model
+
+
+def use_if_sdpa(model):
+    """:func:`use` where the model runs transformers' ``sdpa`` or graphquant's ``graphquant_sdpa`` (both of which
+    this backend serves); another choice (eager, flash attention, this backend already) is left as it is.
+    Returns the model."""
+    if getattr(model.config, "_attn_implementation", None) in ("sdpa", PREFIX + "sdpa"):
+        use(model)
     return model

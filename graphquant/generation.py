@@ -224,10 +224,10 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.drop_codes(device)
-        if attention == "decode" and getattr(model.config, "_attn_implementation", None) in ("sdpa", A.PREFIX + "sdpa"):
+        if attention == "decode":
             from . import decode_attention
 
-            decode_attention.use(model)
+            decode_attention.use_if_sdpa(model)
     report["attention"] = getattr(model.config, "_attn_implementation", None)
     model.__dict__[PREPARED_ATTR] = report
     return model

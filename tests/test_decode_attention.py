@@ -200,3 +200,15 @@ def test_backend_with_a_sliding_window_cache(on_cpu):
     model = DA.use(tiny_model("mistral", seed=2, sliding_window=5))
     assert torch.equal(_greedy(model, ids, 14), want)
     assert on_cpu and all(shape[2] == 1 for shape in on_cpu)
+
+
+def test_use_if_sdpa_switches_sdpa_and_graphquant_sdpa_only():
+    from graphquant.export import attention as A
+
+    assert DA.use_if_sdpa(tiny_model("llama")).config._attn_implementation == DA.NAME
+    wrapped = tiny_model("llama")
+    wrapped.set_attn_implementation(A.register("sdpa"))  # graphquant_sdpa: online R3 / KV quantizers
+    assert DA.use_if_sdpa(wrapped).config._attn_implementation == DA.NAME
+    eager = tiny_model("llama")
+    eager.set_attn_implementation("eager")
+    assert DA.use_if_sdpa(eager).config._attn_implementation == "eager"
