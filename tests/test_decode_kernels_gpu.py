@@ -41,6 +41,19 @@ def _case(kind, M, N, K, zero, g):
     return op, a @ W.t() + bias.float()
 
 
+def _every_config_matches(kernel, kind, M, N, K, configs, seed):
+    """``kernel(**op, out_dtype=fp32, config=cfg)`` within 2e-5 of the fp32 reference for each config (and each
+    zero-point option of int4); returns the last case's operands."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for zero in ((False, True) if kind == "W4A16" else (False,)):
+        op, ref = _case(kind, M, N, K, zero, g)
+        for cfg in configs:
+            out = kernel(**op, out_dtype=torch.float32, config=cfg)
+            err = float((out - ref).abs().max() / ref.abs().max())
+            assert err < 2e-5, (kind, M, N, K, zero, cfg, err)
+    return op
+
+
 @pytest.mark.parametrize("kind", ["W8A16", "W4A16", "W8A8-int8", "W8A8-fp8"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
@@ -48,15 +61,9 @@ def test_gemv_matches_reference_for_every_tile_option(kind, M, N, K):
     from graphquant.kernels import int8_mm
     from graphquant.kernels import quant_triton as QT
 
-    g = torch.Generator(device="cuda").manual_seed(M * 7 + N)
-    for zero in ((False, True) if kind == "W4A16" else (False,)):
-        op, ref = _case(kind, M, N, K, zero, g)
-        configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=2)
-                            for bn, bk, sk in [(4, 256, 1), (16, 1024, 4)]]  # each compiles: keep the call short
-        for cfg in configs:
-            out = QT.gemv(**op, out_dtype=torch.float32, config=cfg)
-            err = float((out - ref).abs().max() / ref.abs().max())
-            assert err < 2e-5, (kind, M, N, K, zero, cfg, err)
+    configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=2)
+                        for bn, bk, sk in [(4, 256, 1), (16, 1024, 4)]]  # each compiles: keep the call short
+    _every_config_matches(QT.gemv, kind, M, N, K, configs, seed=M * 7 + N)
     assert "gemv" not in int8_mm._FAILED
 
 
@@ -66,14 +73,9 @@ def test_gemv_matches_reference_for_every_tile_option(kind, M, N, K):
 def test_gemv_packed_matches_reference_for_every_tile_option(kind, M, N, K):
     from graphquant.kernels import quant_triton as QT
 
-    g = torch.Generator(device="cuda").manual_seed(M * 5 + N)
-    for zero in ((False, True) if kind == "W4A16" else (False,)):
-        op, ref = _case(kind, M, N, K, zero, g)
-        for cfg in [None] + [dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=sk, num_warps=w)
-                             for bn, bq, sk, w in [(16, 32, 1, 4), (64, 64, 3, 8)]]:
-            out = QT.gemv_packed(**op, out_dtype=torch.float32, config=cfg)
-            err = float((out - ref).abs().max() / ref.abs().max())
-            assert err < 2e-5, (kind, M, N, K, zero, cfg, err)
+    configs = [None] + [dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=sk, num_warps=w)
+                        for bn, bq, sk, w in [(16, 32, 1, 4), (64, 64, 3, 8)]]
+    op = _every_config_matches(QT.gemv_packed, kind, M, N, K, configs, seed=M * 5 + N)
     # a layout it cannot read as words is refused (None), not misread
     assert QT.gemv_packed(op["a"][:, 1:], op["w"][:, 1:], op["w_scale"], w_kind=op["w_kind"],
                           group=op.get("group", 0)) is None
