@@ -102,3 +102,21 @@ def tiny_saved_llama(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_llama")
     tiny_model("llama").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def decode_attention_on_cpu(monkeypatch):
+    """graphquant's decode attention backend takes CPU decode calls too (the op then runs its reference), to test
+    the plumbing without a GPU; yields the list of the query shapes of the op's calls."""
+    from graphquant import decode_attention as DA
+
+    monkeypatch.setattr(DA, "DEVICES", ("cuda", "cpu"))
+    calls = []
+    real = DA.decode_attention_reference
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(DA, "decode_attention_reference", counted)
+    return calls

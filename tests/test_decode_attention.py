@@ -100,27 +100,12 @@ def test_split_plan_covers_the_cache_with_enough_programs():
         assert b * h * splits >= min(K.TARGET_PROGRAMS * 132, b * h * -(-s // K.BLOCK_S)) * 0.5
 
 
-@pytest.fixture
-def on_cpu(monkeypatch):
-    """The backend takes CPU decode calls too (the op then runs the reference), to test the plumbing."""
-    monkeypatch.setattr(DA, "DEVICES", ("cuda", "cpu"))
-    calls = []
-    real = DA.decode_attention_reference
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(DA, "decode_attention_reference", counted)
-    return calls
-
-
 def _greedy(model, ids, n):
     return StaticDecoder(model, ids.shape[0], ids.shape[1] + n + 3, compile=False).generate(ids, n)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral", "gemma", "phi3"])
-def test_backend_decodes_the_tokens_of_sdpa(on_cpu, arch):
+def test_backend_decodes_the_tokens_of_sdpa(decode_attention_on_cpu, arch):
     """Grouped-query tiny models: the decode steps go through the op (counted), prefill through sdpa,
     and the greedy tokens equal those of the stock sdpa model."""
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -130,7 +115,8 @@ def test_backend_decodes_the_tokens_of_sdpa(on_cpu, arch):
     assert model.config._attn_implementation == DA.NAME
     got = _greedy(model, ids, 10)
     assert torch.equal(got, want)
-    assert on_cpu and all(s[2] == 1 for s in on_cpu)  # one query position per call
+    calls = decode_attention_on_cpu
+    assert calls and all(s[2] == 1 for s in calls)  # one query position per call
     # logits of one decode step agree to rounding (not only the argmax)
     dec_a, dec_b = StaticDecoder(ref_model, 2, 20, compile=False), StaticDecoder(model, 2, 20, compile=False)
     for d in (dec_a, dec_b):
@@ -141,14 +127,14 @@ def test_backend_decodes_the_tokens_of_sdpa(on_cpu, arch):
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-4)
 
 
-def test_backend_compiles_into_the_decode_step(on_cpu):
+def test_backend_compiles_into_the_decode_step(decode_attention_on_cpu):
     """fullgraph torch.compile of the decode step keeps the op as one node (as on the GPU, before the CUDA graph)."""
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(3))
     want = _greedy(tiny_model("llama", seed=4), ids, 6)
     model = DA.use(tiny_model("llama", seed=4))
     dec = StaticDecoder(model, 1, 16, compile=True, compile_prefill=False)
     assert torch.equal(dec.generate(ids, 6), want)
-    assert len(on_cpu) >= 5 * 2  # 5 compiled decode steps x 2 layers ran the op
+    assert len(decode_attention_on_cpu) >= 5 * 2  # 5 compiled decode steps x 2 layers ran the op
 
 
 def test_other_calls_go_to_sdpa_unchanged(monkeypatch):
@@ -192,14 +178,15 @@ def test_kernel_on_the_gpu_at_llama3_8b_shapes(batch):
     assert (DA.decode_attention(q, k, v, keep, 128 ** -0.5).float() - sdpa.float()).abs().max() < 2e-2
 
 
-def test_backend_with_a_sliding_window_cache(on_cpu):
+def test_backend_with_a_sliding_window_cache(decode_attention_on_cpu):
     """Mistral with a 5-token window: the static cache keeps a 5-slot ring (StaticSlidingWindowLayer) and the mask
     says which slots are live; 14 new tokens go past the window and equal sdpa's."""
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
     want = _greedy(tiny_model("mistral", seed=2, sliding_window=5), ids, 14)
     model = DA.use(tiny_model("mistral", seed=2, sliding_window=5))
     assert torch.equal(_greedy(model, ids, 14), want)
-    assert on_cpu and all(shape[2] == 1 for shape in on_cpu)
+    calls = decode_attention_on_cpu
+    assert calls and all(shape[2] == 1 for shape in calls)
 
 
 def test_use_if_sdpa_switches_sdpa_and_graphquant_sdpa_only():

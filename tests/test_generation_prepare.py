@@ -100,7 +100,7 @@ def test_prepared_model_cannot_be_saved_and_prepare_needs_a_graphquant_model(tmp
 
 
 @pytest.mark.parametrize("pre,kv", [((), None), ((C.QuaRotConfig(),), "fp8")])
-def test_prepared_model_decodes_through_the_decode_attention_backend(monkeypatch, pre, kv):
+def test_prepared_model_decodes_through_the_decode_attention_backend(decode_attention_on_cpu, pre, kv):
     """The attention switch of prepare (CUDA only) on CPU, with the backend taking CPU calls: the
     quantized model's greedy tokens are unchanged and its decode steps ran the op. With QuaRot and an
     fp8 KV cache the backend replaces ``graphquant_sdpa`` and runs its online R3 and K/V quantizers."""
@@ -108,7 +108,6 @@ def test_prepared_model_decodes_through_the_decode_attention_backend(monkeypatch
     from graphquant import generation as G
     from graphquant.static_decode import StaticDecoder
 
-    monkeypatch.setattr(DA, "DEVICES", ("cuda", "cpu"))
     model = tiny_model("llama", seed=5)
     qm = gq.quantize(model, make_config("w_int8_per_channel_a_int8_per_token", None, pre=pre, kv=kv), calib(),
                      progress=False)
@@ -117,11 +116,12 @@ def test_prepared_model_decodes_through_the_decode_attention_backend(monkeypatch
     assert ref.config._attn_implementation == ("graphquant_sdpa" if pre else "sdpa")
     want = StaticDecoder(ref, 2, 20, compile=False).generate(ids, 8)
     hf = prepare(qm.to_hf(), check=False)
-    DA.use(hf)  # what prepare does on CUDA
+    DA.use_if_sdpa(hf)  # what prepare does on CUDA
+    assert hf.config._attn_implementation == DA.NAME
     if pre:
         assert hf.model.layers[0].self_attn.graphquant_online.r3  # kept: a K quantizer follows it
-    calls, reference = [], DA.decode_attention_reference
-    monkeypatch.setattr(DA, "decode_attention_reference", lambda *a: calls.append(1) or reference(*a))
+    calls = decode_attention_on_cpu
+    assert not calls  # the reference model (sdpa / graphquant_sdpa) never ran the op
     assert torch.equal(StaticDecoder(hf, 2, 20, compile=False).generate(ids, 8), want)
     assert len(calls) == (7 + 1) * hf.config.num_hidden_layers  # 7 decode steps + the cache-allocating forward
     assert G.PREPARED_ATTR in hf.__dict__
