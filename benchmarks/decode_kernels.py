@@ -5,12 +5,15 @@ One GPU call::
 
     PYTHONPATH=. python benchmarks/decode_kernels.py [--stages 2] [--out benchmarks/results/decode_kernels.json]
                                                      [--tuned graphquant/kernels/gemv_tuned.json]
+    # a partial sweep (replaces a tuned entry only where it measured something faster):
+    PYTHONPATH=. python benchmarks/decode_kernels.py --kinds W4A16 --impls w4_mma,gemv_packed --quick
 
 For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144x4096, gate/up
 14336x4096, fused gate|up 28672x4096, down 4096x14336), each weight kind (W8A16 int8 per-channel, W4A16
 int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every option of the decode kernels
-in ``graphquant.kernels.quant_triton`` (``gemv`` on CUDA cores at M = 1; ``wq_mm``, the W8A8 tensor-core
-kernel, which dequantizes weight-only codes in registers), each checked against an
+in ``graphquant.kernels.quant_triton`` (``gemv`` and ``gemv_packed`` on CUDA cores at M = 1; ``wq_mm``, the
+W8A8 tensor-core kernel, which dequantizes weight-only codes in registers; ``w4_mma``, W4A16 on tensor cores
+with the weight as the left operand), each checked against an
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
@@ -55,10 +58,24 @@ def gemv_options(kind: str, stages_list):
             yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
 
 
-def packed_options(kind: str):
-    for bn, bq, split, warps in itertools.product((16, 32, 64), (32, 64, 128), (1, 2, 4), (4, 8)):
+def packed_options(kind: str, quick: bool = False):
+    """``gemv_packed`` tiles; ``quick``: the neighbourhood of the earlier sweeps' winners (BLOCK_N 16-32,
+    BLOCK_Q 128, 4 warps), each with and without the register prefetch."""
+    if quick:
+        for bn, bq, split, prefetch in itertools.product((16, 32), (128,), (1, 2, 4), (False, True)):
+            yield dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=split, num_warps=4, PREFETCH=prefetch)
+        return
+    for bn, bq, split, warps, prefetch in itertools.product((16, 32, 64), (32, 64, 128), (1, 2, 4), (4, 8),
+                                                            (False, True)):
         if bn * bq <= 4096 and (warps == 4 or bn * bq >= 2048):
-            yield dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=split, num_warps=warps)
+            yield dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=split, num_warps=warps, PREFETCH=prefetch)
+
+
+def w4_mma_options(quick: bool = False):
+    """``w4_mma`` tiles: weight rows per program, split-K, prefetch, pipeline stages."""
+    splits = (1, 2, 4) if quick else (1, 2, 4, 8)
+    for bn, split, prefetch, stages in itertools.product((32, 64, 128), splits, (False, True), (1, 3)):
+        yield dict(BLOCK_N=bn, SPLIT_K=split, PREFETCH=prefetch, num_warps=4, num_stages=stages)
 
 
 def mma_options(kind: str):
@@ -115,19 +132,23 @@ def main():
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all of SHAPES)")
     ap.add_argument("--kinds", default="", help="comma-separated kinds (default: all of KINDS)")
-    ap.add_argument("--impls", default="", help="comma-separated kernels: gemv, gemv_packed, wq_mm (default: all)")
+    ap.add_argument("--impls", default="",
+                    help="comma-separated kernels: gemv, gemv_packed, w4_mma, wq_mm (default: all)")
     ap.add_argument("--m", default="1,16", help="comma-separated M values")
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller option grids for gemv_packed and w4_mma (each option is one Triton compile)")
     args = ap.parse_args()
     args.shapes, args.kinds, args.impls = ([v for v in a.split(",") if v] for a in (args.shapes, args.kinds, args.impls))
     args.m = [int(v) for v in args.m.split(",")]
+    if unknown := [v for v in args.shapes if v not in SHAPES]:
+        raise SystemExit(f"decode_kernels.py: unknown --shapes {unknown}; choose from {', '.join(SHAPES)}")
     stages = [int(v) for v in args.stages.split(",")]
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
     t0 = time.time()
     rows, best, summary = [], {}, []
-    for sname, (N, K) in SHAPES.items():
-        if args.shapes and sname not in args.shapes:
-            continue
+    for sname in args.shapes or SHAPES:  # in the order given, so a time budget cuts the last ones
+        N, K = SHAPES[sname]
         t_bf16, t_bf16_16 = bf16_us(N, K, dev)
         print(f"\n{sname:8s} N={N:6d} K={K:6d}  bf16 cuBLAS {t_bf16:6.1f} us ({2 * N * K / t_bf16 / 1e3:5.0f} GB/s); "
               f"M=16 {t_bf16_16:6.1f} us", flush=True)
@@ -145,14 +166,18 @@ def main():
                 impls = (["gemv"] if M == 1 else []) + ["wq_mm"]
                 if M == 1 and kind in ("W8A16", "W4A16"):
                     impls.append("gemv_packed")
+                if kind == "W4A16":
+                    impls.append("w4_mma")
                 impls = [i for i in impls if not args.impls or i in args.impls]
                 for impl in impls:
                     opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
-                            "gemv_packed": lambda: packed_options(kind)}[impl]()
+                            "gemv_packed": lambda: packed_options(kind, args.quick),
+                            "w4_mma": lambda: w4_mma_options(args.quick)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
-                        fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "gemv_packed": QT.gemv_packed}[impl]
+                        fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "gemv_packed": QT.gemv_packed,
+                              "w4_mma": QT.w4_mma}[impl]
                         if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
                         try:

@@ -73,12 +73,25 @@ def test_gemv_matches_reference_for_every_tile_option(kind, M, N, K):
 def test_gemv_packed_matches_reference_for_every_tile_option(kind, M, N, K):
     from graphquant.kernels import quant_triton as QT
 
-    configs = [None] + [dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=sk, num_warps=w)
-                        for bn, bq, sk, w in [(16, 32, 1, 4), (64, 64, 3, 8)]]
+    configs = [None] + [dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=sk, num_warps=w, PREFETCH=pf)
+                        for bn, bq, sk, w, pf in [(16, 32, 1, 4, False), (64, 64, 3, 8, False), (32, 128, 2, 4, True)]]
     op = _every_config_matches(QT.gemv_packed, kind, M, N, K, configs, seed=M * 5 + N)
     # a layout it cannot read as words is refused (None), not misread
     assert QT.gemv_packed(op["a"][:, 1:], op["w"][:, 1:], op["w_scale"], w_kind=op["w_kind"],
                           group=op.get("group", 0)) is None
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
+def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
+    from graphquant.kernels import quant_triton as QT
+
+    configs = [None] + [dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=4, num_stages=st, PREFETCH=pf)
+                        for bn, sk, st, pf in [(32, 1, 1, False), (64, 3, 3, True), (128, 2, 1, True)]]
+    op = _every_config_matches(QT.w4_mma, "W4A16", M, N, K, configs, seed=M * 3 + N)
+    # what it cannot take is refused (None): fp32 activations, more than 16 rows
+    assert QT.w4_mma(op["a"].float(), op["w"], op["w_scale"], group=GROUP) is None
+    assert QT.w4_mma(op["a"].repeat(17, 1)[:17], op["w"], op["w_scale"], group=GROUP) is None
 
 
 def test_linear_entry_points_use_the_decode_kernels():

@@ -1,6 +1,7 @@
-"""Split-K in the decode matmul kernels (``wq_mm``, ``gemv``, ``gemv_packed``): each split writes its slice of an
+"""Split-K in the decode matmul kernels (``wq_mm``, ``gemv``, ``gemv_packed``, ``w4_mma``): each split writes its slice of an
 fp32 workspace and ``split_sum`` adds them up; the result equals the one-split launch and an fp32 reference, with
-and without bias, for int8 weight-only, int8 W8A8 and int4 weights. Run in Triton's CPU interpreter (a
+and without bias, for int8 weight-only, int8 W8A8 and int4 weights (with zero points for ``w4_mma``), and with
+the register prefetch of ``gemv_packed`` / ``w4_mma``. Run in Triton's CPU interpreter (a
 subprocess); kernels this Triton's interpreter cannot run (``gemv_packed``'s masks on Triton 3.9) are reported
 and skipped, the others must pass."""
 from __future__ import annotations
@@ -25,9 +26,9 @@ N, K, G = 96, 512, 32
 def deq8(w, s):
     return w.float() * s[:, None]
 
-def deq4(w, s):
+def deq4(w, s, z=None):
     u = torch.stack([w & 0xF, w >> 4], -1).reshape(w.shape[0], K).float()
-    return (u - 8.0) * s.repeat_interleave(G, 1)
+    return (u - (8.0 if z is None else z.float().repeat_interleave(G, 1))) * s.repeat_interleave(G, 1)
 
 skipped, checked = set(), 0
 for M, bias in itertools.product((1, 3), (False, True)):
@@ -36,6 +37,8 @@ for M, bias in itertools.product((1, 3), (False, True)):
     w8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N) / 100
     q, sa = torch.randint(-127, 128, (M, K), dtype=torch.int8), torch.rand(M, 1) / 50
     w4, s4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8), torch.rand(N, K // G) / 100
+    z4 = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
+    a16 = torch.randn(M, K).half()
     extra = b if bias else 0
     cases = {
         "gemv int8": (lambda c: QT.gemv(a, w8, s8, w_kind=QT.W_INT8, bias=b, out_dtype=torch.float32,
@@ -53,6 +56,26 @@ for M, bias in itertools.product((1, 3), (False, True)):
                                                       out_dtype=torch.float32,
                                                       config=dict(BLOCK_N=16, BLOCK_Q=16, num_warps=4, **c)),
                              a @ deq4(w4, s4).T + extra),
+        "gemv_packed int8 prefetch": (lambda c: QT.gemv_packed(a, w8, s8, w_kind=QT.W_INT8, bias=b,
+                                                               out_dtype=torch.float32,
+                                                               config=dict(BLOCK_N=16, BLOCK_Q=16, num_warps=4,
+                                                                           PREFETCH=True, **c)),
+                                      a @ deq8(w8, s8).T + extra),
+        "gemv_packed int4 prefetch": (lambda c: QT.gemv_packed(a, w4, s4, w_kind=QT.W_INT4, group=G, bias=b,
+                                                               out_dtype=torch.float32,
+                                                               config=dict(BLOCK_N=16, BLOCK_Q=16, num_warps=4,
+                                                                           PREFETCH=True, **c)),
+                                      a @ deq4(w4, s4).T + extra),
+        # w4_mma takes 16-bit activations only; fp16 (the interpreter's bf16 dots are not exact): products
+        # of fp16 values and small integers are exact in the fp32 reference
+        "w4_mma": (lambda c: QT.w4_mma(a16, w4, s4, group=G, bias=b, out_dtype=torch.float32,
+                                       config=dict(BLOCK_N=32, num_warps=4, num_stages=1, **c)),
+                   a16.float() @ deq4(w4, s4).T + extra),
+        "w4_mma zero point, prefetch": (lambda c: QT.w4_mma(a16, w4, s4, w_zero=z4, group=G, bias=b,
+                                                            out_dtype=torch.float32,
+                                                            config=dict(BLOCK_N=32, num_warps=4, num_stages=1,
+                                                                        PREFETCH=True, **c)),
+                                        a16.float() @ deq4(w4, s4, z4).T + extra),
     }
     for name, (run, ref) in cases.items():
         if name in skipped:
@@ -69,7 +92,7 @@ for M, bias in itertools.product((1, 3), (False, True)):
             err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
             assert err < tol, (name, M, bias, split, err)
             checked += 1
-assert {"gemv int8", "wq_mm int8", "wq_mm w8a8"}.isdisjoint(skipped), skipped
+assert {"gemv int8", "wq_mm int8", "wq_mm w8a8", "w4_mma", "w4_mma zero point, prefetch"}.isdisjoint(skipped), skipped
 print("checked", checked, "skipped", sorted(skipped))
 """
 

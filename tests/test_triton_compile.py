@@ -121,9 +121,17 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
         if a_kind == "float":
             for M in (1, 4):
                 op = {**_activation(a_kind, M, K), **_weight(w_kind, N, K)}
-                _call(errors, f"gemv_packed {w_kind} M={M}",
-                      lambda: QT.gemv_packed(**op, bias=bias, out_dtype=BF,
-                                             config=dict(BLOCK_N=32, BLOCK_Q=64, SPLIT_K=2, num_warps=4)))
+                for prefetch in (False, True):
+                    _call(errors, f"gemv_packed {w_kind} M={M} prefetch={prefetch}",
+                          lambda: QT.gemv_packed(**op, bias=bias, out_dtype=BF,
+                                                 config=dict(BLOCK_N=32, BLOCK_Q=64, SPLIT_K=2, num_warps=4,
+                                                             PREFETCH=prefetch)))
+                if w_kind.startswith("int4"):
+                    for prefetch, split in ((False, 1), (True, 2)):
+                        _call(errors, f"w4_mma {w_kind} M={M} prefetch={prefetch} split={split}",
+                              lambda: QT.w4_mma(**{k: v for k, v in op.items() if k != "w_kind"}, bias=bias,
+                                                out_dtype=BF, config=dict(BLOCK_N=64, SPLIT_K=split, num_warps=4,
+                                                                          num_stages=2, PREFETCH=prefetch)))
     assert not errors, errors
 
 

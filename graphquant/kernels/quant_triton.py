@@ -1,6 +1,6 @@
 """Triton kernels behind the lowered linears (CUDA only; ``triton`` is imported lazily).
 
-Six kernels, each with a launch wrapper that takes and returns torch tensors:
+Seven kernels, each with a launch wrapper that takes and returns torch tensors:
 
 ``quantize_rows``     activation quantization: float rows -> int8 / fp8 e4m3 codes and one fp32
                       scale per row (dynamic per-token), or codes under a given per-tensor scale
@@ -18,6 +18,9 @@ Six kernels, each with a launch wrapper that takes and returns torch tensors:
                       int4 nibbles turned into floats by bit operations, optional split-K.
 ``gemv_packed``       weight-only decode (M <= 4, float activations, int8 or int4 weights): the weight
                       read as int32 words, codes turned into floats from their bits in place.
+``w4_mma``            W4A16 at decode-sized M (<= 16) on tensor cores with the weight as the left operand
+                      ("swap AB"), nibbles turned into 16-bit floats from their bits, group scales applied
+                      to each group's partial product.
 ``scale_epilogue``    ``out = acc * sa * sw (+ bias)`` for the int32 result of ``torch._int_mm``.
 ``dequantize_weight`` int8 / int4-packed weight -> float (the prefill path feeds it to cuBLAS).
 
@@ -26,7 +29,7 @@ as unsigned nibbles ``u`` (signed codes shifted by 8), two per byte, the low nib
 even column: ``byte[n, j] = u[n, 2j] | u[n, 2j+1] << 4``; the weight is ``(u - z) * s`` with ``z``
 the (shifted) zero point per group, 8 when none is stored.
 
-``decode_mm`` picks ``gemv``, ``gemv_packed`` or ``wq_mm`` (and their tiles) per shape from
+``decode_mm`` picks ``gemv``, ``gemv_packed``, ``w4_mma`` or ``wq_mm`` (and their tiles) per shape from
 ``gemv_tuned.json``, the table ``benchmarks/decode_kernels.py`` measures on the GPU, or from heuristics;
 where that table names torch's int4 kernel ("tinygemm"), ``QuantLinear`` runs it.
 
@@ -369,7 +372,7 @@ def _packed_store(acc, m, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm,
 def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, stride_cm, stride_sw,
                        GROUP: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
+                       SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = False):
     """Weight-only decode GEMV (float activations, M <= BLOCK_M <= 4) reading the weight as int32 words.
 
     ``B`` is the weight viewed as int32 (N, Q): 4 int8 codes or 8 int4 nibbles (low first) per word, so
@@ -380,7 +383,9 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, str
     used by every activation row (one 2-D accumulator per row: no 3-D layouts, no shared-memory shuffles
     in the loop); products are summed once after the loop; int4 group scales (and zero points) are
     gathered per word (a word never straddles a group: GROUP % 8 == 0). ``SPLIT_K > 1``: partial sums
-    go to the split's slice of an fp32 workspace (:func:`split_sum` adds them up); the bias only in split 0."""
+    go to the split's slice of an fp32 workspace (:func:`split_sum` adds them up); the bias only in split 0.
+    ``PREFETCH``: the next tile's words are loaded before this tile is decoded (register double-buffering, so
+    every program keeps a load in flight while it computes)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -396,11 +401,19 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, str
     acc1 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    w_ptrs = B + rn64[:, None] * stride_bn + tl.arange(0, BLOCK_Q)[None, :]
+    if PREFETCH:
+        rq0 = q_lo + tl.arange(0, BLOCK_Q)
+        w_next = tl.load(w_ptrs + q_lo, mask=n_ok[:, None] & (rq0 < q_hi)[None, :], other=0)
     for q0 in range(q_lo, q_hi, BLOCK_Q):
         rq = q0 + tl.arange(0, BLOCK_Q)
         q_ok = rq < q_hi
         w_mask = n_ok[:, None] & q_ok[None, :]
-        w = tl.load(B + rn64[:, None] * stride_bn + rq[None, :], mask=w_mask, other=0)
+        if PREFETCH:
+            w = w_next
+            w_next = tl.load(w_ptrs + (q0 + BLOCK_Q), mask=n_ok[:, None] & (rq + BLOCK_Q < q_hi)[None, :], other=0)
+        else:
+            w = tl.load(w_ptrs + q0, mask=w_mask, other=0)
         xp = A + PER * rq
         if W_KIND == 0:
             w = w ^ -2139062144  # 0x80808080: each signed byte b becomes the unsigned b + 128
@@ -443,6 +456,81 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, str
     if BLOCK_M > 2:
         _packed_store(acc2, 2, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
         _packed_store(acc3, 3, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _nibble_half(u, MAGIC: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr):
+    """Nibbles ``u`` (int32, 0..15) as 16-bit floats ``u - 8``, exact, from their bits: ``MAGIC | u`` is the
+    half / bfloat16 ``SUB - 8 + u`` (1024 + u in fp16, 128 + u in bf16), so one subtraction finishes it (no
+    int->float conversion, which runs at a quarter of the FMA rate)."""
+    return (u | MAGIC).to(tl.int16).to(DT, bitcast=True) - tl.full((1, 1), SUB, DT)
+
+
+@triton.jit
+def w4_mma_kernel(A, B, SW, ZW, BIAS, C, M, N, G, stride_am, stride_bn, stride_cm, stride_sw,
+                  GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, FP16: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """W4A16 at decode-sized M (<= BLOCK_M = 16) on tensor cores, the weight as the *left* operand
+    ("swap AB"): ``out.T (N, M) = W (N, K) @ a.T (K, M)``, so the N rows of the weight fill the MMA's M
+    side and the few activation rows are its narrow N side.
+
+    One loop step is one quantization group of ``BLOCK_N`` weight rows: ``GROUP / 2`` bytes per row. The low
+    nibbles (even columns) and the high nibbles (odd columns) become 16-bit floats ``u - 8`` by bit operations
+    (:func:`_nibble_half`) and meet the even and the odd activation columns in two dots, so the nibbles are
+    never interleaved. The group's fp32 partial product is scaled per row (the group scale) and accumulated;
+    a zero point ``z`` enters as ``-(z - 8) * sum(a over the group)``. ``SPLIT_K`` splits the groups, each
+    split storing its partial sums in its slice of an fp32 workspace (:func:`split_sum`); the bias only in
+    split 0. ``PREFETCH``: the next group's bytes are loaded before this group is decoded."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    HALF: tl.constexpr = GROUP // 2
+    rb = tl.arange(0, HALF)
+    g_per = tl.cdiv(G, SPLIT_K)
+    g_lo = pid_k * g_per
+    g_hi = g_lo + g_per
+    if g_hi > G:
+        g_hi = G
+    if FP16:
+        DT: tl.constexpr = tl.float16
+        MAGIC: tl.constexpr = 0x6400
+        SUB: tl.constexpr = 1032.0
+    else:
+        DT: tl.constexpr = tl.bfloat16
+        MAGIC: tl.constexpr = 0x4300
+        SUB: tl.constexpr = 136.0
+    w_ptrs = B + rn64[:, None] * stride_bn + rb[None, :]
+    x_ptrs = A + rm.to(tl.int64)[None, :] * stride_am + 2 * rb[:, None]
+    s_ptrs = SW + rn64 * stride_sw
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if PREFETCH:
+        w_next = tl.load(w_ptrs + g_lo * HALF, mask=n_ok[:, None] & (g_lo * HALF + rb < g_hi * HALF)[None, :],
+                         other=0)
+    for g in range(g_lo, g_hi):
+        if PREFETCH:
+            w = w_next
+            w_next = tl.load(w_ptrs + (g + 1) * HALF,
+                             mask=n_ok[:, None] & ((g + 1) * HALF + rb < g_hi * HALF)[None, :], other=0)
+        else:
+            w = tl.load(w_ptrs + g * HALF, mask=n_ok[:, None], other=0)
+        w = w.to(tl.int32) & 0xFF
+        xe = tl.load(x_ptrs + g * GROUP, mask=m_ok[None, :], other=0.0)
+        xo = tl.load(x_ptrs + (g * GROUP + 1), mask=m_ok[None, :], other=0.0)
+        part = tl.dot(_nibble_half(w & 0xF, MAGIC, SUB, DT), xe)
+        part = tl.dot(_nibble_half(w >> 4, MAGIC, SUB, DT), xo, part)
+        if HAS_ZERO:
+            z = tl.load(ZW + rn64 * stride_sw + g, mask=n_ok, other=8).to(tl.float32) - 8.0
+            xsum = tl.sum(xe.to(tl.float32), axis=0) + tl.sum(xo.to(tl.float32), axis=0)
+            part -= z[:, None] * xsum[None, :]
+        acc += part * tl.load(s_ptrs + g, mask=n_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc = acc + _bias(BIAS, rn, n_ok, pid_k, SPLIT_K > 1)[:, None]
+    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm.to(tl.int64)[None, :] * stride_cm + rn[:, None]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
@@ -681,6 +769,12 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     impl, cfg = choice
     if impl == "tinygemm":  # torch's kernel runs where the caller holds its layout (QuantLinear); else ours
         impl, cfg = "gemv_packed", {}
+    if impl == "w4_mma":
+        out = w4_mma(a, w, w_scale, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype, config=cfg or None) \
+            if w_kind == W_INT4 and a_scale is None else None
+        if out is not None:
+            return out
+        impl, cfg = "gemv_packed", {}
     if impl == "gemv_packed":
         out = gemv_packed(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
                           config=cfg or None, a_scale=a_scale)
@@ -778,6 +872,7 @@ def _packed_config(M: int, N: int, Q: int, device, cfg: dict | None) -> dict:
         cfg = dict(BLOCK_N=bn, BLOCK_Q=bq, SPLIT_K=split, num_warps=4)
     cfg = dict(cfg)
     cfg.setdefault("SPLIT_K", 1)
+    cfg.setdefault("PREFETCH", False)
     cfg["BLOCK_M"] = bm
     return cfg
 
@@ -803,6 +898,46 @@ def gemv_packed(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_ki
         w_scale.stride(0) if w_scale.dim() == 2 else 0, GROUP=max(group, 8), W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
         HAS_BIAS=bias is not None, **cfg)
+    return split_sum(c, out_dtype)
+
+
+def _w4_mma_config(N: int, G: int, device, cfg: dict | None) -> dict:
+    """Tile options for :func:`w4_mma`: ``cfg`` completed, or 64 weight rows per program with split-K until
+    about ``GEMV_PROGRAMS_PER_SM`` programs per SM."""
+    if not cfg:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        target = GEMV_PROGRAMS_PER_SM * _sm_count(idx)
+        bn, split = 64, 1
+        while -(-N // bn) * split * 2 <= target and G >= split * 4:
+            split *= 2
+        cfg = dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=2)
+    cfg = dict(cfg)
+    cfg.setdefault("SPLIT_K", 1)
+    cfg.setdefault("PREFETCH", False)
+    cfg["BLOCK_M"] = 16
+    return cfg
+
+
+def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_zero=None, bias=None, group: int = 0,
+           out_dtype=None, config: dict | None = None, **_) -> torch.Tensor | None:
+    """W4A16 ``a (M <= 16, K) bf16/fp16 @ dequant(w).T`` through :func:`w4_mma_kernel`; None when the operands do
+    not fit it (other activation dtypes, a group not a multiple of 32, a layout other than nibble-packed
+    (N, K/2) with (N, K/group) scales)."""
+    M, K = a.shape
+    if M > 16 or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1 or group < 32 or group % 32 \
+            or K % group or w.dim() != 2 or w.stride(1) != 1 or 2 * w.shape[1] != K \
+            or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 or w_scale.shape[1] != K // group \
+            or (w_zero is not None and w_zero.stride() != w_scale.stride()):
+        return None
+    N, G = w.shape[0], K // group
+    out_dtype = out_dtype or a.dtype
+    cfg = _w4_mma_config(N, G, a.device, config)
+    split = cfg["SPLIT_K"]
+    c = _output(M, N, split, a.device, out_dtype)
+    w4_mma_kernel[(-(-N // cfg["BLOCK_N"]), split)](
+        a, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale, c,
+        M, N, G, a.stride(0), w.stride(0), c.stride(-2), w_scale.stride(0), GROUP=group,
+        HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP16=a.dtype == torch.float16, **cfg)
     return split_sum(c, out_dtype)
 
 
