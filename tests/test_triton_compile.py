@@ -164,3 +164,45 @@ def test_decode_attention_kernels_compile_for_sm90(compile_only):
                 _call(errors, f"decode_attention {hq}/{hkv}x{d} {name} splits={splits}",
                       lambda: DA.decode_attention_triton(q, k, v, m, d ** -0.5, splits=splits))
     assert not errors, errors
+
+
+def test_every_tuned_decode_entry_names_a_kernel_and_its_options(compile_only):
+    """``gemv_tuned.json`` (written on the GPU by ``benchmarks/decode_kernels.py``) picks a kernel and tile
+    options per shape; each entry must name a kernel ``decode_mm`` runs, with options that kernel takes, and
+    compile for sm_90 through ``decode_mm`` itself (a shrunken N keeps the weights small; K stays)."""
+    import inspect
+
+    from graphquant.kernels import quant_triton as QT
+
+    table = QT._tuned("NVIDIA H200")
+    assert table, "no tuned entries for the H200"
+    kernels = {"gemv": QT.gemv_kernel, "gemv_packed": QT.gemv_packed_kernel, "w4_mma": QT.w4_mma_kernel,
+               "wq_mm": QT.wq_mm_kernel}
+    errors = compile_only
+    seen = set()
+    for (a_kind, w_kind, N, K, m), cfg in sorted(table.items()):
+        impl = cfg.get("impl", "gemv")
+        assert impl in (*kernels, "tinygemm"), (a_kind, w_kind, N, K, m, impl)
+        options = {k for k in cfg if k not in ("impl", "us", "num_warps", "num_stages")}
+        if impl in kernels:
+            params = set(inspect.signature(kernels[impl].fn).parameters)
+            assert options <= params, (impl, options - params)
+        if impl == "tinygemm" or (impl, w_kind, a_kind, m, tuple(sorted(cfg.items()))) in seen:
+            continue
+        seen.add((impl, w_kind, a_kind, m, tuple(sorted(cfg.items()))))
+        M = min(m, 16 if a_kind != QT.A_FLOAT else 64)
+        kind = {QT.W_INT8: "int8", QT.W_FP8: "fp8", QT.W_INT4: "int4"}[w_kind]
+        act = {QT.A_FLOAT: "float", QT.A_INT8: "int8", QT.A_FP8: "fp8"}[a_kind]
+        op = {**_activation(act, M, K), **_weight(kind, 256, K)}
+        monkey = dict(table)
+        monkey[(a_kind, w_kind, 256, K, QT.m_bucket(M))] = cfg  # the entry, for the small N
+        QT._tuned.cache_clear()
+        try:
+            orig = QT._tuned
+            QT._tuned = lambda name, _t=monkey: _t
+            _call(errors, f"decode_mm {impl} {a_kind}/{w_kind} K={K} M={M} {cfg}",
+                  lambda: QT.decode_mm(**{k: v for k, v in op.items() if k != "w_kind"}, w_kind=w_kind,
+                                       out_dtype=BF))
+        finally:
+            QT._tuned = orig
+    assert not errors, errors
