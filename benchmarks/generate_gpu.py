@@ -9,15 +9,18 @@ On the H200 (about 40 s per variant; the torchao wheel travels in ``.whl``, see 
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/torchao-*.whl && export PYTHONPATH=.:/tmp/site
     python3 benchmarks/generate_gpu.py --who graphquant --budget-s 480 --out gq.json
-    # torchao without the bf16 row, under its own time limit (its fp8 dynamic row has not finished compiling
-    # within 225 s on torch 2.11 + torchao 0.18; it runs last), then one table from both runs
-    timeout 300 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --out ao.json
-    python3 benchmarks/generate_gpu.py --merge gq.json ao.json --out benchmarks/results/generate_gpu.json
-    # (ao.json.partial holds the finished rows when the time limit stopped the run; it merges the same way)
-    # torchao's first compile (W4A16 g128) did not finish within 235 s either (2026-11-29), with torchao's
-    # set_inductor_config=True (coordinate-descent tuning of every compile); since then its rows are built with
-    # it off (--torchao-tuning turns it back on). Without torch.compile at all (decode still a CUDA graph):
-    timeout 300 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --torchao-eager --out ao_eager.json
+    # torchao rows in their own processes and time limits (about 35 s a row on torch 2.11 + torchao 0.18),
+    # then one table from all runs; a run stopped by its limit leaves its finished rows in <out>.partial,
+    # which merges the same way
+    timeout 340 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --variants "W4A16,int8,fp8" --out ao.json
+    timeout 120 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --variants W8A16 --out ao_w8.json
+    python3 benchmarks/generate_gpu.py --merge gq.json ao.json ao_w8.json --out benchmarks/results/generate_gpu.json
+
+torchao's rows are built with ``set_inductor_config=False``: with torchao's default (coordinate-descent tuning
+of every later compile) its first compile did not finish within 235 s in three sessions; without it a row
+compiles in 10-13 s (2026-11-29), except W8A16 (``Int8WeightOnlyConfig``), whose decode-step compile did not
+finish within 200 s. ``--torchao-tuning`` turns torchao's setting back on; ``--torchao-eager`` skips
+``torch.compile`` (its int8 rows then fail in CUDA-graph capture on torch 2.11).
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128,
 vocab 128256), random bf16 weights, ``--layers`` decoder layers (default 2), sdpa attention,
