@@ -72,9 +72,11 @@ def packed_options(kind: str, quick: bool = False):
 
 
 def w4_mma_options(quick: bool = False):
-    """``w4_mma`` tiles: weight rows per program, split-K, prefetch, pipeline stages."""
-    splits = (1, 2, 4) if quick else (1, 2, 4, 8)
-    for bn, split, prefetch, stages in itertools.product((32, 64, 128), splits, (False, True), (1, 3)):
+    """``w4_mma`` tiles: weight rows per program, split-K, prefetch, pipeline stages. ``quick``: no prefetch and
+    splits 2-8 (the first H200 sweep, ``results/decode_kernels_w4_mma.json``: the prefetch won no shape, and
+    split 4, the largest tried, won every shape at M = 1)."""
+    splits, prefetches = ((2, 4, 8), (False,)) if quick else ((1, 2, 4, 8, 16), (False, True))
+    for bn, split, prefetch, stages in itertools.product((32, 64, 128), splits, prefetches, (1, 3)):
         yield dict(BLOCK_N=bn, SPLIT_K=split, PREFETCH=prefetch, num_warps=4, num_stages=stages)
 
 
@@ -82,6 +84,42 @@ def mma_options(kind: str):
     bks = (128,) if kind == "W4A16" else (128, 256)
     for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
+
+
+_GEMLITE: dict = {}
+
+
+def gemlite_reference(op, ref) -> dict:
+    """gemlite (a Triton kernel library, not a graphquant dependency: ``--gemlite``, its wheel carried to the
+    GPU machine) on the same weight: ``gemlite_us`` and its error against the fp32 reference, or
+    ``gemlite_error``. Its H100 tuning table is loaded (it names no H200 table), so no shape autotunes in the
+    timed calls; int4 as its grouped INT format (``W = (W_q - zeros) * scales``, zeros 8, bf16 scales), int8
+    as its channel-wise A16W8."""
+    try:
+        import os
+
+        import gemlite
+        from gemlite.helper import A16W8_INT8, A16Wn
+
+        if not _GEMLITE:
+            cfg = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+            _GEMLITE["version"] = gemlite.__version__
+            _GEMLITE["config"] = gemlite.load_config(cfg) and "h100.json"
+        a, w, s = op["a"], op["w"], op["w_scale"]
+        if op["w_kind"] == QT.W_INT4:
+            u = torch.stack([w & 0xF, w >> 4], -1).reshape(w.shape[0], -1).contiguous()
+            sb = s.to(torch.bfloat16)
+            layer = A16Wn(device=a.device, dtype=torch.bfloat16).from_weights(
+                u, sb, torch.full_like(sb, 8.0), W_nbits=4, group_size=GROUP)
+        else:
+            layer = A16W8_INT8(device=a.device, dtype=torch.bfloat16).from_weights(
+                w, scales=s.reshape(-1, 1).to(torch.bfloat16))
+        out = layer(a)
+        err = float((out.float() - ref).abs().max() / ref.abs().max())
+        return {"gemlite_us": graph_us(lambda: layer(a)), "gemlite_err": err, "gemlite_version": _GEMLITE["version"],
+                "gemlite_config": _GEMLITE["config"]}
+    except Exception as e:  # noqa: BLE001 - a missing or failing library is recorded, the sweep goes on
+        return {"gemlite_error": f"{type(e).__name__}: {str(e)[:160]}"}
 
 
 def bf16_us(N, K, dev):
@@ -135,6 +173,8 @@ def main():
     ap.add_argument("--impls", default="",
                     help="comma-separated kernels: gemv, gemv_packed, w4_mma, wq_mm (default: all)")
     ap.add_argument("--m", default="1,16", help="comma-separated M values")
+    ap.add_argument("--gemlite", action="store_true",
+                    help="also time gemlite's kernels on the W4A16 / W8A16 weights (its wheel on PYTHONPATH)")
     ap.add_argument("--quick", action="store_true",
                     help="smaller option grids for gemv_packed and w4_mma (each option is one Triton compile)")
     args = ap.parse_args()
@@ -209,6 +249,8 @@ def main():
                             t_best, impl_best, cfg_best = cands[0]
                     except Exception as e:  # noqa: BLE001
                         extra["tinygemm_error"] = f"{type(e).__name__}: {str(e)[:100]}"
+                if args.gemlite and kind in ("W4A16", "W8A16"):
+                    extra.update(gemlite_reference(op, ref))
                 a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
                 if cfg_best is not None:
                     keep = {k: v for k, v in cfg_best.items() if k not in ("BLOCK_M",)}
@@ -225,6 +267,9 @@ def main():
                       f"({(line['frac_peak'] or 0):4.0%}) {t_ref / t_best:4.2f}x bf16 | "
                       + " ".join(f"{i} {v:6.1f}" for i, v in by_impl.items() if v is not None)
                       + (f" | tinygemm {extra['tinygemm_us']:6.1f}" if "tinygemm_us" in extra else "")
+                      + (f" | gemlite {extra['gemlite_us']:6.1f} (err {extra['gemlite_err']:.1e})"
+                         if "gemlite_us" in extra else "")
+                      + (f" | gemlite failed: {extra['gemlite_error']}" if "gemlite_error" in extra else "")
                       + f" | {cfg_best}", flush=True)
     out = {"device": name, "torch": torch.__version__, "peak_Bps": PEAK, "summary": summary, "rows": rows,
            "elapsed_s": time.time() - t0}
