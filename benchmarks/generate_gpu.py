@@ -8,13 +8,14 @@
 On the H200 (about 40 s per variant; the torchao wheel travels in ``.whl``, see the device notes)::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/torchao-*.whl && export PYTHONPATH=.:/tmp/site
+    # everything in one run; each torchao row in its own process, killed after 150 s (a compile that never
+    # finishes then becomes a row with that error, and the run goes on)
+    python3 benchmarks/generate_gpu.py --isolate-s 150 --out benchmarks/results/generate_gpu.json
+    # or in parts under separate device calls, then one table (a run stopped by its own limit leaves its finished
+    # rows in <out>.partial, which merges the same way)
     python3 benchmarks/generate_gpu.py --who graphquant --budget-s 480 --out gq.json
-    # torchao rows in their own processes and time limits (about 35 s a row on torch 2.11 + torchao 0.18),
-    # then one table from all runs; a run stopped by its limit leaves its finished rows in <out>.partial,
-    # which merges the same way
-    timeout 340 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --variants "W4A16,int8,fp8" --out ao.json
-    timeout 120 python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --variants W8A16 --out ao_w8.json
-    python3 benchmarks/generate_gpu.py --merge gq.json ao.json ao_w8.json --out benchmarks/results/generate_gpu.json
+    python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --isolate-s 150 --out ao.json
+    python3 benchmarks/generate_gpu.py --merge gq.json ao.json --out benchmarks/results/generate_gpu.json
 
 torchao's rows are built with ``set_inductor_config=False``: with torchao's default (coordinate-descent tuning
 of every later compile) its first compile did not finish within 235 s in three sessions; without it a row
@@ -642,6 +643,46 @@ def write_json(path, doc, **dumps_kw) -> None:
     os.replace(tmp, p)
 
 
+def variant_key(v: Variant) -> str:
+    """What ``--only`` takes: the library and the row's name."""
+    return f"{v.who}|{v.name}"
+
+
+def run_isolated(v: Variant, args, limit_s: float) -> dict:
+    """Row ``v`` measured by a child process of this script (same model shape, same flags) under a time limit:
+    a compile that never finishes (torchao's W8A16 on torch 2.11) then costs ``limit_s`` and becomes a row with
+    that error, and the run goes on. The child (and every process it started, e.g. inductor's compile workers)
+    is killed at the limit. Its row's per-layer numbers are computed against this process's head time, as
+    :func:`merge` does for rows from other runs."""
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="generate_gpu_") as d:
+        out = Path(d) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--only", variant_key(v), "--who", v.who, "--no-bf16",
+               "--layers", str(args.layers), "--attention", args.attention, "--out", str(out)]
+        cmd += [f for f, on in (("--smoke", args.smoke), ("--torchao-eager", args.torchao_eager),
+                                ("--torchao-tuning", args.torchao_tuning)) if on]
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        try:
+            text, _ = child.communicate(timeout=limit_s)
+            error = None if child.returncode == 0 else f"its process exited with status {child.returncode}"
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            text, _ = child.communicate()
+            error = f"did not finish within {limit_s:g} s in its own process"
+        raw = json.loads(out.read_text())["raw"] if out.is_file() else []
+    row = next((r for r in raw if r["who"] == v.who and r["variant"] == v.name), None)
+    if row is not None and error is None:
+        return row
+    lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+    last = f" (last output: {lines[-1].strip()[:200]})" if lines else ""
+    return {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention,
+            "compiled": v.compile, "errors": [(error or "its process wrote no row") + last]}
+
+
 def merge(paths: list[str]) -> dict:
     """One result from several runs: the first file's setup, head and bf16 row; later files' rows
     replace earlier ones of the same (who, variant)."""
@@ -685,6 +726,12 @@ def main(argv=None):
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
+    ap.add_argument("--isolate", default="torchao",
+                    help="comma-separated libraries whose rows each run in their own process under --isolate-s "
+                         "(default torchao)")
+    ap.add_argument("--isolate-s", type=float, default=0.0,
+                    help="time limit of an isolated row, in seconds (0: no isolation, every row in this process)")
+    ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # "who|row name": the child of --isolate-s
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny Llama, fp32, eager: checks the script end to end")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSONs into --out and print")
     ap.add_argument("--out", default=None)
@@ -722,6 +769,15 @@ def main(argv=None):
                                quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()],
                                no_bf16=args.no_bf16, attention=args.attention, torchao_eager=args.torchao_eager,
                                torchao_tuning=args.torchao_tuning)
+    if args.only:
+        variants = [v for v in variants if variant_key(v) == args.only]
+        if not variants:
+            raise SystemExit(f"generate_gpu.py: --only {args.only!r} names no row of this selection")
+    isolated = {w.strip() for w in args.isolate.split(",") if w.strip()} if args.isolate_s > 0 and not args.only \
+        else set()
+    if isolated:
+        out["notes"].append(f"rows of {', '.join(sorted(isolated))} each ran in their own process, limited to "
+                            f"{args.isolate_s:g} s")
     if args.smoke:
         out["notes"].append("smoke run: CPU, tiny Llama in fp32, eager (no compile, no CUDA graph); the 'bf16' row "
                             "is the fp32 model; the timings check the script, not the kernels")
@@ -733,8 +789,9 @@ def main(argv=None):
         if time.time() - T0 > args.budget_s:
             out["notes"].append(f"time budget {args.budget_s:.0f} s reached: {v.who} {v.name} and later not run")
             break
-        print(f"[{time.time() - T0:6.1f}s] {v.who} {v.name} ...", flush=True)
-        r = run_variant(model, v, setup, calib)
+        print(f"[{time.time() - T0:6.1f}s] {v.who} {v.name}{' (own process)' if v.who in isolated else ''} ...",
+              flush=True)
+        r = run_isolated(v, args, args.isolate_s) if v.who in isolated else run_variant(model, v, setup, calib)
         out["raw"].append(r)
         print("   " + ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in r.items()
                                 if k not in ("who", "variant", "scheme", "quarot")), flush=True)

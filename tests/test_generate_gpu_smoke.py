@@ -141,9 +141,9 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
 
 def test_smoke_run_on_cpu(bench, tmp_path):
     """The whole script on a tiny fp32 Llama: bf16 + graphquant int8 W8A8 with and without QuaRot, every row
-    measured."""
+    measured; the graphquant rows each in their own process (``--isolate``), as torchao's run on the GPU."""
     out = tmp_path / "smoke.json"
-    bench.main(["--smoke", "--variants", "int8", "--out", str(out)])
+    bench.main(["--smoke", "--variants", "int8", "--isolate", "graphquant", "--isolate-s", "600", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert [(r["who"], r["variant"]) for r in doc["rows"]] == [
         ("bf16", "bf16"), ("bf16", "bf16 + decode attention"), ("graphquant", "int8 W8A8"),
@@ -216,3 +216,18 @@ def test_torchao_rows_compile_with_the_same_inductor_settings_unless_asked(bench
     assert made[-1] == ("Int8WeightOnlyConfig", {"set_inductor_config": True})
     tuned = bench.select_variants(["W8A16"], who=("torchao",), no_bf16=True, torchao_tuning=True)
     assert [(v.name, v.tuning) for v in tuned] == [("W8A16 (inductor tuning)", True)]
+
+
+def test_an_isolated_row_past_its_time_limit_becomes_an_error_row(bench, tmp_path):
+    """A row whose process does not finish in time (torchao's W8A16 compile on the H200) is killed and recorded
+    with the reason; the run still writes its table."""
+    out = tmp_path / "limit.json"
+    bench.main(["--smoke", "--variants", "int8", "--no-quarot", "--isolate", "graphquant", "--isolate-s", "0.5",
+                "--out", str(out)])
+    doc = json.loads(out.read_text())
+    row = next(r for r in doc["rows"] if r["who"] == "graphquant")
+    assert row["variant"] == "int8 W8A8" and len(row["errors"]) == 1, row
+    assert row["errors"][0].startswith("did not finish within 0.5 s in its own process"), row["errors"]
+    assert any("own process" in n for n in doc["notes"])
+    with pytest.raises(SystemExit, match="names no row"):
+        bench.main(["--smoke", "--only", "graphquant|no such row", "--out", str(tmp_path / "x.json")])
