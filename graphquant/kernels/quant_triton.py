@@ -739,7 +739,9 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     ("tinygemm": ``QuantLinear`` runs it where it built that layout, else :func:`decode_mm` runs
     ``gemv_packed``), ``gemv_packed`` for large int8 weights, the CUDA-core ``gemv`` for small weights (it
     has the least fixed cost); else ``wq_mm`` (tensor cores; W8A8 codes go in as they are, weight-only
-    codes are dequantized in registers)."""
+    codes are dequantized in registers). The table may also name ``w4_mma`` (W4A16 up to 16 rows; on the H200
+    it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
+    not pick it, as it is measured on the H200 only."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
