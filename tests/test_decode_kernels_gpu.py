@@ -89,8 +89,9 @@ def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
     configs = [None] + [dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=4, num_stages=st, PREFETCH=pf)
                         for bn, sk, st, pf in [(32, 1, 1, False), (64, 3, 3, True), (128, 2, 1, True)]]
     op = _every_config_matches(QT.w4_mma, "W4A16", M, N, K, configs, seed=M * 3 + N)
-    # what it cannot take is refused (None): fp32 activations, more than 16 rows
+    # what it cannot take is refused (None): fp32 activations, more than 16 rows, other weight kinds
     assert QT.w4_mma(op["a"].float(), op["w"], op["w_scale"], group=GROUP) is None
+    assert QT.w4_mma(op["a"], op["w"], op["w_scale"], w_kind=QT.W_INT8, group=GROUP) is None
     assert QT.w4_mma(op["a"].repeat(17, 1)[:17], op["w"], op["w_scale"], group=GROUP) is None
 
 

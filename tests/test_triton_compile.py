@@ -128,10 +128,14 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                                                              PREFETCH=prefetch)))
                 if w_kind.startswith("int4"):
                     for prefetch, split in ((False, 1), (True, 2)):
-                        _call(errors, f"w4_mma {w_kind} M={M} prefetch={prefetch} split={split}",
-                              lambda: QT.w4_mma(**{k: v for k, v in op.items() if k != "w_kind"}, bias=bias,
-                                                out_dtype=BF, config=dict(BLOCK_N=64, SPLIT_K=split, num_warps=4,
-                                                                          num_stages=2, PREFETCH=prefetch)))
+                        def w4_mma():  # None would mean it refused the operands: nothing compiled
+                            out = QT.w4_mma(**op, bias=bias, out_dtype=BF,
+                                            config=dict(BLOCK_N=64, SPLIT_K=split, num_warps=4, num_stages=2,
+                                                        PREFETCH=prefetch))
+                            if out is None:
+                                raise AssertionError("w4_mma refused the operands")
+
+                        _call(errors, f"w4_mma {w_kind} M={M} prefetch={prefetch} split={split}", w4_mma)
     assert not errors, errors
 
 

@@ -372,7 +372,7 @@ def _packed_store(acc, m, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm,
 def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, stride_cm, stride_sw,
                        GROUP: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr = False):
+                       SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     """Weight-only decode GEMV (float activations, M <= BLOCK_M <= 4) reading the weight as int32 words.
 
     ``B`` is the weight viewed as int32 (N, Q): 4 int8 codes or 8 int4 nibbles (low first) per word, so
@@ -772,8 +772,8 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     if impl == "tinygemm":  # torch's kernel runs where the caller holds its layout (QuantLinear); else ours
         impl, cfg = "gemv_packed", {}
     if impl == "w4_mma":
-        out = w4_mma(a, w, w_scale, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype, config=cfg or None) \
-            if w_kind == W_INT4 and a_scale is None else None
+        out = w4_mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
+                     config=cfg or None, a_scale=a_scale)
         if out is not None:
             return out
         impl, cfg = "gemv_packed", {}
@@ -920,12 +920,14 @@ def _w4_mma_config(N: int, G: int, device, cfg: dict | None) -> dict:
     return cfg
 
 
-def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_zero=None, bias=None, group: int = 0,
-           out_dtype=None, config: dict | None = None, **_) -> torch.Tensor | None:
+def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
+           bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None) -> torch.Tensor | None:
     """W4A16 ``a (M <= 16, K) bf16/fp16 @ dequant(w).T`` through :func:`w4_mma_kernel`; None when the operands do
-    not fit it (other activation dtypes, a group not a multiple of 32, a layout other than nibble-packed
-    (N, K/2) with (N, K/group) scales)."""
+    not fit it (other weight kinds, activation codes, other activation dtypes, a group not a multiple of 32, a
+    layout other than nibble-packed (N, K/2) with (N, K/group) scales)."""
     M, K = a.shape
+    if w_kind != W_INT4 or a_scale is not None:
+        return None
     if M > 16 or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1 or group < 32 or group % 32 \
             or K % group or w.dim() != 2 or w.stride(1) != 1 or 2 * w.shape[1] != K \
             or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 or w_scale.shape[1] != K // group \
