@@ -66,28 +66,31 @@ def _short(name: str) -> str:
 
 @torch.no_grad()
 def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, steps: int,
-                    sdpa_options=(None,)) -> list[dict]:
-    """One result per SDPA option (None: torch's choice); the variant is built once."""
+                    sdpa_options=(None,), inductor_options=(None,)) -> list[dict]:
+    """One result per SDPA option (None: torch's choice) and Inductor option set (None: the defaults); the
+    variant is built once."""
     m = gg.build(model, v, setup, calib)
     out = []
     for sdpa in sdpa_options:
-        try:
-            out.append(_profile_step(m, v, setup, batch, steps, sdpa))
-        except Exception as e:  # noqa: BLE001 - a backend that cannot run this attention is reported
-            print(f"{v.who} {v.name} sdpa={sdpa}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        torch._dynamo.reset()
+        for opts in inductor_options:
+            try:
+                out.append(_profile_step(m, v, setup, batch, steps, sdpa, opts))
+            except Exception as e:  # noqa: BLE001 - a backend that cannot run this attention is reported
+                print(f"{v.who} {v.name} sdpa={sdpa} inductor={opts}: failed: {type(e).__name__}: {str(e)[:300]}",
+                      flush=True)
+            torch._dynamo.reset()
     del m
     torch.cuda.empty_cache()
     return out
 
 
 @torch.no_grad()
-def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdpa) -> dict:
+def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdpa, inductor=None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from graphquant.static_decode import StaticDecoder
 
-    dec = StaticDecoder(m, batch, setup.max_length, sdpa=sdpa)
+    dec = StaticDecoder(m, batch, setup.max_length, sdpa=sdpa, compile_options=inductor)
     prompt = torch.randint(0, setup.vocab, (batch, setup.prompt), device="cuda")
     dec.generate(prompt, 8)
     step_ms = dec.time_step_ms(100, position=setup.prompt + 64)
@@ -111,13 +114,13 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
     for k in kernels:
         cats[category(k["kernel"])] += k["us"]
     return {"variant": f"{v.who} {v.name}" + (" + sdpa" if v.who != "bf16" and v.attention == "sdpa" else ""), "sdpa": "default" if sdpa is None else ",".join(sdpa),
-            "batch": batch, "step_ms": step_ms, "kernel_us": sum(k["us"] for k in kernels),
+            "inductor": inductor or {}, "batch": batch, "step_ms": step_ms, "kernel_us": sum(k["us"] for k in kernels),
             "launches": sum(k["launches"] for k in kernels),
             "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels}
 
 
 def _print(r: dict, top: int) -> None:
-    print(f"\n== {r['variant']}  sdpa {r['sdpa']}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us "
+    print(f"\n== {r['variant']}  sdpa {r['sdpa']}  inductor {r.get('inductor') or 'default'}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us "
           f"(graph replay), kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
           f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
     print("   by kind (us/step): " + ", ".join(f"{c} {us:.1f}" for c, us in r["categories_us"].items()))
@@ -132,6 +135,31 @@ def sdpa_options(text: str) -> list:
             for o in text.split(";") if o.strip()]
 
 
+def inductor_options(text: str) -> list:
+    """``'default;split_reductions=0'`` -> [None, {'split_reductions': False}] (values: ints, 0/1 as booleans for
+    names Inductor's config holds as booleans, or strings)."""
+    from torch._inductor import config
+
+    out = []
+    for part in text.split(";"):
+        part = part.strip()
+        if part == "default":
+            out.append(None)
+        if part in ("", "default"):
+            continue
+        opts = {}
+        for kv in part.split(","):
+            k, _, val = kv.partition("=")
+            k, val = k.strip(), val.strip()
+            if not hasattr(config, k):
+                raise SystemExit(f"--inductor: {k!r} is not an Inductor config option")
+            cur = getattr(config, k)
+            opts[k] = (val not in ("0", "false", "False")) if isinstance(cur, bool) else \
+                (int(val) if isinstance(cur, int) else val)
+        out.append(opts)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="bf16,int8 W8A8,fp8 dynamic,W8A16,W4A16 g128")
@@ -142,11 +170,15 @@ def main(argv=None):
     ap.add_argument("--sdpa", default="default",
                     help="';'-separated SDPA backend sets for the decode step, each a ','-separated list of "
                          "torch.nn.attention.SDPBackend names, e.g. 'default;efficient_attention;math'")
+    ap.add_argument("--inductor", default="default",
+                    help="';'-separated Inductor option sets for the decode step's compile, each 'name=value,...', "
+                         "e.g. 'default;split_reductions=0'")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_profile.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
     options = sdpa_options(args.sdpa)
+    inductor = inductor_options(args.inductor)
     setup = gg.Setup()
     model = gg.llama3_8b(setup, args.layers)
     calib = [torch.randint(0, setup.vocab, (1, 256), device="cuda") for _ in range(2)]
@@ -156,7 +188,7 @@ def main(argv=None):
             continue
         v = _variant(spec)
         try:
-            rs = profile_variant(model, v, setup, calib, args.batch, args.steps, options)
+            rs = profile_variant(model, v, setup, calib, args.batch, args.steps, options, inductor)
         except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others run
             print(f"{spec}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue

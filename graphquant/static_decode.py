@@ -69,11 +69,13 @@ class StaticDecoder:
     ``cuda_graph``: capture the decode step into a CUDA graph (CUDA only; ignored on CPU).
     ``sdpa``: the ``scaled_dot_product_attention`` backends the decode step may use (names of
     ``torch.nn.attention.SDPBackend``, e.g. ``("efficient_attention", "math")``); default: torch's choice.
-    Prefill keeps torch's choice.
+    Prefill keeps torch's choice. ``compile_options``: Inductor options for the decode step's compile
+    (``torch.compile(options=...)``, e.g. ``{"split_reductions": False}``); the prefill compiles with the defaults.
     """
 
     def __init__(self, model, batch_size: int, max_length: int, compile: bool = True, cuda_graph: bool = True,
-                 compile_prefill: bool | None = None, sdpa: tuple[str, ...] | None = None):
+                 compile_prefill: bool | None = None, sdpa: tuple[str, ...] | None = None,
+                 compile_options: dict | None = None):
         from transformers import StaticCache
 
         if batch_size < 1 or max_length < 2:
@@ -99,7 +101,8 @@ class StaticDecoder:
         self._step_fn = self._forward_step
         self._prefill_fn = self._forward_prefill
         if self.compile:
-            self._step_fn = torch.compile(self._forward_step, fullgraph=True, dynamic=False)
+            self._step_fn = torch.compile(self._forward_step, fullgraph=True, dynamic=False,
+                                          options=dict(compile_options) if compile_options else None)
             if compile_prefill is None or compile_prefill:
                 self._prefill_fn = torch.compile(self._forward_prefill, dynamic=False)
         self.last_timing: dict = {}
