@@ -12,9 +12,8 @@ For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144
 14336x4096, fused gate|up 28672x4096, down 4096x14336), each weight kind (W8A16 int8 per-channel, W4A16
 int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every option of the decode kernels
 in ``graphquant.kernels.quant_triton`` (``gemv`` and ``gemv_packed`` on CUDA cores at M = 1; ``wq_mm``, the
-W8A8 tensor-core kernel, which dequantizes weight-only codes in registers, and for W8A16 also with its
-``HALF_W8`` option, "wq_mm_half": an fp16 product of codes turned into fp16 from their bits; ``w4_mma``, W4A16
-on tensor cores with the weight as the left operand), each checked against an
+W8A8 tensor-core kernel, which dequantizes weight-only codes in registers; ``w4_mma``, W4A16 on tensor cores
+with the weight as the left operand), each checked against an
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
@@ -85,13 +84,6 @@ def mma_options(kind: str):
     bks = (128,) if kind == "W4A16" else (128, 256)
     for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
-
-
-def half_options(quick: bool):
-    """``wq_mm`` with ``HALF_W8`` (W8A16 as an fp16 tensor-core product, codes turned into fp16 from their bits)."""
-    grid = ((64, 128), (128, 256), (1, 2, 4), (3,)) if quick else ((32, 64, 128), (128, 256), (1, 2, 4), (3, 4))
-    for bn, bk, split, stages in itertools.product(*grid):
-        yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages, HALF_W8=True)
 
 
 _GEMLITE: dict = {}
@@ -216,20 +208,17 @@ def main():
                     impls.append("gemv_packed")
                 if kind == "W4A16":
                     impls.append("w4_mma")
-                if kind == "W8A16":
-                    impls.append("wq_mm_half")
                 impls = [i for i in impls if not args.impls or i in args.impls]
                 for impl in impls:
                     opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
                             "gemv_packed": lambda: packed_options(kind, args.quick),
-                            "w4_mma": lambda: w4_mma_options(args.quick),
-                            "wq_mm_half": lambda: half_options(args.quick)}[impl]()
+                            "w4_mma": lambda: w4_mma_options(args.quick)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
                         fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "gemv_packed": QT.gemv_packed,
-                              "w4_mma": QT.w4_mma, "wq_mm_half": QT.wq_mm}[impl]
-                        if impl in ("wq_mm", "wq_mm_half"):
+                              "w4_mma": QT.w4_mma}[impl]
+                        if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
                         try:
                             out = fn(**op, out_dtype=torch.float32, config=dict(cfg))
@@ -265,8 +254,7 @@ def main():
                 a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
                 if cfg_best is not None:
                     keep = {k: v for k, v in cfg_best.items() if k not in ("BLOCK_M",)}
-                    impl_rec = "wq_mm" if impl_best == "wq_mm_half" else impl_best  # HALF_W8 is a wq_mm option
-                    best[f"{a_kind},{op['w_kind']},{N},{K},{QT.m_bucket(M)}"] = {"impl": impl_rec, **keep,
+                    best[f"{a_kind},{op['w_kind']},{N},{K},{QT.m_bucket(M)}"] = {"impl": impl_best, **keep,
                                                                        "us": round(t_best, 1)}
                 t_ref = t_bf16 if M == 1 else t_bf16_16
                 line = {"shape": sname, "N": N, "K": K, "M": M, "kind": kind, "best_us": t_best, "best_impl": impl_best,

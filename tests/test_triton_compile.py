@@ -143,12 +143,6 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                 _call(errors, f"wq_mm quantize {w_kind} M={M} split={split}",
                       lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF, config=dict(tiles, SPLIT_K=split),
                                        quantize=QT.A_FP8 if w_kind == "fp8" else QT.A_INT8))
-        op = {**_activation("float", M, K), **_weight("int8", N, K)}  # W8A16 as an fp16 product, rows one by one
-        _call(errors, f"wq_mm HALF_W8 M={M}", lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF,
-                                                                config=dict(tiles, SPLIT_K=2, HALF_W8=True)))
-    op = {**_activation("float", 16, K), **_weight("int8", N, K)}  # and the masked-tile amax
-    _call(errors, "wq_mm HALF_W8 M=16", lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF,
-                                                          config=dict(tiles, SPLIT_K=1, HALF_W8=True)))
     assert not errors, errors
 
 

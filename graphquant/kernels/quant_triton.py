@@ -135,26 +135,17 @@ def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_amax(A, K, stride_am, rm, m_ok, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, AMAX_BLOCK: tl.constexpr):
-    """(BLOCK_M,) fp32 max |A[row, :]| over the whole of K for the rows ``rm`` of the tile: ``ROWS`` > 0 reads rows
-    0..ROWS-1 one by one (1-D, no work on padding rows), 0 reads the (BLOCK_M, AMAX_BLOCK) tile with masks."""
-    if ROWS > 0:
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        ra = tl.arange(0, AMAX_BLOCK)
-        for r in tl.static_range(ROWS):
-            mx = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
-            for ka in range(0, K, AMAX_BLOCK):
-                xr = tl.load(A + r * stride_am + ka + ra, mask=ka + ra < K, other=0.0)
-                mx = tl.maximum(mx, tl.abs(xr.to(tl.float32)))
-            amax = tl.where(rm == r, tl.max(mx, axis=0), amax)
-    else:
-        ra = tl.arange(0, AMAX_BLOCK // BLOCK_M)
-        mx2 = tl.zeros((BLOCK_M, AMAX_BLOCK // BLOCK_M), dtype=tl.float32)
-        for ka in range(0, K, AMAX_BLOCK // BLOCK_M):
-            xt = tl.load(A + rm[:, None] * stride_am + ka + ra[None, :], mask=m_ok[:, None] & (ka + ra < K)[None, :],
-                         other=0.0)
-            mx2 = tl.maximum(mx2, tl.abs(xt.to(tl.float32)))
-        amax = tl.max(mx2, axis=1)
+def _row_amax(A, K, stride_am, rm, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, AMAX_BLOCK: tl.constexpr):
+    """(BLOCK_M,) fp32 max |A[row, :]| over the whole of K for rows 0..ROWS-1, read one by one (1-D, no work on
+    the padding rows of the tile); 0 for the other rows."""
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ra = tl.arange(0, AMAX_BLOCK)
+    for r in tl.static_range(ROWS):
+        mx = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
+        for ka in range(0, K, AMAX_BLOCK):
+            xr = tl.load(A + r * stride_am + ka + ra, mask=ka + ra < K, other=0.0)
+            mx = tl.maximum(mx, tl.abs(xr.to(tl.float32)))
+        amax = tl.where(rm == r, tl.max(mx, axis=0), amax)
     return amax
 
 
@@ -167,20 +158,12 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, QUANT_ROWS: tl.constexpr = 0, QMAX: tl.constexpr = 1.0,
-                 RCP: tl.constexpr = 1.0, AMAX_BLOCK: tl.constexpr = 2048, HALF_W8: tl.constexpr = False,
-                 AMAX_ROWS: tl.constexpr = 0):
+                 RCP: tl.constexpr = 1.0, AMAX_BLOCK: tl.constexpr = 2048):
     """``QUANT_ROWS`` > 0 (A float, ``M == QUANT_ROWS`` <= ``BLOCK_M``, one M tile): the activation is quantized
     here, dynamically per row, to the codes of ``A_KIND`` 1 / 2 (int8 / fp8): each program first finds every
     row's amax over the whole of K (``scale = max(amax * RCP, tiny)``, as :func:`quantize_rows`), then turns
     each K tile of each row into codes (:func:`codes`) before the dot, so the codes never go through memory.
-    Decode-sized M only: every program reads the rows whole.
-
-    ``HALF_W8`` (W8A16: A float, int8 weight with one scale or one per channel, ``M <= BLOCK_M``, one M tile): an
-    fp16 tensor-core product with no int->float conversion. The codes become fp16 from their bits (``0x6400 |
-    (w + 128)`` is 1152 + w, one subtraction gives w, exact); each activation row is scaled by a power of two
-    that keeps it under 2^15 (from its amax over the whole of K, 1 unless the row reaches 32768) and rounded to
-    fp16, exact for bf16 values down to 2^-14; the output takes the power of two back and the weight scales.
-    ``AMAX_ROWS`` = M (up to 4 rows) reads the rows one by one for that amax, 0 the masked tile."""
+    Decode-sized M only: every program reads the rows whole."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -198,17 +181,10 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if A_KIND == 0 and W_SCALE == 1 and not HALF_W8:
+    if A_KIND == 0 and W_SCALE == 1:
         sw_n = tl.load(SW + rn, mask=n_ok, other=0.0)
     if QUANT_ROWS > 0:
-        sa_m = tl.maximum(_row_amax(A, K, stride_am, rm, m_ok, QUANT_ROWS, BLOCK_M, AMAX_BLOCK) * RCP, TINY_C)
-    if HALF_W8:
-        # 2^-s with s = max(0, exponent(amax) - 14): the row's largest value stays below 2^15 in fp16
-        amax = _row_amax(A, K, stride_am, rm, m_ok, AMAX_ROWS, BLOCK_M, AMAX_BLOCK)
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        sh = tl.maximum(e - 14, 0)
-        down_m = ((127 - sh) << 23).to(tl.float32, bitcast=True)
-        up_m = ((127 + sh) << 23).to(tl.float32, bitcast=True)
+        sa_m = tl.maximum(_row_amax(A, K, stride_am, rm, QUANT_ROWS, BLOCK_M, AMAX_BLOCK) * RCP, TINY_C)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
@@ -229,8 +205,6 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
             a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0)
         else:
             a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0.0)
-            if HALF_W8:
-                a = (a.to(tl.float32) * down_m[:, None]).to(tl.float16)
         if W_KIND == 2:
             rh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p = tl.load(B + rn[:, None] * stride_bn + rh[None, :],
@@ -250,10 +224,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
                 wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=w_mask, other=0)
             else:
                 wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=w_mask, other=0.0)
-            if HALF_W8:
-                wt = ((wt.to(tl.int16) & 0xFF) ^ 0x80 | 0x6400).to(tl.float16, bitcast=True) \
-                    - tl.full((1, 1), 1152.0, tl.float16)
-            elif A_KIND == 0:  # weight-only: dequantize in registers exactly as fake-quant does
+            if A_KIND == 0:  # weight-only: dequantize in registers exactly as fake-quant does
                 if W_SCALE == 1:
                     wt = (wt.to(tl.float32) * sw_n[None, :]).to(A.dtype.element_ty)
                 else:
@@ -263,12 +234,6 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         else:
             acc += tl.dot(a, wt)
     out = acc.to(tl.float32)
-    if HALF_W8:
-        out = out * up_m[:, None]
-        if W_SCALE == 1:
-            out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
-        else:
-            out = out * tl.load(SW)
     if QUANT_ROWS > 0:
         out = out * sa_m[:, None]
         if W_SCALE == 1:
@@ -778,9 +743,6 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
         quant = dict(QUANT_ROWS=M, QMAX=qmax, RCP=_fp32_reciprocal(qmax))
     out_dtype = out_dtype or a.dtype
     cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
-    if cfg.get("HALF_W8"):  # a tuned option of W8A16 shapes (one M tile); nothing else takes it
-        cfg["HALF_W8"] = a_kind == A_FLOAT and w_kind == W_INT8 and M <= cfg["BLOCK_M"] and w_scale.dim() <= 1
-        cfg["AMAX_ROWS"] = M if M <= QUANTIZE_MAX_M else 0
     split = cfg["SPLIT_K"]
     c = _output(M, N, split, a.device, out_dtype)
     w_scale_kind = 2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0)
