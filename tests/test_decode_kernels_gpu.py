@@ -95,34 +95,6 @@ def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
     assert QT.w4_mma(op["a"].repeat(17, 1)[:17], op["w"], op["w_scale"], group=GROUP) is None
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("M", [1, 2, 4])
-@pytest.mark.parametrize("N,K", [(4096, 14336), (6144, 4096), (328, 1536)])
-def test_quantize_mm_is_quantize_rows_then_the_w8a8_kernel(fp8, M, N, K):
-    """Dynamic W8A8 with the codes made inside the matmul: bit for bit the two-kernel result (same codes, scales,
-    tiles), through the entry point the decode path calls, with no fallback."""
-    from graphquant.kernels import int8_mm
-    from graphquant.kernels import quant_triton as QT
-    from graphquant.lowering import ops  # noqa: F401
-
-    g = torch.Generator(device="cuda").manual_seed(M)
-    op, _ = _case("W8A8-fp8" if fp8 else "W8A8-int8", M, N, K, False, g)
-    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16) * 3
-    x[0, 7] = 300.0  # an outlier sets row 0's scale
-    q, sa = QT.quantize_rows(x, fp8)
-    for bias in (None, op["bias"]):
-        choice = QT.decode_choice(M, N, K, QT.A_FP8 if fp8 else QT.A_INT8, op["w_kind"], 0, x.device)
-        cfg = QT._complete_wq_cfg(choice[1], M, N, K, op["w_kind"], 0, x.device) if choice[0] == "wq_mm" else None
-        ref = QT.wq_mm(q, op["w"], op["w_scale"], w_kind=op["w_kind"], a_scale=sa, bias=bias, config=cfg)
-        out = QT.quantize_mm(x, op["w"], op["w_scale"], w_kind=op["w_kind"], bias=bias)
-        assert out.dtype == torch.bfloat16 and torch.equal(out, ref), (out.float() - ref.float()).abs().max()
-    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
-    y = torch.ops.graphquant.dynamic_quant_linear(x, spec, False, op["w"], op["w_scale"], op["bias"], torch.bfloat16)
-    assert torch.equal(y, out)
-    assert QT.quantize_mm(x.repeat(2, 1)[:5], op["w"], op["w_scale"], w_kind=op["w_kind"]) is None  # 5 rows
-    assert not int8_mm._FAILED
-
-
 def test_linear_entry_points_use_the_decode_kernels():
     """The int8 / fp8 / int4 linears route decode-sized M to ``decode_mm`` without falling back."""
     from graphquant.kernels import fp8_mm, int4_mm, int8_mm

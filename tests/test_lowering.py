@@ -227,29 +227,6 @@ def test_lowered_ops_have_consistent_fake_kernels():
     assert y.shape == (3, 5, 32)
     ref = (q.float() * s) @ (w.float() * ws[:, None]).t()
     assert _rel(y, ref) < 1e-6
-    spec = "int8:per_token:sym:dynamic:float:half_even"
-    torch.library.opcheck(torch.ops.graphquant.dynamic_quant_linear.default,
-                          (x, spec, False, w, ws, None, torch.float32))
-    # the one-call dynamic W8A8 (decode) is the quantizer then the linear, on CPU through their code
-    assert torch.equal(torch.ops.graphquant.dynamic_quant_linear(x, spec, False, w, ws, None, torch.float32), y)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("hadamard", [False, True])
-def test_dynamic_quant_linear_is_quantizer_then_linear(fp8, hadamard):
-    from graphquant.lowering import ops  # noqa: F401
-
-    g = torch.Generator().manual_seed(3)
-    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
-    x = torch.randn(1, 1, 128, generator=g) * 4
-    w = torch.randn(48, 128, generator=g) * 30
-    w = w.clamp(-448, 448).to(torch.float8_e4m3fn) if fp8 else w.round().clamp(-127, 127).to(torch.int8)
-    ws, b = torch.rand(48, generator=g) / 50, torch.randn(48, generator=g)
-    q, s = torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard)
-    linear = torch.ops.graphquant.fp8_linear if fp8 else torch.ops.graphquant.int8_linear
-    ref = linear(q, s, w, ws, b, torch.float32)
-    out = torch.ops.graphquant.dynamic_quant_linear(x, spec, hadamard, w, ws, b, torch.float32)
-    assert out.shape == (1, 1, 48) and torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("spec", ["int8:per_token:sym:dynamic:float:half_even",

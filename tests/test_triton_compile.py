@@ -136,13 +136,6 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                                 raise AssertionError("w4_mma refused the operands")
 
                         _call(errors, f"w4_mma {w_kind} M={M} prefetch={prefetch} split={split}", w4_mma)
-    for w_kind in ("int8", "fp8"):  # dynamic W8A8 with the activation codes made inside wq_mm (decode)
-        for M in (1, 3):
-            op = {**_activation("float", M, K), **_weight(w_kind, N, K)}
-            for split in (1, 4):
-                _call(errors, f"wq_mm quantize {w_kind} M={M} split={split}",
-                      lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF, config=dict(tiles, SPLIT_K=split),
-                                       quantize=QT.A_FP8 if w_kind == "fp8" else QT.A_INT8))
     assert not errors, errors
 
 

@@ -32,9 +32,6 @@ from .records import LinearRecord, TensorQuantizer
 CPU_FASTER = {"int8_linear": True, "int8_weight_only": True, "int4_linear": False, "fp8_linear": False}
 #: at most this many rows run torch's tinygemm int4 kernel on CUDA (when ``prepare_kernels`` built its layout)
 TINYGEMM_MAX_M = 4
-#: rows up to which a dynamic W8A8 linear runs ``graphquant::dynamic_quant_linear`` (activation codes made in the
-#: matmul kernel; ``quant_triton.QUANTIZE_MAX_M``) instead of a quantizer Inductor fuses into the producer
-FUSED_QUANT_MAX_M = 4
 
 
 def _tinygemm_decodes(N: int, K: int, group: int, device: torch.device) -> bool:
@@ -241,10 +238,6 @@ class QuantLinear(nn.Module):
             x = _hadamard(x) if self.input_rotation else x
             return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
         q = self.input_quantizer
-        if q.dynamic and x.is_cuda and x[..., 0].numel() <= FUSED_QUANT_MAX_M:
-            # decode: the codes are made inside the matmul kernel (one launch, no codes in memory)
-            return ops.dynamic_quant_linear(x, q.spec, bool(self.input_rotation), t["qweight"], t["qscale"],
-                                            self.bias, self.dtype)
         if q.dynamic:
             xq, xs = activation.quantize_act_dynamic_node(x, q.spec, bool(self.input_rotation))
         else:

@@ -135,21 +135,6 @@ def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_amax(A, K, stride_am, rm, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, AMAX_BLOCK: tl.constexpr):
-    """(BLOCK_M,) fp32 max |A[row, :]| over the whole of K for rows 0..ROWS-1, read one by one (1-D, no work on
-    the padding rows of the tile); 0 for the other rows."""
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    ra = tl.arange(0, AMAX_BLOCK)
-    for r in tl.static_range(ROWS):
-        mx = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
-        for ka in range(0, K, AMAX_BLOCK):
-            xr = tl.load(A + r * stride_am + ka + ra, mask=ka + ra < K, other=0.0)
-            mx = tl.maximum(mx, tl.abs(xr.to(tl.float32)))
-        amax = tl.where(rm == r, tl.max(mx, axis=0), amax)
-    return amax
-
-
-@triton.jit
 def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
                  M, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
                  A_KIND: tl.constexpr,   # 0 float, 1 int8 codes, 2 fp8 codes
@@ -157,13 +142,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
                  W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, QUANT_ROWS: tl.constexpr = 0, QMAX: tl.constexpr = 1.0,
-                 RCP: tl.constexpr = 1.0, AMAX_BLOCK: tl.constexpr = 2048):
-    """``QUANT_ROWS`` > 0 (A float, ``M == QUANT_ROWS`` <= ``BLOCK_M``, one M tile): the activation is quantized
-    here, dynamically per row, to the codes of ``A_KIND`` 1 / 2 (int8 / fp8): each program first finds every
-    row's amax over the whole of K (``scale = max(amax * RCP, tiny)``, as :func:`quantize_rows`), then turns
-    each K tile of each row into codes (:func:`codes`) before the dot, so the codes never go through memory.
-    Decode-sized M only: every program reads the rows whole."""
+                 BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -183,25 +162,11 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if A_KIND == 0 and W_SCALE == 1:
         sw_n = tl.load(SW + rn, mask=n_ok, other=0.0)
-    if QUANT_ROWS > 0:
-        sa_m = tl.maximum(_row_amax(A, K, stride_am, rm, QUANT_ROWS, BLOCK_M, AMAX_BLOCK) * RCP, TINY_C)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         a_mask = m_ok[:, None] & k_ok[None, :]
-        if QUANT_ROWS > 0:
-            # the codes, row by row (1-D, so the padding rows of the tile cost no arithmetic), as int8 bits
-            bits = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int8)
-            for r in tl.static_range(QUANT_ROWS):
-                xr = tl.load(A + r * stride_am + rk, mask=k_ok, other=0.0).to(tl.float32)
-                s_r = tl.sum(tl.where(rm == r, sa_m, 0.0), axis=0)
-                bits = tl.where((rm == r)[:, None], codes(xr, s_r, QMAX, A_KIND == 2).to(tl.int8, bitcast=True)[None, :],
-                                bits)
-            if A_KIND == 2:
-                a = bits.to(tl.float8e4nv, bitcast=True)
-            else:
-                a = bits
-        elif A_KIND == 1:
+        if A_KIND == 1:
             a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0)
         else:
             a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0.0)
@@ -234,13 +199,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
         else:
             acc += tl.dot(a, wt)
     out = acc.to(tl.float32)
-    if QUANT_ROWS > 0:
-        out = out * sa_m[:, None]
-        if W_SCALE == 1:
-            out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
-        else:
-            out = out * tl.load(SW)
-    elif A_KIND != 0:
+    if A_KIND != 0:
         if SA_ROW:
             out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
         else:
@@ -723,24 +682,13 @@ def split_sum(c: torch.Tensor, out_dtype) -> torch.Tensor:
 
 
 def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None,
-          w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None,
-          quantize: int = 0) -> torch.Tensor:
+          w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
     """``a (M, K) @ dequant(w).T -> (M, N)``. ``a``: float (weight-only) or int8 / fp8 codes with
     ``a_scale`` (one per row, or one). ``w``: int8 / fp8 (N, K), or int4 nibble-packed (N, K/2) with
-    ``w_scale`` / ``w_zero`` of shape (N, K/group). ``quantize`` = ``A_INT8`` / ``A_FP8`` (float ``a`` of at
-    most ``QUANTIZE_MAX_M`` rows, no ``a_scale``): ``a`` is quantized dynamically per row inside the kernel
-    (see :func:`wq_mm_kernel`), the product that of :func:`quantize_rows`' codes and scales."""
+    ``w_scale`` / ``w_zero`` of shape (N, K/group)."""
     M, K = a.shape
     N = w.shape[0]
     a_kind = _a_kind(a)
-    quant = {}
-    if quantize:
-        if a_kind != A_FLOAT or a_scale is not None or not 1 <= M <= QUANTIZE_MAX_M:
-            raise ValueError(f"wq_mm(quantize=...) needs float activations of 1 to {QUANTIZE_MAX_M} rows and no "
-                             f"a_scale, got {a.dtype} with {M} rows")
-        qmax = FP8_MAX if quantize == A_FP8 else 127.0
-        a_kind = quantize
-        quant = dict(QUANT_ROWS=M, QMAX=qmax, RCP=_fp32_reciprocal(qmax))
     out_dtype = out_dtype or a.dtype
     cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
     split = cfg["SPLIT_K"]
@@ -754,30 +702,8 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
                      w_scale.stride(0) if w_scale.dim() == 2 else 0,
                      A_KIND=a_kind, W_KIND=w_kind, W_SCALE=w_scale_kind, HAS_ZERO=w_zero is not None,
                      SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
-                     PARTIAL=split > 1, **quant, **cfg)
+                     PARTIAL=split > 1, **cfg)
     return split_sum(c, out_dtype)
-
-
-#: most rows :func:`quantize_mm` quantizes inside the matmul: every program reads the rows whole for their
-#: amax, which costs little at decode batch 1-4 and would at 16 (16 x 14336 bf16 per program)
-QUANTIZE_MAX_M = 4
-
-
-def quantize_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, bias=None,
-                out_dtype=None) -> torch.Tensor | None:
-    """Dynamic per-token W8A8 in one kernel: ``quantize_rows(a)`` then ``codes @ dequant(w).T`` (int8 codes for
-    int8 weights, fp8 e4m3 codes for fp8 weights), the codes made inside :func:`wq_mm` (``quantize``) with the
-    tiles ``decode_choice`` measured for that product. None where it does not apply: not 1 to
-    ``QUANTIZE_MAX_M`` float rows, or another weight kind."""
-    M, K = a.shape
-    if not 1 <= M <= QUANTIZE_MAX_M or _a_kind(a) != A_FLOAT or a.stride(1) != 1 or w_kind not in (W_INT8, W_FP8) \
-            or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] != K:
-        return None
-    a_kind = A_FP8 if w_kind == W_FP8 else A_INT8
-    N = w.shape[0]
-    choice = decode_choice(M, N, K, a_kind, w_kind, 0, a.device)
-    cfg = _complete_wq_cfg(choice[1], M, N, K, w_kind, 0, a.device) if choice and choice[0] == "wq_mm" else None
-    return wq_mm(a, w, w_scale, w_kind=w_kind, bias=bias, out_dtype=out_dtype, config=cfg, quantize=a_kind)
 
 
 #: Decode kernels measured on the GPU (``benchmarks/decode_kernels.py`` writes ``gemv_tuned.json`` beside

@@ -72,28 +72,6 @@ def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False):
     return _dynamic_torch(x, spec)
 
 
-def quantize_linear_fused(x: torch.Tensor, spec_str: str, hadamard: bool, w: torch.Tensor, w_scale: torch.Tensor,
-                          bias, out_dtype):
-    """Dynamic per-token W8A8 of a decode-sized ``x`` in one kernel (``quant_triton.quantize_mm``: the codes are
-    made inside the matmul, the same codes and scales as :func:`quantize_dynamic`), after the online Hadamard
-    when ``hadamard``; None where that kernel does not apply (not CUDA, another spec, more than
-    ``QUANTIZE_MAX_M`` rows, codes of another kind than the weight's) or failed before."""
-    spec = FQ.as_spec(spec_str)
-    if not (x.is_cuda and _triton_spec(spec) and spec.qscheme == QSchemeType.per_token) \
-            or (qt := triton_kernels(x.device, "quantize_mm")) is None \
-            or x[..., 0].numel() > qt.QUANTIZE_MAX_M or (spec.dtype == Dtype.fp8_e4m3) != (w.dtype == torch.float8_e4m3fn):
-        return None
-    if hadamard:
-        x = _hadamard(x)
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    w_kind = qt.W_FP8 if w.dtype == torch.float8_e4m3fn else qt.W_INT8
-    sw = w_scale.to(torch.float32).reshape(-1)
-    out = guarded("quantize_mm", lambda: qt.quantize_mm(x2, w, sw, w_kind=w_kind, bias=bias, out_dtype=out_dtype),
-                  lambda: None)
-    return None if out is None else out.reshape(*x.shape[:-1], w.shape[0])
-
-
 def _dynamic_torch(x, spec):
     q, scale, _ = FQ.dynamic_quantize(x, spec)
     return q, scale.to(torch.float32)

@@ -8,16 +8,12 @@ Schemas::
                             ScalarType out_dtype) -> Tensor
     graphquant::fp8_linear(Tensor xq, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias,
                            ScalarType out_dtype) -> Tensor
-    graphquant::dynamic_quant_linear(Tensor x, str spec, bool hadamard, Tensor w, Tensor w_scale, Tensor? bias,
-                                     ScalarType out_dtype) -> Tensor
     graphquant::int8_weight_only_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor
     graphquant::int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor? zero_point, Tensor? bias,
                             int group_size, str layout) -> Tensor
 
 Activation quantization is its own op so that one quantizer feeding several Linears (q/k/v,
-gate/up) runs once. ``dynamic_quant_linear`` is both in one call, for decode-sized inputs of a
-dynamic per-token quantizer feeding one (fused) Linear: on CUDA one kernel makes the codes inside
-the matmul (``activation.quantize_linear_fused``), elsewhere it runs the two ops' code. ``spec`` is ``QuantizationSpec.to_op_str()``. Codes are int8 or
+gate/up) runs once. ``spec`` is ``QuantizationSpec.to_op_str()``. Codes are int8 or
 float8_e4m3fn with ``x``'s shape; dynamic scales are fp32, ``x.shape[:-1] + (1,)`` per token or
 ``()`` per tensor. Linear outputs are ``x.shape[:-1] + (N,)``. Every op has a fake kernel, so
 lowered graphs trace under ``torch.export`` and ``torch.compile`` (where they stay opaque calls
@@ -33,8 +29,8 @@ import torch
 from ..kernels import fp8_mm, int4_mm, int8_mm
 from . import activation as act
 
-__all__ = ["quantize_act_dynamic", "quantize_act_static", "int8_linear", "fp8_linear", "dynamic_quant_linear",
-           "int8_weight_only_linear", "int4_linear"]
+__all__ = ["quantize_act_dynamic", "quantize_act_static", "int8_linear", "fp8_linear", "int8_weight_only_linear",
+           "int4_linear"]
 
 
 @torch.library.custom_op("graphquant::quantize_act_dynamic", mutates_args=())
@@ -83,22 +79,6 @@ def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale
 @fp8_linear.register_fake
 def _(xq, x_scale, w, w_scale, bias, out_dtype):
     return _linear_fake(xq, w.shape[0], out_dtype)
-
-
-@torch.library.custom_op("graphquant::dynamic_quant_linear", mutates_args=())
-def dynamic_quant_linear(x: torch.Tensor, spec: str, hadamard: bool, w: torch.Tensor, w_scale: torch.Tensor,
-                         bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    out = act.quantize_linear_fused(x, spec, hadamard, w, w_scale, bias, out_dtype)
-    if out is not None:
-        return out
-    xq, xs = act.quantize_dynamic(x, spec, hadamard)
-    linear = int8_mm.int8_linear if xq.dtype == torch.int8 else fp8_mm.fp8_linear
-    return linear(xq, xs, w, w_scale, bias, out_dtype)
-
-
-@dynamic_quant_linear.register_fake
-def _(x, spec, hadamard, w, w_scale, bias, out_dtype):
-    return _linear_fake(x, w.shape[0], out_dtype)
 
 
 @torch.library.custom_op("graphquant::int8_weight_only_linear", mutates_args=())
