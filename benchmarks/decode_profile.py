@@ -1,7 +1,8 @@
 """Where a decode step's time goes: the GPU kernels of one graph-replayed step, per variant (issue 13).
 
     PYTHONPATH=. python benchmarks/decode_profile.py [--variants "bf16,int8 W8A8,W4A16 g128"] [--batch 1]
-        [--layers 2] [--sdpa "default;efficient_attention;math"] [--out benchmarks/results/decode_profile.json]
+        [--layers 2] [--sdpa "default;efficient_attention;math"] [--inductor "default;split_reductions=0"]
+        [--prefill 8,2048] [--out benchmarks/results/decode_profile.json]
 
 Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.py``, runs one
 :class:`graphquant.static_decode.StaticDecoder` step (compiled, CUDA graph) under
@@ -9,7 +10,9 @@ Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.p
 name, launches per step, microseconds per step, and the sum of kernel time against the replay's
 CUDA-event time (the difference is the gap between kernels inside the graph), and the time by kind
 of kernel (``category``). ``--sdpa`` repeats each variant with the decode step restricted to other
-attention backends (``StaticDecoder(sdpa=...)``). Kernel names are shortened (Triton's generated
+attention backends (``StaticDecoder(sdpa=...)``), ``--inductor`` with other Inductor options for the step's
+compile (``StaticDecoder(compile_options=...)``). ``--prefill B,L`` profiles the compiled prefill of a
+B x L prompt instead (no CUDA graph; "step" then means one prefill). Kernel names are shortened (Triton's generated
 names keep their fused-op suffixes). CUDA only.
 """
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _short(name: str) -> str:
 
 @torch.no_grad()
 def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, steps: int,
-                    sdpa_options=(None,), inductor_options=(None,)) -> list[dict]:
+                    sdpa_options=(None,), inductor_options=(None,), prefill=None) -> list[dict]:
     """One result per SDPA option (None: torch's choice) and Inductor option set (None: the defaults); the
     variant is built once."""
     m = gg.build(model, v, setup, calib)
@@ -74,7 +77,7 @@ def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, st
     for sdpa in sdpa_options:
         for opts in inductor_options:
             try:
-                out.append(_profile_step(m, v, setup, batch, steps, sdpa, opts))
+                out.append(_profile_step(m, v, setup, batch, steps, sdpa, opts, prefill))
             except Exception as e:  # noqa: BLE001 - a backend that cannot run this attention is reported
                 print(f"{v.who} {v.name} sdpa={sdpa} inductor={opts}: failed: {type(e).__name__}: {str(e)[:300]}",
                       flush=True)
@@ -85,17 +88,28 @@ def profile_variant(model, v: gg.Variant, setup: gg.Setup, calib, batch: int, st
 
 
 @torch.no_grad()
-def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdpa, inductor=None) -> dict:
+def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdpa, inductor=None,
+                  prefill=None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from graphquant.static_decode import StaticDecoder
 
-    dec = StaticDecoder(m, batch, setup.max_length, sdpa=sdpa, compile_options=inductor)
-    prompt = torch.randint(0, setup.vocab, (batch, setup.prompt), device="cuda")
-    dec.generate(prompt, 8)
-    step_ms = dec.time_step_ms(100, position=setup.prompt + 64)
-    replay = dec._graph.replay
-    for _ in range(5):
+    if prefill:  # the compiled prefill of a (batch, length) prompt instead of a decode step
+        bp, lp = prefill
+        dec = StaticDecoder(m, bp, lp + 8, cuda_graph=False)
+        ids = torch.randint(0, setup.vocab, (bp, lp), device="cuda")
+        step_ms = dec.time_prefill_ms(ids, 5)
+        batch = bp
+
+        def replay():
+            dec.prefill(ids)
+    else:
+        dec = StaticDecoder(m, batch, setup.max_length, sdpa=sdpa, compile_options=inductor)
+        prompt = torch.randint(0, setup.vocab, (batch, setup.prompt), device="cuda")
+        dec.generate(prompt, 8)
+        step_ms = dec.time_step_ms(100, position=setup.prompt + 64)
+        replay = dec._graph.replay
+    for _ in range(5 if not prefill else 1):
         replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -113,14 +127,16 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
     cats = collections.defaultdict(float)
     for k in kernels:
         cats[category(k["kernel"])] += k["us"]
-    return {"variant": f"{v.who} {v.name}" + (" + sdpa" if v.who != "bf16" and v.attention == "sdpa" else ""), "sdpa": "default" if sdpa is None else ",".join(sdpa),
+    return {"variant": f"{v.who} {v.name}" + (" + sdpa" if v.who != "bf16" and v.attention == "sdpa" else ""),
+            "what": f"prefill {prefill[0]}x{prefill[1]}" if prefill else "decode step",
+            "sdpa": "default" if sdpa is None else ",".join(sdpa),
             "inductor": inductor or {}, "batch": batch, "step_ms": step_ms, "kernel_us": sum(k["us"] for k in kernels),
             "launches": sum(k["launches"] for k in kernels),
             "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels}
 
 
 def _print(r: dict, top: int) -> None:
-    print(f"\n== {r['variant']}  sdpa {r['sdpa']}  inductor {r.get('inductor') or 'default'}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us "
+    print(f"\n== {r['variant']}  {r.get('what', 'decode step')}  sdpa {r['sdpa']}  inductor {r.get('inductor') or 'default'}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us "
           f"(graph replay), kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
           f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
     print("   by kind (us/step): " + ", ".join(f"{c} {us:.1f}" for c, us in r["categories_us"].items()))
@@ -173,10 +189,20 @@ def main(argv=None):
     ap.add_argument("--inductor", default="default",
                     help="';'-separated Inductor option sets for the decode step's compile, each 'name=value,...', "
                          "e.g. 'default;split_reductions=0'")
+    ap.add_argument("--prefill", default="", metavar="B,L",
+                    help="profile the compiled prefill of a B x L prompt instead of a decode step, e.g. 8,2048 "
+                         "(--steps prefills; --batch, --sdpa and --inductor do not apply)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_profile.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py needs a CUDA GPU")
+    prefill = None
+    if args.prefill:
+        try:
+            prefill = tuple(int(v) for v in args.prefill.split(","))
+            assert len(prefill) == 2 and min(prefill) > 0
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--prefill {args.prefill!r}: give B,L (two positive integers), e.g. 8,2048") from None
     options = sdpa_options(args.sdpa)
     inductor = inductor_options(args.inductor)
     setup = gg.Setup()
@@ -188,7 +214,7 @@ def main(argv=None):
             continue
         v = _variant(spec)
         try:
-            rs = profile_variant(model, v, setup, calib, args.batch, args.steps, options, inductor)
+            rs = profile_variant(model, v, setup, calib, args.batch, args.steps, options, inductor, prefill)
         except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others run
             print(f"{spec}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
