@@ -16,21 +16,27 @@ static cache).
 The backend takes the decode calls it can (one query position, CUDA, 16-bit floats, head sizes
 16-256, a mask of one row per sequence or none, no dropout / softcap / attention sinks / position
 bias) and hands everything else (prefill, CPU, other cases) to transformers' own ``sdpa`` function
-unchanged. It asks transformers for the same masks as ``sdpa``, and runs graphquant's online attention
+unchanged, but for one case of prefill: inside :func:`empty_cache_prefill` (``StaticDecoder.prefill``
+enters it: equal-length prompts written from cache position 0) a causal model's prompt attends to its own
+keys only, ``sdpa(q, k[:L], v[:L], is_causal=True)``, instead of to the whole static cache through a mask.
+The masked call computes the same attention on every key of the cache (8 x 2048 prompts of Llama-3-8B
+shapes: 1.85 ms of a 12.7 ms bf16 layer on the H200, cuDNN, no causal skipping); transformers makes
+the same cut where it can see that the cache is empty, which it cannot under ``torch.compile``. It asks transformers for the same masks as ``sdpa``, and runs graphquant's online attention
 work (QuaRot's R3, KV-cache quantizers) first where a module carries it, so it also replaces
 ``graphquant_sdpa``. On CPU the op runs a float reference (:func:`decode_attention_reference`), which the
 tests compare the kernel with.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
 from .export.attention import ONLINE_ATTR, PREFIX
 
-__all__ = ["NAME", "decode_attention", "decode_attention_reference", "attention_forward", "register", "use",
-           "use_if_sdpa"]
+__all__ = ["NAME", "decode_attention", "decode_attention_reference", "attention_forward", "empty_cache_prefill",
+           "register", "use", "use_if_sdpa"]
 
 #: the attention implementation name registered with transformers
 NAME = "graphquant_decode"
@@ -116,6 +122,32 @@ def _takes(query, key, value, dropout, kwargs) -> bool:
     return True
 
 
+_EMPTY_CACHE_PREFILL = [False]
+
+
+@contextlib.contextmanager
+def empty_cache_prefill():
+    """Calls inside see prompts written from cache position 0 with no padding: :func:`attention_forward` may then
+    give a prompt of L tokens the first L keys and ``is_causal`` in place of the cache-long mask. For callers that
+    know it (``StaticDecoder.prefill``); under ``torch.compile`` the flag is read while tracing."""
+    before = _EMPTY_CACHE_PREFILL[0]
+    _EMPTY_CACHE_PREFILL[0] = True
+    try:
+        yield
+    finally:
+        _EMPTY_CACHE_PREFILL[0] = before
+
+
+def _causal_prefill(module, query, key, dropout, kwargs) -> bool:
+    """A prompt attending causally to the keys written before it from position 0: no sliding window, soft cap,
+    sinks or position bias (their masks are not just causal), a module that says it is causal."""
+    if not _EMPTY_CACHE_PREFILL[0] or not 1 < query.shape[2] <= key.shape[2] or dropout:
+        return False
+    if not getattr(module, "is_causal", True) or getattr(module, "sliding_window", None) is not None:
+        return False
+    return not any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias"))
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
     """A transformers attention function: decode calls go to ``graphquant::decode_attention``, the rest to sdpa.
@@ -131,6 +163,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             return torch.ops.graphquant.decode_attention(query, key, value, mask, float(scale)), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _causal_prefill(module, query, key, dropout, kwargs):
+        L = query.shape[2]
+        return sdpa_attention_forward(module, query, key[:, :, :L], value[:, :, :L], None, dropout=dropout,
+                                      scaling=scaling, is_causal=True, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

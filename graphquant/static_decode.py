@@ -167,7 +167,10 @@ class StaticDecoder:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("StaticDecoder runs equal-length prompts only (attention_mask all ones); "
                              "group prompts by length or use model.generate() for padded batches")
-        return self._prefill_fn(input_ids.to(self.device))
+        from .decode_attention import empty_cache_prefill
+
+        with empty_cache_prefill():  # positions 0..L-1 of an emptied cache, no padding (see its docstring)
+            return self._prefill_fn(input_ids.to(self.device))
 
     def _capture(self) -> None:
         """Warm up (compiles) on a side stream, then capture one step into a CUDA graph."""

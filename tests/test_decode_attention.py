@@ -199,3 +199,44 @@ def test_use_if_sdpa_switches_sdpa_and_graphquant_sdpa_only():
     eager = tiny_model("llama")
     eager.set_attn_implementation("eager")
     assert DA.use_if_sdpa(eager).config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("arch,window,causal_cut", [("llama", None, True), ("qwen3", None, True),
+                                                     ("mistral", 5, False)])
+def test_empty_cache_prefill_attends_to_the_prompt_keys_only(monkeypatch, arch, window, causal_cut):
+    """Inside ``empty_cache_prefill`` a prompt of L tokens gets the first L keys of the static cache and
+    ``is_causal`` (same logits as the cache-long mask); a sliding window keeps the mask. transformers' own cut
+    (mask skipped where it sees an empty cache) is switched off, as it is under ``torch.compile``."""
+    import contextlib
+
+    import transformers.integrations.sdpa_attention as S
+    import transformers.masking_utils as MU
+    from transformers import StaticCache
+
+    monkeypatch.setattr(MU, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
+
+    seen = []
+    real = S.sdpa_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append((k.shape[2], mask is None))
+        return real(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(S, "sdpa_attention_forward", spy)
+    extra = {"sliding_window": window} if window else {}
+    model = DA.use(tiny_model(arch, seed=5, **extra))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(6))
+
+    def logits(empty):
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        with DA.empty_cache_prefill() if empty else contextlib.nullcontext(), torch.no_grad():
+            return model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+
+    masked = logits(False)
+    assert seen and all(no_mask is False for _, no_mask in seen)  # a mask over the cache's keys
+    assert not causal_cut or seen[0][0] == 24
+    seen.clear()
+    cut = logits(True)
+    assert seen and all(s == (8, True) if causal_cut else s[1] is False for s in seen), seen
+    assert torch.allclose(cut, masked, atol=1e-5, rtol=1e-4)
+    assert not DA._EMPTY_CACHE_PREFILL[0]  # the context restores the flag
