@@ -44,6 +44,10 @@ subclasses counted by their inner tensors, a graphquant QuantLinear by its kerne
 at decode b1 and the fraction of 4.3e12 B/s;
 peak CUDA memory above what was allocated before the variant was built.
 
+The stock bf16 row is measured once more at the end of the run ("bf16 (again, end of run)", unless
+``--no-bf16-again``): its ratio to the first bf16 row is the drift of the baseline within the run (2-3%
+between calls on the H200), printed after the targets. Every speedup stays over the first bf16 row.
+
 Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
 position, argmax) timed on its own. Full 32-layer numbers = head + 32 x per-layer: an
 extrapolation, labelled so. A failure in one measurement lands in the row's ``errors``.
@@ -173,17 +177,20 @@ class Variant:
     attention: str = "default"  # "decode": graphquant's decode attention backend; "sdpa"; "default": the library's
     compile: bool = True        # False: eager decode step, still replayed as a CUDA graph (no CPU overhead)
     tuning: bool = False        # torchao: its recommended inductor settings (coordinate-descent tuning)
+    again: bool = False         # bf16: the baseline measured once more at the end of the run (its drift)
 
     @property
     def name(self) -> str:
         return self.scheme + (" + QuaRot" if self.quarot else "") + \
             (" + decode attention" if self.who == "bf16" and self.attention == "decode" else "") + \
-            ("" if self.compile else " (eager + CUDA graph)") + (" (inductor tuning)" if self.tuning else "")
+            ("" if self.compile else " (eager + CUDA graph)") + (" (inductor tuning)" if self.tuning else "") + \
+            (" (again, end of run)" if self.again else "")
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
                     who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False,
-                    attention="decode", torchao_eager=False, torchao_tuning=False) -> list[Variant]:
+                    attention="decode", torchao_eager=False, torchao_tuning=False,
+                    bf16_again=False) -> list[Variant]:
     """bf16 first (stock, then with graphquant's decode attention when ``attention == "decode"``), then
     graphquant without and with QuaRot, then torchao (last: with ``torchao_tuning`` its ``quantize_`` changes
     inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
@@ -191,7 +198,9 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
     ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all); ``attention``: the
     graphquant rows' attention ("decode": ``prepare``'s default, or "sdpa"); ``torchao_eager``: torchao rows
     without ``torch.compile`` (the decode step is still a CUDA graph), for when its compiles do not finish;
-    ``torchao_tuning``: torchao rows with its recommended inductor settings (see :func:`_torchao_config`)."""
+    ``torchao_tuning``: torchao rows with its recommended inductor settings (see :func:`_torchao_config`);
+    ``bf16_again``: the stock bf16 row once more at the end, so the run shows how far its own baseline drifted
+    (every speedup stays over the first bf16 row)."""
     schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
                and (not filters or any(f.lower() in s.lower() for f in filters))]
     out = [] if no_bf16 else [Variant("bf16", "bf16", attention="sdpa")]
@@ -205,6 +214,8 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
     if "torchao" in who and torchao and not smoke and not only_quarot:
         out += [Variant("torchao", s, compile=not torchao_eager, tuning=torchao_tuning)
                 for s in TORCHAO_SCHEMES if s in schemes]
+    if bf16_again and not no_bf16 and len(out) > 1:
+        out.append(Variant("bf16", "bf16", attention="sdpa", again=True))
     return out
 
 
@@ -617,6 +628,14 @@ def targets_text(ts: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def baseline_drift(rows: list[dict]) -> float | None:
+    """Decode b1 per-layer time of the end-of-run bf16 row over the first bf16 row's, minus 1, or None."""
+    first = next((r for r in rows if r["who"] == "bf16" and r.get("attention") in (None, "sdpa")), None)
+    again = next((r for r in rows if r["who"] == "bf16" and r["variant"].endswith("(again, end of run)")), None)
+    a, b = (again or {}).get("decode_b1_layer_ms"), (first or {}).get("decode_b1_layer_ms")
+    return a / b - 1 if a is not None and b else None
+
+
 def finish(out: dict, path: str) -> None:
     """Rows, targets and the table from ``out['raw']``; print; write ``path`` atomically."""
     if any(r["who"] == "bf16" for r in out["raw"]) and out.get("head"):
@@ -627,6 +646,9 @@ def finish(out: dict, path: str) -> None:
         print(table(out["rows"], out["layers"], batches))
         print()
         print(targets_text(out["targets"]))
+        if (drift := baseline_drift(out["rows"])) is not None:
+            print(f"\nbf16 measured again at the end of the run: decode b1 per layer {drift:+.1%} against the first "
+                  "bf16 row (the run-to-run noise the speedups carry)")
     for n in out.get("notes", []):
         print("note:", n)
     write_json(path, out)
@@ -712,6 +734,8 @@ def main(argv=None):
     ap.add_argument("--quarot-variants", default="", help="comma-separated substrings: only these schemes + QuaRot")
     ap.add_argument("--only-quarot", action="store_true", help="bf16 and the graphquant + QuaRot rows only")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--no-bf16-again", action="store_true",
+                    help="skip the stock bf16 row measured again at the end of the run (its drift)")
     ap.add_argument("--no-bf16", action="store_true",
                     help="skip the bf16 row (a run to --merge after one that has it; each variant can then run in "
                          "its own process under its own time limit)")
@@ -768,7 +792,7 @@ def main(argv=None):
                                who=tuple(w.strip() for w in args.who.split(",")),
                                quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()],
                                no_bf16=args.no_bf16, attention=args.attention, torchao_eager=args.torchao_eager,
-                               torchao_tuning=args.torchao_tuning)
+                               torchao_tuning=args.torchao_tuning, bf16_again=not args.no_bf16_again)
     if args.only:
         variants = [v for v in variants if variant_key(v) == args.only]
         if not variants:

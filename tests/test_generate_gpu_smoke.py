@@ -135,6 +135,10 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
     ao = bench.select_variants(who=("torchao",))
     assert [v.who for v in ao] == ["bf16"] + ["torchao"] * 4
     assert [v.name for v in bench.select_variants(who=("torchao",), no_bf16=True)] == list(bench.TORCHAO_SCHEMES)
+    again = bench.select_variants(["int8"], quarot=False, torchao=False, bf16_again=True)
+    assert [(v.who, v.name) for v in again] == [("bf16", "bf16"), ("bf16", "bf16 + decode attention"),
+                                                ("graphquant", "int8 W8A8"), ("bf16", "bf16 (again, end of run)")]
+    assert not any(v.again for v in bench.select_variants(["int8"], who=("torchao",), no_bf16=True, bf16_again=True))
     eager = bench.select_variants(["int8"], who=("torchao",), no_bf16=True, torchao_eager=True)
     assert [(v.name, v.compile) for v in eager] == [("int8 W8A8 (eager + CUDA graph)", False)]
 
@@ -147,9 +151,10 @@ def test_smoke_run_on_cpu(bench, tmp_path):
     doc = json.loads(out.read_text())
     assert [(r["who"], r["variant"]) for r in doc["rows"]] == [
         ("bf16", "bf16"), ("bf16", "bf16 + decode attention"), ("graphquant", "int8 W8A8"),
-        ("graphquant", "int8 W8A8 + QuaRot")]
+        ("graphquant", "int8 W8A8 + QuaRot"), ("bf16", "bf16 (again, end of run)")]
     # the backend is set (CPU decode calls then go to sdpa); prepare switches only CUDA models
-    assert [r["attention"] for r in doc["rows"]] == ["sdpa", "graphquant_decode", "sdpa", "graphquant_sdpa"]
+    assert [r["attention"] for r in doc["rows"]] == ["sdpa", "graphquant_decode", "sdpa", "graphquant_sdpa", "sdpa"]
+    assert bench.baseline_drift(doc["rows"]) is not None
     doc["rows"].pop(1)
     for r in doc["rows"]:
         assert r["errors"] == [], r
@@ -164,6 +169,18 @@ def test_smoke_run_on_cpu(bench, tmp_path):
     assert fp32["layer_weight_bytes_per_layer"] / 4.2 < w8["layer_weight_bytes_per_layer"] \
         < fp32["layer_weight_bytes_per_layer"] / 3.5
     assert not (tmp_path / "smoke.json.partial").exists()
+
+
+def test_the_end_of_run_bf16_row_gives_the_baseline_drift_not_the_speedups(bench):
+    raw = fake_raw()
+    again = dict(raw[0], variant="bf16 (again, end of run)")
+    again["decode_b1_ms"] = raw[0]["decode_b1_ms"] + 2 * 0.01  # 5% slower per layer (0.2 -> 0.21)
+    rows = bench.build_rows(raw + [again], HEAD, layers=2, batches=(1, 16), new_tokens=256)
+    assert bench.baseline_drift(rows) == pytest.approx(0.05)
+    assert rows[-1]["decode_b1_layer_speedup"] == pytest.approx(0.2 / 0.21)
+    assert [r["decode_b1_layer_speedup"] for r in rows[:-1]] == \
+        [r["decode_b1_layer_speedup"] for r in bench.build_rows(raw, HEAD, 2, (1, 16), 256)]
+    assert bench.baseline_drift(rows[:-1]) is None
 
 
 def test_same_attention_speedups(bench):
