@@ -18,13 +18,13 @@ The backend takes the decode calls it can (one query position, CUDA, 16-bit floa
 bias) and hands everything else (prefill, CPU, other cases) to transformers' own ``sdpa`` function
 unchanged, but for one case of prefill: inside :func:`empty_cache_prefill` (``StaticDecoder.prefill``
 enters it: equal-length prompts written from cache position 0) a causal model's prompt attends to its own
-keys only, ``sdpa(q, k[:L], v[:L], is_causal=True)``, instead of to the whole static cache through a mask.
-The masked call computes the same attention on every key of the cache (8 x 2048 prompts of Llama-3-8B
-shapes: 1.85 ms of a 12.7 ms bf16 layer on the H200, cuDNN, no causal skipping); transformers makes
-the same cut where it can see that the cache is empty, which it cannot under ``torch.compile``. It asks transformers for the same masks as ``sdpa``, and runs graphquant's online attention
-work (QuaRot's R3, KV-cache quantizers) first where a module carries it, so it also replaces
-``graphquant_sdpa``. On CPU the op runs a float reference (:func:`decode_attention_reference`), which the
-tests compare the kernel with.
+keys only, ``sdpa(q, k[:L], v[:L], is_causal=True)``, instead of to every slot of the static cache through
+a mask (8 x 2048 prompts of Llama-3-8B shapes, 2056 slots: 1.85 ms of a 12.7 ms compiled bf16 layer on the
+H200, ``results/prefill_profile.json``; the cut is not measured there yet). transformers makes the same cut
+where it can see that the cache is empty, which it cannot under ``torch.compile``. The backend asks
+transformers for the same masks as ``sdpa``, and runs graphquant's online attention work (QuaRot's R3,
+KV-cache quantizers) first where a module carries it, so it also replaces ``graphquant_sdpa``. On CPU the
+op runs a float reference (:func:`decode_attention_reference`), which the tests compare the kernel with.
 """
 from __future__ import annotations
 
