@@ -240,3 +240,23 @@ def test_empty_cache_prefill_attends_to_the_prompt_keys_only(monkeypatch, arch, 
     assert seen and all(s == (8, True) if causal_cut else s[1] is False for s in seen), seen
     assert torch.allclose(cut, masked, atol=1e-5, rtol=1e-4)
     assert not DA._EMPTY_CACHE_PREFILL[0]  # the context restores the flag
+
+
+def test_compiled_static_decoder_prefill_takes_the_causal_cut(monkeypatch):
+    """Under torch.compile (where transformers keeps the cache-long mask) StaticDecoder's prefill runs the
+    prompt on its own keys with is_causal, and the greedy tokens equal the stock sdpa model's."""
+    import transformers.integrations.sdpa_attention as S
+
+    seen = []
+    real = S.sdpa_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append((q.shape[2], k.shape[2], mask is None))
+        return real(module, q, k, v, mask, **kw)
+
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(6))
+    want = _greedy(tiny_model("llama", seed=5), ids, 4)
+    monkeypatch.setattr(S, "sdpa_attention_forward", spy)
+    dec = StaticDecoder(DA.use(tiny_model("llama", seed=5)), 2, 30, compile=True)
+    assert torch.equal(dec.generate(ids, 4), want)
+    assert [s for s in seen if s[0] == 8] == [(8, 8, True)] * 2  # two layers, traced once
