@@ -1,6 +1,6 @@
 """Hadamard transform speed on a CUDA GPU: Triton kernel vs dense matmul vs torch fallback vs copy.
 
-    python benchmarks/hadamard_gpu.py [--tokens 8192] [--sizes 128 4096 14336 18944] [--sweep]
+    python benchmarks/hadamard_gpu.py [--tokens 8192] [--sizes 128 4096 14336 18944] [--sweep] [--quantize]
 
 For each order n, on an (tokens, n) bf16 tensor: the Triton transform (``graphquant::hadamard_transform``
 on CUDA), a dense ``x @ Hᵀ`` in bf16 (cuBLAS), the torch fallback (``graphquant.hadamard.hadamard_transform``,
@@ -9,6 +9,11 @@ ratios are to the copy. Correctness of every method is checked against float64 o
 rows in the same run. Times are medians of eager calls (Python dispatch included) and, for the copy and
 the Triton kernel, of CUDA-graph replays (GPU time alone; the target is judged on these).
 ``--sweep`` also times other kernel plans (tilings, exact or fast intermediates) for each n.
+``--quantize`` also times QuaRot's R4 with its activation quantization (int8 / fp8, dynamic per row and static),
+graph-replayed, as the fused ``hadamard_quantize`` kernel and as the two kernels it replaces (the transform,
+then ``quantize_rows``), and checks both give the same codes and scales: which of the two
+``activation.FUSED_MIN_ROWS`` should pick at ``--tokens`` rows (prefill: 16384 x 14336 for 8 x 2048
+Llama-3-8B prompts).
 Writes ``benchmarks/results/hadamard_gpu.json``.
 """
 from __future__ import annotations
@@ -89,11 +94,39 @@ def sweep_plans(ht, x: torch.Tensor, n: int, copy_ms: float, ref: torch.Tensor) 
     return rows
 
 
+def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
+    """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel) and of the
+    transform then ``quantize_rows`` (two), for int8 / fp8 codes, dynamic per row and static; codes and scales
+    must be equal."""
+    from graphquant.kernels import quant_triton as QT
+
+    rows = []
+    if not ht.fusable(x.shape[-1], x.dtype):
+        return [{"error": f"no fused kernel for order {x.shape[-1]}"}]
+    for fp8 in (False, True):
+        for static in (False, True):
+            s = torch.tensor(0.05, device=x.device) if static else None
+            fused = lambda: ht.hadamard_quantize(x, fp8, s)  # noqa: E731
+            two = lambda: QT.quantize_rows(ht.hadamard_transform_triton(x), fp8, s)  # noqa: E731
+            (qf, sf), (qt, st) = fused(), two()
+            same = torch.equal(qf.view(torch.int8), qt.view(torch.int8)) and (static or torch.equal(sf, st))
+            row = {"codes": "fp8" if fp8 else "int8", "scale": "static" if static else "dynamic",
+                   "fused_ms": bench_graph(fused), "two_kernels_ms": bench_graph(two), "same_codes": same}
+            row["fused_over_two"] = row["fused_ms"] / row["two_kernels_ms"]
+            rows.append(row)
+            print(f"   R4 + {row['codes']:4s} {row['scale']:7s}: fused {row['fused_ms']:.4f} ms, transform + "
+                  f"quantize_rows {row['two_kernels_ms']:.4f} ms ({row['fused_over_two']:.2f}x), same codes: "
+                  f"{same}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 4096, 14336, 18944])
     ap.add_argument("--sweep", action="store_true", help="also time every kernel plan")
+    ap.add_argument("--quantize", action="store_true",
+                    help="also time the fused Hadamard + quantization kernel against the transform + quantize_rows")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hadamard_gpu.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -139,6 +172,8 @@ def main() -> None:
               f"{ms['dense']:7.4f} {ms['torch']:7.4f} {ms['triton'] / ms['copy']:8.2f} "
               f"{ms['dense'] / ms['copy']:10.2f} {ms['torch'] / ms['copy']:10.2f} | {graph['copy']:11.4f} "
               f"{graph['triton']:7.4f} {ratio:8.2f} {gbs:5.0f} | {ulps['triton']:4.2f}", flush=True)
+        if args.quantize:
+            row["quantize"] = fused_vs_two_kernels(ht, x)
         if args.sweep:
             t0 = time.time()
             row["sweep"] = sweep_plans(ht, x, n, graph["copy"], ref)
@@ -147,7 +182,8 @@ def main() -> None:
         del x, h_t
         torch.cuda.empty_cache()
 
-    ok = all(r["max_ulps_vs_float64"]["triton"] <= 1.0 for r in result["sizes"])
+    ok = all(r["max_ulps_vs_float64"]["triton"] <= 1.0 for r in result["sizes"]) \
+        and all(q.get("same_codes", True) for r in result["sizes"] for q in r.get("quantize", []))
     targets = [r["meets_target"] for r in result["sizes"] if r["meets_target"] is not None]
     result["correct"] = ok
     result["all_targets_met"] = all(targets) if targets else None
