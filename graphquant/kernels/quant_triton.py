@@ -124,6 +124,15 @@ def _split_rows(C, pid_k, M, stride_cm):
 
 
 @triton.jit
+def _split_range(pid_k, total, SPLIT_K, STEP: tl.constexpr):
+    """[lo, hi) of split ``pid_k`` along the reduced dimension: ``total`` cut into ``SPLIT_K`` chunks whose length
+    is a multiple of ``STEP`` (the loop step), the last one clipped (empty splits get lo >= hi)."""
+    per = tl.cdiv(tl.cdiv(total, SPLIT_K), STEP) * STEP
+    lo = pid_k * per
+    return lo, tl.minimum(lo + per, total)
+
+
+@triton.jit
 def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """``C = sum_s P[s]`` over the splits of a (SPLIT, M, N) fp32 workspace, in split order, cast to C's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -152,9 +161,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_len
-    k_hi = tl.minimum(k_lo + k_len, K)
+    k_lo, k_hi = _split_range(pid_k, K, SPLIT_K, BLOCK_K)
     INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
     if INT_ACC:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -246,11 +253,7 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
     a_rows = A + rm.to(tl.int64)[:, None] * stride_am
-    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_per
-    k_hi = k_lo + k_per
-    if k_hi > K:
-        k_hi = K
+    k_lo, k_hi = _split_range(pid_k, K, SPLIT_K, BLOCK_K)
     INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
     if INT_ACC:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -391,11 +394,7 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, str
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rn64 = rn.to(tl.int64)
-    q_per = tl.cdiv(tl.cdiv(Q, SPLIT_K), BLOCK_Q) * BLOCK_Q
-    q_lo = pid_k * q_per
-    q_hi = q_lo + q_per
-    if q_hi > Q:
-        q_hi = Q
+    q_lo, q_hi = _split_range(pid_k, Q, SPLIT_K, BLOCK_Q)
     PER: tl.constexpr = 4 if W_KIND == 0 else 8
     acc0 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
@@ -490,11 +489,7 @@ def w4_mma_kernel(A, B, SW, ZW, BIAS, C, M, N, G, stride_am, stride_bn, stride_c
     m_ok = rm < M
     HALF: tl.constexpr = GROUP // 2
     rb = tl.arange(0, HALF)
-    g_per = tl.cdiv(G, SPLIT_K)
-    g_lo = pid_k * g_per
-    g_hi = g_lo + g_per
-    if g_hi > G:
-        g_hi = G
+    g_lo, g_hi = _split_range(pid_k, G, SPLIT_K, 1)
     if FP16:
         DT: tl.constexpr = tl.float16
         MAGIC: tl.constexpr = 0x6400
