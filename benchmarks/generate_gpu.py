@@ -463,6 +463,12 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def baseline(rows: list[dict]) -> dict | None:
+    """The row every speedup is over: the first stock (sdpa) bf16 row, else the first bf16 row."""
+    bf16 = [x for x in rows if x["who"] == "bf16"]
+    return next((x for x in bf16 if x.get("attention") in (None, "sdpa")), bf16[0] if bf16 else None)
+
+
 def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_tokens: int = 256) -> list[dict]:
     """The issue's rows from raw measurements: per-layer times (head subtracted), speedups over the
     bf16 row, tokens/s, weight bandwidth, QuaRot overhead, full-32-layer extrapolations."""
@@ -498,7 +504,7 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
         row["errors"] = list(r.get("errors", []))
         rows.append(row)
     bf16 = [x for x in rows if x["who"] == "bf16"]
-    base = next((x for x in bf16 if x.get("attention") in (None, "sdpa")), bf16[0] if bf16 else None)
+    base = baseline(rows)
     for row in rows:
         # the same attention as this row's, so the ratio shows the Linear kernels alone
         same = next((x for x in bf16 if x.get("attention") == row.get("attention")), None)
@@ -630,9 +636,11 @@ def targets_text(ts: list[dict]) -> str:
 
 def baseline_drift(rows: list[dict]) -> float | None:
     """Decode b1 per-layer time of the end-of-run bf16 row over the first bf16 row's, minus 1, or None."""
-    first = next((r for r in rows if r["who"] == "bf16" and r.get("attention") in (None, "sdpa")), None)
+    first = baseline(rows)
     again = next((r for r in rows if r["who"] == "bf16" and r["variant"].endswith("(again, end of run)")), None)
-    a, b = (again or {}).get("decode_b1_layer_ms"), (first or {}).get("decode_b1_layer_ms")
+    if again is None or first is again:
+        return None
+    a, b = again.get("decode_b1_layer_ms"), (first or {}).get("decode_b1_layer_ms")
     return a / b - 1 if a is not None and b else None
 
 

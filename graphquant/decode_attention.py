@@ -109,10 +109,14 @@ def _decode_mask(attention_mask, query, key):
     return m[:, 0, 0, :].expand(query.shape[0], key.shape[2])
 
 
+#: attention keyword arguments that change the scores beyond mask and scale: calls carrying one stay sdpa's
+SCORE_MODIFIERS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
 def _takes(query, key, value, dropout, kwargs) -> bool:
     if query.shape[2] != 1 or query.device.type not in DEVICES or dropout or key.shape[-1] != value.shape[-1]:
         return False
-    if any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks", "position_bias", "cache")):
+    if any(kwargs.get(k) is not None for k in SCORE_MODIFIERS + ("cache",)):
         return False
     if kwargs.get("output_attentions") or value.dtype != query.dtype or query.shape[1] % key.shape[1]:
         return False
@@ -145,7 +149,7 @@ def _causal_prefill(module, query, key, dropout, kwargs) -> bool:
         return False
     if not getattr(module, "is_causal", True) or getattr(module, "sliding_window", None) is not None:
         return False
-    return not any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias"))
+    return not any(kwargs.get(k) is not None for k in SCORE_MODIFIERS + ("sliding_window",))
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
