@@ -171,6 +171,8 @@ def inductor_options(text: str) -> list:
             if not hasattr(config, k):
                 raise SystemExit(f"--inductor: {k!r} is not an Inductor config option")
             cur = getattr(config, k)
+            if isinstance(cur, int) and not isinstance(cur, bool) and not val.lstrip("-").isdigit():
+                raise SystemExit(f"--inductor: {k} takes an integer, got {val!r}")
             opts[k] = (val not in ("0", "false", "False")) if isinstance(cur, bool) else \
                 (int(val) if isinstance(cur, int) else val)
         out.append(opts)
