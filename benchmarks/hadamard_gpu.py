@@ -54,7 +54,7 @@ def max_ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((y.double() - ref).abs() / ulp).max())
 
 
-def sweep_candidates(ht, n: int) -> list:
+def sweep_candidates(ht, n: int, tokens: int = 8192) -> list:
     """A manageable subset of plans: the persistent kernels with a few launch shapes, the best
     tiled ones for reference, and one plan with fast (bf16-rounded) intermediates for information."""
     import dataclasses as dc
@@ -76,12 +76,14 @@ def sweep_candidates(ht, n: int) -> list:
     fast = sorted((p for p in ht.candidates(n, 1) if p.persistent), key=ht._score)
     if fast:
         plans.append(dc.replace(fast[0], ctas=2, stages=1, num_warps=4))
+    if tokens <= 64:
+        plans += few_row_plans(ht, n)
     return list(dict.fromkeys(plans))
 
 
 def sweep_plans(ht, x: torch.Tensor, n: int, copy_ms: float, ref: torch.Tensor) -> list:
     rows = []
-    for p in sweep_candidates(ht, n):
+    for p in sweep_candidates(ht, n, x.shape[0]):
         try:
             fn = lambda: ht.hadamard_transform_triton(x, plan_override=p)  # noqa: E731
             err = max_ulps(fn()[: ref.shape[0]], ref)
@@ -94,29 +96,74 @@ def sweep_plans(ht, x: torch.Tensor, n: int, copy_ms: float, ref: torch.Tensor) 
     return rows
 
 
+#: launch shapes of the fused kernel timed by ``--quantize`` besides the plan's own: (programs per SM, pipeline
+#: stages, warps). Its quantization epilogue runs after the products, with few warps per SM it is not hidden
+FUSED_LAUNCHES = ((1, 1, 8), (2, 1, 8), (4, 2, 4), (1, 2, 8))
+
+
+def few_row_plans(ht, n: int) -> list:
+    """Tiled (non-persistent) plans of the tuned structure with every row-block size: for a few rows (decode)
+    they split one row over ``NT`` programs, where the persistent kernel gives a whole row to one."""
+    import dataclasses as dc
+
+    p = ht.plan(n, 2)
+    if p is None or p.kind != "factored":
+        return []
+    same = [c for c in ht.candidates(n, 2) if not c.persistent and (c.M0, c.D1, c.D2) == (p.M0, p.D1, p.D2)]
+    return list(dict.fromkeys(dc.replace(c, num_warps=w) for c in same for w in (2, 4) if c.BM <= 64))
+
+
 def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
-    """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel) and of the
-    transform then ``quantize_rows`` (two), for int8 / fp8 codes, dynamic per row and static; codes and scales
-    must be equal."""
+    """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel, its plan's
+    launch shape and the ``FUSED_LAUNCHES``) and of the transform then ``quantize_rows`` (two; the transform
+    with its plan and, for up to 64 rows, the ``few_row_plans``), for int8 / fp8 codes, dynamic per row and
+    static; codes and scales must be equal everywhere."""
+    import dataclasses as dc
+
     from graphquant.kernels import quant_triton as QT
 
     rows = []
-    if not ht.fusable(x.shape[-1], x.dtype):
-        return [{"error": f"no fused kernel for order {x.shape[-1]}"}]
+    n = x.shape[-1]
+    if not ht.fusable(n, x.dtype):
+        return [{"error": f"no fused kernel for order {n}"}]
+    base = ht.plan(n, 2)
+    fused_plans = [base] + [dc.replace(base, ctas=c, stages=st, num_warps=w) for c, st, w in FUSED_LAUNCHES]
+    two_plans = [base] + (few_row_plans(ht, n) if x.shape[0] <= 64 else [])
     for fp8 in (False, True):
         for static in (False, True):
             s = torch.tensor(0.05, device=x.device) if static else None
-            fused = lambda: ht.hadamard_quantize(x, fp8, s)  # noqa: E731
-            two = lambda: QT.quantize_rows(ht.hadamard_transform_triton(x), fp8, s)  # noqa: E731
-            (qf, sf), (qt, st) = fused(), two()
-            same = torch.equal(qf.view(torch.int8), qt.view(torch.int8)) and (static or torch.equal(sf, st))
+            want_q, want_s = QT.quantize_rows(ht.hadamard_transform_triton(x), fp8, s)
             row = {"codes": "fp8" if fp8 else "int8", "scale": "static" if static else "dynamic",
-                   "fused_ms": bench_graph(fused), "two_kernels_ms": bench_graph(two), "same_codes": same}
-            row["fused_over_two"] = row["fused_ms"] / row["two_kernels_ms"]
+                   "fused": {}, "two_kernels": {}, "same_codes": True}
+
+            def timed(fn, table, name):
+                try:
+                    q, sc = fn()
+                    same = torch.equal(q.view(torch.int8), want_q.view(torch.int8)) and (static or torch.equal(sc, want_s))
+                    row["same_codes"] &= same
+                    table[name] = bench_graph(fn)
+                except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is reported
+                    table[name] = f"{type(e).__name__}: {str(e)[:160]}"
+
+            for p in fused_plans:
+                timed(lambda p=p: ht.hadamard_quantize(x, fp8, s, plan_override=p), row["fused"], p.describe())
+            for p in two_plans:
+                timed(lambda p=p: QT.quantize_rows(ht.hadamard_transform_triton(x, plan_override=p), fp8, s),
+                      row["two_kernels"], p.describe())
+            best = {k: min(((v, name) for name, v in row[k].items() if isinstance(v, float)), default=(None, None))
+                    for k in ("fused", "two_kernels")}
+            row["fused_ms"], row["fused_best"] = best["fused"]
+            row["two_kernels_ms"], row["two_kernels_best"] = best["two_kernels"]
+            row["fused_over_two"] = (row["fused_ms"] / row["two_kernels_ms"]
+                                     if row["fused_ms"] and row["two_kernels_ms"] else None)
             rows.append(row)
-            print(f"   R4 + {row['codes']:4s} {row['scale']:7s}: fused {row['fused_ms']:.4f} ms, transform + "
-                  f"quantize_rows {row['two_kernels_ms']:.4f} ms ({row['fused_over_two']:.2f}x), same codes: "
-                  f"{same}", flush=True)
+            print(f"   R4 + {row['codes']:4s} {row['scale']:7s} ({x.shape[0]} rows): fused "
+                  + ", ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED {v}"
+                              for k, v in row["fused"].items()), flush=True)
+            print("        two kernels: " + ", ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED {v}"
+                                                 for k, v in row["two_kernels"].items())
+                  + f"; best fused / best two = {row['fused_over_two'] or float('nan'):.2f}, same codes: "
+                  f"{row['same_codes']}", flush=True)
     return rows
 
 

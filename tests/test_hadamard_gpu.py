@@ -73,6 +73,22 @@ def test_persistent_and_tiled_kernels_agree(ht, n):
         _assert_close(ht.hadamard_transform_triton(x, plan_override=variant), ref)
 
 
+@pytest.mark.parametrize("n", [4096, 14336, 172 * 64])
+@pytest.mark.parametrize("rows", [1, 16, 17])
+def test_few_rows_take_the_row_splitting_plan_and_stay_exact(ht, n, rows):
+    """Up to FEW_ROWS rows (decode) run the tiled twin of the plan, one row over several programs."""
+    x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    y = ht.hadamard_transform_triton(x)
+    _assert_close(y, _reference(x, n, False))
+    p = ht.plan(n)
+    few = ht.few_rows_plan(p)
+    if rows <= ht.FEW_ROWS and p.kind == "factored":
+        assert not few.persistent and few.BM == 16
+        assert torch.equal(y, ht.hadamard_transform_triton(x, plan_override=few))
+    else:
+        assert torch.equal(y, ht.hadamard_transform_triton(x, plan_override=p))
+
+
 def test_op_float64_uses_torch_fallback():
     x = torch.randn(4, 28, device="cuda", dtype=torch.float64)
     y = torch.ops.graphquant.hadamard_transform(x, True)

@@ -144,8 +144,10 @@ def test_hadamard_kernels_compile_for_sm90(compile_only):
 
     errors = compile_only
     for n in (128, 4096, 14336, 172 * 64):
+        for rows in (2, HT.FEW_ROWS + 1):  # the few-rows (tiled, row-splitting) plan and the plan itself
+            xr = torch.randn(rows, n, dtype=BF)
+            _call(errors, f"hadamard {n} rows={rows}", lambda: HT.hadamard_transform_triton(xr))
         x = torch.randn(2, n, dtype=BF)
-        _call(errors, f"hadamard {n}", lambda: HT.hadamard_transform_triton(x))
         if HT.fusable(n, BF):
             for fp8 in (False, True):
                 _call(errors, f"hadamard_quantize {n} fp8={fp8}", lambda: HT.hadamard_quantize(x, fp8))

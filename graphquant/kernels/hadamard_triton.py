@@ -43,7 +43,8 @@ import triton.language as tl
 from .. import hadamard as _had
 from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes
 
-__all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan"]
+__all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan",
+           "few_rows_plan", "FEW_ROWS"]
 
 DENSE_MAX = 256            # orders handled by the dense kernel by preference
 DENSE_FALLBACK_MAX = 4096  # largest dense matrix used when no factored plan exists
@@ -349,6 +350,20 @@ _TUNED = {
 }
 
 
+#: up to this many rows (decode: one row per sequence) a factored order runs its plan's tiled twin with
+#: 16-row blocks, splitting each row over ``NT`` programs, where the persistent kernel gives one program a
+#: whole row. H200, 14336 (112|128), CUDA-graph replay: 1 row 3.9 us vs 7.2 us, 16 rows 4.1 us vs 7.8 us
+#: (benchmarks/hadamard_gpu.py --tokens 1/16 --sweep; results/hadamard_gpu_14336_decode*.json)
+FEW_ROWS = 16
+
+
+def few_rows_plan(p: Plan) -> Plan:
+    """The plan for at most ``FEW_ROWS`` rows: a factored plan's tiled twin with ``BM = 16``, 4 warps."""
+    if p.kind != "factored":
+        return p
+    return dataclasses.replace(p, persistent=False, BM=16, num_warps=4)
+
+
 def _score(p: Plan) -> float:
     """Estimated time: multiply-adds, with the penalties measured on an H200 for small row blocks
     (BM = 16 runs about half as fast as BM = 64) and for the permutes of the D1 stage."""
@@ -431,6 +446,8 @@ def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: O
     if p is None:
         raise ValueError(f"no Triton plan for order {n} ({x.dtype})")
     x2 = x.reshape(-1, n)
+    if plan_override is None and x2.shape[0] <= FEW_ROWS:
+        p = few_rows_plan(p)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
@@ -486,18 +503,19 @@ def fusable(n: int, dtype: torch.dtype) -> bool:
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
 
 
-def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None):
+def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None,
+                      plan_override: Optional[Plan] = None):
     """QuaRot's online Hadamard then activation quantization in one kernel: ``(codes, scale)`` of
     ``hadamard_transform(x)`` exactly as ``quantize_rows`` would give them (the transform rounded to
     ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out. ``scale``:
     fp32 ``x.shape[:-1] + (1,)`` per row, or None when ``static_scale`` (one fp32 element) is given.
     Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError:
-    the caller runs the two ops instead."""
+    the caller runs the two ops instead. ``plan_override`` (a persistent plan) exists for benchmarks."""
     n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     if not fusable(n, x.dtype):
         raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
-    p = plan(n, out_parts)
+    p = plan_override or plan(n, out_parts)
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()

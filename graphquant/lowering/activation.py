@@ -12,10 +12,10 @@ fuses the quantization into the kernel that produces the activation (RMSNorm, Si
 fake-quant's codes.
 
 ``hadamard=True`` first applies the online Hadamard (QuaRot R4) that preceded the quantizer in the
-fake-quant graph, ``graphquant::hadamard_transform(x, False)``. On CUDA, where
-``hadamard_triton.fusable`` says so (orders whose row fits one on-chip tile: 14336, 4096, ...) and the
-input has at least ``FUSED_MIN_ROWS`` rows (prefill), one kernel does both (``hadamard_quantize``), in
-eager and under ``torch.compile`` alike; the transformed rows are never written out.
+fake-quant graph, ``graphquant::hadamard_transform(x, False)``, then quantizes its output (under
+``torch.compile`` the quantization is traced, so Inductor makes it one kernel). A fused kernel that does
+both (``hadamard_triton.hadamard_quantize``) exists but measured slower on the H200 at every size, so it
+runs only from ``FUSED_MIN_ROWS`` rows when that is set (see there).
 """
 from __future__ import annotations
 
@@ -31,19 +31,21 @@ def _triton_spec(spec) -> bool:
             and ((spec.dtype == Dtype.int8 and spec.symmetric) or spec.dtype == Dtype.fp8_e4m3))
 
 
-#: rows below which the Hadamard and the quantization run as two kernels: the fused kernel gives each row
-#: to one program, and with its quantization epilogue a decode row (1 x 14336) took 32 us on the H200
-#: (benchmarks/decode_profile.py, int8 W8A8 + QuaRot), while the plain transform added 8 us per layer to
-#: W4A16 (generate_gpu.py); the separate quantization is one more small kernel (the two-kernel decode step
-#: as a whole is not measured yet). Prefill-sized inputs keep the fused kernel
-FUSED_MIN_ROWS = 512
+#: rows from which the fused Hadamard + quantization kernel replaces the transform followed by the
+#: quantization (None: never). H200, 14336 (Llama-3-8B R4), CUDA-graph replay
+#: (benchmarks/results/hadamard_gpu_quantize_*.json): the fused kernel was slower at every size measured.
+#: At 16384 rows (8 x 2048 prefill) 1.07-1.28 ms (its fastest launch shape) against 0.86-0.95 ms for
+#: the transform + ``quantize_rows``; its quantization epilogue runs after the products and, with two
+#: programs per multiprocessor, nothing hides it. At 1 and 16 rows it took 10.5-13.5 us; the 16-row-block
+#: transform alone takes 3.9-4.1 us there, and under ``torch.compile`` the quantization is one Inductor kernel
+FUSED_MIN_ROWS: int | None = None
 
 
 def _fused_hadamard_quantize(x: torch.Tensor):
     """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` (CUDA, Triton, a persistent plan
     for its last dimension, at least ``FUSED_MIN_ROWS`` rows), else None."""
-    if not x.is_cuda or "hadamard_quantize" in _FAILED or x.numel() < FUSED_MIN_ROWS * x.shape[-1] \
-            or triton_kernels(x.device, "hadamard_quantize") is None:
+    if FUSED_MIN_ROWS is None or not x.is_cuda or "hadamard_quantize" in _FAILED \
+            or x.numel() < FUSED_MIN_ROWS * x.shape[-1] or triton_kernels(x.device, "hadamard_quantize") is None:
         return None
     try:
         from ..kernels import hadamard_triton
