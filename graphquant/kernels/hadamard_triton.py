@@ -353,7 +353,7 @@ _TUNED = {
 #: up to this many rows (decode: one row per sequence) a factored order runs its plan's tiled twin with
 #: 16-row blocks, splitting each row over ``NT`` programs, where the persistent kernel gives one program a
 #: whole row. H200, 14336 (112|128), CUDA-graph replay: 1 row 3.9 us vs 7.2 us, 16 rows 4.1 us vs 7.8 us
-#: (benchmarks/hadamard_gpu.py --tokens 1/16 --sweep; results/hadamard_gpu_14336_decode*.json)
+#: (benchmarks/hadamard_gpu.py --tokens 1/16 --quantize --sweep; results/hadamard_gpu_quantize_1/16.json)
 FEW_ROWS = 16
 
 

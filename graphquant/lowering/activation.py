@@ -34,7 +34,7 @@ def _triton_spec(spec) -> bool:
 #: rows from which the fused Hadamard + quantization kernel replaces the transform followed by the
 #: quantization (None: never). H200, 14336 (Llama-3-8B R4), CUDA-graph replay
 #: (benchmarks/results/hadamard_gpu_quantize_*.json): the fused kernel was slower at every size measured.
-#: At 16384 rows (8 x 2048 prefill) 1.07-1.28 ms (its fastest launch shape) against 0.86-0.95 ms for
+#: At 16384 rows (8 x 2048 prefill) 1.07-1.43 ms (its fastest of five launch shapes) against 0.86-0.95 ms for
 #: the transform + ``quantize_rows``; its quantization epilogue runs after the products and, with two
 #: programs per multiprocessor, nothing hides it. At 1 and 16 rows it took 10.5-13.5 us; the 16-row-block
 #: transform alone takes 3.9-4.1 us there, and under ``torch.compile`` the quantization is one Inductor kernel
