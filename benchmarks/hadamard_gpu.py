@@ -115,7 +115,8 @@ def few_row_plans(ht, n: int) -> list:
 
 def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
     """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel, its plan's
-    launch shape and the ``FUSED_LAUNCHES``) and of the transform then ``quantize_rows`` (two; the transform
+    launch shape and the ``FUSED_LAUNCHES``; for a static scale at up to ``FEW_ROWS`` rows also the tiled
+    kernel with the quantization in its epilogue) and of the transform then ``quantize_rows`` (two; the transform
     with its plan and, for up to 64 rows, the ``few_row_plans``), for int8 / fp8 codes, dynamic per row and
     static; codes and scales must be equal everywhere."""
     import dataclasses as dc
@@ -132,6 +133,9 @@ def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
     for fp8 in (False, True):
         for static in (False, True):
             s = torch.tensor(0.05, device=x.device) if static else None
+            # a static scale at few rows: also the tiled kernel with the quantization in its epilogue
+            tiled = [ht.few_rows_plan(base)] if static and x.shape[0] <= ht.FEW_ROWS and base.kind == "factored" \
+                else []
             want_q, want_s = QT.quantize_rows(ht.hadamard_transform_triton(x), fp8, s)
             row = {"codes": "fp8" if fp8 else "int8", "scale": "static" if static else "dynamic",
                    "fused": {}, "two_kernels": {}, "same_codes": True}
@@ -145,7 +149,7 @@ def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
                 except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is reported
                     table[name] = f"{type(e).__name__}: {str(e)[:160]}"
 
-            for p in fused_plans:
+            for p in fused_plans + tiled:
                 timed(lambda p=p: ht.hadamard_quantize(x, fp8, s, plan_override=p), row["fused"], p.describe())
             for p in two_plans:
                 timed(lambda p=p: QT.quantize_rows(ht.hadamard_transform_triton(x, plan_override=p), fp8, s),

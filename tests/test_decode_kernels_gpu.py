@@ -145,6 +145,31 @@ def test_fused_hadamard_quantize_equals_the_two_ops(n, fp8, rows):
                                torch.ops.graphquant.hadamard_transform(x, False), fp8)
 
 
+@pytest.mark.parametrize("n", [4096, 14336, 172 * 64])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_few_rows_static_epilogue_and_its_switch(n, fp8, monkeypatch):
+    """At decode sizes a static scale can be applied in the tiled transform's epilogue (every factored order,
+    also 11008 whose row fits no persistent kernel); ``activation.FUSED_FEW_ROWS_STATIC`` routes
+    ``quantize_static`` through it with the same codes as the two ops."""
+    from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
+    from graphquant.kernels import hadamard_triton as HT
+    from graphquant.lowering import activation as A
+
+    x = (torch.randn(3, n, device="cuda") * 3).to(torch.bfloat16)
+    assert HT.fusable(n, torch.bfloat16, 3, static=True)
+    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_tensor:sym:static:float:half_even"
+    scale = torch.tensor(0.06, device="cuda")
+    two = A.quantize_static(x, scale, spec, hadamard=True)
+    assert A._fused_hadamard_quantize(x, static=True) is None  # off by default
+    monkeypatch.setattr(A, "FUSED_FEW_ROWS_STATIC", True)
+    assert A._fused_hadamard_quantize(x, static=True) is HT.hadamard_quantize
+    assert A._fused_hadamard_quantize(x, static=False) is None
+    one = A.quantize_static(x, scale, spec, hadamard=True)
+    assert torch.equal(one.view(torch.int8), two.view(torch.int8))
+    big = torch.randn(HT.FEW_ROWS + 1, n, device="cuda", dtype=torch.bfloat16)
+    assert A._fused_hadamard_quantize(big, static=True) is None
+
+
 def assert_codes_of_fake_quant(quantize, y, fp8):
     """``quantize(static_scale)`` -> (codes, scale) gives fake-quant's codes of ``y``: per row with its own
     scales (``static_scale=None``), and under one static scale (then its scale is None)."""

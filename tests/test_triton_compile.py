@@ -148,11 +148,16 @@ def test_hadamard_kernels_compile_for_sm90(compile_only):
             xr = torch.randn(rows, n, dtype=BF)
             _call(errors, f"hadamard {n} rows={rows}", lambda: HT.hadamard_transform_triton(xr))
         x = torch.randn(2, n, dtype=BF)
-        if HT.fusable(n, BF):
+        if HT.fusable(n, BF, 2, static=True):  # the tiled kernel's static-scale epilogue (few rows)
             for fp8 in (False, True):
-                _call(errors, f"hadamard_quantize {n} fp8={fp8}", lambda: HT.hadamard_quantize(x, fp8))
-                _call(errors, f"hadamard_quantize {n} static fp8={fp8}",
+                _call(errors, f"hadamard_quantize {n} static few rows fp8={fp8}",
                       lambda: HT.hadamard_quantize(x, fp8, static_scale=torch.tensor(0.5)))
+        if HT.fusable(n, BF):
+            xp = torch.randn(HT.FEW_ROWS + 1, n, dtype=BF)  # the persistent kernels
+            for fp8 in (False, True):
+                _call(errors, f"hadamard_quantize {n} fp8={fp8}", lambda: HT.hadamard_quantize(xp, fp8))
+                _call(errors, f"hadamard_quantize {n} static fp8={fp8}",
+                      lambda: HT.hadamard_quantize(xp, fp8, static_scale=torch.tensor(0.5)))
     assert not errors, errors
 
 

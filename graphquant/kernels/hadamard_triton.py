@@ -118,12 +118,15 @@ def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
 
 
 @triton.jit
-def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale,
+def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr,
                      BM: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
                      D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
-                     OP: tl.constexpr):
-    """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N)."""
+                     OP: tl.constexpr, QUANT: tl.constexpr = 0, QMAX: tl.constexpr = 127.0,
+                     RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16):
+    """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N).
+    With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores the codes of ``Y`` under the static scale at ``s_in_ptr``
+    (``y_ptr`` then points to codes): a tile needs no other tile's values, unlike a per-row dynamic scale."""
     N: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     row = pid // NT
@@ -158,8 +161,12 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale,
             t = _dot_split_right(h1, tl.reshape(t, (BM, D1, D2)), tl.zeros((BM, D1, D2), dtype=tl.float32),
                                  MID_PARTS, OP)
 
-    y = (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + base + offs_m[:, None] * N + offs_n[None, :], y, mask=offs_m[:, None] < M0)
+    ptrs = y_ptr + base + offs_m[:, None] * N + offs_n[None, :]
+    if QUANT == 0:
+        tl.store(ptrs, (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty), mask=offs_m[:, None] < M0)
+    else:
+        _quantize_store((tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE), offs_m[:, None] < M0, 0.0, ptrs,
+                        s_in_ptr, s_in_ptr, 0, False, QUANT, True, QMAX, RCP)
 
 
 @triton.jit
@@ -495,11 +502,21 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
         MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
 
 
-def fusable(n: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`hadamard_quantize` has a kernel for rows of ``n`` elements of ``dtype``."""
+def _few_rows_static(p: Optional[Plan], rows: Optional[int], static: bool) -> bool:
+    """Whether :func:`hadamard_quantize` runs the tiled kernel with its static-scale epilogue: a factored
+    order, a static scale, at most ``FEW_ROWS`` rows (decode)."""
+    return static and rows is not None and rows <= FEW_ROWS and p is not None and p.kind == "factored"
+
+
+def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None, static: bool = False) -> bool:
+    """Whether :func:`hadamard_quantize` has a kernel for ``rows`` rows of ``n`` elements of ``dtype``: the
+    persistent kernels (a row on one program; dynamic or static scale), or for a static scale and at most
+    ``FEW_ROWS`` rows the tiled kernel of every factored order."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     p = plan(n, 3 if dtype == torch.float32 else 2)
+    if _few_rows_static(p, rows, static):
+        return True
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
 
 
@@ -509,33 +526,47 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     ``hadamard_transform(x)`` exactly as ``quantize_rows`` would give them (the transform rounded to
     ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out. ``scale``:
     fp32 ``x.shape[:-1] + (1,)`` per row, or None when ``static_scale`` (one fp32 element) is given.
-    Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError:
-    the caller runs the two ops instead. ``plan_override`` (a persistent plan) exists for benchmarks."""
+    Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError
+    (the caller runs the two ops instead), except with a static scale at most ``FEW_ROWS`` rows: then every
+    factored order runs the tiled kernel (:func:`few_rows_plan`) with the quantization in its epilogue. ``plan_override`` (a persistent plan) exists for benchmarks."""
     n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
-    if not fusable(n, x.dtype):
+    static = static_scale is not None
+    rows = x.numel() // n if n else 0
+    if not fusable(n, x.dtype, rows, static):
         raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
     p = plan_override or plan(n, out_parts)
+    tiled = not p.persistent if plan_override is not None else _few_rows_static(p, rows, static)
+    if tiled and (not static or p.kind != "factored"):
+        raise ValueError(f"the tiled Hadamard+quantize kernel takes a factored plan and a static scale, "
+                         f"got {p.describe()} with a {'static' if static else 'dynamic'} scale")
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    rows = x2.shape[0]
     q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-    static = static_scale is not None
     sq = None if static else torch.empty((rows,), device=x.device, dtype=torch.float32)
     qmax = FP8_MAX if fp8 else 127.0
     out_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
-    _launch_persistent(p, x2, q, False, out_parts, sq, static_scale.reshape(1).float() if static else None,
-                       dict(QUANT=2 if fp8 else 1, STATIC=static, QMAX=qmax, RCP=_fp32_reciprocal(qmax),
-                            OUT_DTYPE=out_dtype))
+    quant = dict(QUANT=2 if fp8 else 1, QMAX=qmax, RCP=_fp32_reciprocal(qmax), OUT_DTYPE=out_dtype)
+    s_in = static_scale.reshape(1).float() if static else None
+    if tiled:
+        _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant)
+    else:
+        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static))
     return q.reshape(x.shape), (None if static else sq.reshape(*x.shape[:-1], 1))
 
 
-def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int) -> None:
+def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
+                  s_in: Optional[torch.Tensor] = None, quant: Optional[dict] = None) -> None:
+    """The tiled kernels; with ``quant`` (a factored plan and a static scale ``s_in`` only) ``y`` receives
+    codes."""
+    quant = quant or {}
     rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
     in_parts = _PARTS[x2.dtype]
     if p.kind == "dense":
+        if quant:
+            raise ValueError("the tiled dense kernel has no quantization epilogue")
         npad = _pow2_at_least(n)
         g = _dense_operand(n, transpose, npad, x2.device)
         BN, BK = min(npad, 128), min(npad, 64)
@@ -546,7 +577,7 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
     else:
         a = _factor_operand(p.m, p.i, transpose, p.NT * p.BM, p.NKC * p.BK, x2.device)
         _factored_kernel[(rows * p.NT,)](
-            x2, a, y, p.M0, a.shape[1], scale, BM=p.BM, NT=p.NT, BK=p.BK, NKC=p.NKC,
-            D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
+            x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, BM=p.BM, NT=p.NT, BK=p.BK,
+            NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
             IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
-            num_warps=p.num_warps)
+            num_warps=p.num_warps, **quant)

@@ -40,18 +40,32 @@ def _triton_spec(spec) -> bool:
 #: transform alone takes 3.9-4.1 us there, and under ``torch.compile`` the quantization is one Inductor kernel
 FUSED_MIN_ROWS: int | None = None
 
+#: with a static (per-tensor) scale and at most ``hadamard_triton.FEW_ROWS`` rows (decode), run the tiled
+#: transform with the quantization in its epilogue (``hadamard_quantize``), one kernel instead of the
+#: transform then an Inductor quantization kernel. **Not measured yet** (built with no device time left,
+#: checked in Triton's interpreter and compiled for sm_90 only): off until ``hadamard_gpu.py --tokens 1
+#: --quantize`` and ``generate_gpu.py`` show it faster
+FUSED_FEW_ROWS_STATIC = False
 
-def _fused_hadamard_quantize(x: torch.Tensor):
-    """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` (CUDA, Triton, a persistent plan
-    for its last dimension, at least ``FUSED_MIN_ROWS`` rows), else None."""
-    if FUSED_MIN_ROWS is None or not x.is_cuda or "hadamard_quantize" in _FAILED \
-            or x.numel() < FUSED_MIN_ROWS * x.shape[-1] or triton_kernels(x.device, "hadamard_quantize") is None:
+
+def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):
+    """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` and a size rule picks it (CUDA,
+    Triton; at least ``FUSED_MIN_ROWS`` rows, or ``FUSED_FEW_ROWS_STATIC`` for a static scale and few rows),
+    else None."""
+    if FUSED_MIN_ROWS is None and not (FUSED_FEW_ROWS_STATIC and static):
+        return None
+    if not x.is_cuda or "hadamard_quantize" in _FAILED or not x.numel() \
+            or triton_kernels(x.device, "hadamard_quantize") is None:
         return None
     try:
         from ..kernels import hadamard_triton
     except Exception:  # noqa: BLE001 - Triton present but the module does not import here
         return None
-    return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype) else None
+    rows = x.numel() // x.shape[-1]
+    few_static = FUSED_FEW_ROWS_STATIC and static and rows <= hadamard_triton.FEW_ROWS
+    if not few_static and (FUSED_MIN_ROWS is None or rows < FUSED_MIN_ROWS):
+        return None
+    return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype, rows, static) else None
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +99,7 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec_str: str, hadamar
     fast = x.is_cuda and _triton_spec(spec) and scale.numel() == 1
     fp8 = spec.dtype == Dtype.fp8_e4m3
     s = scale.to(torch.float32).reshape(())
-    if fast and hadamard and (fused := _fused_hadamard_quantize(x)) is not None:
+    if fast and hadamard and (fused := _fused_hadamard_quantize(x, static=True)) is not None:
         return guarded("hadamard_quantize", lambda: fused(x, fp8, s)[0],
                        lambda: quantize_static(x, scale, spec_str, True))
     if hadamard:
@@ -133,10 +147,11 @@ def _codes_inline(v: torch.Tensor, fp8: bool) -> torch.Tensor:
     return torch.round(v).clamp(-127.0, 127.0).to(torch.int8)
 
 
-def _fused_under_compile(x: torch.Tensor, hadamard: bool) -> bool:
-    """With an online Hadamard on CUDA, the fused transform+quantize kernel (one custom-op call) beats
-    tracing the two: Inductor cannot fuse the quantization into the opaque transform."""
-    return hadamard and _fused_hadamard_quantize(x) is not None
+def _fused_under_compile(x: torch.Tensor, hadamard: bool, static: bool = False) -> bool:
+    """Whether the fused transform+quantize kernel (one custom-op call) replaces tracing the two under
+    compile (Inductor cannot fuse the quantization into the opaque transform): where a size rule of
+    :func:`_fused_hadamard_quantize` picks it."""
+    return hadamard and _fused_hadamard_quantize(x, static) is not None
 
 
 def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False):
@@ -156,7 +171,7 @@ def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False
 def quantize_act_static_node(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False):
     """Codes for a static (calibrated per-tensor scale) activation quantizer."""
     kind = _inline_spec(spec) if (torch.compiler.is_compiling() and scale.numel() == 1
-                                  and not _fused_under_compile(x, hadamard)) else None
+                                  and not _fused_under_compile(x, hadamard, static=True)) else None
     if kind is None:
         return torch.ops.graphquant.quantize_act_static(x, scale, spec, hadamard)
     if hadamard:
