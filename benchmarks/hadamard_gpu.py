@@ -113,6 +113,11 @@ def few_row_plans(ht, n: int) -> list:
     return list(dict.fromkeys(dc.replace(c, num_warps=w) for c in same for w in (2, 4) if c.BM <= 64))
 
 
+def _times(table: dict) -> str:
+    """``plan 12.3us, ...`` (or ``plan FAILED why``) for one row of ``fused_vs_two_kernels``."""
+    return ", ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED {v}" for k, v in table.items())
+
+
 def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
     """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel, its plan's
     launch shape and the ``FUSED_LAUNCHES``; for a static scale at up to ``FEW_ROWS`` rows also the tiled
@@ -143,8 +148,8 @@ def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
             def timed(fn, table, name):
                 try:
                     q, sc = fn()
-                    same = torch.equal(q.view(torch.int8), want_q.view(torch.int8)) and (static or torch.equal(sc, want_s))
-                    row["same_codes"] &= same
+                    same = torch.equal(q.view(torch.int8), want_q.view(torch.int8))
+                    row["same_codes"] &= same and (static or torch.equal(sc, want_s))
                     table[name] = bench_graph(fn)
                 except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is reported
                     table[name] = f"{type(e).__name__}: {str(e)[:160]}"
@@ -161,13 +166,10 @@ def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
             row["fused_over_two"] = (row["fused_ms"] / row["two_kernels_ms"]
                                      if row["fused_ms"] and row["two_kernels_ms"] else None)
             rows.append(row)
-            print(f"   R4 + {row['codes']:4s} {row['scale']:7s} ({x.shape[0]} rows): fused "
-                  + ", ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED {v}"
-                              for k, v in row["fused"].items()), flush=True)
-            print("        two kernels: " + ", ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED {v}"
-                                                 for k, v in row["two_kernels"].items())
-                  + f"; best fused / best two = {row['fused_over_two'] or float('nan'):.2f}, same codes: "
-                  f"{row['same_codes']}", flush=True)
+            print(f"   R4 + {row['codes']:4s} {row['scale']:7s} ({x.shape[0]} rows): fused {_times(row['fused'])}",
+                  flush=True)
+            print(f"        two kernels: {_times(row['two_kernels'])}; best fused / best two = "
+                  f"{row['fused_over_two'] or float('nan'):.2f}, same codes: {row['same_codes']}", flush=True)
     return rows
 
 

@@ -528,7 +528,8 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     fp32 ``x.shape[:-1] + (1,)`` per row, or None when ``static_scale`` (one fp32 element) is given.
     Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError
     (the caller runs the two ops instead), except with a static scale at most ``FEW_ROWS`` rows: then every
-    factored order runs the tiled kernel (:func:`few_rows_plan`) with the quantization in its epilogue. ``plan_override`` (a persistent plan) exists for benchmarks."""
+    factored order runs the tiled kernel (:func:`few_rows_plan`) with the quantization in its epilogue.
+    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled one for a static scale."""
     n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     static = static_scale is not None
