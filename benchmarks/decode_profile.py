@@ -136,9 +136,11 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
 
 
 def _print(r: dict, top: int) -> None:
-    print(f"\n== {r['variant']}  {r.get('what', 'decode step')}  sdpa {r['sdpa']}  "
+    what = r.get("what", "decode step")
+    print(f"\n== {r['variant']}  {what}  sdpa {r['sdpa']}  "
           f"inductor {r.get('inductor') or 'default'}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us "
-          f"({'graph replay' if r.get('what', 'decode step') == 'decode step' else 'compiled, no graph'}), kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
+          f"({'graph replay' if what == 'decode step' else 'compiled, no graph'}), "
+          f"kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
           f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
     print("   by kind (us/step): " + ", ".join(f"{c} {us:.1f}" for c, us in r["categories_us"].items()))
     print(f"{'us/step':>9} {'launches':>8}  kernel")
