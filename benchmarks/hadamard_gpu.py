@@ -31,6 +31,9 @@ import torch  # noqa: E402
 
 from graphquant import hadamard as H  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from generate_gpu import write_json  # noqa: E402
+
 TARGET = 1.5  # the Triton transform should be within 1.5× of a copy (n = 128, 4096, 14336)
 
 
@@ -242,8 +245,7 @@ def main() -> None:
     print(f"triton within 1 ulp of float64 everywhere: {ok}; GPU time within {TARGET}x of a copy for "
           f"128/4096/14336: {result['all_targets_met']}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"wrote {out}")
 
 
