@@ -147,27 +147,45 @@ def test_fused_hadamard_quantize_equals_the_two_ops(n, fp8, rows):
 
 @pytest.mark.parametrize("n", [4096, 14336, 172 * 64])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_few_rows_static_epilogue_and_its_switch(n, fp8, monkeypatch):
-    """At decode sizes a static scale can be applied in the tiled transform's epilogue (every factored order,
-    also 11008 whose row fits no persistent kernel); ``activation.FUSED_FEW_ROWS_STATIC`` routes
-    ``quantize_static`` through it with the same codes as the two ops."""
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_few_rows_epilogue_and_its_switches(n, fp8, static, rows, monkeypatch):
+    """At decode sizes the quantization runs in the tiled transform's epilogue (every factored order, also
+    11008 whose row fits no persistent kernel): a static scale per tile, a dynamic one by the row's last
+    program. ``activation.FUSED_FEW_ROWS_STATIC`` / ``_DYNAMIC`` (on) route ``quantize_static`` /
+    ``quantize_dynamic`` through it with the same codes and scales as the two ops, launch after launch (the
+    row counters are reset by the kernel, also under CUDA-graph replay)."""
     from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
     from graphquant.kernels import hadamard_triton as HT
     from graphquant.lowering import activation as A
 
-    x = (torch.randn(3, n, device="cuda") * 3).to(torch.bfloat16)
-    assert HT.fusable(n, torch.bfloat16, 3, static=True)
-    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_tensor:sym:static:float:half_even"
+    x = (torch.randn(rows, n, device="cuda") * 3).to(torch.bfloat16)
+    assert HT.fusable(n, torch.bfloat16, rows, static=static)
+    kind = "per_tensor:sym:static" if static else "per_token:sym:dynamic"
+    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:{kind}:float:half_even"
     scale = torch.tensor(0.06, device="cuda")
-    two = A.quantize_static(x, scale, spec, hadamard=True)
-    assert A._fused_hadamard_quantize(x, static=True) is None  # off by default
-    monkeypatch.setattr(A, "FUSED_FEW_ROWS_STATIC", True)
-    assert A._fused_hadamard_quantize(x, static=True) is HT.hadamard_quantize
-    assert A._fused_hadamard_quantize(x, static=False) is None
-    one = A.quantize_static(x, scale, spec, hadamard=True)
-    assert torch.equal(one.view(torch.int8), two.view(torch.int8))
+
+    def run():
+        out = A.quantize_static(x, scale, spec, hadamard=True) if static else A.quantize_dynamic(x, spec, True)
+        return (out, None) if static else out
+
+    assert A._fused_hadamard_quantize(x, static=static) is HT.hadamard_quantize
+    one = [run() for _ in range(3)]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        graphed = run()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(A, "FUSED_FEW_ROWS_STATIC" if static else "FUSED_FEW_ROWS_DYNAMIC", False)
+    assert A._fused_hadamard_quantize(x, static=static) is None
+    two = run()
+    for q, s in one + [graphed]:
+        assert torch.equal(q.view(torch.int8), two[0].view(torch.int8))
+        assert static or torch.equal(s, two[1])
+    assert HT._row_counters(x.device).abs().sum() == 0
     big = torch.randn(HT.FEW_ROWS + 1, n, device="cuda", dtype=torch.bfloat16)
-    assert A._fused_hadamard_quantize(big, static=True) is None
+    assert A._fused_hadamard_quantize(big, static=static) is None
 
 
 def assert_codes_of_fake_quant(quantize, y, fp8):

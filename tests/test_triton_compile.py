@@ -152,6 +152,10 @@ def test_hadamard_kernels_compile_for_sm90(compile_only):
             for fp8 in (False, True):
                 _call(errors, f"hadamard_quantize {n} static few rows fp8={fp8}",
                       lambda: HT.hadamard_quantize(x, fp8, static_scale=torch.tensor(0.5)))
+        # the tiled kernel's dynamic-scale epilogue (few rows): every factored order here
+        if HT._few_rows_tiled(HT.plan(n, 2), 2, static=False) or n != 128:
+            for fp8 in (False, True):
+                _call(errors, f"hadamard_quantize {n} dynamic few rows fp8={fp8}", lambda: HT.hadamard_quantize(x, fp8))
         if HT.fusable(n, BF):
             xp = torch.randn(HT.FEW_ROWS + 1, n, dtype=BF)  # the persistent kernels
             for fp8 in (False, True):

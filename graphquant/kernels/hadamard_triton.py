@@ -118,15 +118,23 @@ def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
 
 
 @triton.jit
-def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr,
+def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, s_ptr, ws_ptr, amax_ptr, count_ptr,
                      BM: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
                      D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
-                     OP: tl.constexpr, QUANT: tl.constexpr = 0, QMAX: tl.constexpr = 127.0,
-                     RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16):
+                     OP: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = True,
+                     QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
+                     ROW_PAD: tl.constexpr = 16):
     """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N).
-    With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores the codes of ``Y`` under the static scale at ``s_in_ptr``
-    (``y_ptr`` then points to codes): a tile needs no other tile's values, unlike a per-row dynamic scale."""
+
+    With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores codes (``y_ptr`` then points to codes):
+    * ``STATIC``: under the scale at ``s_in_ptr``; a tile needs no other tile's values.
+    * dynamic (a per-row scale, which needs the whole row): each of the row's ``NT`` programs stores its
+      tile, rounded to the activation dtype, to the workspace ``ws_ptr`` (``rows × M0·N``) and its tile's
+      absolute maximum to ``amax_ptr[row, tile]``, then counts itself in ``count_ptr[row]``; the program
+      that arrives last (the counter's acquire-release orders every other tile's stores before its loads)
+      reduces the maxima, stores the scale at ``s_ptr[row]``, quantizes the whole row (``ROW_PAD ≥ M0``
+      rows of the ``(M0, N)`` view in one load) and sets the counter back to zero for the next launch."""
     N: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     row = pid // NT
@@ -161,12 +169,40 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr,
             t = _dot_split_right(h1, tl.reshape(t, (BM, D1, D2)), tl.zeros((BM, D1, D2), dtype=tl.float32),
                                  MID_PARTS, OP)
 
-    ptrs = y_ptr + base + offs_m[:, None] * N + offs_n[None, :]
+    tile_off = base + offs_m[:, None] * N + offs_n[None, :]
+    in_rows = offs_m[:, None] < M0
     if QUANT == 0:
-        tl.store(ptrs, (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty), mask=offs_m[:, None] < M0)
-    else:
-        _quantize_store((tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE), offs_m[:, None] < M0, 0.0, ptrs,
+        tl.store(y_ptr + tile_off, (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty), mask=in_rows)
+    elif STATIC:
+        _quantize_store((tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE), in_rows, 0.0, y_ptr + tile_off,
                         s_in_ptr, s_in_ptr, 0, False, QUANT, True, QMAX, RCP)
+    else:
+        y = (tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE)
+        tl.store(ws_ptr + tile_off, y, mask=in_rows)
+        tl.store(amax_ptr + row * NT + tile, tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0),
+                                                            axis=1), axis=0))
+        tl.debug_barrier()  # every thread's stores are done before the count releases them
+        if tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu") == NT - 1:
+            _quantize_row_last(ws_ptr, y_ptr, s_ptr, amax_ptr, count_ptr, row, base, M0,
+                               N, NT, ROW_PAD, QUANT, QMAX, RCP)
+
+
+@triton.jit
+def _quantize_row_last(ws_ptr, q_ptr, s_ptr, amax_ptr, count_ptr, row, base, M0,
+                       N: tl.constexpr, NT: tl.constexpr, ROW_PAD: tl.constexpr, QUANT: tl.constexpr,
+                       QMAX: tl.constexpr, RCP: tl.constexpr):
+    """The dynamic epilogue's last program of a row (see ``_factored_kernel``): the row's scale from the
+    tiles' maxima, its codes from the workspace (``.cg`` loads: from L2, where the other programs' stores
+    are), then the row's counter back to zero."""
+    tiles = tl.arange(0, ROW_PAD)
+    amax = tl.max(tl.load(amax_ptr + row * NT + tiles, mask=tiles < NT, other=0.0, cache_modifier=".cg"), axis=0)
+    offs_r = tl.arange(0, ROW_PAD)
+    offs_n = tl.arange(0, N)
+    row_off = base + offs_r[:, None] * N + offs_n[None, :]
+    ok = offs_r[:, None] < M0
+    y = tl.load(ws_ptr + row_off, mask=ok, other=0.0, cache_modifier=".cg")
+    _quantize_store(y, ok, amax, q_ptr + row_off, s_ptr, s_ptr, row, True, QUANT, False, QMAX, RCP)
+    tl.atomic_xchg(count_ptr + row, 0)
 
 
 @triton.jit
@@ -502,34 +538,56 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
         MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
 
 
-def _few_rows_static(p: Optional[Plan], rows: Optional[int], static: bool) -> bool:
-    """Whether :func:`hadamard_quantize` runs the tiled kernel with its static-scale epilogue: a factored
-    order, a static scale, at most ``FEW_ROWS`` rows (decode)."""
-    return static and rows is not None and rows <= FEW_ROWS and p is not None and p.kind == "factored"
+#: the dynamic-scale few-rows epilogue's last program loads a whole row (``ROW_PAD × D1·D2`` elements, the
+#: ``(M0, N)`` view padded to a power of two) at once; longer rows are not fused
+DYNAMIC_ROW_MAX = 16384
+
+
+def _row_pad(p: Plan) -> int:
+    return _pow2_at_least(max(p.M0, p.NT), 1)
+
+
+def _few_rows_tiled(p: Optional[Plan], rows: Optional[int], static: bool) -> bool:
+    """Whether :func:`hadamard_quantize` runs the tiled kernel with its quantization epilogue: a factored
+    order, at most ``FEW_ROWS`` rows (decode), and for a dynamic scale a row the last program can load at
+    once (``DYNAMIC_ROW_MAX``)."""
+    if rows is None or rows > FEW_ROWS or p is None or p.kind != "factored":
+        return False
+    return static or _row_pad(few_rows_plan(p)) * p.D1 * p.D2 <= DYNAMIC_ROW_MAX
 
 
 def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None, static: bool = False) -> bool:
     """Whether :func:`hadamard_quantize` has a kernel for ``rows`` rows of ``n`` elements of ``dtype``: the
-    persistent kernels (a row on one program; dynamic or static scale), or for a static scale and at most
-    ``FEW_ROWS`` rows the tiled kernel of every factored order."""
+    persistent kernels (a row on one program; dynamic or static scale), or at most ``FEW_ROWS`` rows the
+    tiled kernel of a factored order (every one for a static scale; up to ``DYNAMIC_ROW_MAX`` for a dynamic
+    one)."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     p = plan(n, 3 if dtype == torch.float32 else 2)
-    if _few_rows_static(p, rows, static):
+    if _few_rows_tiled(p, rows, static):
         return True
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
+
+
+@functools.lru_cache(maxsize=16)
+def _row_counters(device: torch.device) -> torch.Tensor:
+    """One zeroed int32 counter per row (``FEW_ROWS``) for the dynamic few-rows epilogue: every launch
+    leaves them at zero again (the last program of a row resets its counter), so launches on one stream,
+    CUDA-graph replays included, share them; launches on concurrent streams must not overlap."""
+    return torch.zeros(FEW_ROWS, dtype=torch.int32, device=device)
 
 
 def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None,
                       plan_override: Optional[Plan] = None):
     """QuaRot's online Hadamard then activation quantization in one kernel: ``(codes, scale)`` of
     ``hadamard_transform(x)`` exactly as ``quantize_rows`` would give them (the transform rounded to
-    ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out. ``scale``:
+    ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out (except, for a
+    dynamic scale at few rows, to a workspace the row's last program reads back). ``scale``:
     fp32 ``x.shape[:-1] + (1,)`` per row, or None when ``static_scale`` (one fp32 element) is given.
     Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError
-    (the caller runs the two ops instead), except with a static scale at most ``FEW_ROWS`` rows: then every
-    factored order runs the tiled kernel (:func:`few_rows_plan`) with the quantization in its epilogue.
-    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled one for a static scale."""
+    (the caller runs the two ops instead), except at most ``FEW_ROWS`` rows (:func:`fusable`): then the
+    tiled kernel (:func:`few_rows_plan`) runs with the quantization in its epilogue.
+    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled factored one."""
     n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     static = static_scale is not None
@@ -537,10 +595,10 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     if not fusable(n, x.dtype, rows, static):
         raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
     p = plan_override or plan(n, out_parts)
-    tiled = not p.persistent if plan_override is not None else _few_rows_static(p, rows, static)
-    if tiled and (not static or p.kind != "factored"):
-        raise ValueError(f"the tiled Hadamard+quantize kernel takes a factored plan and a static scale, "
-                         f"got {p.describe()} with a {'static' if static else 'dynamic'} scale")
+    tiled = not p.persistent if plan_override is not None else _few_rows_tiled(p, rows, static)
+    if tiled and (p.kind != "factored" or rows > FEW_ROWS):
+        raise ValueError(f"the tiled Hadamard+quantize kernel takes a factored plan and at most {FEW_ROWS} rows, "
+                         f"got {p.describe()} for {rows} rows")
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
@@ -551,16 +609,17 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     quant = dict(QUANT=2 if fp8 else 1, QMAX=qmax, RCP=_fp32_reciprocal(qmax), OUT_DTYPE=out_dtype)
     s_in = static_scale.reshape(1).float() if static else None
     if tiled:
-        _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant)
+        _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant, sq)
     else:
         _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static))
     return q.reshape(x.shape), (None if static else sq.reshape(*x.shape[:-1], 1))
 
 
 def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
-                  s_in: Optional[torch.Tensor] = None, quant: Optional[dict] = None) -> None:
-    """The tiled kernels; with ``quant`` (a factored plan and a static scale ``s_in`` only) ``y`` receives
-    codes."""
+                  s_in: Optional[torch.Tensor] = None, quant: Optional[dict] = None,
+                  sq: Optional[torch.Tensor] = None) -> None:
+    """The tiled kernels; with ``quant`` (a factored plan only) ``y`` receives codes under the static scale
+    ``s_in``, or, without one, the per-row scales go to ``sq`` (at most ``FEW_ROWS`` rows)."""
     quant = quant or {}
     rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
@@ -575,10 +634,19 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
         _dense_kernel[(triton.cdiv(rows, BR), npad // BN)](
             x2, g, y, rows, n, npad, scale, BR=BR, BN=BN, BK=BK, NKC=npad // BK,
             IN_PARTS=in_parts, OP=_OPERAND, num_warps=4)
-    else:
-        a = _factor_operand(p.m, p.i, transpose, p.NT * p.BM, p.NKC * p.BK, x2.device)
-        _factored_kernel[(rows * p.NT,)](
-            x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, BM=p.BM, NT=p.NT, BK=p.BK,
-            NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
-            IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
-            num_warps=p.num_warps, **quant)
+        return
+    a = _factor_operand(p.m, p.i, transpose, p.NT * p.BM, p.NKC * p.BK, x2.device)
+    ws = amax = count = x2
+    if quant and s_in is None:
+        if rows > FEW_ROWS:
+            raise ValueError(f"the tiled kernel's dynamic-scale epilogue takes at most {FEW_ROWS} rows, got {rows}")
+        ws = torch.empty_like(x2)
+        amax = torch.empty((rows, p.NT), dtype=torch.float32, device=x2.device)
+        count = _row_counters(x2.device)
+        quant = dict(quant, STATIC=False, ROW_PAD=_row_pad(p))
+    _factored_kernel[(rows * p.NT,)](
+        x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, sq if sq is not None else x2,
+        ws, amax, count, BM=p.BM, NT=p.NT, BK=p.BK,
+        NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
+        IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
+        num_warps=p.num_warps, **quant)

@@ -14,8 +14,10 @@ fake-quant's codes.
 ``hadamard=True`` first applies the online Hadamard (QuaRot R4) that preceded the quantizer in the
 fake-quant graph, ``graphquant::hadamard_transform(x, False)``, then quantizes its output (under
 ``torch.compile`` the quantization is traced, so Inductor makes it one kernel). A fused kernel that does
-both (``hadamard_triton.hadamard_quantize``) exists but measured slower on the H200 at every size, so it
-runs only from ``FUSED_MIN_ROWS`` rows when that is set (see there).
+both (``hadamard_triton.hadamard_quantize``) runs at decode sizes (``FUSED_FEW_ROWS_STATIC`` /
+``FUSED_FEW_ROWS_DYNAMIC``: the tiled transform with the quantization in its epilogue); for more rows its
+persistent kernel measured slower on the H200 at every size, so it runs only from ``FUSED_MIN_ROWS`` rows when
+that is set (see there).
 """
 from __future__ import annotations
 
@@ -40,19 +42,21 @@ def _triton_spec(spec) -> bool:
 #: transform alone takes 3.9-4.1 us there, and under ``torch.compile`` the quantization is one Inductor kernel
 FUSED_MIN_ROWS: int | None = None
 
-#: with a static (per-tensor) scale and at most ``hadamard_triton.FEW_ROWS`` rows (decode), run the tiled
-#: transform with the quantization in its epilogue (``hadamard_quantize``), one kernel instead of the
-#: transform then an Inductor quantization kernel. **Not measured yet** (built with no device time left,
-#: checked in Triton's interpreter and compiled for sm_90 only): off until ``hadamard_gpu.py --tokens 1
-#: --quantize`` and ``generate_gpu.py`` show it faster
-FUSED_FEW_ROWS_STATIC = False
+#: at most ``hadamard_triton.FEW_ROWS`` rows (decode), run the tiled transform with the quantization in its
+#: epilogue (``hadamard_quantize``): one kernel instead of the transform then an Inductor quantization kernel.
+#: Static scale: H200, 14336, CUDA-graph replay, 4.8-5.0 us at 1 and 16 rows, where the transform alone takes
+#: 3.9-4.1 us and the transform + ``quantize_rows`` 11.0-13.2 us (benchmarks/results/hadamard_gpu_quantize_*.json).
+#: Dynamic scale: the row's last program quantizes it (``_factored_kernel``); see the closing numbers there.
+FUSED_FEW_ROWS_STATIC = True
+FUSED_FEW_ROWS_DYNAMIC = True
 
 
 def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):
     """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` and a size rule picks it (CUDA,
-    Triton; at least ``FUSED_MIN_ROWS`` rows, or ``FUSED_FEW_ROWS_STATIC`` for a static scale and few rows),
-    else None."""
-    if FUSED_MIN_ROWS is None and not (FUSED_FEW_ROWS_STATIC and static):
+    Triton; at least ``FUSED_MIN_ROWS`` rows, or at most ``FEW_ROWS`` rows with ``FUSED_FEW_ROWS_STATIC`` /
+    ``FUSED_FEW_ROWS_DYNAMIC`` for the scale's kind), else None."""
+    few_switch = FUSED_FEW_ROWS_STATIC if static else FUSED_FEW_ROWS_DYNAMIC
+    if FUSED_MIN_ROWS is None and not few_switch:
         return None
     if not x.is_cuda or "hadamard_quantize" in _FAILED or not x.numel() \
             or triton_kernels(x.device, "hadamard_quantize") is None:
@@ -62,8 +66,8 @@ def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):
     except Exception:  # noqa: BLE001 - Triton present but the module does not import here
         return None
     rows = x.numel() // x.shape[-1]
-    few_static = FUSED_FEW_ROWS_STATIC and static and rows <= hadamard_triton.FEW_ROWS
-    if not few_static and (FUSED_MIN_ROWS is None or rows < FUSED_MIN_ROWS):
+    few = few_switch and rows <= hadamard_triton.FEW_ROWS
+    if not few and (FUSED_MIN_ROWS is None or rows < FUSED_MIN_ROWS):
         return None
     return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype, rows, static) else None
 

@@ -1,0 +1,51 @@
+"""The few-rows (decode) Hadamard + activation-quantization kernel (``hadamard_triton.hadamard_quantize``, the
+tiled transform with its quantization epilogue) in Triton's CPU interpreter (a subprocess): a static scale per
+tile, a dynamic per-row scale by the row's last program (a workspace, per-tile maxima, a row counter). Codes and
+scales must equal the transform followed by ``quant_triton.quantize_rows``, for 1 and 3 rows, int8 and fp8,
+launch after launch (the kernel sets the row counters back to zero). The GPU test
+(``tests/test_decode_kernels_gpu.py``) checks the same against fake-quant on the H200, CUDA graphs included."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CHECK = r"""
+import torch
+from graphquant.kernels import hadamard_triton as HT
+from graphquant.kernels import quant_triton as QT
+torch.manual_seed(0)
+checked = 0
+for n in (4096, 172 * 64):  # 64|64 (one Sylvester stage); 172|64, whose row fits no persistent kernel
+    for rows in (1, 3):
+        # fp16 (the interpreter's bf16 dots are not exact): two bf16 pieces per element, exact to fp32
+        x = (torch.randn(rows, n) * 3).to(torch.float16)
+        y = HT.hadamard_transform_triton(x)
+        for fp8 in (False, True):
+            for static in (False, True):
+                s = torch.tensor(0.05) if static else None
+                assert HT.fusable(n, x.dtype, rows, static)
+                want_q, want_s = QT.quantize_rows(y, fp8, s)
+                for _ in range(2):
+                    q, sc = HT.hadamard_quantize(x, fp8, s)
+                    assert torch.equal(q.view(torch.int8), want_q.view(torch.int8)), (n, rows, fp8, static)
+                    assert (sc is None) == static
+                    assert static or torch.equal(sc, want_s), (n, rows, fp8, (sc - want_s).abs().max())
+                    assert int(HT._row_counters(x.device).abs().sum()) == 0
+                    checked += 1
+assert not HT.fusable(4096, torch.float16, HT.FEW_ROWS + 1, static=False) or HT.plan(4096, 2).persistent
+print("checked", checked)
+"""
+
+
+def test_few_rows_epilogue_gives_the_two_ops_codes():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "checked 32" in run.stdout
