@@ -130,6 +130,39 @@ def test_linear_entry_points_use_the_decode_kernels():
     assert not int8_mm._FAILED
 
 
+@pytest.mark.parametrize("kind", ["W8A16", "W4A16", "W8A8-int8", "W8A8-fp8"])
+@pytest.mark.parametrize("M", [1, 4])
+def test_last_split_sums_equal_the_split_sum_launch(kind, M, monkeypatch):
+    """With split-K, ``wq_mm`` / ``gemv_packed`` add the splits up in the tile's last split (one launch):
+    bit for bit what ``split_sum`` gives, launch after launch and under CUDA-graph replay (the kernel resets
+    its counters), for bf16 outputs with bias."""
+    from graphquant.kernels import quant_triton as QT
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    op, _ = _case(kind, M, 4096, 14336, False, g)
+    kernels = [QT.wq_mm]
+    if kind in ("W8A16", "W4A16"):
+        kernels.append(QT.gemv_packed)
+        op = dict(op, group=op.get("group", 0))
+    for kernel in kernels:
+        cfg = (dict(BLOCK_N=32, BLOCK_Q=128, SPLIT_K=4, num_warps=4) if kernel is QT.gemv_packed
+               else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3))
+        run = lambda: kernel(**op, out_dtype=torch.bfloat16, config=cfg)  # noqa: E731
+        outs = [run() for _ in range(3)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graphed = run()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(QT, "LAST_SPLIT_SUMS", False)
+        want = run()
+        monkeypatch.setattr(QT, "LAST_SPLIT_SUMS", True)
+        for out in outs + [graphed]:
+            assert torch.equal(out, want), (kernel.__name__, kind, M)
+        assert int(QT.tile_counters(want.device, 1).abs().sum()) == 0
+
+
 @pytest.mark.parametrize("n", [128, 4096, 14336])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("rows", [1, 5, 300])
@@ -157,6 +190,7 @@ def test_few_rows_epilogue_and_its_switches(n, fp8, static, rows, monkeypatch):
     row counters are reset by the kernel, also under CUDA-graph replay)."""
     from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
     from graphquant.kernels import hadamard_triton as HT
+    from graphquant.kernels import quant_triton as QT
     from graphquant.lowering import activation as A
 
     x = (torch.randn(rows, n, device="cuda") * 3).to(torch.bfloat16)
@@ -183,7 +217,7 @@ def test_few_rows_epilogue_and_its_switches(n, fp8, static, rows, monkeypatch):
     for q, s in one + [graphed]:
         assert torch.equal(q.view(torch.int8), two[0].view(torch.int8))
         assert static or torch.equal(s, two[1])
-    assert HT._row_counters(x.device).abs().sum() == 0
+    assert QT.tile_counters(x.device, HT.FEW_ROWS)[:HT.FEW_ROWS].abs().sum() == 0
     big = torch.randn(HT.FEW_ROWS + 1, n, device="cuda", dtype=torch.bfloat16)
     assert A._fused_hadamard_quantize(big, static=static) is None
 

@@ -36,7 +36,7 @@ for n in (4096, 172 * 64):  # 64|64 (one Sylvester stage); 172|64, whose row fit
                     assert torch.equal(q.view(torch.int8), want_q.view(torch.int8)), (n, rows, fp8, static)
                     assert (sc is None) == static
                     assert static or torch.equal(sc, want_s), (n, rows, fp8, (sc - want_s).abs().max())
-                    assert int(HT._row_counters(x.device).abs().sum()) == 0
+                    assert int(QT.tile_counters(x.device, HT.FEW_ROWS)[:HT.FEW_ROWS].abs().sum()) == 0
                     checked += 1
 assert not HT.fusable(4096, torch.float16, HT.FEW_ROWS + 1, static=False) or HT.plan(4096, 2).persistent
 print("checked", checked)

@@ -1,5 +1,6 @@
 """Split-K in the decode matmul kernels (``wq_mm``, ``gemv``, ``gemv_packed``, ``w4_mma``): each split writes its slice of an
-fp32 workspace and ``split_sum`` adds them up; the result equals the one-split launch and an fp32 reference, with
+fp32 workspace and ``split_sum`` adds them up (``wq_mm`` / ``gemv_packed``: each tile's last split, in the same
+order, bit for bit); the result equals the one-split launch and an fp32 reference, with
 and without bias, for int8 weight-only, int8 W8A8 and int4 weights (with zero points for ``w4_mma``), and with
 the register prefetch of ``gemv_packed`` / ``w4_mma``. Run in Triton's CPU interpreter (a
 subprocess); kernels this Triton's interpreter cannot run (``gemv_packed``'s masks on Triton 3.9) are reported
@@ -86,6 +87,15 @@ for M, bias in itertools.product((1, 3), (False, True)):
             skipped.add(name)
             print("interpreter cannot run", name, ":", str(e)[:120])
             continue
+        if name.startswith(("wq_mm", "gemv_packed")):  # the tiles' last splits add up what split_sum would
+            QT.LAST_SPLIT_SUMS = False
+            try:
+                for split, out in zip((2, 4), outs[1:]):
+                    assert torch.equal(run(dict(SPLIT_K=split)), out), (name, M, bias, split)
+                    checked += 1
+            finally:
+                QT.LAST_SPLIT_SUMS = True
+            assert int(QT.tile_counters(torch.device("cpu"), 1).abs().sum()) == 0
         tol = 1e-2 if outs[0].dtype == torch.bfloat16 else 1e-5
         for split, out in zip((1, 2, 4), outs):
             assert out.shape == (M, N) and out.dtype == outs[0].dtype, (name, split, out.shape, out.dtype)

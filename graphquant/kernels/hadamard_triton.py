@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes
+from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes, tile_counters
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan",
            "few_rows_plan", "FEW_ROWS"]
@@ -569,14 +569,6 @@ def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None, static: bool
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
 
 
-@functools.lru_cache(maxsize=16)
-def _row_counters(device: torch.device) -> torch.Tensor:
-    """One zeroed int32 counter per row (``FEW_ROWS``) for the dynamic few-rows epilogue: every launch
-    leaves them at zero again (the last program of a row resets its counter), so launches on one stream,
-    CUDA-graph replays included, share them; launches on concurrent streams must not overlap."""
-    return torch.zeros(FEW_ROWS, dtype=torch.int32, device=device)
-
-
 def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None,
                       plan_override: Optional[Plan] = None):
     """QuaRot's online Hadamard then activation quantization in one kernel: ``(codes, scale)`` of
@@ -642,7 +634,7 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
             raise ValueError(f"the tiled kernel's dynamic-scale epilogue takes at most {FEW_ROWS} rows, got {rows}")
         ws = torch.empty_like(x2)
         amax = torch.empty((rows, p.NT), dtype=torch.float32, device=x2.device)
-        count = _row_counters(x2.device)
+        count = tile_counters(x2.device, rows)
         quant = dict(quant, STATIC=False, ROW_PAD=_row_pad(p))
     _factored_kernel[(rows * p.NT,)](
         x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, sq if sq is not None else x2,

@@ -144,14 +144,34 @@ def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
+def _last_split_sums(C, OUT, COUNT, tile, rm, rn, M, N, stride_cm, SPLIT_K):
+    """Split-K without a second launch: called by every split of output tile ``tile`` (rows ``rm``, columns
+    ``rn``) after it stored its partial sums to its slice of the fp32 workspace ``C``. The split that arrives
+    last at the tile's counter (acquire-release: every other split's stores come before its loads) adds the
+    slices up in split order, as ``split_sum_kernel`` does, stores the result to ``OUT`` (M, N) and sets the
+    counter back to zero for the next launch."""
+    tl.debug_barrier()  # every thread's partial sums are stored before the count releases them
+    if tl.atomic_add(COUNT + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        offs = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+        acc = tl.load(C + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(1, SPLIT_K):
+            acc += tl.load(C + s * M * stride_cm + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(OUT + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(COUNT + tile, 0)
+
+
+@triton.jit
+def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
                  M, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
                  A_KIND: tl.constexpr,   # 0 float, 1 int8 codes, 2 fp8 codes
                  W_KIND: tl.constexpr,   # 0 int8, 1 fp8 e4m3, 2 int4 nibble-packed
                  W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False):
+    """``LAST_SUMS`` (with split-K): the tile's last split adds the partial sums up into ``OUT``
+    (:func:`_last_split_sums`) instead of a :func:`split_sum` launch."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -220,6 +240,8 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C,
     c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
+    if LAST_SUMS:
+        _last_split_sums(C, OUT, COUNT, pid, rm, rn, M, N, stride_cm, SPLIT_K)
 
 @triton.jit
 def _nibbles_minus(p, z):
@@ -372,10 +394,10 @@ def _packed_store(acc, m, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm,
 
 
 @triton.jit
-def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, stride_cm, stride_sw,
+def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, Q, stride_am, stride_bn, stride_cm, stride_sw,
                        GROUP: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+                       SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, LAST_SUMS: tl.constexpr = False):
     """Weight-only decode GEMV (float activations, M <= BLOCK_M <= 4) reading the weight as int32 words.
 
     ``B`` is the weight viewed as int32 (N, Q): 4 int8 codes or 8 int4 nibbles (low first) per word, so
@@ -386,7 +408,8 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, str
     used by every activation row (one 2-D accumulator per row: no 3-D layouts, no shared-memory shuffles
     in the loop); products are summed once after the loop; int4 group scales (and zero points) are
     gathered per word (a word never straddles a group: GROUP % 8 == 0). ``SPLIT_K > 1``: partial sums
-    go to the split's slice of an fp32 workspace (:func:`split_sum` adds them up); the bias only in split 0.
+    go to the split's slice of an fp32 workspace (:func:`split_sum` adds them up, or with ``LAST_SUMS`` the
+    tile's last split: :func:`_last_split_sums`); the bias only in split 0.
     ``PREFETCH``: the next tile's words are loaded before this tile is decoded (register double-buffering, so
     every program keeps a load in flight while it computes)."""
     pid_n = tl.program_id(0)
@@ -455,6 +478,8 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, M, N, Q, stride_am, stride_bn, str
     if BLOCK_M > 2:
         _packed_store(acc2, 2, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
         _packed_store(acc3, 3, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm, W_KIND, W_SCALE, HAS_BIAS, SPLIT_K)
+    if LAST_SUMS:
+        _last_split_sums(C, OUT, COUNT, pid_n, tl.arange(0, BLOCK_M), rn, M, N, stride_cm, SPLIT_K)
 
 
 @triton.jit
@@ -661,6 +686,37 @@ def _output(M: int, N: int, split: int, device, out_dtype) -> torch.Tensor:
     return torch.empty((M, N), device=device, dtype=out_dtype)
 
 
+#: split-K results added up by each tile's last split inside the matmul launch (``wq_mm``, ``gemv_packed``)
+#: instead of a second, ``split_sum`` launch. Same sums in the same order.
+LAST_SPLIT_SUMS = True
+_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` (at least) zeroed int32 counters for the kernels whose last program of a group finishes the
+    work (:func:`_last_split_sums`, the Hadamard kernel's dynamic few-rows epilogue). Every launch leaves the
+    counters it used at zero, so launches on one stream share them, CUDA-graph replays included; each
+    stream has its own, so launches on concurrent streams never meet."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        key = (idx, torch.cuda.current_stream(idx).cuda_stream)
+    else:  # Triton's CPU interpreter
+        key = (str(device), 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _split_outputs(M: int, N: int, split: int, tiles: int, device, out_dtype):
+    """(workspace, result, counters, last_sums) for a launch of ``wq_mm`` / ``gemv_packed``: with split-K and
+    ``LAST_SPLIT_SUMS`` the kernel writes the result itself, else ``split_sum`` runs on the workspace."""
+    c = _output(M, N, split, device, out_dtype)
+    if split == 1 or not LAST_SPLIT_SUMS:
+        return c, c, c, False
+    return c, torch.empty((M, N), device=device, dtype=out_dtype), tile_counters(device, tiles), True
+
+
 SPLIT_SUM_BLOCK = 1024
 
 
@@ -687,18 +743,18 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     out_dtype = out_dtype or a.dtype
     cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
     split = cfg["SPLIT_K"]
-    c = _output(M, N, split, a.device, out_dtype)
     w_scale_kind = 2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0)
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
+    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
     dummy = w_scale
     wq_mm_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else dummy,
-                     a_scale if a_scale is not None else dummy, bias if bias is not None else dummy, c,
+                     a_scale if a_scale is not None else dummy, bias if bias is not None else dummy, c, out, count,
                      M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(-2),
                      w_scale.stride(0) if w_scale.dim() == 2 else 0,
                      A_KIND=a_kind, W_KIND=w_kind, W_SCALE=w_scale_kind, HAS_ZERO=w_zero is not None,
                      SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
-                     PARTIAL=split > 1, **cfg)
-    return split_sum(c, out_dtype)
+                     PARTIAL=split > 1, LAST_SUMS=last, **cfg)
+    return out if last else split_sum(c, out_dtype)
 
 
 #: Decode kernels measured on the GPU (``benchmarks/decode_kernels.py`` writes ``gemv_tuned.json`` beside
@@ -888,14 +944,15 @@ def gemv_packed(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_ki
     out_dtype = out_dtype or a.dtype
     cfg = _packed_config(M, N, Q, a.device, config)
     split = cfg["SPLIT_K"]
-    c = _output(M, N, split, a.device, out_dtype)
-    gemv_packed_kernel[(-(-N // cfg["BLOCK_N"]), split)](
+    tiles = -(-N // cfg["BLOCK_N"])
+    c, out, count, last = _split_outputs(M, N, split, tiles, a.device, out_dtype)
+    gemv_packed_kernel[(tiles, split)](
         a, words, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale, c,
-        M, N, Q, a.stride(0), words.stride(0), c.stride(-2),
+        out, count, M, N, Q, a.stride(0), words.stride(0), c.stride(-2),
         w_scale.stride(0) if w_scale.dim() == 2 else 0, GROUP=max(group, 8), W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
-        HAS_BIAS=bias is not None, **cfg)
-    return split_sum(c, out_dtype)
+        HAS_BIAS=bias is not None, LAST_SUMS=last, **cfg)
+    return out if last else split_sum(c, out_dtype)
 
 
 def _w4_mma_config(N: int, G: int, device, cfg: dict | None) -> dict:
