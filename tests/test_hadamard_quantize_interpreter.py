@@ -1,8 +1,8 @@
 """The few-rows (decode) Hadamard + activation-quantization kernel (``hadamard_triton.hadamard_quantize``, the
 tiled transform with its quantization epilogue) in Triton's CPU interpreter (a subprocess): a static scale per
-tile, a dynamic per-row scale by the row's last program (a workspace, per-tile maxima, a row counter). Codes and
-scales must equal the transform followed by ``quant_triton.quantize_rows``, for 1 and 3 rows, int8 and fp8,
-launch after launch (the kernel sets the row counters back to zero). The GPU test
+tile, a dynamic per-row scale from the tiles' maxima by a second launch (a workspace). Codes and scales must
+equal the transform followed by ``quant_triton.quantize_rows``, for 1 and 3 rows, int8 and fp8, launch after
+launch. The GPU test
 (``tests/test_decode_kernels_gpu.py``) checks the same against fake-quant on the H200, CUDA graphs included."""
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ for n in (4096, 172 * 64):  # 64|64 (one Sylvester stage); 172|64, whose row fit
                     assert torch.equal(q.view(torch.int8), want_q.view(torch.int8)), (n, rows, fp8, static)
                     assert (sc is None) == static
                     assert static or torch.equal(sc, want_s), (n, rows, fp8, (sc - want_s).abs().max())
-                    assert int(QT.tile_counters(x.device, HT.FEW_ROWS)[:HT.FEW_ROWS].abs().sum()) == 0
                     checked += 1
 assert not HT.fusable(4096, torch.float16, HT.FEW_ROWS + 1, static=False) or HT.plan(4096, 2).persistent
 print("checked", checked)
