@@ -45,7 +45,8 @@ FUSED_MIN_ROWS: int | None = None
 #: at most ``hadamard_triton.FEW_ROWS`` rows (decode), run the tiled transform with the quantization in its
 #: epilogue (``hadamard_quantize``): one kernel instead of the transform then an Inductor quantization kernel.
 #: Static scale: H200, 14336, CUDA-graph replay, 4.8-5.0 us at 1 and 16 rows, where the transform alone takes
-#: 3.9-4.1 us and the transform + ``quantize_rows`` 11.0-13.2 us (benchmarks/results/hadamard_gpu_quantize_*.json).
+#: 3.9-4.1 us and the transform + ``quantize_rows`` 11.0-13.2 us
+#: (benchmarks/results/hadamard_gpu_few_rows_epilogue_*.json).
 #: Dynamic scale: the transform stores its tiles and their maxima, a second launch quantizes the tiles under the
 #: row's scale; generate_gpu.py, 2-layer Llama-3-8B shapes, decode batch 1, QuaRot's cost over the same scheme
 #: without it: fp8 dynamic +1.7%, int8 +3.1% (before: +3.7%, +6.6%; results/generate_gpu.json, run_e). A first
