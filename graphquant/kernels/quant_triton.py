@@ -706,10 +706,11 @@ def tile_counters(device: torch.device, n: int) -> torch.Tensor:
         key = (idx, torch.cuda.current_stream(idx).cuda_stream)
     else:  # Triton's CPU interpreter
         key = (str(device), 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
+    bufs = _COUNTERS.setdefault(key, [])
+    if not bufs or bufs[-1].numel() < n:
+        # a larger set is added, never swapped in: a captured CUDA graph keeps the address of the one it saw
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def _split_outputs(M: int, N: int, split: int, tiles: int, device, out_dtype):
