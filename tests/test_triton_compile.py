@@ -136,6 +136,13 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                                 raise AssertionError("w4_mma refused the operands")
 
                         _call(errors, f"w4_mma {w_kind} M={M} prefetch={prefetch} split={split}", w4_mma)
+    from graphquant.kernels.int8_gemm import int8_gemm  # prefill W8A8, its default Hopper tile
+
+    a, w = torch.randint(-127, 128, (300, K), dtype=torch.int8), torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    for sa, sw, bias in ((torch.rand(300, 1), torch.rand(N), torch.randn(N, dtype=BF)),
+                         (torch.rand(1), torch.rand(1), None)):
+        _call(errors, f"int8_gemm bias={bias is not None}", lambda: int8_gemm(a, w, sa, sw, bias, BF))
+    _call(errors, "int8_gemm K % BLOCK_K != 0", lambda: int8_gemm(a[:, :1000], w[:, :1000], sa, sw, None, BF))
     assert not errors, errors
 
 

@@ -10,7 +10,9 @@ W8A8        M <= ``SKINNY_M``: the decode kernel         ``torch._int_mm`` + fp3
             (``gemv`` on CUDA cores or ``wq_mm``, an
             int8 tensor-core dot, split-K); else
             ``torch._int_mm`` (cuBLASLt) + Triton
-            scale epilogue
+            scale epilogue, or with
+            ``PREFILL_TRITON`` one Triton kernel
+            (``int8_gemm``, scales fused)
 W8A16       M <= ``WEIGHT_ONLY_M``: the decode kernel    ``aten._weight_int8pack_mm``
             (``gemv`` / ``gemv_packed`` on CUDA cores,
             or ``wq_mm``: codes dequantized in
@@ -31,6 +33,10 @@ import torch
 import torch.nn.functional as F
 
 SKINNY_M = 16  # W8A8 rows handled by the Triton decode kernels on CUDA (above: cuBLASLt)
+#: above ``SKINNY_M`` rows on CUDA, W8A8 runs ``int8_gemm.int8_gemm`` (one Triton kernel, scales fused; bit for
+#: bit the result of ``torch._int_mm`` + the scale epilogue) instead of those two. Off: not yet timed on a GPU
+#: (``benchmarks/int8_prefill_gpu.py`` compares them)
+PREFILL_TRITON = False
 WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton decode kernels (above: dequantize + cuBLAS)
 
 _FAILED: set[str] = set()
@@ -53,6 +59,15 @@ def triton_kernels(device: torch.device, name: str = ""):
     from . import quant_triton
 
     return quant_triton
+
+
+def _int8_gemm(device: torch.device):
+    """``graphquant.kernels.int8_gemm.int8_gemm`` when it can run on ``device``, else None."""
+    if triton_kernels(device, "int8_gemm") is None:
+        return None
+    from .int8_gemm import int8_gemm
+
+    return int8_gemm
 
 
 def guarded(name: str, fast, fallback):
@@ -135,6 +150,8 @@ def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scal
     elif M <= SKINNY_M and (out := decode_kernel(a, w, sw, "int8", a_scale=sa, bias=bias,
                                                  out_dtype=out_dtype)) is not None:
         pass
+    elif PREFILL_TRITON and a.is_cuda and (gemm := _int8_gemm(a.device)) is not None:
+        out = guarded("int8_gemm", lambda: gemm(a, w, sa, sw, bias, out_dtype), reference)
     elif a.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0:
         acc = torch._int_mm(a, w.t())
         qt = triton_kernels(a.device, "scale_epilogue")
