@@ -142,7 +142,7 @@ def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
         for static in (False, True):
             s = torch.tensor(0.05, device=x.device) if static else None
             # at few rows: also the tiled kernel with the quantization in its epilogue
-            tiled = [ht.few_rows_plan(base)] if ht._few_rows_tiled(base, x.shape[0], static) else []
+            tiled = [ht.few_rows_plan(base)] if ht._few_rows_tiled(base, x.shape[0]) else []
             want_q, want_s = QT.quantize_rows(ht.hadamard_transform_triton(x), fp8, s)
             row = {"codes": "fp8" if fp8 else "int8", "scale": "static" if static else "dynamic",
                    "fused": {}, "two_kernels": {}, "same_codes": True}

@@ -195,7 +195,7 @@ def test_few_rows_epilogue_and_its_switches(n, fp8, static, rows, monkeypatch):
     switch = "FUSED_FEW_ROWS_STATIC" if static else "FUSED_FEW_ROWS_DYNAMIC"
     monkeypatch.setattr(A, switch, True)
     x = (torch.randn(rows, n, device="cuda") * 3).to(torch.bfloat16)
-    assert HT.fusable(n, torch.bfloat16, rows, static=static)
+    assert HT.fusable(n, torch.bfloat16, rows)
     kind = "per_tensor:sym:static" if static else "per_token:sym:dynamic"
     spec = f"{'fp8_e4m3' if fp8 else 'int8'}:{kind}:float:half_even"
     scale = torch.tensor(0.06, device="cuda")

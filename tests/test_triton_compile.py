@@ -155,12 +155,12 @@ def test_hadamard_kernels_compile_for_sm90(compile_only):
             xr = torch.randn(rows, n, dtype=BF)
             _call(errors, f"hadamard {n} rows={rows}", lambda: HT.hadamard_transform_triton(xr))
         x = torch.randn(2, n, dtype=BF)
-        if HT.fusable(n, BF, 2, static=True):  # the tiled kernel's static-scale epilogue (few rows)
+        if HT.fusable(n, BF, 2):  # the tiled kernel's static-scale epilogue (few rows)
             for fp8 in (False, True):
                 _call(errors, f"hadamard_quantize {n} static few rows fp8={fp8}",
                       lambda: HT.hadamard_quantize(x, fp8, static_scale=torch.tensor(0.5)))
         # the tiled kernel's dynamic-scale epilogue (few rows): every factored order here
-        if HT._few_rows_tiled(HT.plan(n, 2), 2, static=False) or n != 128:
+        if HT._few_rows_tiled(HT.plan(n, 2), 2) or n != 128:
             for fp8 in (False, True):
                 _call(errors, f"hadamard_quantize {n} dynamic few rows fp8={fp8}", lambda: HT.hadamard_quantize(x, fp8))
         if HT.fusable(n, BF):

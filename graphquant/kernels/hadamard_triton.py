@@ -25,6 +25,10 @@ Kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n 
       The cost per element is about ``M0 + 2·(D1 + D2)`` multiply-adds on the tensor cores;
       :func:`plan` takes measured plans for common orders (``_TUNED``) and otherwise minimises an
       estimate of it. A persistent kernel that fails to compile falls back to its tiled twin.
+    * ``hadamard_quantize`` (QuaRot's R4 and the activation quantizer after it): the persistent kernels
+      store codes and per-row scales instead of the transform; at most ``FEW_ROWS`` rows (decode) the tiled
+      kernel does, under a static scale per tile, or for a dynamic per-row scale by storing its rounded tile
+      and the tile's maximum for ``_tile_quantize_kernel`` to quantize (two small launches).
 """
 from __future__ import annotations
 
@@ -532,20 +536,20 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
         MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
 
 
-def _few_rows_tiled(p: Optional[Plan], rows: Optional[int], static: bool) -> bool:
+def _few_rows_tiled(p: Optional[Plan], rows: Optional[int]) -> bool:
     """Whether :func:`hadamard_quantize` runs the tiled kernel with its quantization epilogue: a factored
     order, at most ``FEW_ROWS`` rows (decode)."""
     return rows is not None and rows <= FEW_ROWS and p is not None and p.kind == "factored"
 
 
-def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None, static: bool = False) -> bool:
+def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None) -> bool:
     """Whether :func:`hadamard_quantize` has a kernel for ``rows`` rows of ``n`` elements of ``dtype``: the
     persistent kernels (a row on one program; dynamic or static scale), or at most ``FEW_ROWS`` rows the
     tiled kernel of every factored order."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     p = plan(n, 3 if dtype == torch.float32 else 2)
-    if _few_rows_tiled(p, rows, static):
+    if _few_rows_tiled(p, rows):
         return True
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
 
@@ -565,10 +569,10 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     out_parts = 3 if x.dtype == torch.float32 else 2
     static = static_scale is not None
     rows = x.numel() // n if n else 0
-    if not fusable(n, x.dtype, rows, static):
+    if not fusable(n, x.dtype, rows):
         raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
     p = plan_override or plan(n, out_parts)
-    tiled = not p.persistent if plan_override is not None else _few_rows_tiled(p, rows, static)
+    tiled = not p.persistent if plan_override is not None else _few_rows_tiled(p, rows)
     if tiled and (p.kind != "factored" or rows > FEW_ROWS):
         raise ValueError(f"the tiled Hadamard+quantize kernel takes a factored plan and at most {FEW_ROWS} rows, "
                          f"got {p.describe()} for {rows} rows")

@@ -74,7 +74,7 @@ def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):
     few = few_switch and rows <= hadamard_triton.FEW_ROWS
     if not few and (FUSED_MIN_ROWS is None or rows < FUSED_MIN_ROWS):
         return None
-    return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype, rows, static) else None
+    return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype, rows) else None
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
