@@ -12,8 +12,8 @@ Seven kernels, each with a launch wrapper that takes and returns torch tensors:
                       per byte with per-group scales / zero points), the activation either float
                       (weight-only: W8A16 / W4A16) or codes with per-row scales (W8A8). Split-K
                       keeps every SM busy when M and N are small: each split stores its fp32 partial
-                      sums in a workspace that ``split_sum`` adds up in split order (deterministic, and
-                      one launch where zero-filling, atomics and a cast took two more).
+                      sums in a workspace that the output tile's last split adds up in split order
+                      (``LAST_SPLIT_SUMS``; else a ``split_sum`` launch): deterministic, no zero-filling.
 ``gemv``              decode (M <= 4) on CUDA cores: every weight byte read once for all rows,
                       int4 nibbles turned into floats by bit operations, optional split-K.
 ``gemv_packed``       weight-only decode (M <= 4, float activations, int8 or int4 weights): the weight
@@ -698,7 +698,7 @@ _COUNTERS: dict = {}
 
 def tile_counters(device: torch.device, n: int) -> torch.Tensor:
     """``n`` (at least) zeroed int32 counters for the kernels whose last program of a group finishes the
-    work (:func:`_last_split_sums`, the Hadamard kernel's dynamic few-rows epilogue). Every launch leaves the
+    work (:func:`_last_split_sums`). Every launch leaves the
     counters it used at zero, so launches on one stream share them, CUDA-graph replays included; each
     stream has its own, so launches on concurrent streams never meet."""
     if device.type == "cuda":
