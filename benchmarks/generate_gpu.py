@@ -16,6 +16,8 @@ On the H200 (about 40 s per variant; the torchao wheel travels in ``.whl``, see 
     python3 benchmarks/generate_gpu.py --who graphquant --budget-s 480 --out gq.json
     python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --isolate-s 150 --out ao.json
     python3 benchmarks/generate_gpu.py --merge gq.json ao.json --out benchmarks/results/generate_gpu.json
+    # an A/B of one code path in one run: every graphquant row, then its twin with the switch set
+    python3 benchmarks/generate_gpu.py --who graphquant --variants int8 --ab graphquant.kernels.int8_mm.PREFILL_TRITON=1
 
 torchao's rows are built with ``set_inductor_config=False``: with torchao's default (coordinate-descent tuning
 of every later compile) its first compile did not finish within 235 s in three sessions; without it a row
@@ -58,6 +60,7 @@ again; the first file's are used).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -178,19 +181,64 @@ class Variant:
     compile: bool = True        # False: eager decode step, still replayed as a CUDA graph (no CPU overhead)
     tuning: bool = False        # torchao: its recommended inductor settings (coordinate-descent tuning)
     again: bool = False         # bf16: the baseline measured once more at the end of the run (its drift)
+    switch: str = ""            # graphquant: "module.ATTR=value" set while the row is built and measured (--ab)
 
     @property
     def name(self) -> str:
         return self.scheme + (" + QuaRot" if self.quarot else "") + \
             (" + decode attention" if self.who == "bf16" and self.attention == "decode" else "") + \
             ("" if self.compile else " (eager + CUDA graph)") + (" (inductor tuning)" if self.tuning else "") + \
-            (" (again, end of run)" if self.again else "")
+            (" (again, end of run)" if self.again else "") + (f" [{switch_label(self.switch)}]" if self.switch else "")
+
+
+def parse_switch(spec: str) -> tuple[str, str, object]:
+    """``"graphquant.kernels.int8_mm.PREFILL_TRITON=1"`` -> (module, attribute, value); the value is a Python
+    literal (``1``, ``0.5``, ``None``, ``'x'``), ``true`` / ``false`` read as booleans."""
+    import ast
+
+    target, sep, text = spec.partition("=")
+    module, _, attr = target.strip().rpartition(".")
+    if not sep or not module or not attr:
+        raise SystemExit(f"generate_gpu.py: --ab {spec!r}: write MODULE.ATTRIBUTE=VALUE, e.g. "
+                         "graphquant.kernels.int8_mm.PREFILL_TRITON=1")
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return module, attr, lowered == "true"
+    try:
+        return module, attr, ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"generate_gpu.py: --ab {spec!r}: {text.strip()!r} is not a Python literal") from None
+
+
+def switch_label(spec: str) -> str:
+    """The row-name suffix of a switch: ``ATTR=value``."""
+    module, attr, value = parse_switch(spec)
+    return f"{attr}={value}"
+
+
+@contextlib.contextmanager
+def switched(spec: str):
+    """``spec`` (see :func:`parse_switch`) in force inside the block, the old value back afterwards. The
+    attribute must exist: a misspelt switch must not measure the default twice."""
+    if not spec:
+        yield
+        return
+    module, attr, value = parse_switch(spec)
+    mod = importlib.import_module(module)
+    if not hasattr(mod, attr):
+        raise SystemExit(f"generate_gpu.py: --ab {spec!r}: {module} has no {attr}")
+    old = getattr(mod, attr)
+    setattr(mod, attr, value)
+    try:
+        yield
+    finally:
+        setattr(mod, attr, old)
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
                     who=("graphquant", "torchao"), quarot_filters=None, no_bf16=False,
                     attention="decode", torchao_eager=False, torchao_tuning=False,
-                    bf16_again=False) -> list[Variant]:
+                    bf16_again=False, ab=()) -> list[Variant]:
     """bf16 first (stock, then with graphquant's decode attention when ``attention == "decode"``), then
     graphquant without and with QuaRot, then torchao (last: with ``torchao_tuning`` its ``quantize_`` changes
     inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
@@ -200,7 +248,8 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
     without ``torch.compile`` (the decode step is still a CUDA graph), for when its compiles do not finish;
     ``torchao_tuning``: torchao rows with its recommended inductor settings (see :func:`_torchao_config`);
     ``bf16_again``: the stock bf16 row once more at the end, so the run shows how far its own baseline drifted
-    (every speedup stays over the first bf16 row)."""
+    (every speedup stays over the first bf16 row); ``ab``: switches (``"module.ATTR=value"``), each giving every
+    graphquant row a twin measured right after it with the switch set (an A/B of one code path in one run)."""
     schemes = [s for s in GQ_SCHEMES if (not smoke or s in SMOKE_VARIANTS)
                and (not filters or any(f.lower() in s.lower() for f in filters))]
     out = [] if no_bf16 else [Variant("bf16", "bf16", attention="sdpa")]
@@ -211,6 +260,9 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
     if "graphquant" in who and (quarot or only_quarot):
         out += [Variant("graphquant", s, True, attention=attention) for s in schemes
                 if not quarot_filters or any(f.lower() in s.lower() for f in quarot_filters)]
+    if ab:
+        out = [t for v in out for t in [v] + ([dataclasses.replace(v, switch=a) for a in ab]
+                                              if v.who == "graphquant" else [])]
     if "torchao" in who and torchao and not smoke and not only_quarot:
         out += [Variant("torchao", s, compile=not torchao_eager, tuning=torchao_tuning)
                 for s in TORCHAO_SCHEMES if s in schemes]
@@ -423,7 +475,12 @@ def measure(model, setup: Setup, r: dict) -> None:
 
 def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
     r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention,
-         "compiled": v.compile}
+         "compiled": v.compile, "switch": v.switch}
+    with switched(v.switch):
+        return _run_variant(model, v, setup, calib, r)
+
+
+def _run_variant(model, v: Variant, setup: Setup, calib, r: dict) -> dict:
     dev = setup.device
     gc.collect()
     if dev == "cuda":
@@ -474,7 +531,7 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
     bf16 row, tokens/s, weight bandwidth, QuaRot overhead, full-32-layer extrapolations."""
     rows = []
     for r in raw:
-        row = {k: r[k] for k in ("who", "variant", "scheme", "quarot", "attention", "compiled") if k in r}
+        row = {k: r[k] for k in ("who", "variant", "scheme", "quarot", "attention", "compiled", "switch") if k in r}
         for key in [f"decode_b{b}" for b in batches] + ["prefill"]:
             v, h = r.get(f"{key}_ms"), head.get(f"{key}_ms")
             if v is not None and h is not None:
@@ -518,7 +575,7 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
                 row[f"{k}_vs_bf16"] = _ratio(row.get(k), base.get(k)) if base else None
         if row.get("quarot"):
             plain = next((x for x in rows if x["who"] == row["who"] and x["scheme"] == row["scheme"]
-                          and not x.get("quarot")), None)
+                          and not x.get("quarot") and x.get("switch", "") == row.get("switch", "")), None)
             parts = {}
             for key in ("decode_b1", "prefill"):
                 a = row.get(f"{key}_layer_ms")
@@ -694,6 +751,7 @@ def run_isolated(v: Variant, args, limit_s: float) -> dict:
                "--layers", str(args.layers), "--attention", args.attention, "--out", str(out)]
         cmd += [f for f, on in (("--smoke", args.smoke), ("--torchao-eager", args.torchao_eager),
                                 ("--torchao-tuning", args.torchao_tuning)) if on]
+        cmd += [f"--ab={a}" for a in (args.ab or [])]
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)
         try:
@@ -758,6 +816,9 @@ def main(argv=None):
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
+    ap.add_argument("--ab", action="append", metavar="MODULE.ATTR=VALUE",
+                    help="also measure every graphquant row with this switch set, right after it (repeatable), "
+                         "e.g. graphquant.kernels.int8_mm.PREFILL_TRITON=1")
     ap.add_argument("--isolate", default="torchao",
                     help="comma-separated libraries whose rows each run in their own process under --isolate-s "
                          "(default torchao)")
@@ -800,7 +861,8 @@ def main(argv=None):
                                who=tuple(w.strip() for w in args.who.split(",")),
                                quarot_filters=[s.strip() for s in args.quarot_variants.split(",") if s.strip()],
                                no_bf16=args.no_bf16, attention=args.attention, torchao_eager=args.torchao_eager,
-                               torchao_tuning=args.torchao_tuning, bf16_again=not args.no_bf16_again)
+                               torchao_tuning=args.torchao_tuning, bf16_again=not args.no_bf16_again,
+                               ab=tuple(args.ab or ()))
     if args.only:
         variants = [v for v in variants if variant_key(v) == args.only]
         if not variants:

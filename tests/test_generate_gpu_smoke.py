@@ -171,6 +171,38 @@ def test_smoke_run_on_cpu(bench, tmp_path):
     assert not (tmp_path / "smoke.json.partial").exists()
 
 
+def test_ab_switch_twins_each_graphquant_row(bench, monkeypatch):
+    """``--ab MODULE.ATTR=VALUE``: every graphquant row gets a twin right after it, built and measured with the
+    switch set (and the old value back afterwards); a QuaRot twin's overhead is over the twin without QuaRot."""
+    from graphquant.kernels import int8_mm
+
+    vs = bench.select_variants(["int8"], who=("graphquant",), ab=("graphquant.kernels.int8_mm.PREFILL_TRITON=1",))
+    assert [v.name for v in vs] == ["bf16", "bf16 + decode attention", "int8 W8A8", "int8 W8A8 [PREFILL_TRITON=1]",
+                                    "int8 W8A8 + QuaRot", "int8 W8A8 + QuaRot [PREFILL_TRITON=1]"]
+    seen = []
+    monkeypatch.setattr(bench, "_run_variant", lambda model, v, setup, calib, r: seen.append(
+        int8_mm.PREFILL_TRITON) or r)
+    for v in vs[2:4]:
+        assert bench.run_variant(None, v, bench.SMOKE, None)["switch"] == v.switch
+    assert seen == [False, 1] and int8_mm.PREFILL_TRITON is False
+    assert bench.parse_switch("a.b.C=true") == ("a.b", "C", True)
+    for bad in ("PREFILL_TRITON=1", "graphquant.kernels.int8_mm.PREFILL_TRITON=not a literal"):
+        with pytest.raises(SystemExit):
+            bench.parse_switch(bad)
+    with pytest.raises(SystemExit, match="has no"):
+        with bench.switched("graphquant.kernels.int8_mm.NO_SUCH_SWITCH=1"):
+            pass
+    raw = [raw_row("bf16", "bf16", False, 0.6, 0.8, 21.0, 2 * 436 * MB, 200.0),
+           dict(raw_row("graphquant", "int8 W8A8", False, 0.4, 0.6, 17.0, 2 * 218 * MB, 130.0), switch=""),
+           dict(raw_row("graphquant", "int8 W8A8", False, 0.4, 0.6, 13.0, 2 * 218 * MB, 130.0), switch="m.X=1",
+                variant="int8 W8A8 [X=1]"),
+           dict(raw_row("graphquant", "int8 W8A8", True, 0.4, 0.6, 14.0, 2 * 218 * MB, 130.0), switch="m.X=1",
+                variant="int8 W8A8 + QuaRot [X=1]")]
+    rows = {r["variant"]: r for r in bench.build_rows(raw, HEAD, layers=2)}
+    # (14 - 1) / 2 over (13 - 1) / 2: the twin with the same switch, not the plain row's (17 - 1) / 2
+    assert rows["int8 W8A8 + QuaRot [X=1]"]["quarot_overhead_parts"]["prefill"] == pytest.approx(13 / 12 - 1)
+
+
 def test_the_end_of_run_bf16_row_gives_the_baseline_drift_not_the_speedups(bench):
     raw = fake_raw()
     again = dict(raw[0], variant="bf16 (again, end of run)")
