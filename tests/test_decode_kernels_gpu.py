@@ -222,6 +222,30 @@ def test_few_rows_epilogue_and_its_switches(n, fp8, static, rows, monkeypatch):
     assert A._fused_hadamard_quantize(big, static=static) is None
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_split_dynamic_rows_switch_eager_and_compiled(fp8, rows, monkeypatch):
+    """``activation.SPLIT_DYNAMIC_ROWS``: a few long rows get their per-token scales over tiles (two launches),
+    eagerly and under ``torch.compile`` (one custom-op call instead of Inductor's kernels): fake-quant's codes
+    and scales either way."""
+    from graphquant.lowering import activation as A
+
+    x = (torch.randn(rows, 14336, device="cuda") * 3).to(torch.bfloat16)
+    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
+    want = A.quantize_dynamic(x, spec)
+    monkeypatch.setattr(A, "SPLIT_DYNAMIC_ROWS", True)
+    assert A._split_rows(x) and not A._split_rows(x[:, :4096])
+    eager = A.quantize_dynamic(x, spec)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: A.quantize_act_dynamic_node(t, spec), fullgraph=True)(x)
+    for q, s in (eager, compiled):
+        assert torch.equal(q.view(torch.int8), want[0].view(torch.int8))
+        assert torch.equal(s.reshape(-1), want[1].reshape(-1))
+    assert_codes_of_fake_quant(lambda st: A.quantize_dynamic(x, spec) if st is None else
+                               (A.quantize_static(x, st, spec.replace("per_token", "per_tensor")
+                                                  .replace("dynamic", "static")), None), x, fp8)
+
+
 def assert_codes_of_fake_quant(quantize, y, fp8):
     """``quantize(static_scale)`` -> (codes, scale) gives fake-quant's codes of ``y``: per row with its own
     scales (``static_scale=None``), and under one static scale (then its scale is None)."""

@@ -106,6 +106,8 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
         _call(errors, f"quantize_rows fp8={fp8}", lambda: QT.quantize_rows(torch.randn(3, K, dtype=BF), fp8))
         _call(errors, f"quantize_rows static fp8={fp8}",
               lambda: QT.quantize_rows(torch.randn(3, K, dtype=BF), fp8, torch.tensor(0.1)))
+        _call(errors, f"quantize_rows split fp8={fp8}",  # a few long rows over tiles (two launches)
+              lambda: QT.quantize_rows(torch.randn(2, 14336, dtype=BF), fp8, split=True))
     cases = [("float", "int8"), ("float", "int4"), ("float", "int4z"), ("int8", "int8"), ("fp8", "fp8")]
     for a_kind, w_kind in cases:
         bias = torch.randn(N, dtype=BF)

@@ -107,6 +107,33 @@ def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
         tl.store(qp + offs, codes(x, scale, QMAX, FP8), mask=offs < K)
 
 @triton.jit
+def tile_amax_kernel(X, AMAX, K, stride_xm, T, BLOCK: tl.constexpr):
+    """``AMAX[row, t]`` = max |x| over tile ``t`` (``BLOCK`` elements) of row ``row``: the first of
+    :func:`quantize_rows`'s two launches for a few long rows."""
+    row = tl.program_id(0)
+    t = tl.program_id(1)
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + row.to(tl.int64) * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    tl.store(AMAX + row * T + t, tl.max(tl.abs(x), axis=0))
+
+
+@triton.jit
+def tile_quant_kernel(X, Q, S, AMAX, K, stride_xm, stride_qm, T, T_PAD: tl.constexpr,
+                      QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
+    """The second launch: tile ``t`` of row ``row`` quantized under the row's scale from the tiles' maxima,
+    as ``quant_rows_kernel`` computes it (tile 0 stores the scale)."""
+    row = tl.program_id(0)
+    t = tl.program_id(1)
+    tiles = tl.arange(0, T_PAD)
+    amax = tl.max(tl.load(AMAX + row * T + tiles, mask=tiles < T, other=0.0), axis=0)
+    scale = tl.maximum(amax * RCP, TINY_C)
+    tl.store(S + row, scale, mask=t == 0)
+    offs = t * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + row.to(tl.int64) * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    tl.store(Q + row.to(tl.int64) * stride_qm + offs, codes(x, scale, QMAX, FP8), mask=offs < K)
+
+
+@triton.jit
 def _bias(BIAS, rn, n_ok, pid_k, FIRST_SPLIT_ONLY: tl.constexpr):
     """fp32 bias of the columns ``rn``; with split-K only split 0 adds it (the splits' partial sums are added up
     afterwards, so each other split contributes zero)."""
@@ -626,10 +653,25 @@ def _fp32_reciprocal(v: float) -> float:
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(v, dtype=torch.float32))
 
 
-def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None = None):
+#: the size rule of :func:`quantize_rows`'s ``split``: dynamic scales for at most ``SPLIT_ROWS_MAX_M`` rows of at
+#: least ``SPLIT_ROWS_MIN_K`` elements (decode: the 14336-wide down_proj input of Llama-3-8B) in two launches over
+#: ``SPLIT_ROWS_BLOCK``-element tiles (the tiles' maxima, then the codes), where one program per row streams its
+#: whole row alone (``activation.SPLIT_DYNAMIC_ROWS`` asks for it)
+SPLIT_ROWS_MAX_M = 16
+SPLIT_ROWS_MIN_K = 8192
+SPLIT_ROWS_BLOCK = 1024
+
+
+def split_rows(M: int, K: int) -> bool:
+    """Whether :func:`quantize_rows` computes dynamic scales of ``M`` rows of ``K`` over tiles (two launches)."""
+    return M <= SPLIT_ROWS_MAX_M and K >= SPLIT_ROWS_MIN_K
+
+
+def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None = None, split: bool = False):
     """Quantize the rows of ``x`` (..., K). Returns ``(codes, scale)``: codes like ``x`` in int8 or
     float8_e4m3fn; ``scale`` fp32 of shape ``x.shape[:-1] + (1,)`` (dynamic per-token), or ``None``
-    when ``static_scale`` (a one-element fp32 tensor) was given."""
+    when ``static_scale`` (a one-element fp32 tensor) was given. With ``split``, a dynamic scale for a few long
+    rows (:func:`split_rows`) is computed over tiles in two launches; the same codes and scales."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -640,7 +682,13 @@ def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None 
     s = None if static else torch.empty((M,), device=x.device, dtype=torch.float32)
     block = min(4096, max(128, 1 << (K - 1).bit_length()))
     qmax = FP8_MAX if fp8 else 127.0
-    if M:
+    if M and split and not static and split_rows(M, K):
+        t = triton.cdiv(K, SPLIT_ROWS_BLOCK)
+        amax = torch.empty((M, t), device=x.device, dtype=torch.float32)
+        tile_amax_kernel[(M, t)](x2, amax, K, x2.stride(0), t, BLOCK=SPLIT_ROWS_BLOCK, num_warps=4)
+        tile_quant_kernel[(M, t)](x2, q, s, amax, K, x2.stride(0), K, t, T_PAD=max(2, 1 << (t - 1).bit_length()),
+                                  QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, BLOCK=SPLIT_ROWS_BLOCK, num_warps=4)
+    elif M:
         quant_rows_kernel[(M,)](x2, q, s if s is not None else q, static_scale if static else q, K, x2.stride(0), K,
                               QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, STATIC=static, BLOCK=block,
                               num_warps=4 if block <= 1024 else 8)

@@ -93,7 +93,8 @@ def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False):
     if hadamard:
         x = _hadamard(x)
     if fast and (qt := triton_kernels(x.device, "quant_rows")) is not None:
-        return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8), lambda: _dynamic_torch(x, spec))
+        split = _split_rows(x)
+        return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8, split=split), lambda: _dynamic_torch(x, spec))
     return _dynamic_torch(x, spec)
 
 
@@ -163,9 +164,33 @@ def _fused_under_compile(x: torch.Tensor, hadamard: bool, static: bool = False) 
     return hadamard and _fused_hadamard_quantize(x, static) is not None
 
 
+#: per-token dynamic scales of a few long rows (``quant_triton.split_rows``: the 14336-wide down_proj input at
+#: decode) from ``quantize_rows(split=True)``: two launches over tiles, also under ``torch.compile`` (one custom-op
+#: call) where Inductor would fuse the quantization into the SiLU·mul kernel as three kernels, 5.0 us per decode
+#: layer on the H200 (results/decode_profile_split_reductions.json). Same codes. Off: not timed yet
+#: (``generate_gpu.py --ab graphquant.lowering.activation.SPLIT_DYNAMIC_ROWS=1``)
+SPLIT_DYNAMIC_ROWS = False
+
+
+def _split_rows(x: torch.Tensor) -> bool:
+    if not SPLIT_DYNAMIC_ROWS or not x.is_cuda or not x.dim():
+        return False
+    from ..kernels.quant_triton import SPLIT_ROWS_MAX_M, SPLIT_ROWS_MIN_K
+
+    return x.numel() // max(x.shape[-1], 1) <= SPLIT_ROWS_MAX_M and x.shape[-1] >= SPLIT_ROWS_MIN_K
+
+
+def _split_under_compile(x: torch.Tensor, hadamard: bool) -> bool:
+    """Whether a per-token dynamic quantization of a few long rows runs the split kernels (one custom-op call)
+    under compile instead of being traced for Inductor (``SPLIT_DYNAMIC_ROWS``)."""
+    return not hadamard and _split_rows(x)
+
+
 def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False):
     """(codes, scale) for a dynamic activation quantizer; see the module docstring."""
     kind = _inline_spec(spec) if torch.compiler.is_compiling() and not _fused_under_compile(x, hadamard) else None
+    if kind is not None and kind[1] and _split_under_compile(x, hadamard):  # per token, few long rows
+        kind = None
     if kind is None:
         return torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard)
     fp8, per_token = kind
