@@ -123,7 +123,7 @@ def _times(table: dict) -> str:
 
 def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
     """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel, its plan's
-    launch shape and the ``FUSED_LAUNCHES``; for a static scale at up to ``FEW_ROWS`` rows also the tiled
+    launch shape and the ``FUSED_LAUNCHES``; at up to ``FEW_ROWS`` rows also the tiled
     kernel with the quantization in its epilogue) and of the transform then ``quantize_rows`` (two; the transform
     with its plan and, for up to 64 rows, the ``few_row_plans``), for int8 / fp8 codes, dynamic per row and
     static; codes and scales must be equal everywhere."""
