@@ -28,7 +28,7 @@ Kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n 
     * ``hadamard_quantize`` (QuaRot's R4 and the activation quantizer after it): the persistent kernels
       store codes and per-row scales instead of the transform; at most ``FEW_ROWS`` rows (decode) the tiled
       kernel does, under a static scale per tile, or for a dynamic per-row scale by storing its rounded tile
-      and the tile's maximum for ``_tile_quantize_kernel`` to quantize (two small launches).
+      and the tile's maximum for ``quant_triton.tile_quant_kernel`` to quantize (two small launches).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes
+from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes, tile_quant_kernel
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan",
            "few_rows_plan", "FEW_ROWS"]
@@ -134,8 +134,8 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     * ``STATIC``: under the scale at ``s_in_ptr``; a tile needs no other tile's values.
     * dynamic (a per-row scale, which needs the whole row): it stores the tile, rounded to the activation
       dtype, to the workspace ``ws_ptr`` (``rows × M0·N``) and the tile's absolute maximum to
-      ``amax_ptr[row, tile]``; ``_tile_quantize_kernel`` (a second launch, one program per tile) then
-      quantizes the tiles under their row's scale. (Quantizing the row in the row's last program instead
+      ``amax_ptr[row, tile]``; ``quant_triton.tile_quant_kernel`` (a second launch, one program per tile:
+      a tile is ``BM·N`` consecutive elements of the row) then quantizes the tiles under their row's scale. (Quantizing the row in the row's last program instead
       measured far slower: about +28 us per Llama-3-8B decode layer on the H200,
       benchmarks/results/generate_gpu_dynamic_r4_last_program_tried.json.)"""
     N: tl.constexpr = D1 * D2
@@ -184,23 +184,6 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
         tl.store(ws_ptr + tile_off, y, mask=in_rows)
         tl.store(amax_ptr + row * NT + tile, tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0),
                                                             axis=1), axis=0))
-
-
-@triton.jit
-def _tile_quantize_kernel(ws_ptr, q_ptr, s_ptr, amax_ptr, M0, N: tl.constexpr, BM: tl.constexpr, NT: tl.constexpr,
-                          NT_PAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr):
-    """The dynamic few-rows epilogue's second launch (see ``_factored_kernel``): tile ``pid % NT`` of row
-    ``pid // NT`` quantized under the row's scale, from the tiles' maxima (tile 0 stores the scale)."""
-    pid = tl.program_id(0)
-    row = pid // NT
-    tile = pid % NT
-    tiles = tl.arange(0, NT_PAD)
-    amax = tl.max(tl.load(amax_ptr + row * NT + tiles, mask=tiles < NT, other=0.0), axis=0)
-    offs_m = tile * BM + tl.arange(0, BM)
-    off = row.to(tl.int64) * M0 * N + offs_m[:, None] * N + tl.arange(0, N)[None, :]
-    ok = offs_m[:, None] < M0
-    y = tl.load(ws_ptr + off, mask=ok, other=0.0)
-    _quantize_store(y, ok, amax, q_ptr + off, s_ptr, s_ptr, row, tile == 0, QUANT, False, QMAX, RCP)
 
 
 @triton.jit
@@ -596,7 +579,7 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
                   s_in: Optional[torch.Tensor] = None, quant: Optional[dict] = None,
                   sq: Optional[torch.Tensor] = None) -> None:
     """The tiled kernels; with ``quant`` (a factored plan only) ``y`` receives codes under the static scale
-    ``s_in``, or, without one, the per-row scales go to ``sq`` (at most ``FEW_ROWS`` rows)."""
+    ``s_in``, or, without one, the per-row scales go to ``sq`` (a second launch quantizes the tiles)."""
     quant = quant or {}
     rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
@@ -616,8 +599,6 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
     dynamic = bool(quant) and s_in is None
     ws = amax = x2
     if dynamic:
-        if rows > FEW_ROWS:
-            raise ValueError(f"the tiled kernel's dynamic-scale epilogue takes at most {FEW_ROWS} rows, got {rows}")
         ws = torch.empty_like(x2)
         amax = torch.empty((rows, p.NT), dtype=torch.float32, device=x2.device)
         quant = dict(quant, STATIC=False)
@@ -626,7 +607,7 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
         NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
         IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
         num_warps=p.num_warps, **quant)
-    if dynamic:
-        _tile_quantize_kernel[(rows * p.NT,)](ws, y, sq, amax, p.M0, N=p.D1 * p.D2, BM=p.BM, NT=p.NT,
-                                              NT_PAD=_pow2_at_least(p.NT, 1), QUANT=quant["QUANT"], QMAX=quant["QMAX"],
-                                              RCP=quant["RCP"], num_warps=p.num_warps)
+    if dynamic:  # a tile of the (M0, N) view is BM·N consecutive elements of its row
+        tile_quant_kernel[(rows, p.NT)](ws, y, sq, amax, n, n, n, p.NT, T_PAD=_pow2_at_least(p.NT, 2),
+                                        QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,
+                                        BLOCK=p.BM * p.D1 * p.D2, num_warps=p.num_warps)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_triton import scale_rows_cols
+
 #: the launch options used when none are given: a common Hopper 8-bit tile (128 x 256 output, K steps of 128,
 #: 3 stages: 144 KiB of shared memory) with grouped ordering of the output tiles for L2 reuse
 DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -63,17 +65,7 @@ def int8_gemm_kernel(A, B, SA, SW, BIAS, C, M, N, K, stride_am, stride_bn, strid
 
     m_ok = rm < M
     n_ok = rn < N
-    out = acc.to(tl.float32)  # quant_triton.scale_epilogue_kernel's operations, in its order
-    if SA_ROW:
-        out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
-    else:
-        out = out * tl.load(SA)
-    if SW_COL:
-        out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
-    else:
-        out = out * tl.load(SW)
-    if HAS_BIAS:
-        out = out + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = scale_rows_cols(acc, rm, rn, m_ok, n_ok, SA, SW, BIAS, SA_ROW, SW_COL, HAS_BIAS)
     c_ptrs = C + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 

@@ -590,7 +590,18 @@ def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
     n_ok = rn < N
     mask = m_ok[:, None] & n_ok[None, :]
     rm64 = rm.to(tl.int64)
-    out = tl.load(ACC + rm64[:, None] * stride_am + rn[None, :], mask=mask, other=0).to(tl.float32)
+    acc = tl.load(ACC + rm64[:, None] * stride_am + rn[None, :], mask=mask, other=0)
+    out = scale_rows_cols(acc, rm, rn, m_ok, n_ok, SA, SW, BIAS, SA_ROW, SW_COL, HAS_BIAS)
+    tl.store(C + rm64[:, None] * stride_cm + rn[None, :], out.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_rows_cols(acc, rm, rn, m_ok, n_ok, SA, SW, BIAS, SA_ROW: tl.constexpr, SW_COL: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    """The W8A8 scale epilogue on an integer tile: ``fp32(acc) * SA[rm] * SW[rn] (+ BIAS[rn])`` in that order
+    (``SA`` / ``SW``: one value unless ``SA_ROW`` / ``SW_COL``). Shared by ``scale_epilogue_kernel`` and
+    ``int8_gemm``, whose results are then bit for bit equal."""
+    out = acc.to(tl.float32)
     if SA_ROW:
         out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
     else:
@@ -601,7 +612,7 @@ def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
         out = out * tl.load(SW)
     if HAS_BIAS:
         out = out + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + rm64[:, None] * stride_cm + rn[None, :], out.to(C.dtype.element_ty), mask=mask)
+    return out
 
 @triton.jit
 def dequant_kernel(B, SW, ZW, W, N, K, GROUP, stride_bn, stride_sw,

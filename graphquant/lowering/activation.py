@@ -175,9 +175,9 @@ SPLIT_DYNAMIC_ROWS = False
 def _split_rows(x: torch.Tensor) -> bool:
     if not SPLIT_DYNAMIC_ROWS or not x.is_cuda or not x.dim():
         return False
-    from ..kernels.quant_triton import SPLIT_ROWS_MAX_M, SPLIT_ROWS_MIN_K
+    from ..kernels.quant_triton import split_rows
 
-    return x.numel() // max(x.shape[-1], 1) <= SPLIT_ROWS_MAX_M and x.shape[-1] >= SPLIT_ROWS_MIN_K
+    return split_rows(x.numel() // max(x.shape[-1], 1), x.shape[-1])
 
 
 def _split_under_compile(x: torch.Tensor, hadamard: bool) -> bool:
