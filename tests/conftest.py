@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,17 @@ def shared_dir() -> Path:
     if d is None:
         pytest.skip("shared data folder not found (set GRAPHQUANT_SHARED or put it at ../shared)")
     return d
+
+
+def run_in_triton_interpreter(script: str, timeout: float = 900) -> str:
+    """``script`` run by a fresh Python with ``TRITON_INTERPRET=1`` (Triton kernels on CPU tensors; the env var
+    must be set before Triton is imported, hence the subprocess); skips without Triton, fails with the script's
+    output unless it exits 0; returns its stdout."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
 
 
 def hadamard_module():

@@ -41,6 +41,19 @@ def _case(kind, M, N, K, zero, g):
     return op, a @ W.t() + bias.float()
 
 
+def eager_and_graphed(run, calls: int = 3) -> list:
+    """``run()``'s results from ``calls`` eager calls, then from a CUDA graph captured once and replayed
+    ``calls`` times (launch after launch, and replay after replay, must give the same results)."""
+    outs = [run() for _ in range(calls)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = run()
+    for _ in range(calls):
+        graph.replay()
+    torch.cuda.synchronize()
+    return outs + [graphed]
+
+
 def _every_config_matches(kernel, kind, M, N, K, configs, seed):
     """``kernel(**op, out_dtype=fp32, config=cfg)`` within 2e-5 of the fp32 reference for each config (and each
     zero-point option of int4); returns the last case's operands."""
@@ -148,17 +161,11 @@ def test_last_split_sums_equal_the_split_sum_launch(kind, M, monkeypatch):
         cfg = (dict(BLOCK_N=32, BLOCK_Q=128, SPLIT_K=4, num_warps=4) if kernel is QT.gemv_packed
                else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3))
         run = lambda: kernel(**op, out_dtype=torch.bfloat16, config=cfg)  # noqa: E731
-        outs = [run() for _ in range(3)]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            graphed = run()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
+        outs = eager_and_graphed(run)
         monkeypatch.setattr(QT, "LAST_SPLIT_SUMS", False)
         want = run()
         monkeypatch.setattr(QT, "LAST_SPLIT_SUMS", True)
-        for out in outs + [graphed]:
+        for out in outs:
             assert torch.equal(out, want), (kernel.__name__, kind, M)
         assert int(QT.tile_counters(want.device, 1).abs().sum()) == 0
 
@@ -205,17 +212,11 @@ def test_few_rows_epilogue_and_its_switches(n, fp8, static, rows, monkeypatch):
         return (out, None) if static else out
 
     assert A._fused_hadamard_quantize(x, static=static) is HT.hadamard_quantize
-    one = [run() for _ in range(3)]
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        graphed = run()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
+    one = eager_and_graphed(run)
     monkeypatch.setattr(A, switch, False)
     assert A._fused_hadamard_quantize(x, static=static) is None
     two = run()
-    for q, s in one + [graphed]:
+    for q, s in one:
         assert torch.equal(q.view(torch.int8), two[0].view(torch.int8))
         assert static or torch.equal(s, two[1])
     big = torch.randn(HT.FEW_ROWS + 1, n, device="cuda", dtype=torch.bfloat16)

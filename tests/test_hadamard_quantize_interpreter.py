@@ -6,14 +6,7 @@ launch. The GPU test
 (``tests/test_decode_kernels_gpu.py``) checks the same against fake-quant on the H200, CUDA graphs included."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_in_triton_interpreter
 
 _CHECK = r"""
 import torch
@@ -42,8 +35,4 @@ print("checked", checked)
 
 
 def test_few_rows_epilogue_gives_the_two_ops_codes():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "checked 32" in run.stdout
+    assert "checked 32" in run_in_triton_interpreter(_CHECK)

@@ -6,14 +6,7 @@ test checks bf16 on the H200). ``int8_mm.int8_linear`` routes prefill-sized prod
 ``PREFILL_TRITON`` is set."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_in_triton_interpreter
 
 _CHECK = r"""
 import torch
@@ -38,8 +31,4 @@ print("checked", checked)
 
 
 def test_int8_gemm_equals_int_mm_and_the_scale_epilogue():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "checked 24" in run.stdout
+    assert "checked 24" in run_in_triton_interpreter(_CHECK)

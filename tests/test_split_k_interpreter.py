@@ -7,14 +7,7 @@ subprocess); kernels this Triton's interpreter cannot run (``gemv_packed``'s mas
 and skipped, the others must pass."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_in_triton_interpreter
 
 _CHECK = r"""
 import itertools, torch
@@ -108,8 +101,4 @@ print("checked", checked, "skipped", sorted(skipped))
 
 
 def test_split_k_partials_add_up_to_the_one_split_result():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "checked" in run.stdout
+    assert "checked" in run_in_triton_interpreter(_CHECK)

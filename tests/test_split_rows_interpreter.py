@@ -4,14 +4,7 @@ Triton's CPU interpreter (a subprocess): the codes and scales of the one-program
 for row lengths that are and are not a multiple of the tile; rows outside the size rule keep that kernel."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_in_triton_interpreter
 
 _CHECK = r"""
 import torch
@@ -33,8 +26,4 @@ print("checked", checked)
 
 
 def test_split_rows_give_the_one_program_per_row_codes():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "checked 12" in run.stdout
+    assert "checked 12" in run_in_triton_interpreter(_CHECK)
