@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from generate_gpu import write_json  # noqa: E402
+from hadamard_gpu import bench_graph  # noqa: E402
 
 SHAPES = {"q|k|v": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
 CONFIGS = [
@@ -34,12 +35,6 @@ CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
 ]
-
-
-def bench_graph(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
 def describe(cfg: dict) -> str:
