@@ -176,15 +176,18 @@ def test_ab_switch_twins_each_graphquant_row(bench, monkeypatch):
     switch set (and the old value back afterwards); a QuaRot twin's overhead is over the twin without QuaRot."""
     from graphquant.kernels import int8_mm
 
-    vs = bench.select_variants(["int8"], who=("graphquant",), ab=("graphquant.kernels.int8_mm.PREFILL_TRITON=1",))
-    assert [v.name for v in vs] == ["bf16", "bf16 + decode attention", "int8 W8A8", "int8 W8A8 [PREFILL_TRITON=1]",
-                                    "int8 W8A8 + QuaRot", "int8 W8A8 + QuaRot [PREFILL_TRITON=1]"]
+    default = int8_mm.PREFILL_TRITON
+    flip = int(not default)
+    vs = bench.select_variants(["int8"], who=("graphquant",),
+                               ab=(f"graphquant.kernels.int8_mm.PREFILL_TRITON={flip}",))
+    assert [v.name for v in vs] == ["bf16", "bf16 + decode attention", "int8 W8A8", f"int8 W8A8 [PREFILL_TRITON={flip}]",
+                                    "int8 W8A8 + QuaRot", f"int8 W8A8 + QuaRot [PREFILL_TRITON={flip}]"]
     seen = []
     monkeypatch.setattr(bench, "_run_variant", lambda model, v, setup, calib, r: seen.append(
         int8_mm.PREFILL_TRITON) or r)
     for v in vs[2:4]:
         assert bench.run_variant(None, v, bench.SMOKE, None)["switch"] == v.switch
-    assert seen == [False, 1] and int8_mm.PREFILL_TRITON is False
+    assert seen == [default, flip] and int8_mm.PREFILL_TRITON is default
     assert bench.parse_switch("a.b.C=true") == ("a.b", "C", True)
     for bad in ("PREFILL_TRITON=1", "graphquant.kernels.int8_mm.PREFILL_TRITON=not a literal"):
         with pytest.raises(SystemExit):

@@ -11,8 +11,8 @@ W8A8        M <= ``SKINNY_M``: the decode kernel         ``torch._int_mm`` + fp3
             int8 tensor-core dot, split-K); else
             ``torch._int_mm`` (cuBLASLt) + Triton
             scale epilogue, or with
-            ``PREFILL_TRITON`` one Triton kernel
-            (``int8_gemm``, scales fused)
+            ``PREFILL_TRITON`` (Hopper) one Triton
+            kernel (``int8_gemm``, scales fused)
 W8A16       M <= ``WEIGHT_ONLY_M``: the decode kernel    ``aten._weight_int8pack_mm``
             (``gemv`` / ``gemv_packed`` on CUDA cores,
             or ``wq_mm``: codes dequantized in
@@ -34,9 +34,11 @@ import torch.nn.functional as F
 
 SKINNY_M = 16  # W8A8 rows handled by the Triton decode kernels on CUDA (above: cuBLASLt)
 #: above ``SKINNY_M`` rows on CUDA, W8A8 runs ``int8_gemm.int8_gemm`` (one Triton kernel, scales fused; bit for
-#: bit the result of ``torch._int_mm`` + the scale epilogue) instead of those two. Off: not yet timed on a GPU
-#: (``benchmarks/int8_prefill_gpu.py`` compares them)
-PREFILL_TRITON = False
+#: bit the result of ``torch._int_mm`` + the scale epilogue) instead of those two. On the H200
+#: (``benchmarks/int8_prefill_gpu.py``, results/int8_prefill_gpu.json; 16384 rows of the Llama-3-8B projections):
+#: 6.75 ms for one layer's four products against 9.28 ms (``_int_mm`` + epilogue; bf16 10.72, fp8 6.07); the
+#: 2-layer prefill 8x2048 per layer 11.05 -> 8.82 ms (results/generate_gpu_ab_switches.json)
+PREFILL_TRITON = True
 WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton decode kernels (above: dequantize + cuBLAS)
 
 _FAILED: set[str] = set()
@@ -62,12 +64,22 @@ def triton_kernels(device: torch.device, name: str = ""):
 
 
 def _int8_gemm(device: torch.device):
-    """``graphquant.kernels.int8_gemm.int8_gemm`` when it can run on ``device``, else None."""
-    if triton_kernels(device, "int8_gemm") is None:
+    """``graphquant.kernels.int8_gemm.int8_gemm`` when it can run on ``device`` (a Hopper GPU: its tile needs
+    144 KiB of shared memory and was measured there), else None."""
+    if triton_kernels(device, "int8_gemm") is None or not _hopper(device):
         return None
     from .int8_gemm import int8_gemm
 
     return int8_gemm
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _hopper(device: torch.device) -> bool:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] == 9
 
 
 def guarded(name: str, fast, fallback):
