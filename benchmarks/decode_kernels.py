@@ -13,7 +13,7 @@ For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144
 int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every option of the decode kernels
 in ``graphquant.kernels.quant_triton`` (``gemv`` and ``gemv_packed`` on CUDA cores at M = 1; ``wq_mm``, the
 W8A8 tensor-core kernel, which dequantizes weight-only codes in registers; ``w4_mma``, W4A16 on tensor cores
-with the weight as the left operand; ``sliced``, W8A16 and W4A16 on the int8 tensor cores through int8 slices of the
+with the weight as the left operand; ``sliced``, W8A16 on the int8 tensor cores through int8 slices of the
 activation, ``graphquant.kernels.sliced_mm``), each checked against an
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
@@ -88,12 +88,10 @@ def mma_options(kind: str):
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
 
 
-def sliced_options(kind: str, quick: bool = False):
-    """``sliced_mm`` tiles (weight-only through int8 slices of the activation): the W8A8 int8 kernel's
-    neighbourhood; W4A16 steps one group at a time (no K tile). ``quick``: 256-deep K tiles, 3 stages."""
+def sliced_options(quick: bool = False):
+    """``sliced_mm`` tiles (W8A16 through int8 slices of the activation): the W8A8 int8 kernel's neighbourhood.
+    ``quick``: 256-deep K tiles, 3 stages."""
     bks, stages = ((256,), (3,)) if quick else ((128, 256), (3, 4))
-    if kind == "W4A16":
-        bks = (GROUP,)
     for bn, bk, split, st in itertools.product((64, 128), bks, (1, 2, 4), stages):
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=st)
 
@@ -134,10 +132,9 @@ def gemlite_reference(op, ref) -> dict:
         return {"gemlite_error": f"{type(e).__name__}: {str(e)[:160]}"}
 
 
-def sliced(a, w, w_scale, w_kind, out_dtype, config, group=0, w_zero=None):
+def sliced(a, w, w_scale, w_kind, out_dtype, config):
     """``sliced_mm`` with the sweep's calling convention."""
-    return SL.sliced_mm(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, group=group, out_dtype=out_dtype,
-                        config=config)
+    return SL.sliced_mm(a, w, w_scale, out_dtype=out_dtype, config=config)
 
 
 def bf16_us(N, K, dev):
@@ -224,7 +221,7 @@ def main():
                 impls = (["gemv"] if M == 1 else []) + ["wq_mm"]
                 if M == 1 and kind in ("W8A16", "W4A16"):
                     impls.append("gemv_packed")
-                if kind in ("W8A16", "W4A16") and M <= SL.MAX_M:
+                if kind == "W8A16" and M <= SL.MAX_M:
                     impls.append("sliced")
                 if kind == "W4A16":
                     impls.append("w4_mma")
@@ -233,7 +230,7 @@ def main():
                     opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
                             "gemv_packed": lambda: packed_options(kind, args.quick),
                             "w4_mma": lambda: w4_mma_options(args.quick),
-                            "sliced": lambda: sliced_options(kind, args.quick)}[impl]()
+                            "sliced": lambda: sliced_options(args.quick)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break

@@ -30,29 +30,13 @@ import triton
 import triton.language as tl
 
 from .quant_triton import (_bias, _last_split_sums, _split_outputs, _split_range, _split_rows, _sm_count,
-                           _tuned, _device_name, m_bucket, split_sum, A_INT8, W_INT4, W_INT8)
+                           _tuned, _device_name, m_bucket, split_sum, A_INT8, W_INT8)
 
 SLICES = 4
 #: at most this many activation rows go through :func:`sliced_mm` (``BLOCK_M * SLICES`` rows of slices per dot)
 MAX_M = 16
-#: route W8A16 / W4A16 decode products (M <= ``MAX_M``) through :func:`sliced_mm` (``decode_mm``); off: not yet
-#: timed on a GPU
-W8A16 = False
-W4A16 = False
-
-
-def takes(w_kind: int, M: int, K: int, group: int = 0) -> bool:
-    """Whether :func:`sliced_mm` computes this product (else it returns None)."""
-    if not 0 < M <= MAX_M:
-        return False
-    if w_kind == W_INT4:
-        return group % 32 == 0 and 0 < group <= 512 and K % group == 0
-    return w_kind == W_INT8
-
-
-def enabled(w_kind: int) -> bool:
-    """Whether ``decode_mm`` routes this weight kind's float-activation products here."""
-    return W8A16 if w_kind == W_INT8 else W4A16 if w_kind == W_INT4 else False
+#: route W8A16 decode products (M <= ``MAX_M``) through :func:`sliced_mm`; off: not yet timed on a GPU
+ENABLED = False
 
 _ROUND: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + _ROUND) - _ROUND rounds |v| < 2^22 half-even
 
@@ -128,59 +112,6 @@ def sliced_mm_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_b
         _last_split_sums(C, OUT, COUNT, pid_n, rm, rn, M, N, stride_cm, SPLIT_K)
 
 
-@triton.jit
-def sliced_w4_mm_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm, stride_sw,
-                        GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
-                        PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        LAST_SUMS: tl.constexpr = False):
-    """W4A16 the same way: ``C = A @ W.T (+ BIAS)`` with ``W[n, k] = (u[n, k] - z[n, g]) * SW[n, g]`` (``u`` the
-    unsigned nibbles of B (N, K/2), low nibble = even column; ``z`` from ZW, 8 without it; ``g = k // GROUP``).
-    One loop step is one group: the codes ``u - z`` (in [-15, 15]) are int8 operands as they are, the low
-    nibbles meeting the slices of the even activation columns and the high nibbles those of the odd ones in two
-    int8 dots; the group's int32 product is scaled by the group scale into an fp32 accumulator."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    m_ok = rm < M
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    HALF: tl.constexpr = GROUP // 2
-    rh = tl.arange(0, HALF)
-    g_lo, g_hi = _split_range(pid_k, tl.cdiv(K, GROUP), SPLIT_K, 1)
-    a_even = A + rm.to(tl.int64)[:, None] * stride_am + 2 * rh[None, :]
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for g in range(g_lo, g_hi):
-        xe = tl.load(a_even + g * GROUP, mask=m_ok[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(a_even + (g * GROUP + 1), mask=m_ok[:, None], other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1)))
-    e0 = tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 5, 22)
-    b_ptrs = B + rn[None, :].to(tl.int64) * stride_bn + rh[:, None]
-    s_ptrs = SW + rn.to(tl.int64) * stride_sw
-    acc = tl.zeros((4 * BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(g_lo, g_hi):
-        xe = tl.load(a_even + g * GROUP, mask=m_ok[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(a_even + (g * GROUP + 1), mask=m_ok[:, None], other=0.0).to(tl.float32)
-        p = tl.load(b_ptrs + g * HALF, mask=n_ok[None, :], other=0)
-        if HAS_ZERO:
-            z = tl.load(ZW + rn.to(tl.int64) * stride_sw + g, mask=n_ok, other=8).to(tl.int32)[None, :]
-        else:
-            z = 8
-        lo = ((p & 0xF).to(tl.int32) - z).to(tl.int8)
-        hi = ((p >> 4).to(tl.int32) - z).to(tl.int8)
-        part = tl.dot(_slices(xe, e0, BLOCK_M, HALF), lo, out_dtype=tl.int32)
-        part = tl.dot(_slices(xo, e0, BLOCK_M, HALF), hi, part, out_dtype=tl.int32)
-        acc += part.to(tl.float32) * tl.load(s_ptrs + g, mask=n_ok, other=0.0)[None, :]
-    e = tl.join(tl.join(e0, e0 - 7), tl.join(e0 - 14, e0 - 21))
-    scale = _pow2(tl.reshape(tl.permute(e, (2, 1, 0)), (4 * BLOCK_M,)))
-    out = tl.sum(tl.reshape(acc * scale[:, None], (4, BLOCK_M, BLOCK_N)), axis=0)
-    if HAS_BIAS:
-        out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
-    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    if LAST_SUMS:
-        _last_split_sums(C, OUT, COUNT, pid_n, rm, rn, M, N, stride_cm, SPLIT_K)
-
-
 def _config(M: int, N: int, K: int, device, cfg: dict | None) -> dict:
     """Tile options: ``cfg`` completed, else the W8A8 int8 kernel's measured tiles for this shape at
     ``SLICES * M`` rows (the same dot), else 64 columns x 256-deep K tiles with split-K up to 2 programs per SM."""
@@ -206,14 +137,12 @@ def _config(M: int, N: int, K: int, device, cfg: dict | None) -> dict:
     return out
 
 
-def sliced_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT8, w_zero=None,
-              group: int = 0, bias=None, out_dtype=None, config: dict | None = None) -> torch.Tensor | None:
-    """``a (M, K) float @ dequant(w).T (+ bias)`` on int8 tensor cores through slices of ``a``. ``w``: int8 (N, K)
-    with ``w_scale`` one or one per output channel (``W_INT8``), or int4 nibble-packed (N, K/2) with ``w_scale``
-    / ``w_zero`` (N, K/group) (``W_INT4``). None when it does not apply: more than ``MAX_M`` rows, another weight
-    kind, a group size that is not a multiple of 32 or does not divide K."""
+def sliced_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, bias=None, out_dtype=None,
+              config: dict | None = None) -> torch.Tensor | None:
+    """``a (M, K) float @ (w * w_scale).T (+ bias)`` for int8 ``w`` (N, K) and ``w_scale`` (one, or one per
+    output channel): the product on int8 tensor cores through slices of ``a``; None when ``M > MAX_M``."""
     M, K = a.shape
-    if not takes(w_kind, M, K, group) or a.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if M > MAX_M or M == 0:
         return None
     N = w.shape[0]
     out_dtype = out_dtype or a.dtype
@@ -221,16 +150,7 @@ def sliced_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     split = cfg["SPLIT_K"]
     grid = (-(-N // cfg["BLOCK_N"]), split)
     c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
-    dummy = w_scale
-    if w_kind == W_INT4:
-        cfg.pop("BLOCK_K", None)
-        sliced_w4_mm_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else dummy,
-                                  bias if bias is not None else dummy, c, out, count, M, N, K, a.stride(0),
-                                  w.stride(0), c.stride(-2), w_scale.stride(0), GROUP=group,
-                                  HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, PARTIAL=split > 1,
-                                  LAST_SUMS=last, **cfg)
-    else:
-        sliced_mm_kernel[grid](a, w, w_scale, bias if bias is not None else dummy, c, out, count, M, N, K,
-                               a.stride(0), w.stride(0), c.stride(-2), W_SCALE=1 if w_scale.numel() > 1 else 0,
-                               HAS_BIAS=bias is not None, PARTIAL=split > 1, LAST_SUMS=last, **cfg)
+    sliced_mm_kernel[grid](a, w, w_scale, bias if bias is not None else w_scale, c, out, count, M, N, K,
+                           a.stride(0), w.stride(0), c.stride(-2), W_SCALE=1 if w_scale.numel() > 1 else 0,
+                           HAS_BIAS=bias is not None, PARTIAL=split > 1, LAST_SUMS=last, **cfg)
     return out if last else split_sum(c, out_dtype)
