@@ -13,8 +13,7 @@ For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144
 int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every option of the decode kernels
 in ``graphquant.kernels.quant_triton`` (``gemv`` and ``gemv_packed`` on CUDA cores at M = 1; ``wq_mm``, the
 W8A8 tensor-core kernel, which dequantizes weight-only codes in registers; ``w4_mma``, W4A16 on tensor cores
-with the weight as the left operand; ``sliced``, W8A16 on the int8 tensor cores through int8 slices of the
-activation, ``graphquant.kernels.sliced_mm``), each checked against an
+with the weight as the left operand), each checked against an
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
@@ -37,7 +36,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from graphquant.kernels import quant_triton as QT  # noqa: E402
-from graphquant.kernels import sliced_mm as SL  # noqa: E402
 
 from graphquant.timing import graph_us  # noqa: E402
 
@@ -88,14 +86,6 @@ def mma_options(kind: str):
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
 
 
-def sliced_options(quick: bool = False):
-    """``sliced_mm`` tiles (W8A16 through int8 slices of the activation): the W8A8 int8 kernel's neighbourhood.
-    ``quick``: 256-deep K tiles, 3 stages."""
-    bks, stages = ((256,), (3,)) if quick else ((128, 256), (3, 4))
-    for bn, bk, split, st in itertools.product((64, 128), bks, (1, 2, 4), stages):
-        yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=st)
-
-
 _GEMLITE: dict = {}
 
 
@@ -130,11 +120,6 @@ def gemlite_reference(op, ref) -> dict:
                 "gemlite_config": _GEMLITE["config"]}
     except Exception as e:  # noqa: BLE001 - a missing or failing library is recorded, the sweep goes on
         return {"gemlite_error": f"{type(e).__name__}: {str(e)[:160]}"}
-
-
-def sliced(a, w, w_scale, w_kind, out_dtype, config):
-    """``sliced_mm`` with the sweep's calling convention."""
-    return SL.sliced_mm(a, w, w_scale, out_dtype=out_dtype, config=config)
 
 
 def bf16_us(N, K, dev):
@@ -186,12 +171,12 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all of SHAPES)")
     ap.add_argument("--kinds", default="", help="comma-separated kinds (default: all of KINDS)")
     ap.add_argument("--impls", default="",
-                    help="comma-separated kernels: gemv, gemv_packed, w4_mma, wq_mm, sliced (default: all)")
+                    help="comma-separated kernels: gemv, gemv_packed, w4_mma, wq_mm (default: all)")
     ap.add_argument("--m", default="1,16", help="comma-separated M values")
     ap.add_argument("--gemlite", action="store_true",
                     help="also time gemlite's kernels on the W4A16 / W8A16 weights (its wheel on PYTHONPATH)")
     ap.add_argument("--quick", action="store_true",
-                    help="smaller option grids for gemv_packed, w4_mma and sliced (each option is one Triton compile)")
+                    help="smaller option grids for gemv_packed and w4_mma (each option is one Triton compile)")
     args = ap.parse_args()
     args.shapes, args.kinds, args.impls = ([v for v in a.split(",") if v] for a in (args.shapes, args.kinds, args.impls))
     args.m = [int(v) for v in args.m.split(",")]
@@ -221,21 +206,18 @@ def main():
                 impls = (["gemv"] if M == 1 else []) + ["wq_mm"]
                 if M == 1 and kind in ("W8A16", "W4A16"):
                     impls.append("gemv_packed")
-                if kind == "W8A16" and M <= SL.MAX_M:
-                    impls.append("sliced")
                 if kind == "W4A16":
                     impls.append("w4_mma")
                 impls = [i for i in impls if not args.impls or i in args.impls]
                 for impl in impls:
                     opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
                             "gemv_packed": lambda: packed_options(kind, args.quick),
-                            "w4_mma": lambda: w4_mma_options(args.quick),
-                            "sliced": lambda: sliced_options(args.quick)}[impl]()
+                            "w4_mma": lambda: w4_mma_options(args.quick)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
                         fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "gemv_packed": QT.gemv_packed,
-                              "w4_mma": QT.w4_mma, "sliced": sliced}[impl]
+                              "w4_mma": QT.w4_mma}[impl]
                         if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
                         try:

@@ -108,36 +108,6 @@ def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
     assert QT.w4_mma(op["a"].repeat(17, 1)[:17], op["w"], op["w_scale"], group=GROUP) is None
 
 
-@pytest.mark.parametrize("M", [1, 4, 16])
-@pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1544)])
-def test_sliced_w8a16_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
-    """W8A16 through int8 slices of the activation (``sliced_mm``): every tile option within 2e-5 of the fp32
-    reference, bit for bit the same launch after launch and under CUDA-graph replay (split-K's last-split sums),
-    and ``int8_weight_only_linear`` runs it when it is enabled."""
-    from graphquant.kernels import int8_mm
-    from graphquant.kernels import quant_triton as QT
-    from graphquant.kernels import sliced_mm as SL
-
-    def sliced(a, w, w_scale, w_kind, bias, out_dtype, config):
-        return SL.sliced_mm(a, w, w_scale, bias=bias, out_dtype=out_dtype, config=config)
-
-    configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
-                        for bn, bk, sk, st in [(64, 256, 1, 3), (128, 128, 4, 4), (64, 256, 3, 3)]]
-    op = _every_config_matches(sliced, "W8A16", M, N, K, configs, seed=M * 11 + N)
-    run = lambda: SL.sliced_mm(op["a"], op["w"], op["w_scale"], bias=op["bias"], out_dtype=torch.bfloat16,  # noqa: E731
-                               config=configs[-1])
-    outs = eager_and_graphed(run)
-    assert all(torch.equal(o, outs[0]) for o in outs)
-    monkeypatch.setattr(SL, "ENABLED", True)
-    calls = []
-    real = SL.sliced_mm
-    monkeypatch.setattr(SL, "sliced_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = int8_mm.int8_weight_only_linear(op["a"], op["w"], op["w_scale"], op["bias"])
-    assert calls and "decode_mm" not in int8_mm._FAILED
-    assert float((out.float() - run().float()).abs().max()) <= float(run().float().abs().max()) * 1e-2
-    assert QT.decode_choice(M, N, K, QT.A_FLOAT, QT.W_INT8, 0, out.device)[0] == "sliced"
-
-
 def test_linear_entry_points_use_the_decode_kernels():
     """The int8 / fp8 / int4 linears route decode-sized M to ``decode_mm`` without falling back."""
     from graphquant.kernels import fp8_mm, int4_mm, int8_mm

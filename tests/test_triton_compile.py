@@ -138,13 +138,6 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                                 raise AssertionError("w4_mma refused the operands")
 
                         _call(errors, f"w4_mma {w_kind} M={M} prefetch={prefetch} split={split}", w4_mma)
-    from graphquant.kernels import sliced_mm as SL  # W8A16 through int8 slices of the activation
-
-    for M, split in ((1, 1), (3, 2), (16, 4)):
-        op = {**_activation("float", M, K), **_weight("int8", N, K)}
-        _call(errors, f"sliced_mm M={M} split={split}",
-              lambda: SL.sliced_mm(op["a"], op["w"], op["w_scale"], bias=torch.randn(N, dtype=BF), out_dtype=BF,
-                                   config=dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=split, num_warps=4, num_stages=3)))
     from graphquant.kernels.int8_gemm import int8_gemm  # prefill W8A8, its default Hopper tile
 
     a, w = torch.randint(-127, 128, (300, K), dtype=torch.int8), torch.randint(-127, 128, (N, K), dtype=torch.int8)

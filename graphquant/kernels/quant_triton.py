@@ -856,23 +856,12 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     has the least fixed cost); else ``wq_mm`` (tensor cores; W8A8 codes go in as they are, weight-only
     codes are dequantized in registers). The table may also name ``w4_mma`` (W4A16 up to 16 rows; on the H200
     it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
-    not pick it, as it is measured on the H200 only. W8A16 runs ``sliced`` (``sliced_mm``: the activation
-    cut into int8 slices for the int8 tensor cores) up to ``sliced_mm.MAX_M`` rows when ``sliced_mm.ENABLED``,
-    with the table's options where it names "sliced"; when off, a "sliced" entry is passed over."""
+    not pick it, as it is measured on the H200 only."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     key = (a_kind, w_kind, N, K, m_bucket(M))
     cfg = _tuned(_device_name(idx)).get(key)
-    if a_kind == A_FLOAT and w_kind == W_INT8:
-        from . import sliced_mm
-
-        sliced = sliced_mm.ENABLED and M <= sliced_mm.MAX_M
-        if sliced:
-            return "sliced", {k: v for k, v in (cfg or {}).items() if k not in ("us", "impl")} \
-                if (cfg or {}).get("impl") == "sliced" else {}
-        if (cfg or {}).get("impl") == "sliced":
-            cfg = None
     if cfg is not None:
         cfg = {k: v for k, v in cfg.items() if k != "us"}
         return cfg.pop("impl", "gemv"), cfg
@@ -895,10 +884,6 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     if choice is None:
         return None
     impl, cfg = choice
-    if impl == "sliced":
-        from .sliced_mm import sliced_mm
-
-        return sliced_mm(a, w, w_scale, bias=bias, out_dtype=out_dtype, config=cfg or None)
     if impl == "tinygemm":  # torch's kernel runs where the caller holds its layout (QuantLinear); else ours
         impl, cfg = "gemv_packed", {}
     if impl == "w4_mma":
