@@ -777,7 +777,7 @@ def merge(paths: list[str]) -> dict:
     docs = [json.loads(Path(p).read_text()) for p in paths]
     out = {k: v for k, v in docs[0].items() if k not in ("rows", "targets", "raw")}
     out["merged_from"] = [str(p) for p in paths]
-    out["notes"] = [n for d in docs for n in d.get("notes", [])]
+    out["notes"] = list(dict.fromkeys(n for d in docs for n in d.get("notes", [])))  # each once, in order
     raw: dict = {}
     for i, d in enumerate(docs):
         if d.get("layers") != out.get("layers"):
