@@ -108,6 +108,36 @@ def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
     assert QT.w4_mma(op["a"].repeat(17, 1)[:17], op["w"], op["w_scale"], group=GROUP) is None
 
 
+@pytest.mark.parametrize("M", [1, 5, 16, 40])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1544)])
+def test_w8_mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
+    """W8A16 on the fp16 tensor cores (``w8_mma``, its PTX code conversion): every tile option within 2e-5 of the
+    fp32 reference, the same bits launch after launch and under CUDA-graph replay, activations of any range (the
+    per-row power-of-two scale), and ``int8_weight_only_linear`` runs it where ``W8_MMA`` is set."""
+    from graphquant.kernels import int8_mm
+    from graphquant.kernels import quant_triton as QT
+
+    configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
+                        for bn, bk, sk, st in [(64, 128, 1, 4), (128, 256, 1, 3), (64, 256, 3, 3)]]
+    op = _every_config_matches(QT.w8_mma, "W8A16", M, N, K, configs, seed=M * 13 + N)
+    big = op["a"] * 3e4  # past fp16's range: the row scale brings it back
+    ref = big.float() @ (op["w"].float() * op["w_scale"][:, None]).t()
+    got = QT.w8_mma(big, op["w"], op["w_scale"], out_dtype=torch.float32)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-5
+    run = lambda: QT.w8_mma(**op, out_dtype=torch.bfloat16, config=configs[-1])  # noqa: E731
+    outs = eager_and_graphed(run)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    monkeypatch.setattr(QT, "W8_MMA", True)
+    assert QT.decode_choice(M, N, K, QT.A_FLOAT, QT.W_INT8, 0, op["a"].device)[0] == "w8_mma"
+    calls = []
+    real = QT.w8_mma
+    monkeypatch.setattr(QT, "w8_mma", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = int8_mm.int8_weight_only_linear(op["a"], op["w"], op["w_scale"], op["bias"])
+    want = run().float()
+    assert calls and "decode_mm" not in int8_mm._FAILED
+    assert float((out.float() - want).abs().max()) <= float(want.abs().max()) * 1e-2
+
+
 def test_linear_entry_points_use_the_decode_kernels():
     """The int8 / fp8 / int4 linears route decode-sized M to ``decode_mm`` without falling back."""
     from graphquant.kernels import fp8_mm, int4_mm, int8_mm

@@ -138,6 +138,15 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                                 raise AssertionError("w4_mma refused the operands")
 
                         _call(errors, f"w4_mma {w_kind} M={M} prefetch={prefetch} split={split}", w4_mma)
+    for M, split in ((1, 1), (16, 4), (40, 2)):  # W8A16 on the fp16 tensor cores (its PTX conversion)
+        op = {**_activation("float", M, K), **_weight("int8", N, K)}
+
+        def w8_mma():  # None would mean it refused the operands: nothing compiled
+            if QT.w8_mma(**op, bias=torch.randn(N, dtype=BF), out_dtype=BF,
+                         config=dict(BLOCK_N=128, BLOCK_K=256, SPLIT_K=split, num_warps=4, num_stages=3)) is None:
+                raise AssertionError("w8_mma refused the operands")
+
+        _call(errors, f"w8_mma M={M} split={split}", w8_mma)
     from graphquant.kernels.int8_gemm import int8_gemm  # prefill W8A8, its default Hopper tile
 
     a, w = torch.randint(-127, 128, (300, K), dtype=torch.int8), torch.randint(-127, 128, (N, K), dtype=torch.int8)
@@ -207,7 +216,7 @@ def test_every_tuned_decode_entry_names_a_kernel_and_its_options(compile_only):
     table = QT._tuned("NVIDIA H200")
     assert table, "no tuned entries for the H200"
     kernels = {"gemv": QT.gemv_kernel, "gemv_packed": QT.gemv_packed_kernel, "w4_mma": QT.w4_mma_kernel,
-               "wq_mm": QT.wq_mm_kernel}
+               "wq_mm": QT.wq_mm_kernel, "w8_mma": QT.w8_mma_kernel}
     errors = compile_only
     seen = set()
     for (a_kind, w_kind, N, K, m), cfg in sorted(table.items()):

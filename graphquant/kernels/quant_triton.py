@@ -1,6 +1,6 @@
 """Triton kernels behind the lowered linears (CUDA only; ``triton`` is imported lazily).
 
-Seven kernels, each with a launch wrapper that takes and returns torch tensors:
+Eight kernels, each with a launch wrapper that takes and returns torch tensors:
 
 ``quantize_rows``     activation quantization: float rows -> int8 / fp8 e4m3 codes and one fp32
                       scale per row (dynamic per-token), or codes under a given per-tensor scale
@@ -21,6 +21,9 @@ Seven kernels, each with a launch wrapper that takes and returns torch tensors:
 ``w4_mma``            W4A16 at decode-sized M (<= 16) on tensor cores with the weight as the left operand
                       ("swap AB"), nibbles turned into 16-bit floats from their bits, group scales applied
                       to each group's partial product.
+``w8_mma``            W8A16 at decode-sized M on the fp16 tensor cores, exact: the activation tile as fp16
+                      under a power-of-two scale per row, the int8 codes as fp16 from their bits (off by
+                      default: ``W8_MMA``).
 ``scale_epilogue``    ``out = acc * sa * sw (+ bias)`` for the int32 result of ``torch._int_mm``.
 ``dequantize_weight`` int8 / int4-packed weight -> float (the prefill path feeds it to cuBLAS).
 
@@ -39,12 +42,14 @@ does that check).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 
 
 @triton.jit
@@ -581,6 +586,77 @@ def w4_mma_kernel(A, B, SW, ZW, BIAS, C, M, N, G, stride_am, stride_bn, stride_c
 
 
 @triton.jit
+def _f16_rows(a, BIG: tl.constexpr):
+    """Float rows ``a`` (BM, BK) as fp16 times a power of two per row that brings the row's largest magnitude
+    into [2^14, 2^15): exact for bf16 / fp16 inputs (8 / 11 significant bits) down to 2^-28 of that largest
+    element (smaller ones round as fp16 subnormals). Returns (fp16 rows, fp32 2^-k per row to undo it)."""
+    af = a.to(tl.float32)
+    e = (tl.max(tl.abs(af), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent; 0 for a zero row
+    kb = tl.minimum(tl.maximum(BIG - e, 1), 253)  # biased exponent of 2^(14 - E)
+    up = (kb << 23).to(tl.float32, bitcast=True)
+    down = ((254 - kb) << 23).to(tl.float32, bitcast=True)
+    return (af * up[:, None]).to(tl.float16), down
+
+
+@triton.jit
+def _i8_f16(w, ASM: tl.constexpr):
+    """int8 codes as exact fp16 from their bits: the byte ``b ^ 0x80`` (= b + 128) under the exponent byte
+    ``0x64`` is the fp16 ``1152 + b`` (b in [-128, 127]), less 1152. ``ASM``: four codes (one 32-bit register of
+    the dot operand's layout) in five instructions: a xor, two byte permutes, two paired fp16 subtractions
+    (``benchmarks/kernel_sass.py``: 3.6 instructions per weight element in the W8A16 loop, against 5.0 for the
+    same bits built by Triton's integer ops). Without ``ASM`` (Triton's CPU interpreter runs no PTX) the same bits
+    element by element."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, c; xor.b32 t, $2, 0x80808080; mov.b32 c, 0x64806480;"
+            " prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
+            " sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }",
+            "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    return (w.to(tl.int16) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
+def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm,
+                  W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, PARTIAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True):
+    """W8A16 at decode-sized M on the fp16 tensor cores, exact: ``C = A @ (B * SW).T (+ BIAS)`` with A float
+    (M, K) and B int8 codes (N, K). Each K tile of the activation becomes fp16 under a power-of-two scale per row
+    (:func:`_f16_rows`) and the codes become fp16 from their bits (:func:`_i8_f16`): every product is exact
+    and the tile's fp32 sum is scaled back (exactly) into the fp32 accumulator; the weight scale comes last, per
+    column. The same structure as the fp8 W8A8 kernel at 16 rows (fp8 codes turned into fp16 in registers),
+    which streams the gate|up weight at 3.9 TB/s on the H200. Split-K as :func:`wq_mm_kernel`."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    k_lo, k_hi = _split_range(pid_k, K, SPLIT_K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a16, down = _f16_rows(a, 268)  # 268 = 127 + 14 + 127
+        wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
+        acc += tl.dot(a16, _i8_f16(wt, ASM)) * down[:, None]
+    if W_SCALE == 1:
+        out = acc * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
+    else:
+        out = acc * tl.load(SW)
+    if HAS_BIAS:
+        out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
+    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if LAST_SUMS:
+        _last_split_sums(C, OUT, COUNT, pid, rm, rn, M, N, stride_cm, SPLIT_K)
+
+
+@triton.jit
 def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
                           SA_ROW: tl.constexpr, SW_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -856,12 +932,18 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     has the least fixed cost); else ``wq_mm`` (tensor cores; W8A8 codes go in as they are, weight-only
     codes are dequantized in registers). The table may also name ``w4_mma`` (W4A16 up to 16 rows; on the H200
     it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
-    not pick it, as it is measured on the H200 only."""
+    not pick it, as it is measured on the H200 only. ``W8_MMA`` sends W8A16 to ``w8_mma`` (fp16 tensor cores,
+    exact) with the fp8 kernel's measured tiles; the table may name it too."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     key = (a_kind, w_kind, N, K, m_bucket(M))
     cfg = _tuned(_device_name(idx)).get(key)
+    if W8_MMA and a_kind == A_FLOAT and w_kind == W_INT8 and (cfg or {}).get("impl") != "w8_mma":
+        # the fp8 W8A8 kernel's measured tiles for this shape: the same fp16 dot at these M
+        fp8 = _tuned(_device_name(idx)).get((A_FP8, W_FP8, N, K, m_bucket(M))) or {}
+        keep = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+        return "w8_mma", {k: v for k, v in fp8.items() if k in keep and fp8.get("impl") == "wq_mm"}
     if cfg is not None:
         cfg = {k: v for k, v in cfg.items() if k != "us"}
         return cfg.pop("impl", "gemv"), cfg
@@ -885,6 +967,11 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
         return None
     impl, cfg = choice
     if impl == "tinygemm":  # torch's kernel runs where the caller holds its layout (QuantLinear); else ours
+        impl, cfg = "gemv_packed", {}
+    if impl == "w8_mma":
+        out = w8_mma(a, w, w_scale, w_kind=w_kind, bias=bias, out_dtype=out_dtype, config=cfg or None)
+        if out is not None:
+            return out
         impl, cfg = "gemv_packed", {}
     if impl == "w4_mma":
         out = w4_mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
@@ -1059,6 +1146,34 @@ def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
         M, N, G, a.stride(0), w.stride(0), c.stride(-2), w_scale.stride(0), GROUP=group,
         HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP16=a.dtype == torch.float16, **cfg)
     return split_sum(c, out_dtype)
+
+
+#: W8A16 at decode sizes runs :func:`w8_mma` (fp16 tensor cores, exact) instead of the table's / heuristics'
+#: kernel. Off: not timed on a GPU yet (``generate_gpu.py --ab graphquant.kernels.quant_triton.W8_MMA=1``,
+#: ``decode_kernels.py --impls w8_mma``)
+W8_MMA = False
+
+
+def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT8, bias=None,
+           out_dtype=None, config: dict | None = None, **_) -> torch.Tensor | None:
+    """W8A16 ``a (M <= 64, K) float @ (w * w_scale).T (+ bias)`` through :func:`w8_mma_kernel`; None when it
+    does not apply (not int8 weights, activation codes, more than 64 rows, a weight not contiguous along K)."""
+    M, K = a.shape
+    if w_kind != W_INT8 or _a_kind(a) != A_FLOAT or not 0 < M <= 64 or w.stride(1) != 1:
+        return None
+    N = w.shape[0]
+    out_dtype = out_dtype or a.dtype
+    cfg = dict(config or {})
+    if not all(k in cfg for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")):
+        cfg = {**_mm_config(M, N, K, W_FP8, 0, a.device), **cfg}  # the fp8 kernel's tiles: the same fp16 dot
+    cfg["BLOCK_M"] = 16 if M <= 16 else 32 if M <= 32 else 64
+    split = cfg["SPLIT_K"]
+    grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
+    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
+    w8_mma_kernel[grid](a, w, w_scale, bias if bias is not None else w_scale, c, out, count, M, N, K, a.stride(0),
+                        w.stride(0), c.stride(-2), W_SCALE=1 if w_scale.numel() > 1 else 0, HAS_BIAS=bias is not None,
+                        PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
+    return out if last else split_sum(c, out_dtype)
 
 
 def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
