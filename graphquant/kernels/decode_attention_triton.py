@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_triton import _sm_count, tile_counters
+from .quant_triton import _sm_count, last_to_arrive, tile_counters
 
 __all__ = ["decode_attention_triton", "supports", "split_plan"]
 
@@ -97,8 +97,7 @@ def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr, out
         tl.store(ml_ptr + part * 2, m_i, mask=rows)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=rows)
         if LAST_COMBINES:
-            tl.debug_barrier()  # every thread's partial results are stored before the count releases them
-            if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            if last_to_arrive(count_ptr, pid, SPLITS):
                 for gi in range(G):
                     _combine_row(o_ptr, ml_ptr, out_ptr, b * HQ + kvh * G + gi, SPLITS, D, BLOCK_SPLITS, ".cg")
                 tl.atomic_xchg(count_ptr + pid, 0)

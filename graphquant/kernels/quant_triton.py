@@ -176,14 +176,23 @@ def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def last_to_arrive(COUNT, idx, n):
+    """Called once by each of the ``n`` programs of group ``idx`` after they stored their results: True in the
+    one that arrives last at counter ``COUNT[idx]`` (acquire-release: every other program's stores come before
+    its loads). That program finishes the group's work and sets the counter back to zero
+    (``tl.atomic_xchg(COUNT + idx, 0)``) for the next launch (:func:`tile_counters`)."""
+    tl.debug_barrier()  # every thread's results are stored before the count releases them
+    return tl.atomic_add(COUNT + idx, 1, sem="acq_rel", scope="gpu") == n - 1
+
+
+@triton.jit
 def _last_split_sums(C, OUT, COUNT, tile, rm, rn, M, N, stride_cm, SPLIT_K):
     """Split-K without a second launch: called by every split of output tile ``tile`` (rows ``rm``, columns
     ``rn``) after it stored its partial sums to its slice of the fp32 workspace ``C``. The split that arrives
     last at the tile's counter (acquire-release: every other split's stores come before its loads) adds the
     slices up in split order, as ``split_sum_kernel`` does, stores the result to ``OUT`` (M, N) and sets the
     counter back to zero for the next launch."""
-    tl.debug_barrier()  # every thread's partial sums are stored before the count releases them
-    if tl.atomic_add(COUNT + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+    if last_to_arrive(COUNT, tile, SPLIT_K):
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         offs = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         acc = tl.load(C + offs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -191,6 +200,32 @@ def _last_split_sums(C, OUT, COUNT, tile, rm, rn, M, N, stride_cm, SPLIT_K):
             acc += tl.load(C + s * M * stride_cm + offs, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(OUT + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
         tl.atomic_xchg(COUNT + tile, 0)
+
+
+@triton.jit
+def _mm_tile(M, N, K, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A program's output tile and K range in :func:`wq_mm_kernel` / :func:`w8_mma_kernel` (grid: tiles, splits):
+    (tile, split, rows, columns, row mask, column mask, K start, K end)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    rm = (pid // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo, k_hi = _split_range(pid_k, K, SPLIT_K, BLOCK_K)
+    return pid, pid_k, rm, rn, rm < M, rn < N, k_lo, k_hi
+
+
+@triton.jit
+def _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K,
+              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, LAST_SUMS: tl.constexpr):
+    """The fp32 tile ``out`` plus the bias (split 0 only with split-K) to the program's output slice; with
+    ``LAST_SUMS`` the tile's last split adds the slices up (:func:`_last_split_sums`)."""
+    if HAS_BIAS:
+        out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
+    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if LAST_SUMS:
+        _last_split_sums(C, OUT, COUNT, pid, rm, rn, M, N, stride_cm, SPLIT_K)
 
 
 @triton.jit
@@ -204,16 +239,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
                  BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False):
     """``LAST_SUMS`` (with split-K): the tile's last split adds the partial sums up into ``OUT``
     (:func:`_last_split_sums`) instead of a :func:`split_sum` launch."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    k_lo, k_hi = _split_range(pid_k, K, SPLIT_K, BLOCK_K)
+    pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
     if INT_ACC:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -267,13 +293,8 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
             out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
         else:
             out = out * tl.load(SW)
-    if HAS_BIAS:
-        out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
-    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=mask)
-    if LAST_SUMS:
-        _last_split_sums(C, OUT, COUNT, pid, rm, rn, M, N, stride_cm, SPLIT_K)
+    _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
+              PARTIAL, LAST_SUMS)
 
 @triton.jit
 def _nibbles_minus(p, z):
@@ -626,16 +647,7 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
     and the tile's fp32 sum is scaled back (exactly) into the fp32 accumulator; the weight scale comes last, per
     column. The same structure as the fp8 W8A8 kernel at 16 rows (fp8 codes turned into fp16 in registers),
     which streams the gate|up weight at 3.9 TB/s on the H200. Split-K as :func:`wq_mm_kernel`."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    k_lo, k_hi = _split_range(pid_k, K, SPLIT_K, BLOCK_K)
+    pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -648,12 +660,8 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
         out = acc * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
     else:
         out = acc * tl.load(SW)
-    if HAS_BIAS:
-        out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
-    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    if LAST_SUMS:
-        _last_split_sums(C, OUT, COUNT, pid, rm, rn, M, N, stride_cm, SPLIT_K)
+    _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
+              PARTIAL, LAST_SUMS)
 
 
 @triton.jit
