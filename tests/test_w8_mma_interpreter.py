@@ -13,8 +13,9 @@ import torch
 from graphquant.kernels import quant_triton as QT
 torch.manual_seed(0)
 checked = 0
-for M, N, K, split, with_bias, per_channel, scale in ((1, 96, 512, 1, False, True, 1.0), (3, 70, 768, 2, True, True, 3e4),
-                                                       (16, 64, 300, 1, True, False, 1e-3), (40, 40, 512, 3, False, True, 1.0)):
+CASES = ((1, 96, 512, 1, False, True, 1.0), (3, 70, 768, 2, True, True, 3e4), (16, 64, 300, 1, True, False, 1e-3),
+         (40, 40, 512, 3, False, True, 1.0))
+for M, N, K, split, with_bias, per_channel, scale in CASES:
     x = (torch.randn(M, K) * torch.logspace(-3, 2, K)[torch.randperm(K)] * scale).to(torch.bfloat16)
     if M > 2:
         x[1] = 0

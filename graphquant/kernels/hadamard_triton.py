@@ -135,9 +135,9 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     * dynamic (a per-row scale, which needs the whole row): it stores the tile, rounded to the activation
       dtype, to the workspace ``ws_ptr`` (``rows × M0·N``) and the tile's absolute maximum to
       ``amax_ptr[row, tile]``; ``quant_triton.tile_quant_kernel`` (a second launch, one program per tile:
-      a tile is ``BM·N`` consecutive elements of the row) then quantizes the tiles under their row's scale. (Quantizing the row in the row's last program instead
-      measured far slower: about +28 us per Llama-3-8B decode layer on the H200,
-      benchmarks/results/generate_gpu_dynamic_r4_last_program_tried.json.)"""
+      a tile is ``BM·N`` consecutive elements of the row) then quantizes the tiles under their row's scale.
+      (Quantizing the row in the row's last program instead measured far slower: about +28 us per Llama-3-8B
+      decode layer on the H200, benchmarks/results/generate_gpu_dynamic_r4_last_program_tried.json.)"""
     N: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     row = pid // NT

@@ -831,10 +831,10 @@ def _output(M: int, N: int, split: int, device, out_dtype) -> torch.Tensor:
 
 #: split-K results added up by each tile's last split inside the matmul launch (``wq_mm``, ``gemv_packed``)
 #: instead of a second, ``split_sum`` launch (about 1.3 us per launch on the H200 in a decode step,
-#: results/decode_profile_split_reductions.json). Same sums in the same order. Not timed against split_sum in
-#: one run: decode batch 1 per layer, the previous runs -> this one's (generate_gpu_run_a/b -> run_c/d.json):
-#: fp8 static 0.0954 -> 0.0979 ms, fp8 dynamic 0.1022 -> 0.1003, int8 0.1009 -> 0.0997, W8A16 0.1115 -> 0.1058,
-#: within the 2-6% spread between GPU machines
+#: results/decode_profile_split_reductions.json). Same sums in the same order. A/B in one H200 run
+#: (results/generate_gpu_ab_switches.json, ``LAST_SPLIT_SUMS=0`` twins), decode per layer: no measurable
+#: difference (batch 1: fp8 dynamic 0.1021 both, int8 0.1024 on vs 0.1010 off; batch 16: 0.1148 vs 0.1161 and
+#: 0.1146 vs 0.1124); kept for the launch it saves
 LAST_SPLIT_SUMS = True
 _COUNTERS: dict = {}
 

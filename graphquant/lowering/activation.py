@@ -49,7 +49,8 @@ FUSED_MIN_ROWS: int | None = None
 #: (benchmarks/results/hadamard_gpu_few_rows_epilogue_*.json).
 #: Dynamic scale: the transform stores its tiles and their maxima, a second launch quantizes the tiles under the
 #: row's scale; generate_gpu.py, 2-layer Llama-3-8B shapes, decode batch 1, QuaRot's cost over the same scheme
-#: without it: fp8 dynamic +1.7%, int8 +3.1% (before: +3.7%, +6.6%; results/generate_gpu.json, run_e). A first
+#: without it: fp8 dynamic +1.7%, int8 +3.1% (before: +3.7%, +6.6%; results/generate_gpu_run_e.json; a later
+#: run, results/generate_gpu_run_f.json, after ``SPLIT_DYNAMIC_ROWS`` sped up the unrotated rows: +7.8%, +1.2%). A first
 #: version whose last program per row quantized the whole row cost +28% instead
 #: (results/generate_gpu_dynamic_r4_last_program_tried.json).
 FUSED_FEW_ROWS_STATIC = True
