@@ -113,7 +113,7 @@ def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
 def test_w8_mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
     """W8A16 on the fp16 tensor cores (``w8_mma``, its PTX code conversion): every tile option within 2e-5 of the
     fp32 reference, the same bits launch after launch and under CUDA-graph replay, activations of any range (the
-    per-row power-of-two scale), and ``int8_weight_only_linear`` runs it where ``W8_MMA`` is set."""
+    per-row power-of-two scale), and ``int8_weight_only_linear`` runs it where the tuned table names it."""
     from graphquant.kernels import int8_mm
     from graphquant.kernels import quant_triton as QT
 
@@ -127,8 +127,9 @@ def test_w8_mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
     run = lambda: QT.w8_mma(**op, out_dtype=torch.bfloat16, config=configs[-1])  # noqa: E731
     outs = eager_and_graphed(run)
     assert all(torch.equal(o, outs[0]) for o in outs)
-    monkeypatch.setattr(QT, "W8_MMA", True)
-    assert QT.decode_choice(M, N, K, QT.A_FLOAT, QT.W_INT8, 0, op["a"].device)[0] == "w8_mma"
+    table = {(QT.A_FLOAT, QT.W_INT8, N, K, QT.m_bucket(M)): dict(impl="w8_mma", **configs[-1])}
+    monkeypatch.setattr(QT, "_tuned", lambda name: table)
+    assert QT.decode_choice(M, N, K, QT.A_FLOAT, QT.W_INT8, 0, op["a"].device) == ("w8_mma", configs[-1])
     calls = []
     real = QT.w8_mma
     monkeypatch.setattr(QT, "w8_mma", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -6,9 +6,8 @@ Imported lazily (on the first CUDA call of the op), so CPU-only installs never i
 Split-KV ("flash-decoding"): program ``(b * H_kv + h, split)`` takes the ``G = H_q / H_kv`` query
 heads of KV head ``h`` (padded to 16 rows for the tensor cores) over one chunk of cache positions,
 with an online softmax in fp32; a second kernel merges the chunks' partial results (skipped when one
-chunk covers the cache; with ``LAST_SPLIT_COMBINES`` each sequence and KV head's last chunk program merges
-them). Positions the mask drops are never loaded when a whole block is dropped, so the empty tail of a static
-cache costs only its mask reads.
+chunk covers the cache). Positions the mask drops are never loaded when a whole block is dropped,
+so the empty tail of a static cache costs only its mask reads.
 
 Numerics follow flash attention: ``q·k`` on the tensor cores with fp32 accumulation, the softmax
 scale and the mask applied in fp32, probabilities rounded to the input dtype for ``p·v``.
@@ -21,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_triton import _sm_count, last_to_arrive, tile_counters
+from .quant_triton import _sm_count
 
 __all__ = ["decode_attention_triton", "supports", "split_plan"]
 
@@ -29,11 +28,6 @@ BLOCK_S = 32           # cache positions per inner step
 MIN_ROWS = 16          # query rows of one tensor-core product (G padded up to it)
 TARGET_PROGRAMS = 2    # programs per multiprocessor the split aims at
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-#: with several chunks, the last chunk program of each (sequence, KV head) merges the chunks' results inside the
-#: launch (``LAST_COMBINES``) instead of a second, combine launch (about 1.8 us per decode layer on the H200,
-#: results/decode_profile_w4_attention.json). Off: not timed yet
-#: (``generate_gpu.py --ab graphquant.kernels.decode_attention_triton.LAST_SPLIT_COMBINES=1``)
-LAST_SPLIT_COMBINES = False
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used to test the kernels without a GPU) mishandles bf16
 # dots; there the operands are widened to fp32 (same products, exact sums of bf16 values).
@@ -41,16 +35,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr, out_ptr, count_ptr,
+def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr, out_ptr,
                   S, G, HKV, CHUNK, SPLITS, scale,
                   sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
                   D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr,
-                  DIRECT: tl.constexpr, OP: tl.constexpr, LAST_COMBINES: tl.constexpr = False,
-                  BLOCK_SPLITS: tl.constexpr = 1):
-    """``LAST_COMBINES`` (several chunks): the chunk of (sequence, KV head) ``pid`` that arrives last at its
-    counter (acquire-release: every other chunk's partial results are stored before its loads) merges the
-    chunks of its ``G`` query heads, as ``decode_attention_combine_kernel`` does, and sets the counter back to
-    zero: no second launch."""
+                  DIRECT: tl.constexpr, OP: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -96,30 +85,18 @@ def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr, out
         tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=rows[:, None])
         tl.store(ml_ptr + part * 2, m_i, mask=rows)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=rows)
-        if LAST_COMBINES:
-            if last_to_arrive(count_ptr, pid, SPLITS):
-                for gi in range(G):
-                    _combine_row(o_ptr, ml_ptr, out_ptr, b * HQ + kvh * G + gi, SPLITS, D, BLOCK_SPLITS, ".cg")
-                tl.atomic_xchg(count_ptr + pid, 0)
 
 
 @triton.jit
 def decode_attention_combine_kernel(o_ptr, ml_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
-    _combine_row(o_ptr, ml_ptr, out_ptr, tl.program_id(0), SPLITS, D, BLOCK_SPLITS, "")
-
-
-@triton.jit
-def _combine_row(o_ptr, ml_ptr, out_ptr, row, SPLITS, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                 CACHE: tl.constexpr):
-    """Merge the chunks' partial results of query row ``row`` (b * H_q + head) and store it; ``CACHE`` the load
-    cache modifier (".cg" where other programs of this launch stored them)."""
+    row = tl.program_id(0)  # b * H_q + head
     sp = tl.arange(0, BLOCK_SPLITS)
     d = tl.arange(0, D)
     valid = sp < SPLITS
     part = row * SPLITS + sp
-    m = tl.load(ml_ptr + part * 2, mask=valid, other=float("-inf"), cache_modifier=CACHE)
-    l = tl.load(ml_ptr + part * 2 + 1, mask=valid, other=0.0, cache_modifier=CACHE)
-    o = tl.load(o_ptr + part[:, None] * D + d[None, :], mask=valid[:, None], other=0.0, cache_modifier=CACHE)
+    m = tl.load(ml_ptr + part * 2, mask=valid, other=float("-inf"))
+    l = tl.load(ml_ptr + part * 2 + 1, mask=valid, other=0.0)
+    o = tl.load(o_ptr + part[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
     top = tl.max(m, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(m - top)
@@ -178,15 +155,13 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
         o_part = torch.empty(B * HQ * splits, D, dtype=torch.float32, device=query.device)
         ml = torch.empty(B * HQ * splits, 2, dtype=torch.float32, device=query.device)
     op = tl.float32 if _INTERPRET else (tl.bfloat16 if query.dtype == torch.bfloat16 else tl.float16)
-    last = not direct and LAST_SPLIT_COMBINES
-    count = tile_counters(query.device, B * HKV) if last else out
     decode_attention_split_kernel[(B * HKV, splits)](
-        q, key, value, m, o_part, ml, out, count, S, G, HKV, chunk, splits, float(scale),
+        q, key, value, m, o_part, ml, out, S, G, HKV, chunk, splits, float(scale),
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), smb, sms,
         D=D, BLOCK_G=max(MIN_ROWS, triton.next_power_of_2(G)), BLOCK=BLOCK_S, MASK=kind, DIRECT=direct, OP=op,
-        LAST_COMBINES=last, BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
-    if not direct and not last:
+        num_warps=4)
+    if not direct:
         decode_attention_combine_kernel[(B * HQ,)](o_part, ml, out, splits, D=D,
                                                    BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
     return out

@@ -22,8 +22,8 @@ Eight kernels, each with a launch wrapper that takes and returns torch tensors:
                       ("swap AB"), nibbles turned into 16-bit floats from their bits, group scales applied
                       to each group's partial product.
 ``w8_mma``            W8A16 at decode-sized M on the fp16 tensor cores, exact: the activation tile as fp16
-                      under a power-of-two scale per row, the int8 codes as fp16 from their bits (off by
-                      default: ``W8_MMA``).
+                      under a power-of-two scale per row, the int8 codes as fp16 from their bits (where the
+                      measured table names it: on the H200 every shape at 16 rows and gate/up at one row).
 ``scale_epilogue``    ``out = acc * sa * sw (+ bias)`` for the int32 result of ``torch._int_mm``.
 ``dequantize_weight`` int8 / int4-packed weight -> float (the prefill path feeds it to cuBLAS).
 
@@ -940,18 +940,13 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     has the least fixed cost); else ``wq_mm`` (tensor cores; W8A8 codes go in as they are, weight-only
     codes are dequantized in registers). The table may also name ``w4_mma`` (W4A16 up to 16 rows; on the H200
     it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
-    not pick it, as it is measured on the H200 only. ``W8_MMA`` sends W8A16 to ``w8_mma`` (fp16 tensor cores,
-    exact) with the fp8 kernel's measured tiles; the table may name it too."""
+    not pick it, as it is measured on the H200 only; nor ``w8_mma`` (W8A16 on the fp16 tensor cores; in the H200
+    table for 16 rows of every shape and one row of gate/up, ``decode_kernels_w8a16_w8mma.json``)."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     key = (a_kind, w_kind, N, K, m_bucket(M))
     cfg = _tuned(_device_name(idx)).get(key)
-    if W8_MMA and a_kind == A_FLOAT and w_kind == W_INT8 and (cfg or {}).get("impl") != "w8_mma":
-        # the fp8 W8A8 kernel's measured tiles for this shape: the same fp16 dot at these M
-        fp8 = _tuned(_device_name(idx)).get((A_FP8, W_FP8, N, K, m_bucket(M))) or {}
-        keep = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
-        return "w8_mma", {k: v for k, v in fp8.items() if k in keep and fp8.get("impl") == "wq_mm"}
     if cfg is not None:
         cfg = {k: v for k, v in cfg.items() if k != "us"}
         return cfg.pop("impl", "gemv"), cfg
@@ -1154,12 +1149,6 @@ def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
         M, N, G, a.stride(0), w.stride(0), c.stride(-2), w_scale.stride(0), GROUP=group,
         HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP16=a.dtype == torch.float16, **cfg)
     return split_sum(c, out_dtype)
-
-
-#: W8A16 at decode sizes runs :func:`w8_mma` (fp16 tensor cores, exact) instead of the table's / heuristics'
-#: kernel. Off: not timed on a GPU yet (``generate_gpu.py --ab graphquant.kernels.quant_triton.W8_MMA=1``,
-#: ``decode_kernels.py --impls w8_mma``)
-W8_MMA = False
 
 
 def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT8, bias=None,
