@@ -70,6 +70,28 @@ def specs():
     const = dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, FP16=False, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
                  PREFETCH=False)
     out.append(("w4_mma W4A16 BN64", QT.w4_mma_kernel, ptrs, const, dict(num_warps=4, num_stages=3), 64 * 128 / 128))
+    # activation quantization (per element of x): quantize_rows with a static scale, and the persistent
+    # Hadamard + quantization kernel of QuaRot's R4 at prefill (14336 = 112 x 128, one row per loop step),
+    # each with the exact codes sequence and with FAST_CODES
+    import triton.language as tl
+
+    from graphquant.kernels import hadamard_triton as HT
+
+    p = HT.plan(14336, 2)
+    d1h = max(p.D1, 16)
+    had = dict(BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h, D2=p.D2, LOG2=p.D2.bit_length() - 1,
+               IN_PARTS=1, MID_PARTS=min(p.mid_parts, 2), MIDDLE=p.middle, OP=tl.bfloat16, STAGES=p.stages)
+    for fp8 in (True, False):
+        label, qmax, codes = ("fp8", QT.FP8_MAX, "fp8e4nv") if fp8 else ("int8", 127.0, "i8")
+        for fast in (False, True):
+            tag = f"{label} static{' FAST' if fast else ''}"
+            ptrs = {"X": "bf16", "Q": codes, "S": "fp32", "SCALE_IN": "fp32"}
+            const = dict(QMAX=qmax, RCP=1 / qmax, FP8=fp8, STATIC=True, BLOCK=4096, FAST=fast)
+            out.append((f"quant_rows {tag}", QT.quant_rows_kernel, ptrs, const, dict(num_warps=8), 4096 / 256))
+            ptrs = {"x_ptr": "bf16", "a_ptr": "fp32", "y_ptr": codes, "s_ptr": "fp32", "s_in_ptr": "fp32"}
+            const = dict(had, QUANT=2 if fp8 else 1, STATIC=True, QMAX=qmax, RCP=1 / qmax, FAST=fast)
+            out.append((f"hadamard_quantize 14336 {tag}", HT._persistent_kernel, ptrs, const,
+                        dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
     return out
 
 
@@ -145,7 +167,8 @@ def main():
     from generate_gpu import write_json
 
     rows = []
-    print(f"Triton {triton.__version__}, sm_90; loop = the kernel's main loop, per weight element of one thread")
+    print(f"Triton {triton.__version__}, sm_90; loop = the kernel's main loop, per weight (or activation) element of "
+          "one thread")
     print(f"{'kernel':44s} {'regs':>4s} {'spill':>5s} {'loop/elem':>9s}  top opcodes in the loop")
     for name, kernel, ptrs, const, options, per_thread in specs():
         if args.only and args.only not in name:

@@ -183,6 +183,30 @@ def test_hadamard_kernels_compile_for_sm90(compile_only):
     assert not errors, errors
 
 
+def test_fast_codes_kernels_compile_for_sm90(compile_only, monkeypatch):
+    """Every quantizing kernel with ``quant_triton.FAST_CODES`` (the FMA quotient and the conversion
+    instructions' own rounding, ``tests/test_fast_codes.py``)."""
+    from graphquant.kernels import hadamard_triton as HT
+    from graphquant.kernels import quant_triton as QT
+
+    monkeypatch.setattr(QT, "FAST_CODES", True)
+    assert QT.fast_codes()
+    errors = compile_only
+    for fp8 in (False, True):
+        _call(errors, f"quantize_rows fp8={fp8}", lambda: QT.quantize_rows(torch.randn(3, 1024, dtype=BF), fp8))
+        _call(errors, f"quantize_rows static fp8={fp8}",
+              lambda: QT.quantize_rows(torch.randn(3, 1024, dtype=BF), fp8, torch.tensor(0.1)))
+        _call(errors, f"quantize_rows split fp8={fp8}",
+              lambda: QT.quantize_rows(torch.randn(2, 14336, dtype=BF), fp8, split=True))
+        for n, rows in ((14336, 2), (14336, HT.FEW_ROWS + 1), (128, HT.FEW_ROWS + 1)):
+            x = torch.randn(rows, n, dtype=BF)
+            if HT.fusable(n, BF, rows):
+                _call(errors, f"hadamard_quantize {n} rows={rows} fp8={fp8}", lambda: HT.hadamard_quantize(x, fp8))
+                _call(errors, f"hadamard_quantize {n} rows={rows} static fp8={fp8}",
+                      lambda: HT.hadamard_quantize(x, fp8, static_scale=torch.tensor(0.5)))
+    assert not errors, errors
+
+
 def test_decode_attention_kernels_compile_for_sm90(compile_only):
     from graphquant.kernels import decode_attention_triton as DA
 

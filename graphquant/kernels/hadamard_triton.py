@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes, tile_quant_kernel
+from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes, fast_codes, tile_quant_kernel
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan",
            "few_rows_plan", "FEW_ROWS"]
@@ -127,7 +127,8 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
                      D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
                      OP: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = True,
-                     QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16):
+                     QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
+                     FAST: tl.constexpr = False):
     """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N).
 
     With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores codes (``y_ptr`` then points to codes):
@@ -178,7 +179,7 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
         tl.store(y_ptr + tile_off, (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty), mask=in_rows)
     elif STATIC:
         _quantize_store((tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE), in_rows, 0.0, y_ptr + tile_off,
-                        s_in_ptr, s_in_ptr, 0, False, QUANT, True, QMAX, RCP)
+                        s_in_ptr, s_in_ptr, 0, False, QUANT, True, QMAX, RCP, FAST)
     else:
         y = (tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE)
         tl.store(ws_ptr + tile_off, y, mask=in_rows)
@@ -207,7 +208,8 @@ def _sylvester_stages(t, h1, h2, BM: tl.constexpr, D1: tl.constexpr, D2: tl.cons
 
 @triton.jit
 def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
-                    QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr):
+                    QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr,
+                    FAST: tl.constexpr = False):
     """Store the codes of ``y`` (the transform's output, already rounded to the activation dtype):
     per-row dynamic scale ``max(amax / QMAX, tiny)`` (stored at ``s_ptr + row``) or the static one.
     Numerics of ``quant_triton.quant_rows_kernel`` (and so of fake-quant)."""
@@ -216,7 +218,7 @@ def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
     else:
         sc = tl.maximum(row_amax * RCP, TINY_C)
         tl.store(s_ptr + row, sc, mask=s_mask)
-    tl.store(q_ptrs, codes(y.to(tl.float32), sc, QMAX, QUANT == 2), mask=mask)
+    tl.store(q_ptrs, codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST), mask=mask)
 
 
 @triton.jit
@@ -225,7 +227,8 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
                        D2: tl.constexpr, LOG2: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
                        MIDDLE: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
                        QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
-                       RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16):
+                       RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
+                       FAST: tl.constexpr = False):
     """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows.
 
     ``A`` (``BM×BM``, zero-padded) and the Sylvester matrices are built once per program and
@@ -255,14 +258,15 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
             y = (t * scale).to(OUT_DTYPE)
             amax = tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0)
             _quantize_store(y, in_rows, amax, y_ptr + base + offs_m[:, None] * N + offs_n[None, :], s_ptr, s_in_ptr,
-                            row, True, QUANT, STATIC, QMAX, RCP)
+                            row, True, QUANT, STATIC, QMAX, RCP, FAST)
 
 
 @triton.jit
 def _dense_persistent_kernel(x_ptr, g_ptr, y_ptr, R, NBLK, NPROG, N, scale, s_ptr, s_in_ptr, BR: tl.constexpr,
                              NP: tl.constexpr, IN_PARTS: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
                              QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
-                             RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16):
+                             RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
+                       FAST: tl.constexpr = False):
     """``Y = scale · X @ G`` for ``n ≤ NP ≤ 128``: ``G`` stays on chip, blocks of ``BR`` rows loop
     (``QUANT``: codes and per-row scales instead, as in ``_persistent_kernel``)."""
     cols = tl.arange(0, NP)
@@ -283,7 +287,7 @@ def _dense_persistent_kernel(x_ptr, g_ptr, y_ptr, R, NBLK, NPROG, N, scale, s_pt
             y = (acc * scale).to(OUT_DTYPE)
             amax = tl.max(tl.where(mask, tl.abs(y.to(tl.float32)), 0.0), axis=1)
             _quantize_store(y, mask, amax[:, None], y_ptr + off, s_ptr, s_in_ptr, rows[:, None],
-                            rows[:, None] < R, QUANT, STATIC, QMAX, RCP)
+                            rows[:, None] < R, QUANT, STATIC, QMAX, RCP, FAST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +570,7 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     sq = None if static else torch.empty((rows,), device=x.device, dtype=torch.float32)
     qmax = FP8_MAX if fp8 else 127.0
     out_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
-    quant = dict(QUANT=2 if fp8 else 1, QMAX=qmax, RCP=_fp32_reciprocal(qmax), OUT_DTYPE=out_dtype)
+    quant = dict(QUANT=2 if fp8 else 1, QMAX=qmax, RCP=_fp32_reciprocal(qmax), OUT_DTYPE=out_dtype, FAST=fast_codes())
     s_in = static_scale.reshape(1).float() if static else None
     if tiled:
         _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant, sq)
@@ -610,4 +614,4 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
     if dynamic:  # a tile of the (M0, N) view is BM·N consecutive elements of its row
         tile_quant_kernel[(rows, p.NT)](ws, y, sq, amax, n, n, n, p.NT, T_PAD=_pow2_at_least(p.NT, 2),
                                         QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,
-                                        BLOCK=p.BM * p.D1 * p.D2, num_warps=p.num_warps)
+                                        BLOCK=p.BM * p.D1 * p.D2, FAST=quant["FAST"], num_warps=p.num_warps)

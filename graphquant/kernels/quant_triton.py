@@ -47,6 +47,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
@@ -73,23 +74,57 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
+def _div_rn_by(x, s, LIMIT: tl.constexpr):
+    """``x / s`` correctly rounded (what ``div.rn`` gives) wherever ``|x / s| <= LIMIT``, for ``s`` one normal
+    fp32 scale (a scalar or one per row; at least 2^-126: dynamic scales are clamped to it, and a calibrated
+    static scale below it would belong to an all-zero activation) and fp32 ``x`` of any value.
+
+    ``r = RN(1/s)`` once per scale, ``q0 = RN(x·r)`` (within 1.5 ulp of ``x / s``), then two residual
+    corrections ``q = RN(q + r·(x - s·q))``, each residual exact by FMA: after the first, ``q`` is within one ulp,
+    and Markstein's theorem (``r`` within half an ulp of ``1/s``, ``q`` within one ulp of ``x/s``) makes the
+    second one correctly rounded. Where the corrected ``q`` is NaN or beyond ``LIMIT`` (an infinite ``x`` or
+    ``s``, NaN, overflow) ``q0`` is returned, which is then NaN where ``x / s`` is and otherwise on the same side
+    of the callers' clamp (``±QMAX``, ``LIMIT = 2·QMAX``). 7 instructions per element where ``div.rn`` takes
+    about 10 and a range check (``tests/test_fast_codes.py`` replays the sequence in exact arithmetic)."""
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    q0 = libdevice.mul_rn(x, r)  # mul.rn: never contracted into a neighbouring add
+    q = tl.fma(tl.fma(-q0, s, x), r, q0)
+    q = tl.fma(tl.fma(-q, s, x), r, q)
+    return tl.where(tl.abs(q) <= LIMIT, q, q0)
+
+
+@triton.jit
+def codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, FAST: tl.constexpr = False):
     """fp32 ``x`` under ``scale`` -> int8 / fp8 e4m3 codes: ``x / scale`` (correctly rounded), clamped to
-    ``±QMAX``, rounded half-to-even (fake-quant's numerics; shared by every quantizing kernel)."""
-    v = tl.math.div_rn(x, scale)
+    ``±QMAX``, rounded half-to-even (fake-quant's numerics; shared by every quantizing kernel).
+
+    ``FAST`` (GPU only, :func:`fast_codes`): the same codes in fewer instructions: the quotient by
+    :func:`_div_rn_by`, the rounding by the conversion instructions themselves (``cvt.rni`` for int8,
+    ``cvt.rn.satfinite.e4m3x2.f32`` for fp8, round-to-nearest-even in hardware on the sm_89+ GPUs that have
+    fp8) instead of the bit-level grid rounding that Triton's CPU interpreter needs."""
+    if FAST:
+        v = _div_rn_by(x, scale, 2.0 * QMAX)
+    else:
+        v = tl.math.div_rn(x, scale)
     v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
     # one return: Triton checks every return statement's type, also those of a constexpr branch not taken
     if FP8:
-        q = _round_e4m3(v).to(tl.float8e4nv)
+        if FAST:
+            q = v.to(tl.float8e4nv)
+        else:
+            q = _round_e4m3(v).to(tl.float8e4nv)
     else:
-        q = _rint(v).to(tl.int8)
+        if FAST:
+            q = libdevice.rint(v).to(tl.int8)
+        else:
+            q = _rint(v).to(tl.int8)
     return q
 
 
 @triton.jit
 def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
                       QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, STATIC: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, FAST: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     xp = X + row * stride_xm
     qp = Q + row * stride_qm
@@ -109,7 +144,7 @@ def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
     for k0 in range(0, K, BLOCK):
         offs = k0 + offs0
         x = tl.load(xp + offs, mask=offs < K, other=0.0).to(tl.float32)
-        tl.store(qp + offs, codes(x, scale, QMAX, FP8), mask=offs < K)
+        tl.store(qp + offs, codes(x, scale, QMAX, FP8, FAST), mask=offs < K)
 
 @triton.jit
 def tile_amax_kernel(X, AMAX, K, stride_xm, T, BLOCK: tl.constexpr):
@@ -124,7 +159,8 @@ def tile_amax_kernel(X, AMAX, K, stride_xm, T, BLOCK: tl.constexpr):
 
 @triton.jit
 def tile_quant_kernel(X, Q, S, AMAX, K, stride_xm, stride_qm, T, T_PAD: tl.constexpr,
-                      QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
+                      QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr,
+                      FAST: tl.constexpr = False):
     """The second launch: tile ``t`` of row ``row`` quantized under the row's scale from the tiles' maxima,
     as ``quant_rows_kernel`` computes it (tile 0 stores the scale)."""
     row = tl.program_id(0)
@@ -135,7 +171,7 @@ def tile_quant_kernel(X, Q, S, AMAX, K, stride_xm, stride_qm, T, T_PAD: tl.const
     tl.store(S + row, scale, mask=t == 0)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(X + row.to(tl.int64) * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-    tl.store(Q + row.to(tl.int64) * stride_qm + offs, codes(x, scale, QMAX, FP8), mask=offs < K)
+    tl.store(Q + row.to(tl.int64) * stride_qm + offs, codes(x, scale, QMAX, FP8, FAST), mask=offs < K)
 
 
 @triton.jit
@@ -757,6 +793,19 @@ SPLIT_ROWS_MIN_K = 8192
 SPLIT_ROWS_BLOCK = 1024
 
 
+#: the quantizing kernels compute their codes with :func:`codes`' ``FAST`` sequence (the same codes, bit for bit;
+#: about half the instructions per element, ``benchmarks/kernel_sass.py --only quant``). Off: not yet checked
+#: against the exact sequence or timed on a GPU (``tests/test_fast_codes.py``'s GPU test;
+#: ``generate_gpu.py --ab graphquant.kernels.quant_triton.FAST_CODES=1``)
+FAST_CODES = False
+
+
+def fast_codes() -> bool:
+    """Whether launches pass ``FAST`` to :func:`codes` (:data:`FAST_CODES`; never in Triton's CPU interpreter,
+    which has no fp8 conversion instruction to round)."""
+    return FAST_CODES and not _INTERPRET
+
+
 def split_rows(M: int, K: int) -> bool:
     """Whether :func:`quantize_rows` computes dynamic scales of ``M`` rows of ``K`` over tiles (two launches)."""
     return M <= SPLIT_ROWS_MAX_M and K >= SPLIT_ROWS_MIN_K
@@ -782,11 +831,12 @@ def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None 
         amax = torch.empty((M, t), device=x.device, dtype=torch.float32)
         tile_amax_kernel[(M, t)](x2, amax, K, x2.stride(0), t, BLOCK=SPLIT_ROWS_BLOCK, num_warps=4)
         tile_quant_kernel[(M, t)](x2, q, s, amax, K, x2.stride(0), K, t, T_PAD=max(2, 1 << (t - 1).bit_length()),
-                                  QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, BLOCK=SPLIT_ROWS_BLOCK, num_warps=4)
+                                  QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, BLOCK=SPLIT_ROWS_BLOCK,
+                                  FAST=fast_codes(), num_warps=4)
     elif M:
         quant_rows_kernel[(M,)](x2, q, s if s is not None else q, static_scale if static else q, K, x2.stride(0), K,
                               QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, STATIC=static, BLOCK=block,
-                              num_warps=4 if block <= 1024 else 8)
+                              FAST=fast_codes(), num_warps=4 if block <= 1024 else 8)
     q = q.reshape(x.shape)
     return q, (None if static else s.reshape(*x.shape[:-1], 1))
 
