@@ -19,6 +19,7 @@ Writes ``benchmarks/results/hadamard_gpu.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -121,12 +122,13 @@ def _times(table: dict) -> str:
     return ", ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED {v}" for k, v in table.items())
 
 
-def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
+def fused_vs_two_kernels(ht, x: torch.Tensor, fast_codes=(False,)) -> list:
     """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel, its plan's
     launch shape and the ``FUSED_LAUNCHES``; at up to ``FEW_ROWS`` rows also the tiled
     kernel with the quantization in its epilogue) and of the transform then ``quantize_rows`` (two; the transform
     with its plan and, for up to 64 rows, the ``few_row_plans``), for int8 / fp8 codes, dynamic per row and
-    static; codes and scales must be equal everywhere."""
+    static; codes and scales must be equal everywhere. Each of ``fast_codes`` sets ``quant_triton.FAST_CODES`` for
+    the timed kernels (the reference codes are always computed without it)."""
     import dataclasses as dc
 
     from graphquant.kernels import quant_triton as QT
@@ -138,40 +140,43 @@ def fused_vs_two_kernels(ht, x: torch.Tensor) -> list:
     base = ht.plan(n, 2)
     fused_plans = [base] + [dc.replace(base, ctas=c, stages=st, num_warps=w) for c, st, w in FUSED_LAUNCHES]
     two_plans = [base] + (few_row_plans(ht, n) if x.shape[0] <= 64 else [])
-    for fp8 in (False, True):
-        for static in (False, True):
-            s = torch.tensor(0.05, device=x.device) if static else None
-            # at few rows: also the tiled kernel with the quantization in its epilogue
-            tiled = [ht.few_rows_plan(base)] if ht._few_rows_tiled(base, x.shape[0]) else []
-            want_q, want_s = QT.quantize_rows(ht.hadamard_transform_triton(x), fp8, s)
-            row = {"codes": "fp8" if fp8 else "int8", "scale": "static" if static else "dynamic",
-                   "fused": {}, "two_kernels": {}, "same_codes": True}
+    for fast, fp8, static in itertools.product(fast_codes, (False, True), (False, True)):
+        s = torch.tensor(0.05, device=x.device) if static else None
+        # at few rows: also the tiled kernel with the quantization in its epilogue
+        tiled = [ht.few_rows_plan(base)] if ht._few_rows_tiled(base, x.shape[0]) else []
+        QT.FAST_CODES = False
+        want_q, want_s = QT.quantize_rows(ht.hadamard_transform_triton(x), fp8, s)
+        QT.FAST_CODES = fast
+        row = {"codes": "fp8" if fp8 else "int8", "scale": "static" if static else "dynamic",
+               "fast_codes": fast, "fused": {}, "two_kernels": {}, "same_codes": True}
 
-            def timed(fn, table, name):
-                try:
-                    q, sc = fn()
-                    same = torch.equal(q.view(torch.int8), want_q.view(torch.int8))
-                    row["same_codes"] &= same and (static or torch.equal(sc, want_s))
-                    table[name] = bench_graph(fn)
-                except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is reported
-                    table[name] = f"{type(e).__name__}: {str(e)[:160]}"
+        def timed(fn, table, name):
+            try:
+                q, sc = fn()
+                same = torch.equal(q.view(torch.int8), want_q.view(torch.int8))
+                row["same_codes"] &= same and (static or torch.equal(sc, want_s))
+                table[name] = bench_graph(fn)
+            except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is reported
+                table[name] = f"{type(e).__name__}: {str(e)[:160]}"
 
-            for p in fused_plans + tiled:
-                timed(lambda p=p: ht.hadamard_quantize(x, fp8, s, plan_override=p), row["fused"], p.describe())
-            for p in two_plans:
-                timed(lambda p=p: QT.quantize_rows(ht.hadamard_transform_triton(x, plan_override=p), fp8, s),
-                      row["two_kernels"], p.describe())
-            best = {k: min(((v, name) for name, v in row[k].items() if isinstance(v, float)), default=(None, None))
-                    for k in ("fused", "two_kernels")}
-            row["fused_ms"], row["fused_best"] = best["fused"]
-            row["two_kernels_ms"], row["two_kernels_best"] = best["two_kernels"]
-            row["fused_over_two"] = (row["fused_ms"] / row["two_kernels_ms"]
-                                     if row["fused_ms"] and row["two_kernels_ms"] else None)
-            rows.append(row)
-            print(f"   R4 + {row['codes']:4s} {row['scale']:7s} ({x.shape[0]} rows): fused {_times(row['fused'])}",
-                  flush=True)
-            print(f"        two kernels: {_times(row['two_kernels'])}; best fused / best two = "
-                  f"{row['fused_over_two'] or float('nan'):.2f}, same codes: {row['same_codes']}", flush=True)
+        for p in fused_plans + tiled:
+            timed(lambda p=p: ht.hadamard_quantize(x, fp8, s, plan_override=p), row["fused"], p.describe())
+        for p in two_plans:
+            timed(lambda p=p: QT.quantize_rows(ht.hadamard_transform_triton(x, plan_override=p), fp8, s),
+                  row["two_kernels"], p.describe())
+        best = {k: min(((v, name) for name, v in row[k].items() if isinstance(v, float)), default=(None, None))
+                for k in ("fused", "two_kernels")}
+        row["fused_ms"], row["fused_best"] = best["fused"]
+        row["two_kernels_ms"], row["two_kernels_best"] = best["two_kernels"]
+        row["fused_over_two"] = (row["fused_ms"] / row["two_kernels_ms"]
+                                 if row["fused_ms"] and row["two_kernels_ms"] else None)
+        rows.append(row)
+        QT.FAST_CODES = False
+        print(f"   R4 + {row['codes']:4s} {row['scale']:7s}{' FAST_CODES' if fast else ''} ({x.shape[0]} rows): "
+              f"fused {_times(row['fused'])}",
+              flush=True)
+        print(f"        two kernels: {_times(row['two_kernels'])}; best fused / best two = "
+              f"{row['fused_over_two'] or float('nan'):.2f}, same codes: {row['same_codes']}", flush=True)
     return rows
 
 
@@ -182,6 +187,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time every kernel plan")
     ap.add_argument("--quantize", action="store_true",
                     help="also time the fused Hadamard + quantization kernel against the transform + quantize_rows")
+    ap.add_argument("--fast-codes", choices=("off", "on", "both"), default="off",
+                    help="--quantize with quant_triton.FAST_CODES off, on, or both (an A/B in one run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hadamard_gpu.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -228,7 +235,8 @@ def main() -> None:
               f"{ms['dense'] / ms['copy']:10.2f} {ms['torch'] / ms['copy']:10.2f} | {graph['copy']:11.4f} "
               f"{graph['triton']:7.4f} {ratio:8.2f} {gbs:5.0f} | {ulps['triton']:4.2f}", flush=True)
         if args.quantize:
-            row["quantize"] = fused_vs_two_kernels(ht, x)
+            fast = {"off": (False,), "on": (True,), "both": (False, True)}[args.fast_codes]
+            row["quantize"] = fused_vs_two_kernels(ht, x, fast)
         if args.sweep:
             t0 = time.time()
             row["sweep"] = sweep_plans(ht, x, n, graph["copy"], ref)
