@@ -13,7 +13,8 @@ For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144
 int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every option of the decode kernels
 in ``graphquant.kernels.quant_triton`` (``gemv`` and ``gemv_packed`` on CUDA cores at M = 1; ``wq_mm``, the
 W8A8 tensor-core kernel, which dequantizes weight-only codes in registers; ``w4_mma``, W4A16 on tensor cores
-with the weight as the left operand; ``w8_mma``, W8A16 on the fp16 tensor cores, exact), each checked against an
+with the weight as the left operand; ``w4_f16mma``, W4A16 on the 16-bit tensor cores with the weight as the right
+operand, nibbles turned into floats in PTX; ``w8_mma``, W8A16 on the fp16 tensor cores, exact), each checked against an
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
@@ -78,6 +79,14 @@ def w4_mma_options(quick: bool = False):
     splits, prefetches = ((2, 4, 8), (False,)) if quick else ((1, 2, 4, 8, 16), (False, True))
     for bn, split, prefetch, stages in itertools.product((32, 64, 128), splits, prefetches, (1, 3)):
         yield dict(BLOCK_N=bn, SPLIT_K=split, PREFETCH=prefetch, num_warps=4, num_stages=stages)
+
+
+def w4_f16mma_options(quick: bool = False):
+    """``w4_f16mma`` tiles: weight columns per program, split-K over the groups, pipeline stages (the loop step is
+    one group). ``quick``: 64-128 columns, 3-4 stages."""
+    bns, stages = ((64, 128), (3, 4)) if quick else ((32, 64, 128), (2, 3, 4))
+    for bn, split, st in itertools.product(bns, (1, 2, 4, 8), stages):
+        yield dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=st)
 
 
 def mma_options(kind: str):
@@ -171,7 +180,8 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all of SHAPES)")
     ap.add_argument("--kinds", default="", help="comma-separated kinds (default: all of KINDS)")
     ap.add_argument("--impls", default="",
-                    help="comma-separated kernels: gemv, gemv_packed, w4_mma, w8_mma, wq_mm (default: all)")
+                    help="comma-separated kernels: gemv, gemv_packed, w4_mma, w4_f16mma, w8_mma, wq_mm "
+                         "(default: all)")
     ap.add_argument("--m", default="1,16", help="comma-separated M values")
     ap.add_argument("--gemlite", action="store_true",
                     help="also time gemlite's kernels on the W4A16 / W8A16 weights (its wheel on PYTHONPATH)")
@@ -209,18 +219,19 @@ def main():
                 if kind == "W8A16":
                     impls.append("w8_mma")
                 if kind == "W4A16":
-                    impls.append("w4_mma")
+                    impls += ["w4_mma", "w4_f16mma"]
                 impls = [i for i in impls if not args.impls or i in args.impls]
                 for impl in impls:
                     opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
                             "gemv_packed": lambda: packed_options(kind, args.quick),
                             "w4_mma": lambda: w4_mma_options(args.quick),
-                            "w8_mma": lambda: mma_options("W8A8-fp8")}[impl]()
+                            "w8_mma": lambda: mma_options("W8A8-fp8"),
+                            "w4_f16mma": lambda: w4_f16mma_options(args.quick)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
                         fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "gemv_packed": QT.gemv_packed,
-                              "w4_mma": QT.w4_mma, "w8_mma": QT.w8_mma}[impl]
+                              "w4_mma": QT.w4_mma, "w8_mma": QT.w8_mma, "w4_f16mma": QT.w4_f16mma}[impl]
                         if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
                         try:

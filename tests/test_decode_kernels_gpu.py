@@ -109,6 +109,31 @@ def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
 
 
 @pytest.mark.parametrize("M", [1, 5, 16, 40])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
+def test_w4_f16mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
+    """W4A16 on the 16-bit tensor cores with the weight as the right operand (``w4_f16mma``, its PTX nibble
+    conversion, bf16 and fp16 activations): every tile option within 2e-5 of the fp32 reference, zero points or
+    not, the same bits launch after launch and under CUDA-graph replay, and ``decode_mm`` runs it where the tuned
+    table names it."""
+    from graphquant.kernels import quant_triton as QT
+
+    configs = [None] + [dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=4, num_stages=st)
+                        for bn, sk, st in [(32, 1, 2), (64, 3, 3), (128, 2, 4)]]
+    op = _every_config_matches(QT.w4_f16mma, "W4A16", M, N, K, configs, seed=M * 11 + N)
+    ref = QT.w4_f16mma(**op, out_dtype=torch.float32)  # fp16 holds these bf16 values exactly: the same sums
+    got = QT.w4_f16mma(**dict(op, a=op["a"].half(), bias=op["bias"].half()), out_dtype=torch.float32)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-5
+    run = lambda: QT.w4_f16mma(**op, out_dtype=torch.bfloat16, config=configs[-1])  # noqa: E731
+    outs = eager_and_graphed(run)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    table = {(QT.A_FLOAT, QT.W_INT4, N, K, QT.m_bucket(M)): dict(impl="w4_f16mma", **configs[-1])}
+    monkeypatch.setattr(QT, "_tuned", lambda name: table)
+    got = QT.decode_mm(op["a"], op["w"], op["w_scale"], w_kind=QT.W_INT4, w_zero=op["w_zero"], bias=op["bias"],
+                       group=op["group"], out_dtype=torch.bfloat16)
+    assert torch.equal(got, outs[0])
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 40])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1544)])
 def test_w8_mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
     """W8A16 on the fp16 tensor cores (``w8_mma``, its PTX code conversion): every tile option within 2e-5 of the

@@ -147,6 +147,15 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                 raise AssertionError("w8_mma refused the operands")
 
         _call(errors, f"w8_mma M={M} split={split}", w8_mma)
+    for M, split, zero in ((1, 1, False), (16, 4, True), (40, 2, False)):  # W4A16, the weight as the right operand
+        op = {**_activation("float", M, K), **_weight("int4z" if zero else "int4", N, K)}
+        for dtype in (BF, torch.float16):
+            def w4_f16mma():  # None would mean it refused the operands: nothing compiled
+                if QT.w4_f16mma(**dict(op, a=op["a"].to(dtype)), bias=torch.randn(N, dtype=dtype), out_dtype=BF,
+                                config=dict(BLOCK_N=128, SPLIT_K=split, num_warps=4, num_stages=3)) is None:
+                    raise AssertionError("w4_f16mma refused the operands")
+
+            _call(errors, f"w4_f16mma M={M} split={split} zero={zero} {dtype}", w4_f16mma)
     from graphquant.kernels.int8_gemm import int8_gemm  # prefill W8A8, its default Hopper tile
 
     a, w = torch.randint(-127, 128, (300, K), dtype=torch.int8), torch.randint(-127, 128, (N, K), dtype=torch.int8)

@@ -21,6 +21,10 @@ Eight kernels, each with a launch wrapper that takes and returns torch tensors:
 ``w4_mma``            W4A16 at decode-sized M (<= 16) on tensor cores with the weight as the left operand
                       ("swap AB"), nibbles turned into 16-bit floats from their bits, group scales applied
                       to each group's partial product.
+``w4_f16mma``         W4A16 at decode-sized M on the 16-bit tensor cores with the weight as the right operand
+                      (``w8_mma``'s structure): low and high nibbles turned into ``u - 8`` in the activation's
+                      dtype by PTX, two dots per group (even / odd activation columns); where the measured
+                      table names it (not timed on a GPU yet).
 ``w8_mma``            W8A16 at decode-sized M on the fp16 tensor cores, exact: the activation tile as fp16
                       under a power-of-two scale per row, the int8 codes as fp16 from their bits (where the
                       measured table names it: on the H200 every shape at 16 rows and gate/up at one row).
@@ -701,6 +705,90 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
 
 
 @triton.jit
+def _u4_16(w, HIGH: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr):
+    """The low (or, with ``HIGH``, the high) nibbles ``u`` of the bytes ``w`` (uint8) as the exact 16-bit float
+    ``u - 8`` (bfloat16, or half with ``FP16``): the byte ``u`` under the exponent byte ``0x43`` is the bfloat16
+    ``128 + u`` (under ``0x64`` the half ``1024 + u``), less 136 (1032). ``ASM``: four bytes (one 32-bit register
+    of the dot operand's layout) in five or six instructions: an and (for the high nibbles a shift first), two
+    byte permutes, two paired fused multiply-adds ``x * 1 - 136``, as :func:`_i8_f16` does for int8 codes.
+    Without ``ASM`` (Triton's CPU interpreter, which runs no PTX) the same values in fp32, element by element."""
+    if ASM:
+        if FP16:
+            if HIGH:
+                f = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, c; shr.b32 t, $2, 4; and.b32 t, t, 0x0f0f0f0f; mov.b32 c, 0x64086408;"
+                    " prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
+                    " sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }",
+                    "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                f = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, c; and.b32 t, $2, 0x0f0f0f0f; mov.b32 c, 0x64086408;"
+                    " prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
+                    " sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }",
+                    "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            if HIGH:
+                f = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, one, c; shr.b32 t, $2, 4; and.b32 t, t, 0x0f0f0f0f; mov.b32 one, 0x3f803f80;"
+                    " mov.b32 c, 0xc308c308; prmt.b32 $0, t, 0x43434343, 0x4140;"
+                    " prmt.b32 $1, t, 0x43434343, 0x4342;"
+                    " fma.rn.bf16x2 $0, $0, one, c; fma.rn.bf16x2 $1, $1, one, c; }",
+                    "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+            else:
+                f = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, one, c; and.b32 t, $2, 0x0f0f0f0f; mov.b32 one, 0x3f803f80;"
+                    " mov.b32 c, 0xc308c308; prmt.b32 $0, t, 0x43434343, 0x4140;"
+                    " prmt.b32 $1, t, 0x43434343, 0x4342;"
+                    " fma.rn.bf16x2 $0, $0, one, c; fma.rn.bf16x2 $1, $1, one, c; }",
+                    "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        u = w.to(tl.int32) & 0xFF
+        if HIGH:
+            u = u >> 4
+        f = ((u & 0xF) - 8).to(tl.float32)  # the interpreter's 16-bit dots are wrong: fp32 operands there
+    return f
+
+
+@triton.jit
+def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm, stride_sw,
+                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
+                     PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP16: tl.constexpr = False,
+                     LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True):
+    """W4A16 at decode-sized M on the 16-bit tensor cores, :func:`w8_mma_kernel`'s structure (the weight as the
+    right operand, the activation rows padded to ``BLOCK_M``): ``C = A @ dequant(B).T (+ BIAS)`` with A bf16
+    (``FP16``: half) (M, K) and B nibble-packed int4 codes (N, K/2; even columns in the low nibbles) under
+    (N, K/GROUP) scales (and zero points). One loop step is one quantization group: ``GROUP / 2`` bytes per
+    weight row, whose low and high nibbles become ``u - 8`` in the activation's dtype from their bits
+    (:func:`_u4_16`; small integers, exact) and meet the even and the odd activation columns in two dots, so the
+    nibbles are never interleaved and the activation is used as it is. Products are exact, sums fp32; the
+    group's partial product is scaled per column by the group scale into the accumulator. A zero point ``z``
+    enters as ``-(z - 8) * sum(a over the group)``. Split-K over the groups as :func:`wq_mm_kernel`."""
+    HALF: tl.constexpr = GROUP // 2
+    pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, GROUP)
+    rh = tl.arange(0, HALF)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_row = A + rm[:, None] * stride_am + tl.arange(0, GROUP)[None, :]
+    w_ptrs = B + rn[None, :] * stride_bn + rh[:, None]
+    s_ptrs = SW + rn * stride_sw
+    for k0 in range(k_lo, k_hi, GROUP):
+        g = k0 // GROUP
+        x = tl.load(a_row + k0, mask=m_ok[:, None], other=0.0)
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
+        if not ASM:
+            xe, xo = xe.to(tl.float32), xo.to(tl.float32)
+        wt = tl.load(w_ptrs + k0 // 2, mask=n_ok[None, :], other=0)
+        part = tl.dot(xe, _u4_16(wt, False, FP16, ASM))
+        part = tl.dot(xo, _u4_16(wt, True, FP16, ASM), part)
+        if HAS_ZERO:
+            z = tl.load(ZW + rn * stride_sw + g, mask=n_ok, other=8).to(tl.float32) - 8.0
+            xsum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
+            part -= xsum[:, None] * z[None, :]
+        acc += part * tl.load(s_ptrs + g, mask=n_ok, other=0.0)[None, :]
+    _mm_store(acc, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
+              PARTIAL, LAST_SUMS)
+
+
+@triton.jit
 def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
                           SA_ROW: tl.constexpr, SW_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -991,7 +1079,8 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     codes are dequantized in registers). The table may also name ``w4_mma`` (W4A16 up to 16 rows; on the H200
     it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
     not pick it, as it is measured on the H200 only; nor ``w8_mma`` (W8A16 on the fp16 tensor cores; in the H200
-    table for 16 rows of every shape and one row of gate/up, ``decode_kernels_w8a16_w8mma.json``)."""
+    table for 16 rows of every shape and one row of gate/up, ``decode_kernels_w8a16_w8mma.json``) or
+    ``w4_f16mma`` (not timed yet)."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -1023,6 +1112,12 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
         impl, cfg = "gemv_packed", {}
     if impl == "w8_mma":
         out = w8_mma(a, w, w_scale, w_kind=w_kind, bias=bias, out_dtype=out_dtype, config=cfg or None)
+        if out is not None:
+            return out
+        impl, cfg = "gemv_packed", {}
+    if impl == "w4_f16mma":
+        out = w4_f16mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
+                        config=cfg or None, a_scale=a_scale)
         if out is not None:
             return out
         impl, cfg = "gemv_packed", {}
@@ -1220,6 +1315,37 @@ def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
     w8_mma_kernel[grid](a, w, w_scale, bias if bias is not None else w_scale, c, out, count, M, N, K, a.stride(0),
                         w.stride(0), c.stride(-2), W_SCALE=1 if w_scale.numel() > 1 else 0, HAS_BIAS=bias is not None,
                         PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
+    return out if last else split_sum(c, out_dtype)
+
+
+def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
+              bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None,
+              **_) -> torch.Tensor | None:
+    """W4A16 ``a (M <= 64, K) bf16/fp16 @ dequant(w).T (+ bias)`` through :func:`w4_f16mma_kernel`; None when
+    the operands do not fit it (other weight kinds, activation codes or other activation dtypes, more than 64
+    rows, a group not a multiple of 32, a layout other than nibble-packed (N, K/2) with (N, K/group) scales)."""
+    M, K = a.shape
+    if w_kind != W_INT4 or a_scale is not None or a.dtype not in (torch.bfloat16, torch.float16) \
+            or not 0 < M <= 64 or a.stride(1) != 1:
+        return None
+    if group < 32 or group % 32 or K % group or w.dim() != 2 or w.stride(1) != 1 or 2 * w.shape[1] != K \
+            or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 or w_scale.shape[1] != K // group \
+            or (w_zero is not None and w_zero.stride() != w_scale.stride()):
+        return None
+    N = w.shape[0]
+    out_dtype = out_dtype or a.dtype
+    cfg = {"BLOCK_N": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3, **(config or {})}
+    cfg.pop("BLOCK_K", None)  # the loop step is one group
+    cfg["BLOCK_M"] = 16 if M <= 16 else 32 if M <= 32 else 64
+    split = max(1, min(cfg["SPLIT_K"], K // group))
+    cfg["SPLIT_K"] = split
+    grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
+    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
+    w4_f16mma_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else w_scale,
+                           bias if bias is not None else w_scale, c, out, count, M, N, K, a.stride(0), w.stride(0),
+                           c.stride(-2), w_scale.stride(0), GROUP=group, HAS_ZERO=w_zero is not None,
+                           HAS_BIAS=bias is not None, PARTIAL=split > 1, FP16=a.dtype == torch.float16,
+                           LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
     return out if last else split_sum(c, out_dtype)
 
 
