@@ -89,6 +89,14 @@ def w4_f16mma_options(quick: bool = False):
         yield dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=st)
 
 
+def w8_mma_options():
+    """``w8_mma`` tiles: the fp8 kernel's grid, each with and without ``ONE_SCALE`` (one power of two per activation
+    row for the whole K range)."""
+    for cfg in mma_options("W8A8-fp8"):
+        for one in (False, True):
+            yield dict(cfg, ONE_SCALE=one)
+
+
 def mma_options(kind: str):
     bks = (128,) if kind == "W4A16" else (128, 256)
     for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
@@ -225,7 +233,7 @@ def main():
                     opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
                             "gemv_packed": lambda: packed_options(kind, args.quick),
                             "w4_mma": lambda: w4_mma_options(args.quick),
-                            "w8_mma": lambda: mma_options("W8A8-fp8"),
+                            "w8_mma": lambda: w8_mma_options(),
                             "w4_f16mma": lambda: w4_f16mma_options(args.quick)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:

@@ -61,11 +61,12 @@ def specs():
                      PARTIAL=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, LAST_SUMS=False)
         out.append((f"wq_mm W8A8 {label} BN128 BK256", QT.wq_mm_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
                     128 * 256 / 128))
-    for bn, bk in ((128, 256), (64, 128)):  # W8A16 on the fp16 tensor cores
+    for bn, bk, one in ((128, 256, False), (64, 128, False), (128, 256, True), (64, 128, True)):  # W8A16, fp16 MMA
         ptrs = {"A": "bf16", "B": "i8", "SW": "fp32", "BIAS": "bf16", "C": "bf16", "OUT": "bf16", "COUNT": "i32"}
-        const = dict(W_SCALE=1, HAS_BIAS=False, PARTIAL=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, LAST_SUMS=False)
-        out.append((f"w8_mma W8A16 BN{bn} BK{bk}", QT.w8_mma_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
-                    bn * bk / 128))
+        const = dict(W_SCALE=1, HAS_BIAS=False, PARTIAL=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, LAST_SUMS=False,
+                     ONE_SCALE=one)
+        out.append((f"w8_mma W8A16 BN{bn} BK{bk}{' ONE_SCALE' if one else ''}", QT.w8_mma_kernel, ptrs, const,
+                    dict(num_warps=4, num_stages=3), bn * bk / 128))
     ptrs = {"A": "bf16", "B": "u8", "SW": "fp32", "ZW": "u8", "BIAS": "bf16", "C": "bf16"}
     const = dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, FP16=False, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
                  PREFETCH=False)

@@ -142,8 +142,9 @@ def test_w8_mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
     from graphquant.kernels import int8_mm
     from graphquant.kernels import quant_triton as QT
 
-    configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
-                        for bn, bk, sk, st in [(64, 128, 1, 4), (128, 256, 1, 3), (64, 256, 3, 3)]]
+    configs = [None] + [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st, ONE_SCALE=one)
+                        for bn, bk, sk, st, one in [(64, 128, 1, 4, False), (128, 256, 1, 3, True),
+                                                    (64, 256, 3, 3, False)]]
     op = _every_config_matches(QT.w8_mma, "W8A16", M, N, K, configs, seed=M * 13 + N)
     big = op["a"] * 3e4  # past fp16's range: the row scale brings it back
     ref = big.float() @ (op["w"].float() * op["w_scale"][:, None]).t()

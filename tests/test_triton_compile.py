@@ -143,7 +143,8 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
 
         def w8_mma():  # None would mean it refused the operands: nothing compiled
             if QT.w8_mma(**op, bias=torch.randn(N, dtype=BF), out_dtype=BF,
-                         config=dict(BLOCK_N=128, BLOCK_K=256, SPLIT_K=split, num_warps=4, num_stages=3)) is None:
+                         config=dict(BLOCK_N=128, BLOCK_K=256, SPLIT_K=split, num_warps=4, num_stages=3,
+                                     ONE_SCALE=split == 4)) is None:
                 raise AssertionError("w8_mma refused the operands")
 
         _call(errors, f"w8_mma M={M} split={split}", w8_mma)

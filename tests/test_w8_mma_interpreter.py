@@ -2,7 +2,8 @@
 interpreter runs no PTX, so the int8 -> fp16 conversion takes its element-by-element form, the same bits): the
 product equals the float64 one to fp32 accuracy for activations spanning five decades at any overall scale
 (3e4: past fp16's range; 1e-3), 1-40 rows (one and several row blocks), per-column and single weight scales, bias,
-split-K (the last split sums), K not a multiple of the tile, rows of zeros; ``decode_choice`` picks it for
+split-K (the last split sums), K not a multiple of the tile, rows of zeros, a power of two per row and tile or
+(``ONE_SCALE``) per row; ``decode_choice`` picks it for
 W8A16 where the H200 table measured it fastest (16 rows of every shape, one row of gate/up) and not where
 ``gemv_packed`` won."""
 from __future__ import annotations
@@ -25,7 +26,8 @@ for M, N, K, split, with_bias, per_channel, scale in CASES:
     bias = torch.randn(N, dtype=torch.bfloat16) if with_bias else None
     ref = x.double() @ (w.double() * sw.double().reshape(-1, 1)).T + (bias.double() if with_bias else 0.0)
     out = QT.w8_mma(x, w, sw, bias=bias, out_dtype=torch.float32,
-                    config=dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=1))
+                    config=dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=split, num_warps=4, num_stages=1,
+                                ONE_SCALE=checked % 2 == 1))
     err = ((out.double() - ref).abs() / ref.abs().max(dim=1, keepdim=True).values.clamp_min(1e-30)).max().item()
     assert err < 2e-6, (M, N, K, split, err)
     if M > 2:

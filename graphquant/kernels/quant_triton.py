@@ -647,15 +647,21 @@ def w4_mma_kernel(A, B, SW, ZW, BIAS, C, M, N, G, stride_am, stride_bn, stride_c
 
 
 @triton.jit
+def _pow2_rows(amax, BIG: tl.constexpr):
+    """(2^k, 2^-k) per row for rows whose largest magnitude is ``amax``: 2^k brings it into [2^14, 2^15)
+    (``BIG = 127 + 14 + 127``); a zero row gets the largest k."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent; 0 for a zero row
+    kb = tl.minimum(tl.maximum(BIG - e, 1), 253)  # biased exponent of 2^(14 - E)
+    return (kb << 23).to(tl.float32, bitcast=True), ((254 - kb) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _f16_rows(a, BIG: tl.constexpr):
     """Float rows ``a`` (BM, BK) as fp16 times a power of two per row that brings the row's largest magnitude
     into [2^14, 2^15): exact for bf16 / fp16 inputs (8 / 11 significant bits) down to 2^-28 of that largest
     element (smaller ones round as fp16 subnormals). Returns (fp16 rows, fp32 2^-k per row to undo it)."""
     af = a.to(tl.float32)
-    e = (tl.max(tl.abs(af), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent; 0 for a zero row
-    kb = tl.minimum(tl.maximum(BIG - e, 1), 253)  # biased exponent of 2^(14 - E)
-    up = (kb << 23).to(tl.float32, bitcast=True)
-    down = ((254 - kb) << 23).to(tl.float32, bitcast=True)
+    up, down = _pow2_rows(tl.max(tl.abs(af), axis=1), BIG)
     return (af * up[:, None]).to(tl.float16), down
 
 
@@ -680,22 +686,39 @@ def _i8_f16(w, ASM: tl.constexpr):
 def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm,
                   W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, PARTIAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True):
+                  LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True, ONE_SCALE: tl.constexpr = False):
     """W8A16 at decode-sized M on the fp16 tensor cores, exact: ``C = A @ (B * SW).T (+ BIAS)`` with A float
     (M, K) and B int8 codes (N, K). Each K tile of the activation becomes fp16 under a power-of-two scale per row
     (:func:`_f16_rows`) and the codes become fp16 from their bits (:func:`_i8_f16`): every product is exact
     and the tile's fp32 sum is scaled back (exactly) into the fp32 accumulator; the weight scale comes last, per
     column. The same structure as the fp8 W8A8 kernel at 16 rows (fp8 codes turned into fp16 in registers),
-    which streams the gate|up weight at 3.9 TB/s on the H200. Split-K as :func:`wq_mm_kernel`."""
+    which streams the gate|up weight at 3.9 TB/s on the H200. Split-K as :func:`wq_mm_kernel`. ``ONE_SCALE`` (a
+    tile option): one power of two per row for the program's whole K range (a first pass over the activation finds
+    it), so each K tile is only multiplied and converted, and the fp16 products accumulate in the dot itself
+    (``kernel_sass.py``: 3.32 instructions per weight element against 3.64 at 128 x 256 tiles); exact down to
+    2^-28 of the row's largest element in that range instead of in each tile."""
     pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ONE_SCALE:  # one power of two per row for the program's whole K range, from a first pass over it
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        up, down = _pow2_rows(amax, 268)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        a16, down = _f16_rows(a, 268)  # 268 = 127 + 14 + 127
-        wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
-        acc += tl.dot(a16, _i8_f16(wt, ASM)) * down[:, None]
+        if ONE_SCALE:
+            wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
+            acc = tl.dot((a.to(tl.float32) * up[:, None]).to(tl.float16), _i8_f16(wt, ASM), acc)
+        else:
+            a16, down = _f16_rows(a, 268)  # 268 = 127 + 14 + 127
+            wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
+            acc += tl.dot(a16, _i8_f16(wt, ASM)) * down[:, None]
+    if ONE_SCALE:
+        acc = acc * down[:, None]
     if W_SCALE == 1:
         out = acc * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
     else:
