@@ -244,7 +244,7 @@ def test_every_tuned_decode_entry_names_a_kernel_and_its_options(compile_only):
     table = QT._tuned("NVIDIA H200")
     assert table, "no tuned entries for the H200"
     kernels = {"gemv": QT.gemv_kernel, "gemv_packed": QT.gemv_packed_kernel, "w4_mma": QT.w4_mma_kernel,
-               "wq_mm": QT.wq_mm_kernel, "w8_mma": QT.w8_mma_kernel}
+               "wq_mm": QT.wq_mm_kernel, "w8_mma": QT.w8_mma_kernel, "w4_f16mma": QT.w4_f16mma_kernel}
     errors = compile_only
     seen = set()
     for (a_kind, w_kind, N, K, m), cfg in sorted(table.items()):
