@@ -83,18 +83,22 @@ def w4_mma_options(quick: bool = False):
 
 def w4_f16mma_options(quick: bool = False):
     """``w4_f16mma`` tiles: weight columns per program, split-K over the groups, pipeline stages (the loop step is
-    one group). ``quick``: 64-128 columns, 3-4 stages."""
-    bns, stages = ((64, 128), (3, 4)) if quick else ((32, 64, 128), (2, 3, 4))
+    one group). ``quick``: 64-256 columns, 3-4 stages (``kernel_sass.py``: 3.38 / 2.71 / 2.36 instructions per
+    weight element at 64 / 128 / 256 columns)."""
+    bns, stages = ((64, 128, 256), (3, 4)) if quick else ((32, 64, 128, 256), (2, 3, 4))
     for bn, split, st in itertools.product(bns, (1, 2, 4, 8), stages):
         yield dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=st)
 
 
 def w8_mma_options():
     """``w8_mma`` tiles: the fp8 kernel's grid, each with and without ``ONE_SCALE`` (one power of two per activation
-    row for the whole K range)."""
+    row for the whole K range), and 256 weight columns by 128 (``kernel_sass.py``: 2.89 instructions per weight
+    element with ``ONE_SCALE``, against 3.26 at 128 x 256)."""
     for cfg in mma_options("W8A8-fp8"):
         for one in (False, True):
             yield dict(cfg, ONE_SCALE=one)
+    for split, stages in itertools.product((1, 2, 4), (3, 4)):
+        yield dict(BLOCK_N=256, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=stages, ONE_SCALE=True)
 
 
 def mma_options(kind: str):

@@ -61,7 +61,8 @@ def specs():
                      PARTIAL=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, LAST_SUMS=False)
         out.append((f"wq_mm W8A8 {label} BN128 BK256", QT.wq_mm_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
                     128 * 256 / 128))
-    for bn, bk, one in ((128, 256, False), (64, 128, False), (128, 256, True), (64, 128, True)):  # W8A16, fp16 MMA
+    for bn, bk, one in ((128, 256, False), (64, 128, False), (128, 256, True), (64, 128, True),
+                        (256, 128, True)):  # W8A16 on the fp16 tensor cores
         ptrs = {"A": "bf16", "B": "i8", "SW": "fp32", "BIAS": "bf16", "C": "bf16", "OUT": "bf16", "COUNT": "i32"}
         const = dict(W_SCALE=1, HAS_BIAS=False, PARTIAL=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, LAST_SUMS=False,
                      ONE_SCALE=one)
@@ -71,7 +72,7 @@ def specs():
     const = dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, FP16=False, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
                  PREFETCH=False)
     out.append(("w4_mma W4A16 BN64", QT.w4_mma_kernel, ptrs, const, dict(num_warps=4, num_stages=3), 64 * 128 / 128))
-    for bn in (64, 128):  # W4A16 on the fp16 tensor cores, w8_mma's structure (the weight as the right operand)
+    for bn in (64, 128, 256):  # W4A16 on the 16-bit tensor cores, w8_mma's structure (the weight as the right operand)
         ptrs = {"A": "bf16", "B": "u8", "SW": "fp32", "ZW": "u8", "BIAS": "bf16", "C": "bf16", "OUT": "bf16",
                 "COUNT": "i32"}
         const = dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, PARTIAL=False, BLOCK_M=16, BLOCK_N=bn,
