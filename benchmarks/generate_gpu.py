@@ -211,28 +211,31 @@ def parse_switch(spec: str) -> tuple[str, str, object]:
 
 
 def switch_label(spec: str) -> str:
-    """The row-name suffix of a switch: ``ATTR=value``."""
-    module, attr, value = parse_switch(spec)
-    return f"{attr}={value}"
+    """The row-name suffix of a switch: ``ATTR=value`` (several joined by ``;``)."""
+    return ";".join(f"{attr}={value}" for _, attr, value in map(parse_switch, spec.split(";")))
 
 
 @contextlib.contextmanager
 def switched(spec: str):
-    """``spec`` (see :func:`parse_switch`) in force inside the block, the old value back afterwards. The
-    attribute must exist: a misspelt switch must not measure the default twice."""
+    """``spec`` (see :func:`parse_switch`; several switches joined by ``;`` are set together) in force inside the
+    block, the old values back afterwards. Each attribute must exist: a misspelt switch must not measure the
+    default twice."""
     if not spec:
         yield
         return
-    module, attr, value = parse_switch(spec)
-    mod = importlib.import_module(module)
-    if not hasattr(mod, attr):
-        raise SystemExit(f"generate_gpu.py: --ab {spec!r}: {module} has no {attr}")
-    old = getattr(mod, attr)
-    setattr(mod, attr, value)
+    olds = []
     try:
+        for one in spec.split(";"):
+            module, attr, value = parse_switch(one)
+            mod = importlib.import_module(module)
+            if not hasattr(mod, attr):
+                raise SystemExit(f"generate_gpu.py: --ab {one!r}: {module} has no {attr}")
+            olds.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, value)
         yield
     finally:
-        setattr(mod, attr, old)
+        for mod, attr, old in reversed(olds):
+            setattr(mod, attr, old)
 
 
 def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, smoke=False,
@@ -816,7 +819,7 @@ def main(argv=None):
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
-    ap.add_argument("--ab", action="append", metavar="MODULE.ATTR=VALUE",
+    ap.add_argument("--ab", action="append", metavar="MODULE.ATTR=VALUE[;MODULE.ATTR=VALUE]",
                     help="also measure every graphquant row with this switch set, right after it (repeatable), "
                          "e.g. graphquant.kernels.int8_mm.PREFILL_TRITON=1")
     ap.add_argument("--isolate", default="torchao",

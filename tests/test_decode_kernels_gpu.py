@@ -320,3 +320,52 @@ def assert_codes_of_fake_quant(quantize, y, fp8):
     ref = FQ.quantize(y, st, torch.zeros((), dtype=torch.int32, device=y.device),
                       spec.replace("per_token", "per_tensor").replace("dynamic", "static"))
     assert torch.equal(qs.float(), ref.float())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_quantization_inside_the_matmul_equals_the_two_ops(fp8, static, rows, monkeypatch):
+    """``graphquant::quant_act_linear`` (``activation.QUANT_IN_MATMUL``): the activation quantized inside
+    ``wq_mm`` gives the result of ``quantize_act_*`` then ``int8_linear`` / ``fp8_linear`` bit for bit (per-token
+    dynamic and per-tensor static, int8 and fp8, every split-K the table may pick), eagerly and under CUDA-graph
+    replay; where the decode kernel is not ``wq_mm`` the op runs the two steps."""
+    from graphquant.kernels import quant_triton as QT
+    from graphquant.lowering import activation as A
+    from graphquant.lowering import ops  # noqa: F401  registers the ops
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    N, K = 1024, 4096
+    x = (torch.randn(rows, K, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    kind = "per_tensor:sym:static" if static else "per_token:sym:dynamic"
+    spec = f"{'fp8_e4m3' if fp8 else 'int8'}:{kind}:float:half_even"
+    if fp8:
+        w = (torch.randn(N, K, device="cuda", generator=g) * 40).to(torch.float8_e4m3fn)
+    else:
+        w = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8, generator=g)
+    sw = torch.rand(N, device="cuda", generator=g) / 100
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    scale = torch.tensor(0.03, device="cuda") if static else None
+    op = torch.ops.graphquant
+    a_kind = QT.A_FP8 if fp8 else QT.A_INT8
+    w_kind = QT.W_FP8 if fp8 else QT.W_INT8
+    for split in (1, 4):
+        table = {(a_kind, w_kind, N, K, QT.m_bucket(rows)): dict(impl="wq_mm", BLOCK_N=64, BLOCK_K=256,
+                                                                 SPLIT_K=split, num_warps=4, num_stages=3)}
+        monkeypatch.setattr(QT, "_tuned", lambda name: table)
+        ref = (op.fp8_linear if fp8 else op.int8_linear)(*((A.quantize_static(x, scale, spec), scale) if static
+                                                           else A.quantize_dynamic(x, spec)), w, sw, bias,
+                                                         torch.bfloat16)
+        calls = []
+        real = QT.quant_act_mm
+        monkeypatch.setattr(QT, "quant_act_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+        outs = eager_and_graphed(lambda: op.quant_act_linear(x, scale, spec, w, sw, bias, torch.bfloat16))
+        assert calls and all(torch.equal(o, ref) for o in outs), split
+        monkeypatch.setattr(QT, "quant_act_mm", real)
+    table = {(a_kind, w_kind, N, K, QT.m_bucket(rows)): dict(impl="gemv", BLOCK_N=4, BLOCK_K=512, SPLIT_K=1,
+                                                             num_warps=4, num_stages=2)}
+    monkeypatch.setattr(QT, "_tuned", lambda name: table)
+    assert QT.quant_act_mm(x, w, sw, w_kind=w_kind, fp8_codes=fp8, static_scale=scale) is None
+    two = (op.fp8_linear if fp8 else op.int8_linear)(*((A.quantize_static(x, scale, spec), scale) if static
+                                                       else A.quantize_dynamic(x, spec)), w, sw, bias, torch.bfloat16)
+    assert torch.equal(op.quant_act_linear(x, scale, spec, w, sw, bias, torch.bfloat16), two)

@@ -195,6 +195,18 @@ def test_ab_switch_twins_each_graphquant_row(bench, monkeypatch):
     with pytest.raises(SystemExit, match="has no"):
         with bench.switched("graphquant.kernels.int8_mm.NO_SUCH_SWITCH=1"):
             pass
+    from graphquant.kernels import quant_triton as QT
+
+    both = f"graphquant.kernels.int8_mm.PREFILL_TRITON={flip};graphquant.kernels.quant_triton.FAST_CODES=1"
+    assert bench.switch_label(both) == f"PREFILL_TRITON={flip};FAST_CODES=1"
+    fast = QT.FAST_CODES
+    with bench.switched(both):  # set together, both restored afterwards
+        assert int8_mm.PREFILL_TRITON == flip and QT.FAST_CODES == 1
+    assert int8_mm.PREFILL_TRITON is default and QT.FAST_CODES is fast
+    with pytest.raises(SystemExit, match="has no"):  # a misspelt second switch: the first one is restored too
+        with bench.switched(f"graphquant.kernels.int8_mm.PREFILL_TRITON={flip};graphquant.kernels.int8_mm.NOPE=1"):
+            pass
+    assert int8_mm.PREFILL_TRITON is default
     raw = [raw_row("bf16", "bf16", False, 0.6, 0.8, 21.0, 2 * 436 * MB, 200.0),
            dict(raw_row("graphquant", "int8 W8A8", False, 0.4, 0.6, 17.0, 2 * 218 * MB, 130.0), switch=""),
            dict(raw_row("graphquant", "int8 W8A8", False, 0.4, 0.6, 13.0, 2 * 218 * MB, 130.0), switch="m.X=1",

@@ -56,6 +56,13 @@ FUSED_MIN_ROWS: int | None = None
 FUSED_FEW_ROWS_STATIC = True
 FUSED_FEW_ROWS_DYNAMIC = True
 
+#: a W8A8 Linear without an input rotation quantizes its activation inside the decode matmul (at most
+#: ``int8_mm.SKINNY_M`` rows, ``graphquant::quant_act_linear``: ``quant_triton.wq_mm``'s ``QUANT_A``) instead of
+#: a quantization launch (the o_proj input after attention; the down_proj input's two-launch per-token scales)
+#: or an Inductor fusion into the previous kernel. The same codes and result. Off: not timed on a GPU yet
+#: (``generate_gpu.py --ab graphquant.lowering.activation.QUANT_IN_MATMUL=1``)
+QUANT_IN_MATMUL = False
+
 
 def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):
     """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` and a size rule picks it (CUDA,
