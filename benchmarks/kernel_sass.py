@@ -64,7 +64,7 @@ def specs():
         for quant, fast in ((1, False), (2, False), (1, True), (2, True)):  # the activation quantized in-kernel
             qmax = QT.FP8_MAX if a_kind == QT.A_FP8 else 127.0
             qconst = dict(const, SA_ROW=False, QUANT_A=quant, QMAX=qmax, RCP=1 / qmax, FAST=fast, ONE_ROW=True)
-            out.append((f"wq_mm W8A8 {label} BN128 BK256 QUANT_A={'static' if quant == 1 else 'dynamic'}"
+            out.append((f"wq_mm QUANT_A={'static' if quant == 1 else 'dynamic'} {label} BN128 BK256"
                         f"{' FAST' if fast else ''}", QT.wq_mm_kernel, dict(ptrs, A="bf16"), qconst,
                         dict(num_warps=4, num_stages=3), 128 * 256 / 128))
     for bn, bk, one in ((128, 256, False), (64, 128, False), (128, 256, True), (64, 128, True),
