@@ -83,7 +83,7 @@ def w4_mma_options(quick: bool = False):
 
 def w4_f16mma_options(quick: bool = False):
     """``w4_f16mma`` tiles: weight columns per program, split-K over the groups, pipeline stages (the loop step is
-    one group). ``quick``: 64-256 columns, 3-4 stages (``kernel_sass.py``: 3.38 / 2.71 / 2.36 instructions per
+    one group). ``quick``: 64-256 columns, 3-4 stages (``kernel_sass.py``: 3.50 / 2.70 / 2.35 instructions per
     weight element at 64 / 128 / 256 columns)."""
     bns, stages = ((64, 128, 256), (3, 4)) if quick else ((32, 64, 128, 256), (2, 3, 4))
     for bn, split, st in itertools.product(bns, (1, 2, 4, 8), stages):

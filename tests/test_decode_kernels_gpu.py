@@ -54,6 +54,13 @@ def eager_and_graphed(run, calls: int = 3) -> list:
     return outs + [graphed]
 
 
+def tuned_only(monkeypatch, key, impl: str, cfg: dict):
+    """The measured decode table (``quant_triton._tuned``) holds one entry: ``key`` -> ``impl`` with ``cfg``."""
+    from graphquant.kernels import quant_triton as QT
+
+    monkeypatch.setattr(QT, "_tuned", lambda name: {key: dict(impl=impl, **cfg)})
+
+
 def _every_config_matches(kernel, kind, M, N, K, configs, seed):
     """``kernel(**op, out_dtype=fp32, config=cfg)`` within 2e-5 of the fp32 reference for each config (and each
     zero-point option of int4); returns the last case's operands."""
@@ -126,8 +133,7 @@ def test_w4_f16mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch)
     run = lambda: QT.w4_f16mma(**op, out_dtype=torch.bfloat16, config=configs[-1])  # noqa: E731
     outs = eager_and_graphed(run)
     assert all(torch.equal(o, outs[0]) for o in outs)
-    table = {(QT.A_FLOAT, QT.W_INT4, N, K, QT.m_bucket(M)): dict(impl="w4_f16mma", **configs[-1])}
-    monkeypatch.setattr(QT, "_tuned", lambda name: table)
+    tuned_only(monkeypatch, (QT.A_FLOAT, QT.W_INT4, N, K, QT.m_bucket(M)), "w4_f16mma", configs[-1])
     got = QT.decode_mm(op["a"], op["w"], op["w_scale"], w_kind=QT.W_INT4, w_zero=op["w_zero"], bias=op["bias"],
                        group=op["group"], out_dtype=torch.bfloat16)
     assert torch.equal(got, outs[0])
@@ -153,8 +159,7 @@ def test_w8_mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
     run = lambda: QT.w8_mma(**op, out_dtype=torch.bfloat16, config=configs[-1])  # noqa: E731
     outs = eager_and_graphed(run)
     assert all(torch.equal(o, outs[0]) for o in outs)
-    table = {(QT.A_FLOAT, QT.W_INT8, N, K, QT.m_bucket(M)): dict(impl="w8_mma", **configs[-1])}
-    monkeypatch.setattr(QT, "_tuned", lambda name: table)
+    tuned_only(monkeypatch, (QT.A_FLOAT, QT.W_INT8, N, K, QT.m_bucket(M)), "w8_mma", configs[-1])
     assert QT.decode_choice(M, N, K, QT.A_FLOAT, QT.W_INT8, 0, op["a"].device) == ("w8_mma", configs[-1])
     calls = []
     real = QT.w8_mma
@@ -347,25 +352,21 @@ def test_quantization_inside_the_matmul_equals_the_two_ops(fp8, static, rows, mo
     bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
     scale = torch.tensor(0.03, device="cuda") if static else None
     op = torch.ops.graphquant
-    a_kind = QT.A_FP8 if fp8 else QT.A_INT8
-    w_kind = QT.W_FP8 if fp8 else QT.W_INT8
+    key = (QT.A_FP8 if fp8 else QT.A_INT8, QT.W_FP8 if fp8 else QT.W_INT8, N, K, QT.m_bucket(rows))
+
+    def two_ops():
+        codes = (A.quantize_static(x, scale, spec), scale) if static else A.quantize_dynamic(x, spec)
+        return (op.fp8_linear if fp8 else op.int8_linear)(*codes, w, sw, bias, torch.bfloat16)
+
     for split in (1, 4):
-        table = {(a_kind, w_kind, N, K, QT.m_bucket(rows)): dict(impl="wq_mm", BLOCK_N=64, BLOCK_K=256,
-                                                                 SPLIT_K=split, num_warps=4, num_stages=3)}
-        monkeypatch.setattr(QT, "_tuned", lambda name: table)
-        ref = (op.fp8_linear if fp8 else op.int8_linear)(*((A.quantize_static(x, scale, spec), scale) if static
-                                                           else A.quantize_dynamic(x, spec)), w, sw, bias,
-                                                         torch.bfloat16)
+        tuned_only(monkeypatch, key, "wq_mm", dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=split, num_warps=4, num_stages=3))
+        ref = two_ops()
         calls = []
         real = QT.quant_act_mm
         monkeypatch.setattr(QT, "quant_act_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
         outs = eager_and_graphed(lambda: op.quant_act_linear(x, scale, spec, w, sw, bias, torch.bfloat16))
         assert calls and all(torch.equal(o, ref) for o in outs), split
         monkeypatch.setattr(QT, "quant_act_mm", real)
-    table = {(a_kind, w_kind, N, K, QT.m_bucket(rows)): dict(impl="gemv", BLOCK_N=4, BLOCK_K=512, SPLIT_K=1,
-                                                             num_warps=4, num_stages=2)}
-    monkeypatch.setattr(QT, "_tuned", lambda name: table)
-    assert QT.quant_act_mm(x, w, sw, w_kind=w_kind, fp8_codes=fp8, static_scale=scale) is None
-    two = (op.fp8_linear if fp8 else op.int8_linear)(*((A.quantize_static(x, scale, spec), scale) if static
-                                                       else A.quantize_dynamic(x, spec)), w, sw, bias, torch.bfloat16)
-    assert torch.equal(op.quant_act_linear(x, scale, spec, w, sw, bias, torch.bfloat16), two)
+    tuned_only(monkeypatch, key, "gemv", dict(BLOCK_N=4, BLOCK_K=512, SPLIT_K=1, num_warps=4, num_stages=2))
+    assert QT.quant_act_mm(x, w, sw, w_kind=key[1], fp8_codes=fp8, static_scale=scale) is None
+    assert torch.equal(op.quant_act_linear(x, scale, spec, w, sw, bias, torch.bfloat16), two_ops())

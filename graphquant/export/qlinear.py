@@ -216,6 +216,7 @@ class QuantLinear(nn.Module):
             self.kernels_only = True
 
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.int8_mm import SKINNY_M
         from ..lowering import activation
         from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
 
@@ -238,8 +239,6 @@ class QuantLinear(nn.Module):
             x = _hadamard(x) if self.input_rotation else x
             return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
         q = self.input_quantizer
-        from ..kernels.int8_mm import SKINNY_M
-
         if activation.QUANT_IN_MATMUL and not self.input_rotation and x.is_cuda and not q.sink_tokens \
                 and x[..., 0].numel() <= SKINNY_M and (kind := activation._inline_spec(q.spec)) is not None \
                 and kind[1] == q.dynamic:  # per-token dynamic, or per-tensor static: inside the decode matmul

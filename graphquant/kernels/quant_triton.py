@@ -179,6 +179,16 @@ def tile_quant_kernel(X, Q, S, AMAX, K, stride_xm, stride_qm, T, T_PAD: tl.const
 
 
 @triton.jit
+def _scale_columns(out, SW, rn, n_ok, W_SCALE: tl.constexpr):
+    """The (BM, BN) tile ``out`` times the weight scale: one per output column ``rn`` (``W_SCALE`` 1) or one."""
+    if W_SCALE == 1:
+        out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
+    else:
+        out = out * tl.load(SW)
+    return out
+
+
+@triton.jit
 def _bias(BIAS, rn, n_ok, pid_k, FIRST_SPLIT_ONLY: tl.constexpr):
     """fp32 bias of the columns ``rn``; with split-K only split 0 adds it (the splits' partial sums are added up
     afterwards, so each other split contributes zero)."""
@@ -363,10 +373,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
             out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
         else:
             out = out * tl.load(SA)
-        if W_SCALE == 1:
-            out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
-        else:
-            out = out * tl.load(SW)
+        out = _scale_columns(out, SW, rn, n_ok, W_SCALE)
     _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
               PARTIAL, LAST_SUMS)
 
@@ -454,10 +461,7 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
         acc = tl.sum(acc3, axis=2)
     out = acc.to(tl.float32)
     if W_KIND != 2:
-        if W_SCALE == 1:
-            out = out * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
-        else:
-            out = out * tl.load(SW)
+        out = _scale_columns(out, SW, rn, n_ok, W_SCALE)
     if A_KIND != 0:
         if SA_ROW:
             out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
@@ -744,6 +748,8 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # the weight load sits in both branches: after _f16_rows in the default one, whose sm_90 code (184
+        # registers) a load ahead of it changed (229 registers, more instructions per element)
         if ONE_SCALE:
             wt = tl.load(B + rn[None, :] * stride_bn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
             acc = tl.dot((a.to(tl.float32) * up[:, None]).to(tl.float16), _i8_f16(wt, ASM), acc)
@@ -753,57 +759,43 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
             acc += tl.dot(a16, _i8_f16(wt, ASM)) * down[:, None]
     if ONE_SCALE:
         acc = acc * down[:, None]
-    if W_SCALE == 1:
-        out = acc * tl.load(SW + rn, mask=n_ok, other=0.0)[None, :]
-    else:
-        out = acc * tl.load(SW)
+    out = _scale_columns(acc, SW, rn, n_ok, W_SCALE)
     _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
               PARTIAL, LAST_SUMS)
 
 
 @triton.jit
-def _u4_16(w, HIGH: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr):
-    """The low (or, with ``HIGH``, the high) nibbles ``u`` of the bytes ``w`` (uint8) as the exact 16-bit float
-    ``u - 8`` (bfloat16, or half with ``FP16``): the byte ``u`` under the exponent byte ``0x43`` is the bfloat16
-    ``128 + u`` (under ``0x64`` the half ``1024 + u``), less 136 (1032). ``ASM``: four bytes (one 32-bit register
-    of the dot operand's layout) in five or six instructions: an and (for the high nibbles a shift first), two
-    byte permutes, two paired fused multiply-adds ``x * 1 - 136``, as :func:`_i8_f16` does for int8 codes.
-    Without ``ASM`` (Triton's CPU interpreter, which runs no PTX) the same values in fp32, element by element."""
+def _u4_16(w, FP16: tl.constexpr, ASM: tl.constexpr):
+    """(low, high) nibbles ``u`` of the bytes ``w`` (uint8) as the exact 16-bit floats ``u - 8`` (bfloat16, or
+    half with ``FP16``): the byte ``u`` under the exponent byte ``0x43`` is the bfloat16 ``128 + u`` (under
+    ``0x64`` the half ``1024 + u``), less 136 (1032). ``ASM``: four bytes (one 32-bit register of the dot
+    operand's layout) give eight values in twelve instructions (thirteen for bfloat16), one or two of them
+    constants: an and for the low nibbles, a shift and an and for the high ones, four byte permutes, four paired
+    subtractions (fused multiply-adds ``x * 1 - 136`` for bfloat16), as :func:`_i8_f16` does for int8 codes. Without ``ASM`` (Triton's CPU interpreter, which runs no PTX) the same values in fp32,
+    element by element."""
     if ASM:
         if FP16:
-            if HIGH:
-                f = tl.inline_asm_elementwise(
-                    "{ .reg .b32 t, c; shr.b32 t, $2, 4; and.b32 t, t, 0x0f0f0f0f; mov.b32 c, 0x64086408;"
-                    " prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
-                    " sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }",
-                    "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
-            else:
-                f = tl.inline_asm_elementwise(
-                    "{ .reg .b32 t, c; and.b32 t, $2, 0x0f0f0f0f; mov.b32 c, 0x64086408;"
-                    " prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342;"
-                    " sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; }",
-                    "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 l, h, c; and.b32 l, $4, 0x0f0f0f0f; shr.b32 h, $4, 4; and.b32 h, h, 0x0f0f0f0f;"
+                " mov.b32 c, 0x64086408;"
+                " prmt.b32 $0, l, 0x64646464, 0x4140; prmt.b32 $1, l, 0x64646464, 0x4342;"
+                " prmt.b32 $2, h, 0x64646464, 0x4140; prmt.b32 $3, h, 0x64646464, 0x4342;"
+                " sub.f16x2 $0, $0, c; sub.f16x2 $1, $1, c; sub.f16x2 $2, $2, c; sub.f16x2 $3, $3, c; }",
+                "=r,=r,=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
         else:
-            if HIGH:
-                f = tl.inline_asm_elementwise(
-                    "{ .reg .b32 t, one, c; shr.b32 t, $2, 4; and.b32 t, t, 0x0f0f0f0f; mov.b32 one, 0x3f803f80;"
-                    " mov.b32 c, 0xc308c308; prmt.b32 $0, t, 0x43434343, 0x4140;"
-                    " prmt.b32 $1, t, 0x43434343, 0x4342;"
-                    " fma.rn.bf16x2 $0, $0, one, c; fma.rn.bf16x2 $1, $1, one, c; }",
-                    "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
-            else:
-                f = tl.inline_asm_elementwise(
-                    "{ .reg .b32 t, one, c; and.b32 t, $2, 0x0f0f0f0f; mov.b32 one, 0x3f803f80;"
-                    " mov.b32 c, 0xc308c308; prmt.b32 $0, t, 0x43434343, 0x4140;"
-                    " prmt.b32 $1, t, 0x43434343, 0x4342;"
-                    " fma.rn.bf16x2 $0, $0, one, c; fma.rn.bf16x2 $1, $1, one, c; }",
-                    "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 l, h, one, c; and.b32 l, $4, 0x0f0f0f0f; shr.b32 h, $4, 4; and.b32 h, h, 0x0f0f0f0f;"
+                " mov.b32 one, 0x3f803f80; mov.b32 c, 0xc308c308;"
+                " prmt.b32 $0, l, 0x43434343, 0x4140; prmt.b32 $1, l, 0x43434343, 0x4342;"
+                " prmt.b32 $2, h, 0x43434343, 0x4140; prmt.b32 $3, h, 0x43434343, 0x4342;"
+                " fma.rn.bf16x2 $0, $0, one, c; fma.rn.bf16x2 $1, $1, one, c;"
+                " fma.rn.bf16x2 $2, $2, one, c; fma.rn.bf16x2 $3, $3, one, c; }",
+                "=r,=r,=r,=r,r", [w], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         u = w.to(tl.int32) & 0xFF
-        if HIGH:
-            u = u >> 4
-        f = ((u & 0xF) - 8).to(tl.float32)  # the interpreter's 16-bit dots are wrong: fp32 operands there
-    return f
+        # the interpreter's 16-bit dots are wrong: fp32 operands there
+        lo, hi = ((u & 0xF) - 8).to(tl.float32), ((u >> 4) - 8).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
@@ -834,8 +826,8 @@ def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stri
         if not ASM:
             xe, xo = xe.to(tl.float32), xo.to(tl.float32)
         wt = tl.load(w_ptrs + k0 // 2, mask=n_ok[None, :], other=0)
-        part = tl.dot(xe, _u4_16(wt, False, FP16, ASM))
-        part = tl.dot(xo, _u4_16(wt, True, FP16, ASM), part)
+        w_lo, w_hi = _u4_16(wt, FP16, ASM)
+        part = tl.dot(xo, w_hi, tl.dot(xe, w_lo))
         if HAS_ZERO:
             z = tl.load(ZW + rn * stride_sw + g, mask=n_ok, other=8).to(tl.float32) - 8.0
             xsum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
@@ -1086,7 +1078,7 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
     M, K = a.shape
     N = w.shape[0]
     a_kind = _a_kind(a) if quantize_a is None else quantize_a
-    out_dtype = out_dtype or (a.dtype if quantize_a is None else torch.bfloat16)
+    out_dtype = out_dtype or a.dtype
     quant = {}
     if quantize_a is not None:
         qmax = FP8_MAX if quantize_a == A_FP8 else 127.0
@@ -1123,10 +1115,9 @@ def quant_act_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_k
     choice = decode_choice(M, N, K, a_kind, w_kind, 0, x.device)
     if choice is None or choice[0] != "wq_mm":
         return None
-    cfg = _complete_wq_cfg(choice[1], M, N, K, w_kind, 0, x.device) or _mm_config(M, N, K, w_kind, 0, x.device)
     sa = static_scale.reshape(1).float() if static_scale is not None else None
-    return wq_mm(x, w, w_scale, w_kind=w_kind, a_scale=sa, bias=bias, out_dtype=out_dtype or x.dtype, config=cfg,
-                 quantize_a=a_kind)
+    return wq_mm(x, w, w_scale, w_kind=w_kind, a_scale=sa, bias=bias, out_dtype=out_dtype,
+                 config=_complete_wq_cfg(choice[1], M, N, K, w_kind, 0, x.device), quantize_a=a_kind)
 
 
 #: Decode kernels measured on the GPU (``benchmarks/decode_kernels.py`` writes ``gemv_tuned.json`` beside
