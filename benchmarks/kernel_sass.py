@@ -61,12 +61,6 @@ def specs():
                      PARTIAL=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, LAST_SUMS=False)
         out.append((f"wq_mm W8A8 {label} BN128 BK256", QT.wq_mm_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
                     128 * 256 / 128))
-        for quant, fast in ((1, False), (2, False), (1, True), (2, True)):  # the activation quantized in-kernel
-            qmax = QT.FP8_MAX if a_kind == QT.A_FP8 else 127.0
-            qconst = dict(const, SA_ROW=False, QUANT_A=quant, QMAX=qmax, RCP=1 / qmax, FAST=fast, ONE_ROW=True)
-            out.append((f"wq_mm QUANT_A={'static' if quant == 1 else 'dynamic'} {label} BN128 BK256"
-                        f"{' FAST' if fast else ''}", QT.wq_mm_kernel, dict(ptrs, A="bf16"), qconst,
-                        dict(num_warps=4, num_stages=3), 128 * 256 / 128))
     for bn, bk, one in ((128, 256, False), (64, 128, False), (128, 256, True), (64, 128, True),
                         (256, 128, True)):  # W8A16 on the fp16 tensor cores
         ptrs = {"A": "bf16", "B": "i8", "SW": "fp32", "BIAS": "bf16", "C": "bf16", "OUT": "bf16", "COUNT": "i32"}

@@ -51,7 +51,7 @@ def fast_quotient(x: Fraction, s: Fraction, limit: float) -> Fraction:
     q0 = rn32(x * r)
     q = rn32(rn32(x - q0 * s) * r + q0)
     q = rn32(rn32(x - q * s) * r + q)
-    return q if abs(q) <= limit else q0
+    return q if abs(q) <= limit and q != 0 else q0
 
 
 def e4m3_midpoints():
@@ -116,6 +116,7 @@ def test_fast_codes_equal_the_exact_sequence_on_the_gpu(monkeypatch):
     special = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e-30, 0.0, -0.0], device="cuda")
     x = torch.cat([special, near.flatten(), -near.flatten(), torch.randn(200_000, device="cuda", generator=g) * 3])
     x = x[: x.numel() // 4096 * 4096].reshape(-1, 4096)  # the special values sit in row 0
+    h = torch.randn(20, 14336, device="cuda", generator=g, dtype=torch.bfloat16)  # the same input for both runs
     runs = {}
     for fast in (False, True):
         monkeypatch.setattr(QT, "FAST_CODES", fast)
@@ -126,7 +127,6 @@ def test_fast_codes_equal_the_exact_sequence_on_the_gpu(monkeypatch):
                 out.append(QT.quantize_rows(xd, fp8, static_scale=scale.reshape(1))[0])
                 out += list(QT.quantize_rows(xd, fp8))
                 out += list(QT.quantize_rows(xd[:2, :].repeat(1, 4)[:, :14336], fp8, split=True))
-        h = torch.randn(20, 14336, device="cuda", generator=g, dtype=torch.bfloat16)
         for rows in (1, 16, 20):
             for fp8 in (False, True):
                 out.append(HT.hadamard_quantize(h[:rows], fp8, static_scale=scale)[0])
@@ -135,5 +135,9 @@ def test_fast_codes_equal_the_exact_sequence_on_the_gpu(monkeypatch):
         runs[fast] = out
     assert len(runs[False]) == len(runs[True])
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-    for a, b in zip(runs[False], runs[True]):  # bit for bit (NaN scales included)
-        assert a.dtype == b.dtype and torch.equal(a.view(bits[a.element_size()]), b.view(bits[b.element_size()]))
+    for i, (a, b) in enumerate(zip(runs[False], runs[True])):  # bit for bit (NaN scales included)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        ia, ib = a.view(bits[a.element_size()]), b.view(bits[b.element_size()])
+        where = (ia != ib).nonzero()[:5].tolist()
+        assert not where, f"output {i} ({a.dtype}): exact {[ia[tuple(w)].item() for w in where]} " \
+                          f"vs FAST {[ib[tuple(w)].item() for w in where]} at {where}"

@@ -220,15 +220,6 @@ def test_lowered_ops_have_consistent_fake_kernels():
                           (x, "int8:per_token:sym:dynamic:float:half_even", False))
     torch.library.opcheck(torch.ops.graphquant.int8_linear.default, (q, s, w, ws, None, torch.float32))
     torch.library.opcheck(torch.ops.graphquant.int8_weight_only_linear.default, (x, w, ws, torch.randn(32)))
-    # the activation quantized inside the matmul (on CPU: the two ops), both scale kinds
-    for spec, scale in (("int8:per_token:sym:dynamic:float:half_even", None),
-                        ("int8:per_tensor:sym:static:float:half_even", torch.tensor(0.02))):
-        torch.library.opcheck(torch.ops.graphquant.quant_act_linear.default, (x, scale, spec, w, ws, None,
-                                                                              torch.float32))
-        codes = (torch.ops.graphquant.quantize_act_dynamic(x, spec) if scale is None
-                 else (torch.ops.graphquant.quantize_act_static(x, scale, spec), scale))
-        assert torch.equal(torch.ops.graphquant.quant_act_linear(x, scale, spec, w, ws, None, torch.float32),
-                           torch.ops.graphquant.int8_linear(*codes, w, ws, None, torch.float32))
     packed = torch.randint(0, 256, (32, 32), dtype=torch.uint8, generator=g)
     torch.library.opcheck(torch.ops.graphquant.int4_linear.default,
                           (x, packed, torch.rand(32, 2, generator=g), None, None, 32, "nibble"))

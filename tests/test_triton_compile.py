@@ -148,15 +148,6 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                 raise AssertionError("w8_mma refused the operands")
 
         _call(errors, f"w8_mma M={M} split={split}", w8_mma)
-    for fp8, static, split in ((False, True, 1), (False, False, 4), (True, True, 4), (True, False, 1)):  # W8A8,
-        # the activation quantized in the kernel
-        op = {**_activation("float", 3, K), **_weight("fp8" if fp8 else "int8", N, K)}
-        _call(errors, f"wq_mm quantize_a fp8={fp8} static={static} split={split}",
-              lambda: QT.wq_mm(op["a"], op["w"], op["w_scale"], w_kind=op["w_kind"],
-                               a_scale=torch.tensor([0.1]) if static else None, bias=torch.randn(N, dtype=BF),
-                               out_dtype=BF, quantize_a=QT.A_FP8 if fp8 else QT.A_INT8,
-                               config=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4,
-                                           num_stages=3)))
     for M, split, zero, dtype in ((1, 1, False, BF), (16, 4, True, torch.float16), (40, 2, False, BF)):  # W4A16,
         # the weight as the right operand
         op = {**_activation("float", M, K), **_weight("int4z" if zero else "int4", N, K)}
@@ -218,12 +209,6 @@ def test_fast_codes_kernels_compile_for_sm90(compile_only, monkeypatch):
               lambda: QT.quantize_rows(torch.randn(3, 1024, dtype=BF), fp8, torch.tensor(0.1)))
         _call(errors, f"quantize_rows split fp8={fp8}",
               lambda: QT.quantize_rows(torch.randn(2, 14336, dtype=BF), fp8, split=True))
-        w = torch.zeros(256, 1024, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-        _call(errors, f"wq_mm quantize_a fp8={fp8}",  # the activation quantized inside the decode matmul
-              lambda: QT.wq_mm(torch.randn(3, 1024, dtype=BF), w, torch.rand(256),
-                               w_kind=QT.W_FP8 if fp8 else QT.W_INT8, quantize_a=QT.A_FP8 if fp8 else QT.A_INT8,
-                               config=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4,
-                                           num_stages=3)))
         # the tiled epilogue, the factored persistent kernel and (fp8 only: the same code for int8) the dense one
         for n, rows in ((14336, 2), (14336, HT.FEW_ROWS + 1)) + (((128, HT.FEW_ROWS + 1),) if fp8 else ()):
             x = torch.randn(rows, n, dtype=BF)

@@ -216,7 +216,6 @@ class QuantLinear(nn.Module):
             self.kernels_only = True
 
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.int8_mm import SKINNY_M
         from ..lowering import activation
         from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
 
@@ -239,11 +238,6 @@ class QuantLinear(nn.Module):
             x = _hadamard(x) if self.input_rotation else x
             return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
         q = self.input_quantizer
-        if activation.QUANT_IN_MATMUL and not self.input_rotation and x.is_cuda and not q.sink_tokens \
-                and x[..., 0].numel() <= SKINNY_M and (kind := activation._inline_spec(q.spec)) is not None \
-                and kind[1] == q.dynamic:  # per-token dynamic, or per-tensor static: inside the decode matmul
-            return ops.quant_act_linear(x, None if q.dynamic else q.scale, q.spec, t["qweight"], t["qscale"],
-                                        self.bias, self.dtype)
         if q.dynamic:
             xq, xs = activation.quantize_act_dynamic_node(x, q.spec, bool(self.input_rotation))
         else:

@@ -106,23 +106,6 @@ def decode_kernel(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_kin
     return guarded("decode_mm", lambda: qt.decode_mm(a, w, w_scale, w_kind=kind, **kwargs), lambda: None)
 
 
-def quant_act_decode(x: torch.Tensor, static_scale: torch.Tensor | None, fp8_codes: bool, w: torch.Tensor,
-                     w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
-    """W8A8 at decode sizes with the activation quantized inside the matmul (``quant_triton.quant_act_mm``):
-    ``x`` float (..., K), ``w`` int8 or fp8 codes (N, K). None where it does not run (not CUDA, no Triton, more
-    than ``SKINNY_M`` rows, a shape whose decode kernel is not ``wq_mm``, or the kernel failed before); the
-    caller then quantizes and multiplies in two steps, with the same result."""
-    a = _flat(x)
-    if not a.is_cuda or a.shape[0] == 0 or a.shape[0] > SKINNY_M \
-            or (qt := triton_kernels(a.device, "quant_act_mm")) is None:
-        return None
-    kind = qt.W_FP8 if w.dtype == torch.float8_e4m3fn else qt.W_INT8
-    out = guarded("quant_act_mm", lambda: qt.quant_act_mm(a, w, _col_scale(w_scale), w_kind=kind, fp8_codes=fp8_codes,
-                                                          static_scale=static_scale, bias=bias, out_dtype=out_dtype),
-                  lambda: None)
-    return None if out is None else out.reshape(*x.shape[:-1], w.shape[0])
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()

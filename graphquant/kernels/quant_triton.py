@@ -74,7 +74,9 @@ def _round_e4m3(v):
     e = ((bits >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6)  # subnormal range of e4m3 shares the step of the smallest binade
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return _rint(v / step) * step
+    r = _rint(v / step) * step
+    # a negative v that rounds to zero gives -0, as round-to-nearest-even (the FAST conversion, torch's cast) does
+    return tl.where(r == 0.0, v * 0.0, r)
 
 
 @triton.jit
@@ -88,13 +90,15 @@ def _div_rn_by(x, s, LIMIT: tl.constexpr):
     and Markstein's theorem (``r`` within half an ulp of ``1/s``, ``q`` within one ulp of ``x/s``) makes the
     second one correctly rounded. Where the corrected ``q`` is NaN or beyond ``LIMIT`` (an infinite ``x`` or
     ``s``, NaN, overflow) ``q0`` is returned, which is then NaN where ``x / s`` is and otherwise on the same side
-    of the callers' clamp (``±QMAX``, ``LIMIT = 2·QMAX``). 7 instructions per element where ``div.rn`` takes
-    about 10 and a range check (``tests/test_fast_codes.py`` replays the sequence in exact arithmetic)."""
+    of the callers' clamp (``±QMAX``, ``LIMIT = 2·QMAX``). Where ``q`` is zero ``q0`` is returned too: the
+    corrections turn ``x = -0`` into ``+0``, and ``q0`` (a zero or a tiny quotient) carries the sign that
+    round-to-nearest gives the code (``-0`` in fp8, as torch's cast). 8 instructions per element where ``div.rn``
+    takes about 10 and a range check (``tests/test_fast_codes.py`` replays the sequence in exact arithmetic)."""
     r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     q0 = libdevice.mul_rn(x, r)  # mul.rn: never contracted into a neighbouring add
     q = tl.fma(tl.fma(-q0, s, x), r, q0)
     q = tl.fma(tl.fma(-q, s, x), r, q)
-    return tl.where(tl.abs(q) <= LIMIT, q, q0)
+    return tl.where((tl.abs(q) <= LIMIT) & (q != 0.0), q, q0)
 
 
 @triton.jit
@@ -286,20 +290,9 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
                  W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False, QUANT_A: tl.constexpr = 0,
-                 QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, FAST: tl.constexpr = False,
-                 ONE_ROW: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False):
     """``LAST_SUMS`` (with split-K): the tile's last split adds the partial sums up into ``OUT``
-    (:func:`_last_split_sums`) instead of a :func:`split_sum` launch.
-
-    ``QUANT_A`` (with ``A_KIND`` 1 or 2, the codes' kind): ``A`` holds the float activation and the kernel
-    quantizes it as :func:`quant_rows_kernel` does, so no quantization launch precedes it: 1, under the static
-    per-tensor scale at ``SA``; 2, dynamic per row, the scale ``max(amax * RCP, tiny)`` from a first pass over
-    the row's whole K (every split computes the same one). The codes and the result are bit for bit those of
-    ``quantize_rows`` followed by this kernel on the codes. ``ONE_ROW`` (M = 1): the row is quantized once per
-    K tile and broadcast to the tile's padded rows instead of quantizing all ``BLOCK_M`` rows (``kernel_sass.py``:
-    0.84-1.04 instructions per weight element for int8 against 0.73 without the quantization, 2.2-2.5 for fp8
-    against 1.67; 2.45-4.73 and 3.9-8.2 quantizing every padded row)."""
+    (:func:`_last_split_sums`) instead of a :func:`split_sum` launch."""
     pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
     if INT_ACC:
@@ -308,32 +301,11 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if A_KIND == 0 and W_SCALE == 1:
         sw_n = tl.load(SW + rn, mask=n_ok, other=0.0)
-    if QUANT_A == 1:
-        sa_q = tl.load(SA).to(tl.float32)
-    elif QUANT_A == 2:
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        sa_q = tl.maximum(amax * RCP, TINY_C)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         a_mask = m_ok[:, None] & k_ok[None, :]
-        if QUANT_A != 0 and ONE_ROW:  # one activation row: quantize it once, not in every padded row
-            x = tl.load(A + rk[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
-            if QUANT_A == 1:
-                a = tl.broadcast_to(codes(x, sa_q, QMAX, A_KIND == 2, FAST), (BLOCK_M, BLOCK_K))
-            else:
-                a = tl.broadcast_to(codes(x, tl.max(sa_q, axis=0), QMAX, A_KIND == 2, FAST), (BLOCK_M, BLOCK_K))
-        elif QUANT_A != 0:
-            x = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            if QUANT_A == 1:
-                a = codes(x, sa_q, QMAX, A_KIND == 2, FAST)
-            else:
-                a = codes(x, sa_q[:, None], QMAX, A_KIND == 2, FAST)
-        elif A_KIND == 1:
+        if A_KIND == 1:
             a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0)
         else:
             a = tl.load(A + rm[:, None] * stride_am + rk[None, :], mask=a_mask, other=0.0)
@@ -367,9 +339,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
             acc += tl.dot(a, wt)
     out = acc.to(tl.float32)
     if A_KIND != 0:
-        if QUANT_A == 2:
-            out = out * sa_q[:, None]
-        elif SA_ROW:
+        if SA_ROW:
             out = out * tl.load(SA + rm, mask=m_ok, other=0.0)[:, None]
         else:
             out = out * tl.load(SA)
@@ -931,10 +901,13 @@ SPLIT_ROWS_BLOCK = 1024
 
 
 #: the quantizing kernels compute their codes with :func:`codes`' ``FAST`` sequence (the same codes, bit for bit;
-#: about half the instructions per element, ``benchmarks/kernel_sass.py --only quant``). Off: not yet checked
-#: against the exact sequence or timed on a GPU (``tests/test_fast_codes.py``'s GPU test;
-#: ``generate_gpu.py --ab graphquant.kernels.quant_triton.FAST_CODES=1``)
-FAST_CODES = False
+#: about half the instructions per element, ``benchmarks/kernel_sass.py --only quant``). H200: ``quantize_rows``
+#: gave the exact sequence's codes and scales bit for bit (int8 and fp8, static, dynamic and split, fp32 and bf16
+#: inputs, inf, NaN, 1e30 and both zeros; ``tests/test_fast_codes.py``); the R4 Hadamard + int8 quantization at
+#: 16384 x 14336 took 0.64-0.66 ms fused against 1.09-1.15 ms with the exact sequence
+#: (``results/hadamard_gpu_fast_codes_16384.txt``); with ``activation.FUSED_MIN_ROWS`` fp8 static + QuaRot's cost
+#: over fp8 static went from 9.1% to 6.4% (``results/generate_gpu_ab_fast_codes.json``)
+FAST_CODES = True
 
 
 def fast_codes() -> bool:
@@ -1068,22 +1041,14 @@ def split_sum(c: torch.Tensor, out_dtype) -> torch.Tensor:
 
 
 def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None,
-          w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None,
-          quantize_a: int | None = None) -> torch.Tensor:
+          w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
     """``a (M, K) @ dequant(w).T -> (M, N)``. ``a``: float (weight-only) or int8 / fp8 codes with
     ``a_scale`` (one per row, or one). ``w``: int8 / fp8 (N, K), or int4 nibble-packed (N, K/2) with
-    ``w_scale`` / ``w_zero`` of shape (N, K/group). ``quantize_a`` (``A_INT8`` / ``A_FP8``): ``a`` is float and
-    the kernel quantizes it into those codes, under the static scale ``a_scale`` (one element) or, without one,
-    per row (:func:`quant_act_mm`)."""
+    ``w_scale`` / ``w_zero`` of shape (N, K/group)."""
     M, K = a.shape
     N = w.shape[0]
-    a_kind = _a_kind(a) if quantize_a is None else quantize_a
+    a_kind = _a_kind(a)
     out_dtype = out_dtype or a.dtype
-    quant = {}
-    if quantize_a is not None:
-        qmax = FP8_MAX if quantize_a == A_FP8 else 127.0
-        quant = dict(QUANT_A=1 if a_scale is not None else 2, QMAX=qmax, RCP=_fp32_reciprocal(qmax), FAST=fast_codes(),
-                     ONE_ROW=M == 1)
     cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
     split = cfg["SPLIT_K"]
     w_scale_kind = 2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0)
@@ -1096,28 +1061,8 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
                      w_scale.stride(0) if w_scale.dim() == 2 else 0,
                      A_KIND=a_kind, W_KIND=w_kind, W_SCALE=w_scale_kind, HAS_ZERO=w_zero is not None,
                      SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
-                     PARTIAL=split > 1, LAST_SUMS=last, **quant, **cfg)
+                     PARTIAL=split > 1, LAST_SUMS=last, **cfg)
     return out if last else split_sum(c, out_dtype)
-
-
-def quant_act_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, fp8_codes: bool,
-                 static_scale: torch.Tensor | None = None, bias=None, out_dtype=None) -> torch.Tensor | None:
-    """W8A8 at decode sizes with the activation quantization inside the matmul: float ``x`` (M, K) quantized
-    into int8 / fp8 codes (per-tensor ``static_scale``, or per row) and multiplied by the int8 / fp8 weight
-    ``w`` (N, K) under ``w_scale`` (N or 1), exactly as ``quantize_rows`` then :func:`decode_mm` on the codes,
-    without the quantization launch. None where :func:`decode_choice` does not pick ``wq_mm`` for the codes
-    (the caller then runs the two steps)."""
-    M, K = x.shape
-    N = w.shape[0]
-    a_kind = A_FP8 if fp8_codes else A_INT8
-    if x.stride(1) != 1 or not x.is_floating_point() or w_kind not in (W_INT8, W_FP8):
-        return None
-    choice = decode_choice(M, N, K, a_kind, w_kind, 0, x.device)
-    if choice is None or choice[0] != "wq_mm":
-        return None
-    sa = static_scale.reshape(1).float() if static_scale is not None else None
-    return wq_mm(x, w, w_scale, w_kind=w_kind, a_scale=sa, bias=bias, out_dtype=out_dtype,
-                 config=_complete_wq_cfg(choice[1], M, N, K, w_kind, 0, x.device), quantize_a=a_kind)
 
 
 #: Decode kernels measured on the GPU (``benchmarks/decode_kernels.py`` writes ``gemv_tuned.json`` beside

@@ -16,8 +16,7 @@ fake-quant graph, ``graphquant::hadamard_transform(x, False)``, then quantizes i
 ``torch.compile`` the quantization is traced, so Inductor makes it one kernel). A fused kernel that does
 both (``hadamard_triton.hadamard_quantize``) runs at decode sizes (``FUSED_FEW_ROWS_STATIC`` /
 ``FUSED_FEW_ROWS_DYNAMIC``: the tiled transform with the quantization in its epilogue); for more rows its
-persistent kernel measured slower on the H200 at every size, so it runs only from ``FUSED_MIN_ROWS`` rows when
-that is set (see there).
+persistent kernel runs from ``FUSED_MIN_ROWS`` rows (prefill; see there).
 """
 from __future__ import annotations
 
@@ -33,14 +32,15 @@ def _triton_spec(spec) -> bool:
             and ((spec.dtype == Dtype.int8 and spec.symmetric) or spec.dtype == Dtype.fp8_e4m3))
 
 
-#: rows from which the fused Hadamard + quantization kernel replaces the transform followed by the
-#: quantization (None: never). H200, 14336 (Llama-3-8B R4), CUDA-graph replay
-#: (benchmarks/results/hadamard_gpu_quantize_*.json): the fused kernel was slower at every size measured.
-#: At 16384 rows (8 x 2048 prefill) 1.07-1.43 ms (its fastest of five launch shapes) against 0.86-0.95 ms for
-#: the transform + ``quantize_rows``; its quantization epilogue runs after the products and, with two
-#: programs per multiprocessor, nothing hides it. At 1 and 16 rows it took 10.5-13.5 us; the 16-row-block
-#: transform alone takes 3.9-4.1 us there, and under ``torch.compile`` the quantization is one Inductor kernel
-FUSED_MIN_ROWS: int | None = None
+#: rows from which the fused Hadamard + quantization kernel (the persistent one) replaces the transform followed
+#: by the quantization (None: never). H200, 14336 (Llama-3-8B R4), 16384 rows (8 x 2048 prefill), CUDA-graph
+#: replay: with the exact codes sequence the fused kernel took 1.09-1.47 ms against 0.86-0.95 ms for the transform
+#: + ``quantize_rows`` (results/hadamard_gpu_quantize_*.json); with ``quant_triton.FAST_CODES`` int8 0.64-0.66 ms
+#: against 0.68-0.74 ms (results/hadamard_gpu_fast_codes_16384.txt). In the model (generate_gpu.py, 2-layer
+#: Llama-3-8B shapes, FAST_CODES and this set to 4096 against neither; results/generate_gpu_ab_fast_codes.json):
+#: fp8 static + QuaRot prefill 8.14 -> 7.99 ms per layer (its cost over fp8 static 9.1% -> 6.4%), int8 + QuaRot
+#: 9.17 -> 9.14 ms. Only 16384 rows were timed; at 1 and 16 rows the tiled kernel below runs instead
+FUSED_MIN_ROWS: int | None = 4096
 
 #: at most ``hadamard_triton.FEW_ROWS`` rows (decode), run the tiled transform with the quantization in its
 #: epilogue (``hadamard_quantize``): one kernel instead of the transform then an Inductor quantization kernel.
@@ -55,13 +55,6 @@ FUSED_MIN_ROWS: int | None = None
 #: (results/generate_gpu_dynamic_r4_last_program_tried.json).
 FUSED_FEW_ROWS_STATIC = True
 FUSED_FEW_ROWS_DYNAMIC = True
-
-#: a W8A8 Linear without an input rotation quantizes its activation inside the decode matmul (at most
-#: ``int8_mm.SKINNY_M`` rows, ``graphquant::quant_act_linear``: ``quant_triton.wq_mm``'s ``QUANT_A``) instead of
-#: a quantization launch (the o_proj input after attention; the down_proj input's two-launch per-token scales)
-#: or an Inductor fusion into the previous kernel. The same codes and result. Off: not timed on a GPU yet
-#: (``generate_gpu.py --ab graphquant.lowering.activation.QUANT_IN_MATMUL=1``)
-QUANT_IN_MATMUL = False
 
 
 def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):

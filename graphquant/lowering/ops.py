@@ -29,8 +29,8 @@ import torch
 from ..kernels import fp8_mm, int4_mm, int8_mm
 from . import activation as act
 
-__all__ = ["quantize_act_dynamic", "quantize_act_static", "quant_act_linear", "int8_linear", "fp8_linear",
-           "int8_weight_only_linear", "int4_linear"]
+__all__ = ["quantize_act_dynamic", "quantize_act_static", "int8_linear", "fp8_linear", "int8_weight_only_linear",
+           "int4_linear"]
 
 
 @torch.library.custom_op("graphquant::quantize_act_dynamic", mutates_args=())
@@ -57,29 +57,6 @@ def _(x, scale, spec, hadamard=False):
 
 def _linear_fake(x, n: int, dtype):
     return x.new_empty((*x.shape[:-1], n), dtype=dtype)
-
-
-@torch.library.custom_op("graphquant::quant_act_linear", mutates_args=())
-def quant_act_linear(x: torch.Tensor, scale: Optional[torch.Tensor], spec: str, w: torch.Tensor, w_scale: torch.Tensor,
-                     bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    """A W8A8 linear from the float activation: its quantization (``spec``: per-token dynamic, or per-tensor
-    static under ``scale``) inside the decode matmul where ``int8_mm.quant_act_decode`` runs, else the two ops
-    (``quantize_act_*`` then ``int8_linear`` / ``fp8_linear``); the same result either way."""
-    fp8_codes = act.codes_dtype(spec) == torch.float8_e4m3fn
-    out = int8_mm.quant_act_decode(x, scale, fp8_codes, w, w_scale, bias, out_dtype)
-    if out is not None:
-        return out
-    if scale is None:
-        xq, xs = act.quantize_dynamic(x, spec)
-    else:
-        xq, xs = act.quantize_static(x, scale, spec), scale
-    linear = fp8_mm.fp8_linear if w.dtype == torch.float8_e4m3fn else int8_mm.int8_linear
-    return linear(xq, xs, w, w_scale, bias, out_dtype)
-
-
-@quant_act_linear.register_fake
-def _(x, scale, spec, w, w_scale, bias, out_dtype):
-    return _linear_fake(x, w.shape[0], out_dtype)
 
 
 @torch.library.custom_op("graphquant::int8_linear", mutates_args=())
