@@ -128,7 +128,7 @@ def fused_vs_two_kernels(ht, x: torch.Tensor, fast_codes=(False,)) -> list:
     kernel with the quantization in its epilogue) and of the transform then ``quantize_rows`` (two; the transform
     with its plan and, for up to 64 rows, the ``few_row_plans``), for int8 / fp8 codes, dynamic per row and
     static; codes and scales must be equal everywhere. Each of ``fast_codes`` sets ``quant_triton.FAST_CODES`` for
-    the timed kernels (the reference codes are always computed without it)."""
+    the timed kernels (the reference codes are always computed without it); its value is restored afterwards."""
     import dataclasses as dc
 
     from graphquant.kernels import quant_triton as QT
@@ -140,6 +140,7 @@ def fused_vs_two_kernels(ht, x: torch.Tensor, fast_codes=(False,)) -> list:
     base = ht.plan(n, 2)
     fused_plans = [base] + [dc.replace(base, ctas=c, stages=st, num_warps=w) for c, st, w in FUSED_LAUNCHES]
     two_plans = [base] + (few_row_plans(ht, n) if x.shape[0] <= 64 else [])
+    default_fast = QT.FAST_CODES
     for fast, fp8, static in itertools.product(fast_codes, (False, True), (False, True)):
         s = torch.tensor(0.05, device=x.device) if static else None
         # at few rows: also the tiled kernel with the quantization in its epilogue
@@ -171,7 +172,7 @@ def fused_vs_two_kernels(ht, x: torch.Tensor, fast_codes=(False,)) -> list:
         row["fused_over_two"] = (row["fused_ms"] / row["two_kernels_ms"]
                                  if row["fused_ms"] and row["two_kernels_ms"] else None)
         rows.append(row)
-        QT.FAST_CODES = False
+        QT.FAST_CODES = default_fast
         print(f"   R4 + {row['codes']:4s} {row['scale']:7s}{' FAST_CODES' if fast else ''} ({x.shape[0]} rows): "
               f"fused {_times(row['fused'])}",
               flush=True)

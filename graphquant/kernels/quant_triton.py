@@ -24,7 +24,7 @@ Nine kernels, each with a launch wrapper that takes and returns torch tensors:
 ``w4_f16mma``         W4A16 at decode-sized M on the 16-bit tensor cores with the weight as the right operand
                       (``w8_mma``'s structure): low and high nibbles turned into ``u - 8`` in the activation's
                       dtype by PTX, two dots per group (even / odd activation columns); where the measured
-                      table names it (not timed on a GPU yet).
+                      table names it (on the H200: W4A16 at 16 rows, and gate/up, gate|up, down at one row).
 ``w8_mma``            W8A16 at decode-sized M on the fp16 tensor cores, exact: the activation tile as fp16
                       under a power-of-two scale per row, the int8 codes as fp16 from their bits (where the
                       measured table names it: on the H200 every shape at 16 rows and gate/up at one row).
@@ -703,7 +703,7 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
     which streams the gate|up weight at 3.9 TB/s on the H200. Split-K as :func:`wq_mm_kernel`. ``ONE_SCALE`` (a
     tile option): one power of two per row for the program's whole K range (a first pass over the activation finds
     it), so each K tile is only multiplied and converted, and the fp16 products accumulate in the dot itself
-    (``kernel_sass.py``: 3.32 instructions per weight element against 3.64 at 128 x 256 tiles); exact down to
+    (``kernel_sass.py``: 3.26 instructions per weight element against 3.64 at 128 x 256 tiles); exact down to
     2^-28 of the row's largest element in that range instead of in each tile."""
     pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -741,8 +741,8 @@ def _u4_16(w, FP16: tl.constexpr, ASM: tl.constexpr):
     ``0x64`` the half ``1024 + u``), less 136 (1032). ``ASM``: four bytes (one 32-bit register of the dot
     operand's layout) give eight values in twelve instructions (thirteen for bfloat16), one or two of them
     constants: an and for the low nibbles, a shift and an and for the high ones, four byte permutes, four paired
-    subtractions (fused multiply-adds ``x * 1 - 136`` for bfloat16), as :func:`_i8_f16` does for int8 codes. Without ``ASM`` (Triton's CPU interpreter, which runs no PTX) the same values in fp32,
-    element by element."""
+    subtractions (fused multiply-adds ``x * 1 - 136`` for bfloat16), as :func:`_i8_f16` does for int8 codes.
+    Without ``ASM`` (Triton's CPU interpreter, which runs no PTX) the same values in fp32, element by element."""
     if ASM:
         if FP16:
             lo, hi = tl.inline_asm_elementwise(
@@ -776,8 +776,8 @@ def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stri
     """W4A16 at decode-sized M on the 16-bit tensor cores, :func:`w8_mma_kernel`'s structure (the weight as the
     right operand, the activation rows padded to ``BLOCK_M``): ``C = A @ dequant(B).T (+ BIAS)`` with A bf16
     (``FP16``: half) (M, K) and B nibble-packed int4 codes (N, K/2; even columns in the low nibbles) under
-    (N, K/GROUP) scales (and zero points). One loop step is one quantization group: ``GROUP / 2`` bytes per
-    weight row, whose low and high nibbles become ``u - 8`` in the activation's dtype from their bits
+    (N, K/GROUP) scales (and zero points). Each quantization group is ``GROUP / 2`` bytes per weight row, whose
+    low and high nibbles become ``u - 8`` in the activation's dtype from their bits
     (:func:`_u4_16`; small integers, exact) and meet the even and the odd activation columns in two dots, so the
     nibbles are never interleaved and the activation is used as it is. Products are exact, sums fp32; the
     group's partial product is scaled per column by the group scale into the accumulator. A zero point ``z``
@@ -1106,7 +1106,8 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
     not pick it, as it is measured on the H200 only; nor ``w8_mma`` (W8A16 on the fp16 tensor cores; in the H200
     table for 16 rows of every shape and one row of gate/up, ``decode_kernels_w8a16_w8mma.json``) or
-    ``w4_f16mma`` (not timed yet)."""
+    ``w4_f16mma`` (W4A16; in the H200 table for 16 rows of every shape and one row of gate/up, gate|up and down,
+    ``decode_kernels_w4_f16mma*.json``)."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()

@@ -37,8 +37,9 @@ def _triton_spec(spec) -> bool:
 #: replay: with the exact codes sequence the fused kernel took 1.07-1.43 ms (its fastest of five launch shapes)
 #: against 0.86-0.95 ms for the transform + ``quantize_rows`` (results/hadamard_gpu_quantize_*.json; 1.09-1.44
 #: against 0.86-0.95 again on 2026-11-30); with ``quant_triton.FAST_CODES`` int8 0.64-0.66 ms against
-#: 0.68-0.74 ms (results/hadamard_gpu_fast_codes_16384.txt; fp8 not reached in that call). In the model (generate_gpu.py, 2-layer
-#: Llama-3-8B shapes, FAST_CODES and this set to 4096 against neither; results/generate_gpu_ab_fast_codes.json):
+#: 0.68-0.74 ms (results/hadamard_gpu_fast_codes_16384.txt; fp8 not reached in that call). In the model
+#: (generate_gpu.py, 2-layer Llama-3-8B shapes, FAST_CODES and this set to 4096 against neither;
+#: results/generate_gpu_ab_fast_codes.json):
 #: fp8 static + QuaRot prefill 8.14 -> 7.99 ms per layer (its cost over fp8 static 9.1% -> 6.4%), int8 + QuaRot
 #: 9.17 -> 9.14 ms. Only 16384 rows were timed; at 1 and 16 rows the tiled kernel below runs instead
 FUSED_MIN_ROWS: int | None = 4096
