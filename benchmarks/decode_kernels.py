@@ -82,14 +82,12 @@ def w4_mma_options(quick: bool = False):
 
 
 def w4_f16mma_options(quick: bool = False):
-    """``w4_f16mma`` tiles: weight columns per program, split-K over the groups, pipeline stages, groups per loop
-    step. ``quick``: 64-256 columns, 3-4 stages with one group per step and 3 with two (``kernel_sass.py``: 3.50 /
-    2.70 / 2.35 instructions per weight element at 64 / 128 / 256 columns; the first H200 sweep,
-    ``results/decode_kernels_w4_f16mma.json``, picked 3 stages on 11 of 12 shapes)."""
-    bns = (64, 128, 256) if quick else (32, 64, 128, 256)
-    steps = ((3, 1), (4, 1), (3, 2)) if quick else tuple(itertools.product((2, 3, 4), (1, 2)))
-    for bn, split, (st, groups) in itertools.product(bns, (1, 2, 4, 8), steps):
-        yield dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=st, GROUPS=groups)
+    """``w4_f16mma`` tiles: weight columns per program, split-K over the groups, pipeline stages (the loop step is
+    one group). ``quick``: 64-256 columns, 3-4 stages (``kernel_sass.py``: 3.50 / 2.70 / 2.35 instructions per
+    weight element at 64 / 128 / 256 columns)."""
+    bns, stages = ((64, 128, 256), (3, 4)) if quick else ((32, 64, 128, 256), (2, 3, 4))
+    for bn, split, st in itertools.product(bns, (1, 2, 4, 8), stages):
+        yield dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=st)
 
 
 def w8_mma_options():

@@ -72,14 +72,13 @@ def specs():
     const = dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, FP16=False, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1,
                  PREFETCH=False)
     out.append(("w4_mma W4A16 BN64", QT.w4_mma_kernel, ptrs, const, dict(num_warps=4, num_stages=3), 64 * 128 / 128))
-    for bn, groups in ((64, 1), (128, 1), (256, 1), (64, 2), (128, 2)):  # W4A16 on the 16-bit tensor cores,
-        # w8_mma's structure (the weight as the right operand); one or two groups per loop step
+    for bn in (64, 128, 256):  # W4A16 on the 16-bit tensor cores, w8_mma's structure (the weight as the right operand)
         ptrs = {"A": "bf16", "B": "u8", "SW": "fp32", "ZW": "u8", "BIAS": "bf16", "C": "bf16", "OUT": "bf16",
                 "COUNT": "i32"}
         const = dict(GROUP=128, HAS_ZERO=False, HAS_BIAS=False, PARTIAL=False, BLOCK_M=16, BLOCK_N=bn,
-                     LAST_SUMS=False, GROUPS=groups)
-        out.append((f"w4_f16mma W4A16 BN{bn}{' GROUPS=2' if groups == 2 else ''}", QT.w4_f16mma_kernel, ptrs, const,
-                    dict(num_warps=4, num_stages=3), bn * 128 * groups / 128))
+                     LAST_SUMS=False)
+        out.append((f"w4_f16mma W4A16 BN{bn}", QT.w4_f16mma_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
+                    bn * 128 / 128))
     # activation quantization (per element of x): quantize_rows with a static scale, and the persistent
     # Hadamard + quantization kernel of QuaRot's R4 at prefill (14336 = 112 x 128, one row per loop step),
     # each with the exact codes sequence and with FAST_CODES

@@ -154,8 +154,7 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
 
         def w4_f16mma():  # None would mean it refused the operands: nothing compiled
             if QT.w4_f16mma(**dict(op, a=op["a"].to(dtype)), bias=torch.randn(N, dtype=dtype), out_dtype=BF,
-                            config=dict(BLOCK_N=128, SPLIT_K=split, num_warps=4, num_stages=3,
-                                        GROUPS=2 if zero else 1)) is None:
+                            config=dict(BLOCK_N=128, SPLIT_K=split, num_warps=4, num_stages=3)) is None:
                 raise AssertionError("w4_f16mma refused the operands")
 
         _call(errors, f"w4_f16mma M={M} split={split} zero={zero} {dtype}", w4_f16mma)

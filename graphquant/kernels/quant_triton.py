@@ -772,7 +772,7 @@ def _u4_16(w, FP16: tl.constexpr, ASM: tl.constexpr):
 def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm, stride_sw,
                      GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
                      PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP16: tl.constexpr = False,
-                     LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True, GROUPS: tl.constexpr = 1):
+                     LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True):
     """W4A16 at decode-sized M on the 16-bit tensor cores, :func:`w8_mma_kernel`'s structure (the weight as the
     right operand, the activation rows padded to ``BLOCK_M``): ``C = A @ dequant(B).T (+ BIAS)`` with A bf16
     (``FP16``: half) (M, K) and B nibble-packed int4 codes (N, K/2; even columns in the low nibbles) under
@@ -781,32 +781,28 @@ def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stri
     (:func:`_u4_16`; small integers, exact) and meet the even and the odd activation columns in two dots, so the
     nibbles are never interleaved and the activation is used as it is. Products are exact, sums fp32; the
     group's partial product is scaled per column by the group scale into the accumulator. A zero point ``z``
-    enters as ``-(z - 8) * sum(a over the group)``. Split-K over the groups as :func:`wq_mm_kernel`.
-    ``GROUPS``: groups per loop step (unrolled; the split ranges are whole steps), so more weight bytes are in
-    flight per program and the loop's own instructions are shared."""
+    enters as ``-(z - 8) * sum(a over the group)``. Split-K over the groups as :func:`wq_mm_kernel`."""
     HALF: tl.constexpr = GROUP // 2
-    pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, GROUP * GROUPS)
+    pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, GROUP)
     rh = tl.arange(0, HALF)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_row = A + rm[:, None] * stride_am + tl.arange(0, GROUP)[None, :]
     w_ptrs = B + rn[None, :] * stride_bn + rh[:, None]
     s_ptrs = SW + rn * stride_sw
-    for k_step in range(k_lo, k_hi, GROUP * GROUPS):
-        for j in tl.static_range(GROUPS):
-            k0 = k_step + j * GROUP
-            g = k0 // GROUP
-            x = tl.load(a_row + k0, mask=m_ok[:, None], other=0.0)
-            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
-            if not ASM:
-                xe, xo = xe.to(tl.float32), xo.to(tl.float32)
-            wt = tl.load(w_ptrs + k0 // 2, mask=n_ok[None, :], other=0)
-            w_lo, w_hi = _u4_16(wt, FP16, ASM)
-            part = tl.dot(xo, w_hi, tl.dot(xe, w_lo))
-            if HAS_ZERO:
-                z = tl.load(ZW + rn * stride_sw + g, mask=n_ok, other=8).to(tl.float32) - 8.0
-                xsum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
-                part -= xsum[:, None] * z[None, :]
-            acc += part * tl.load(s_ptrs + g, mask=n_ok, other=0.0)[None, :]
+    for k0 in range(k_lo, k_hi, GROUP):
+        g = k0 // GROUP
+        x = tl.load(a_row + k0, mask=m_ok[:, None], other=0.0)
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
+        if not ASM:
+            xe, xo = xe.to(tl.float32), xo.to(tl.float32)
+        wt = tl.load(w_ptrs + k0 // 2, mask=n_ok[None, :], other=0)
+        w_lo, w_hi = _u4_16(wt, FP16, ASM)
+        part = tl.dot(xo, w_hi, tl.dot(xe, w_lo))
+        if HAS_ZERO:
+            z = tl.load(ZW + rn * stride_sw + g, mask=n_ok, other=8).to(tl.float32) - 8.0
+            xsum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
+            part -= xsum[:, None] * z[None, :]
+        acc += part * tl.load(s_ptrs + g, mask=n_ok, other=0.0)[None, :]
     _mm_store(acc, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
               PARTIAL, LAST_SUMS)
 
@@ -1350,8 +1346,7 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
               **_) -> torch.Tensor | None:
     """W4A16 ``a (M <= 64, K) bf16/fp16 @ dequant(w).T (+ bias)`` through :func:`w4_f16mma_kernel`; None when
     the operands do not fit it (other weight kinds, activation codes or other activation dtypes, more than 64
-    rows, a group not a multiple of 32, a layout other than nibble-packed (N, K/2) with (N, K/group) scales).
-    ``config``'s ``GROUPS`` (groups per loop step) falls back to 1 where it does not divide K's groups."""
+    rows, a group not a multiple of 32, a layout other than nibble-packed (N, K/2) with (N, K/group) scales)."""
     M, K = a.shape
     if w_kind != W_INT4 or a_scale is not None or a.dtype not in (torch.bfloat16, torch.float16) \
             or not 0 < M <= 64 or a.stride(1) != 1:
@@ -1363,11 +1358,9 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     N = w.shape[0]
     out_dtype = out_dtype or a.dtype
     cfg = {"BLOCK_N": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3, **(config or {})}
-    cfg.pop("BLOCK_K", None)  # the loop step is GROUPS groups
+    cfg.pop("BLOCK_K", None)  # the loop step is one group
     cfg["BLOCK_M"] = 16 if M <= 16 else 32 if M <= 32 else 64
-    if K % (group * cfg.get("GROUPS", 1)):
-        cfg["GROUPS"] = 1
-    split = max(1, min(cfg["SPLIT_K"], K // (group * cfg.get("GROUPS", 1))))
+    split = max(1, min(cfg["SPLIT_K"], K // group))
     cfg["SPLIT_K"] = split
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
     c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
