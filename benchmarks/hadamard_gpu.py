@@ -122,7 +122,7 @@ def _times(table: dict) -> str:
     return ", ".join(f"{k} {v * 1e3:.1f}us" if isinstance(v, float) else f"{k} FAILED {v}" for k, v in table.items())
 
 
-def fused_vs_two_kernels(ht, x: torch.Tensor, fast_codes=(False,)) -> list:
+def fused_vs_two_kernels(ht, x: torch.Tensor, fast_codes=(True,)) -> list:
     """R4 + activation quantization of ``x``: graph-replayed ms of ``hadamard_quantize`` (one kernel, its plan's
     launch shape and the ``FUSED_LAUNCHES``; at up to ``FEW_ROWS`` rows also the tiled
     kernel with the quantization in its epilogue) and of the transform then ``quantize_rows`` (two; the transform
@@ -188,8 +188,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time every kernel plan")
     ap.add_argument("--quantize", action="store_true",
                     help="also time the fused Hadamard + quantization kernel against the transform + quantize_rows")
-    ap.add_argument("--fast-codes", choices=("off", "on", "both"), default="off",
-                    help="--quantize with quant_triton.FAST_CODES off, on, or both (an A/B in one run)")
+    ap.add_argument("--fast-codes", choices=("off", "on", "both"), default="on",
+                    help="--quantize with quant_triton.FAST_CODES off, on (the library default), or both "
+                         "(an A/B in one run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hadamard_gpu.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
