@@ -14,7 +14,8 @@ int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every opti
 in ``graphquant.kernels.quant_triton`` (``gemv`` and ``gemv_packed`` on CUDA cores at M = 1; ``wq_mm``, the
 W8A8 tensor-core kernel, which dequantizes weight-only codes in registers; ``w4_mma``, W4A16 on tensor cores
 with the weight as the left operand; ``w4_f16mma``, W4A16 on the 16-bit tensor cores with the weight as the right
-operand, nibbles turned into floats in PTX; ``w8_mma``, W8A16 on the fp16 tensor cores, exact), each checked against an
+operand, nibbles turned into floats in PTX; ``wq_mm``'s ``SWAP`` tiles, W8A8 with the weight as the left
+operand; ``w8_mma``, W8A16 on the fp16 tensor cores, exact), each checked against an
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
@@ -91,20 +92,28 @@ def w4_f16mma_options(quick: bool = False):
 
 
 def w8_mma_options():
-    """``w8_mma`` tiles: the fp8 kernel's grid, each with and without ``ONE_SCALE`` (one power of two per activation
+    """``w8_mma`` tiles: ``wq_mm``'s grid for 16-bit activations, each with and without ``ONE_SCALE`` (one power of two per activation
     row for the whole K range), and 256 weight columns by 128 (``kernel_sass.py``: 2.89 instructions per weight
     element with ``ONE_SCALE``, against 3.26 at 128 x 256)."""
-    for cfg in mma_options("W8A8-fp8"):
+    for cfg in mma_options("W8A16"):
         for one in (False, True):
             yield dict(cfg, ONE_SCALE=one)
     for split, stages in itertools.product((1, 2, 4), (3, 4)):
         yield dict(BLOCK_N=256, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=stages, ONE_SCALE=True)
 
 
-def mma_options(kind: str):
+def mma_options(kind: str, quick: bool = False):
+    """``wq_mm`` tiles; for W8A8 also with ``SWAP`` (the weight tile as the left operand: a warpgroup MMA on the
+    codes, 64 or 128 weight rows per program). ``quick`` (W8A8): every ``SWAP`` tile, and the unswapped tiles at
+    256-long K steps with 1 or 4 splits and 3 stages (where the earlier sweeps' winners lie)."""
     bks = (128,) if kind == "W4A16" else (128, 256)
-    for bn, bk, split, stages in itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4)):
+    grid = itertools.product((32, 64, 128), (256,), (1, 4), (3,)) if quick and kind.startswith("W8A8") else \
+        itertools.product((32, 64, 128), bks, (1, 2, 4), (3, 4))
+    for bn, bk, split, stages in grid:
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
+    if kind.startswith("W8A8"):
+        for bn, bk, split, stages in itertools.product((64, 128), (128, 256), (1, 2, 4, 8), (3, 4)):
+            yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages, SWAP=True)
 
 
 _GEMLITE: dict = {}
@@ -198,7 +207,8 @@ def main():
     ap.add_argument("--gemlite", action="store_true",
                     help="also time gemlite's kernels on the W4A16 / W8A16 weights (its wheel on PYTHONPATH)")
     ap.add_argument("--quick", action="store_true",
-                    help="smaller option grids for gemv_packed and w4_mma (each option is one Triton compile)")
+                    help="smaller option grids for gemv_packed, w4_mma, w4_f16mma and W8A8 wq_mm (each option is one "
+                         "Triton compile)")
     args = ap.parse_args()
     args.shapes, args.kinds, args.impls = ([v for v in a.split(",") if v] for a in (args.shapes, args.kinds, args.impls))
     args.m = [int(v) for v in args.m.split(",")]
@@ -234,7 +244,7 @@ def main():
                     impls += ["w4_mma", "w4_f16mma"]
                 impls = [i for i in impls if not args.impls or i in args.impls]
                 for impl in impls:
-                    opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind),
+                    opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind, args.quick),
                             "gemv_packed": lambda: packed_options(kind, args.quick),
                             "w4_mma": lambda: w4_mma_options(args.quick),
                             "w8_mma": lambda: w8_mma_options(),
