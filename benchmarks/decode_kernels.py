@@ -104,7 +104,7 @@ def w8_mma_options():
 
 def mma_options(kind: str, quick: bool = False):
     """``wq_mm`` tiles; for W8A8 also with ``SWAP`` (the weight tile as the left operand: a warpgroup MMA on the
-    codes, 64 or 128 weight rows per program; fp8 with and without ``PRECISE_ACC``). ``quick`` (W8A8): every ``SWAP`` tile, and the unswapped tiles at
+    codes, 64 or 128 weight rows per program). ``quick`` (W8A8): every ``SWAP`` tile, and the unswapped tiles at
     256-long K steps with 1 or 4 splits and 3 stages (where the earlier sweeps' winners lie)."""
     bks = (128,) if kind == "W4A16" else (128, 256)
     grid = itertools.product((32, 64, 128), (256,), (1, 4), (3,)) if quick and kind.startswith("W8A8") else \
@@ -112,10 +112,8 @@ def mma_options(kind: str, quick: bool = False):
     for bn, bk, split, stages in grid:
         yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
     if kind.startswith("W8A8"):
-        precise = (False, True) if kind.endswith("fp8") else (False,)
-        for bn, bk, split, stages, pa in itertools.product((64, 128), (128, 256), (1, 2, 4, 8), (3, 4), precise):
-            yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages, SWAP=True,
-                       PRECISE_ACC=pa)
+        for bn, bk, split, stages in itertools.product((64, 128), (128, 256), (1, 2, 4, 8), (3, 4)):
+            yield dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages, SWAP=True)
 
 
 _GEMLITE: dict = {}

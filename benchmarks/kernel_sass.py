@@ -61,12 +61,9 @@ def specs():
                      PARTIAL=False, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, LAST_SUMS=False)
         out.append((f"wq_mm W8A8 {label} BN128 BK256", QT.wq_mm_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
                     128 * 256 / 128))
-        for bn, pa in ((64, False), (128, False), (128, True)):  # the weight tile as the left operand
-            if pa and label == "int8":
-                continue
-            out.append((f"wq_mm W8A8 {label} BN{bn} BK256 SWAP{' PRECISE_ACC' if pa else ''}", QT.wq_mm_kernel, ptrs,
-                        dict(const, BLOCK_N=bn, SWAP=True, PRECISE_ACC=pa), dict(num_warps=4, num_stages=3),
-                        bn * 256 / 128))
+        for bn in (64, 128):  # the weight tile as the left operand: a warpgroup MMA on the codes
+            out.append((f"wq_mm W8A8 {label} BN{bn} BK256 SWAP", QT.wq_mm_kernel, ptrs,
+                        dict(const, BLOCK_N=bn, SWAP=True), dict(num_warps=4, num_stages=3), bn * 256 / 128))
     for bn, bk, one in ((128, 256, False), (64, 128, False), (128, 256, True), (64, 128, True),
                         (256, 128, True)):  # W8A16 on the fp16 tensor cores
         ptrs = {"A": "bf16", "B": "i8", "SW": "fp32", "BIAS": "bf16", "C": "bf16", "OUT": "bf16", "COUNT": "i32"}

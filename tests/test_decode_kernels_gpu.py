@@ -175,21 +175,17 @@ def test_w8_mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
 def test_wq_mm_swap_matches_the_unswapped_kernel(kind, M, N, K, monkeypatch):
     """W8A8 ``wq_mm`` with ``SWAP`` (the weight tile as the left operand, a warpgroup MMA on the codes): within
-    2e-5 of the fp32 reference for every tile option (fp8: with ``PRECISE_ACC``; 1e-3 without), int8 bit for bit the unswapped kernel (exact int32 sums),
+    2e-5 of the fp32 reference for every tile option (fp8: 1e-3, see ``_codes_dot_swapped``), int8 bit for bit the unswapped kernel (exact int32 sums),
     the same bits launch after launch and under CUDA-graph replay, and ``decode_mm`` runs it where the tuned table
     names it."""
     from graphquant.kernels import quant_triton as QT
 
     configs = [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st, SWAP=True)
                for bn, bk, sk, st in [(64, 128, 1, 4), (128, 256, 1, 3), (64, 256, 4, 3), (128, 128, 8, 3)]]
-    if kind == "W8A8-fp8":
-        # fp8 with PRECISE_ACC: every 32-long step's sum goes into fp32, as the reference
-        _every_config_matches(QT.wq_mm, kind, M, N, K, [dict(c, PRECISE_ACC=True) for c in configs], seed=M + N)
-        # without: the tensor core sums each K step in its own precision (H200: 1.8e-4 of the largest output at
-        # K = 4096, against bf16's 3.9e-3 rounding of the stored result)
-        op = _every_config_matches(QT.wq_mm, kind, M, N, K, configs, seed=M * 17 + N, tol=1e-3)
-    else:
-        op = _every_config_matches(QT.wq_mm, kind, M, N, K, configs, seed=M * 17 + N)
+    # fp8: the tensor core sums each K step in its own precision (H200: 1.8e-4 of the largest output at K = 4096,
+    # against bf16's 3.9e-3 rounding of the stored result)
+    op = _every_config_matches(QT.wq_mm, kind, M, N, K, configs, seed=M * 17 + N,
+                               tol=1e-3 if kind == "W8A8-fp8" else 2e-5)
     if kind == "W8A8-int8":
         plain = QT.wq_mm(**op, out_dtype=torch.float32, config=dict(configs[1], SWAP=False))
         assert torch.equal(QT.wq_mm(**op, out_dtype=torch.float32, config=configs[1]), plain)

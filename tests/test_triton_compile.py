@@ -120,12 +120,10 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
         for split in (1, 4):  # one split writes the result; four write a workspace that split_sum adds up
             _call(errors, f"wq_mm {a_kind}/{w_kind} split={split}",
                   lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF, config=dict(tiles, SPLIT_K=split)))
-            for precise in ((False, True) if a_kind == "fp8" else (False,) if a_kind == "int8" else ()):
-                # the weight tile as the left operand (warpgroup MMA on the codes)
-                _call(errors, f"wq_mm {a_kind}/{w_kind} split={split} swap precise={precise}",
+            if a_kind != "float":  # the weight tile as the left operand (warpgroup MMA on the codes)
+                _call(errors, f"wq_mm {a_kind}/{w_kind} split={split} swap",
                       lambda: QT.wq_mm(**op, bias=bias, out_dtype=BF,
-                                       config=dict(tiles, BLOCK_N=128, BLOCK_K=256, SPLIT_K=split, SWAP=True,
-                                                   PRECISE_ACC=precise)))
+                                       config=dict(tiles, BLOCK_N=128, BLOCK_K=256, SPLIT_K=split, SWAP=True)))
         if a_kind == "float":
             for M in (1, 4):
                 op = {**_activation(a_kind, M, K), **_weight(w_kind, N, K)}

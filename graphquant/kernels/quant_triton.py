@@ -284,12 +284,14 @@ def _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, st
 
 @triton.jit
 def _codes_dot_swapped(A, B, rm, rn, m_ok, n_ok, k_lo, k_hi, K, stride_am, stride_bn, INT_ACC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PRECISE_ACC: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The (BLOCK_N, BLOCK_M) product ``B[rn] @ A[rm].T`` of 8-bit weight codes and 8-bit activation codes over
     ``[k_lo, k_hi)``, the weight tile as the left operand (``wq_mm_kernel``'s ``SWAP``). fp8 products are summed by
     the tensor core in its own reduced precision over each ``BLOCK_K`` step (as cuBLAS's fp8 fast-accumulation
-    mode), then added to the fp32 sums; ``PRECISE_ACC`` adds every 32-long step's sum to the fp32 sums instead."""
+    mode), then added to the fp32 sums: on the H200 within 1.8e-4 of the largest output at K = 4096, below the
+    3.9e-3 rounding of the bf16 result (adding every 32-long step's sum to the fp32 sums instead,
+    ``max_num_imprecise_acc=32``, still left 4.5e-5 and was 0.4-1.8 us slower per product,
+    ``benchmarks/results/decode_kernels_w8a8_swap.json``). int8 sums are exact."""
     if INT_ACC:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     else:
@@ -306,10 +308,7 @@ def _codes_dot_swapped(A, B, rm, rn, m_ok, n_ok, k_lo, k_hi, K, stride_am, strid
         else:
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if PRECISE_ACC:
-                acc_t += tl.dot(w, tl.trans(a), max_num_imprecise_acc=32)
-            else:
-                acc_t += tl.dot(w, tl.trans(a))
+            acc_t += tl.dot(w, tl.trans(a))
     return acc_t
 
 
@@ -321,21 +320,20 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
                  W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False, SWAP: tl.constexpr = False,
-                 PRECISE_ACC: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False, SWAP: tl.constexpr = False):
     """``LAST_SUMS`` (with split-K): the tile's last split adds the partial sums up into ``OUT``
     (:func:`_last_split_sums`) instead of a :func:`split_sum` launch. ``SWAP`` (8-bit codes times 8-bit codes
     only): the product is computed transposed, the weight tile as the left operand (``BLOCK_N`` rows, 64 or 128)
     and the activation rows as the right one, so that sm_90 runs it as a warpgroup MMA on the codes themselves
     (fp8 ``QGMMA``, int8 ``IGMMA``), where a 16-row left operand takes the warp-level MMA, on which fp8 codes are
     first widened to fp16 (``F2FP``): 1.67 instructions per weight element in the main loop for fp8 against 0.73 for
-    int8 (``benchmarks/kernel_sass.py``). ``PRECISE_ACC`` (fp8, with ``SWAP``): see :func:`_codes_dot_swapped`."""
+    int8 (``benchmarks/kernel_sass.py``); fp8 sums: see :func:`_codes_dot_swapped`."""
     pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
     if SWAP:
         tl.static_assert(A_KIND != 0 and W_KIND != 2, "SWAP is for 8-bit codes times 8-bit codes")
         acc = tl.trans(_codes_dot_swapped(A, B, rm, rn, m_ok, n_ok, k_lo, k_hi, K, stride_am, stride_bn, INT_ACC,
-                                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISE_ACC))
+                                          BLOCK_M, BLOCK_N, BLOCK_K))
     else:
         if INT_ACC:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
