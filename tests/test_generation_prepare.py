@@ -138,3 +138,56 @@ def test_a_wrong_fusion_is_caught_by_the_probe(monkeypatch):
     monkeypatch.setattr(generation._Slice, "forward", lambda self, x: x[..., :self.stop - self.start])
     with pytest.raises(PrepareError, match="changed the model's logits"):
         prepare(hf)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("scheme,group", [("w_int8_per_channel_a_int8_per_token", None),
+                                          ("w_int8_a_int8_per_tensor_sym", None),
+                                          ("w_int4_per_group_sym", 32)])
+def test_glu_gating_moves_into_the_r4_of_the_down_projection(arch, scheme, group, monkeypatch):
+    """With QuaRot, each SiLU-gated MLP's down projection takes the fused gate|up output and gates it itself
+    (``silu(g) * u``, then R4): same logits and greedy tokens, no SiLU·mul left in the MLP's forward; without R4, or
+    with the switch off, the MLPs keep their own SiLU·mul."""
+    import graphquant.generation as G
+    from graphquant import hadamard as H
+
+    model = tiny_model(arch)
+    qm = gq.quantize(model, make_config(scheme, group, pre=[C.QuaRotConfig()]), calib(), progress=False)
+    ids = torch.randint(2, 128, (2, 9))
+    hf = qm.to_hf()
+    ref = logits(hf, ids)
+    ref_tokens = hf.generate(input_ids=ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prepare(hf)
+    mlps = [layer.mlp for layer in hf.model.layers]
+    assert hf.graphquant_prepared["glu_into_r4"] == [f"model.layers.{i}.mlp" for i in range(len(mlps))]
+    assert all(m.down_proj.input_glu and type(m).__name__.startswith("GraphquantGLU") for m in mlps)
+    calls = []
+    real = H.silu_mul
+    monkeypatch.setattr(H, "silu_mul", lambda x: calls.append(x.shape) or real(x))
+    assert rel(logits(hf, ids), ref) < 1e-5
+    assert calls and all(s[-1] == 2 * mlps[0].down_proj.in_features for s in calls)  # the gating runs on [g | u]
+    assert torch.equal(hf.generate(input_ids=ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0), ref_tokens)
+
+    monkeypatch.setattr(G, "GLU_INTO_R4", False)
+    hf = qm.to_hf()
+    prepare(hf)
+    assert hf.graphquant_prepared["glu_into_r4"] == [] and not hf.model.layers[0].mlp.down_proj.input_glu
+    plain = gq.quantize(model, make_config(scheme, group), calib(), progress=False).to_hf()
+    monkeypatch.setattr(G, "GLU_INTO_R4", True)
+    prepare(plain)
+    assert plain.graphquant_prepared["glu_into_r4"] == []  # no R4 on the down projection: nothing to gate into
+
+
+def test_silu_mul_hadamard_op_is_the_gating_then_the_transform():
+    from graphquant import hadamard as H
+
+    gu = torch.randn(3, 5, 2 * 96, dtype=torch.bfloat16)
+    want = H.hadamard_transform(H.silu_mul(gu))
+    assert torch.equal(torch.ops.graphquant.silu_mul_hadamard(gu), want)
+    g, u = gu.float().chunk(2, -1)
+    assert torch.equal(H.silu_mul(gu), (torch.nn.functional.silu(g) * u).bfloat16())
+    torch.library.opcheck(torch.ops.graphquant.silu_mul_hadamard, (torch.randn(2, 2 * 12),))  # its fake kernel too
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(ValueError, match="even"):
+        torch.ops.graphquant.silu_mul_hadamard(torch.empty(2, 7))
