@@ -20,10 +20,6 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
 3. **R3 elision.** QuaRot's R3 rotates Q and K by the same orthogonal ``H`` along ``head_dim``; the
    attention scores ``(qH)·(kH) = q·k`` do not change. It only matters for a quantized K cache,
    so where no K quantizer follows it, it is dropped.
-   **GLU gating into R4.** Where a SiLU-gated MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, its
-   gate|up fused) feeds a down projection that applies QuaRot's online R4, the down projection takes the fused
-   gate|up output and computes ``silu(g) * u`` in the kernel that applies R4 (and quantizes, for W8A8):
-   one kernel and one pass over the activation less per layer (``GLU_INTO_R4``).
 
 4. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
    (:mod:`graphquant.decode_attention`: the one-token decode calls read each KV head once for its
@@ -50,8 +46,6 @@ from .export.records import LinearRecord, TensorQuantizer
 
 #: sibling projections fused into one QuantLinear (child names of one parent module)
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-#: step 3's GLU gating into R4 (see the module docstring); False keeps the model's own SiLU·mul
-GLU_INTO_R4 = True
 PREPARED_ATTR = "graphquant_prepared"
 #: relative logit change ``prepare`` accepts. Fusion and R3 elision change only rounding (kernel tiles, the bf16
 #: rounding of rotated Q and K), but a later activation quantizer can move a value across a code boundary, and
@@ -169,40 +163,6 @@ def fuse_projections(model: nn.Module, device) -> list[str]:
     return fused
 
 
-@functools.lru_cache(maxsize=None)
-def _glu_class(cls: type) -> type:
-    """``cls`` (a fused MLP class, :func:`_fused_class`) whose forward is ``down_proj(graphquant_fused(x))``: the
-    down projection (``input_glu``) gates the fused gate|up output itself."""
-
-    def forward(self, *args, **kwargs):
-        x = kwargs.pop("hidden_states", None) if "hidden_states" in kwargs else args[0]
-        return self.down_proj(self.graphquant_fused(x))
-
-    return type(f"GraphquantGLU{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
-
-
-def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
-def glu_into_r4(model: nn.Module) -> list[str]:
-    """Step 3's GLU gating into R4: returns the MLPs changed."""
-    changed = []
-    for name, mod in model.named_modules():
-        gate, up, down = (getattr(mod, c, None) for c in ("gate_proj", "up_proj", "down_proj"))
-        if not (hasattr(mod, "graphquant_fused") and isinstance(gate, _Slice) and isinstance(up, _Slice)
-                and isinstance(down, QuantLinear) and down.input_rotation and _is_silu(getattr(mod, "act_fn", None))):
-            continue
-        width = gate.stop - gate.start
-        if (gate.start, up.start, up.stop) != (0, width, 2 * width) or down.in_features != width \
-                or mod.graphquant_fused.out_features != 2 * width:
-            continue
-        down.input_glu = True
-        mod.__class__ = _glu_class(type(mod))
-        changed.append(name)
-    return changed
-
-
 def elide_r3(model: nn.Module) -> list[str]:
     """Step 3 of :func:`prepare`: drop R3 where no K quantizer follows it; returns the modules changed."""
     changed = []
@@ -252,7 +212,6 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
     before = _probe(model, device) if check else None
     report = {"fused": fuse_projections(model, device) if fuse else [],
               "r3_elided": elide_r3(model) if r3 == "elide" else []}
-    report["glu_into_r4"] = glu_into_r4(model) if fuse and GLU_INTO_R4 else []
     if check:
         after = _probe(model, device)
         err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))

@@ -46,7 +46,7 @@ import torch
 from .errors import UnsupportedHadamardSize
 
 __all__ = ["hadamard_matrix", "is_supported", "factorize", "supported_base_orders", "hadamard_transform",
-           "hadamard_transform_op", "silu_mul", "random_hadamard_matrix", "random_orthogonal_matrix", "rotation_matrix",
+           "hadamard_transform_op", "random_hadamard_matrix", "random_orthogonal_matrix", "rotation_matrix",
            "sylvester_matrix", "paley_i_matrix", "paley_ii_matrix", "williamson_array", "goethals_seidel_array",
            "construction_of"]
 
@@ -555,40 +555,6 @@ def _hadamard_transform_cuda(x: torch.Tensor, transpose: bool = False) -> torch.
     if triton_impl is not None and triton_impl.supports(x):
         return triton_impl.hadamard_transform_triton(x, transpose=transpose)
     return hadamard_transform(x, transpose=transpose)
-
-
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` for rows ``[g | u]`` (a fused gate|up output, the input of a GLU block's down projection),
-    in fp32 and rounded once to ``gu``'s dtype, as Inductor's fused SiLU·mul kernel computes it."""
-    g, u = gu.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(g) * u).to(gu.dtype)
-
-
-# graphquant::silu_mul_hadamard(Tensor gu) -> Tensor: QuaRot's R4 on a GLU block's gated input, read from the
-# fused gate|up output (on CUDA one Triton kernel computes silu(g) * u as it loads the rows)
-@torch.library.custom_op("graphquant::silu_mul_hadamard", mutates_args=())
-def _silu_mul_hadamard_op(gu: torch.Tensor) -> torch.Tensor:
-    """``hadamard_transform(silu_mul(gu))`` (torch implementation, any device)."""
-    return hadamard_transform(silu_mul(gu))
-
-
-@_silu_mul_hadamard_op.register_fake
-def _silu_mul_hadamard_fake(gu: torch.Tensor) -> torch.Tensor:
-    _compute_dtype(gu.dtype)
-    n = gu.shape[-1]
-    if isinstance(n, int):
-        if n % 2:
-            raise ValueError(f"silu_mul_hadamard takes rows [g | u] of even length, got {n}")
-        factorize(n // 2)
-    return gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2))
-
-
-@_silu_mul_hadamard_op.register_kernel("cuda")
-def _silu_mul_hadamard_cuda(gu: torch.Tensor) -> torch.Tensor:
-    triton_impl = _triton_transform()
-    if triton_impl is not None and triton_impl.supports(gu, glu=True):
-        return triton_impl.hadamard_transform_triton(gu, glu=True)
-    return hadamard_transform(silu_mul(gu))
 
 
 def _hadamard_transform_backward(ctx, grad: torch.Tensor):

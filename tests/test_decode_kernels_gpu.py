@@ -280,39 +280,6 @@ def test_fused_hadamard_quantize_equals_the_two_ops(n, fp8, rows):
                                torch.ops.graphquant.hadamard_transform(x, False), fp8)
 
 
-@pytest.mark.parametrize("n", [4096, 14336])
-@pytest.mark.parametrize("rows", [1, 16, 300])
-def test_glu_gated_hadamard_and_quantize(n, rows):
-    """Rows ``[g | u]`` gated on load (``glu=True``, a GLU block's down projection with R4): the transform within
-    one bf16 rounding of the gating of ``graphquant.hadamard.silu_mul`` (the kernel's sigmoid may differ in the
-    last fp32 bit), the fused quantization exactly the codes and scales of quantizing that transform, through the
-    ``silu_mul_hadamard`` op and the W8A8 activation entry points, also under CUDA-graph replay."""
-    from graphquant import hadamard as H
-    from graphquant.kernels import hadamard_triton as HT
-    from graphquant.kernels import quant_triton as QT
-    from graphquant.lowering import activation
-
-    gu = (torch.randn(rows, 2 * n, device="cuda") * 3).to(torch.bfloat16)
-    y = HT.hadamard_transform_triton(gu, glu=True)
-    want = torch.ops.graphquant.hadamard_transform(H.silu_mul(gu), False)
-    assert y.shape == (rows, n)
-    assert float((y.float() - want.float()).abs().max()) <= float(want.float().abs().max()) * 8e-3
-    assert float((y.float() - want.float()).abs().mean()) <= float(want.float().abs().mean()) * 1e-3
-    assert torch.equal(torch.ops.graphquant.silu_mul_hadamard(gu), y)
-    for fp8 in (False, True):
-        for static in (True, False):
-            s = torch.tensor(0.05, device="cuda") if static else None
-            want_q, want_s = QT.quantize_rows(y, fp8, s)
-            outs = eager_and_graphed(lambda: HT.hadamard_quantize(gu, fp8, s, glu=True), calls=2)
-            for q, sc in outs:
-                assert torch.equal(q.view(torch.int8), want_q.view(torch.int8)), (fp8, static)
-                assert static or torch.equal(sc, want_s)
-            spec = f"{'fp8_e4m3' if fp8 else 'int8'}:per_token:sym:dynamic:float:half_even"
-            if not static:  # the entry point the W8A8 QuantLinear calls
-                q, sc = activation.quantize_dynamic(gu, spec, hadamard=True, glu=True)
-                assert torch.equal(q.view(torch.int8), want_q.view(torch.int8)) and torch.equal(sc, want_s)
-
-
 @pytest.mark.parametrize("n", [4096, 14336, 172 * 64])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("static", [True, False])

@@ -195,16 +195,6 @@ def test_hadamard_kernels_compile_for_sm90(compile_only):
                 _call(errors, f"hadamard_quantize {n} fp8={fp8}", lambda: HT.hadamard_quantize(xp, fp8))
                 _call(errors, f"hadamard_quantize {n} static fp8={fp8}",
                       lambda: HT.hadamard_quantize(xp, fp8, static_scale=torch.tensor(0.5)))
-    # rows [g | u] gated on load (a GLU block's down projection input, R4 of Llama-3-8B): tiled and persistent
-    for rows in (2, HT.FEW_ROWS + 1):
-        gu = torch.randn(rows, 2 * 14336, dtype=BF)
-        _call(errors, f"hadamard glu rows={rows}", lambda: HT.hadamard_transform_triton(gu, glu=True))
-        if HT.fusable(14336, BF, rows, glu=True):
-            for fp8 in (False, True):
-                _call(errors, f"hadamard_quantize glu rows={rows} fp8={fp8}",
-                      lambda: HT.hadamard_quantize(gu, fp8, glu=True))
-                _call(errors, f"hadamard_quantize glu rows={rows} static fp8={fp8}",
-                      lambda: HT.hadamard_quantize(gu, fp8, static_scale=torch.tensor(0.5), glu=True))
     assert not errors, errors
 
 

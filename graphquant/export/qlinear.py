@@ -118,13 +118,7 @@ class _Quantizer(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """A quantized ``nn.Linear`` (see the module docstring). Build it with :meth:`from_record`.
-
-    ``input_glu`` (set by ``graphquant.generation.prepare`` on a GLU block's down projection): the input is the
-    fused gate|up output ``[g | u]`` and the layer's input is ``silu(g) * u``, computed by the kernel that applies
-    QuaRot's R4 (or the torch fallback) instead of a separate SiLU·mul kernel."""
-
-    input_glu = False
+    """A quantized ``nn.Linear`` (see the module docstring). Build it with :meth:`from_record`."""
 
     def __init__(self, rec: LinearRecord, backend: str = "fake_quant"):
         super().__init__()
@@ -169,10 +163,6 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
             return self._forward_kernel(x)
-        if self.input_glu:
-            from ..hadamard import silu_mul
-
-            x = silu_mul(x)
         if self.input_rotation:
             x = _hadamard(x)
         if self.input_quantizer is not None:
@@ -232,9 +222,8 @@ class QuantLinear(nn.Module):
         ops = torch.ops.graphquant
         kw = self._layout(x.device)
         t = kw.tensors
-        rotate = bool(self.input_rotation)
         if self.kernel == "int4_linear":
-            x = activation.rotate_input(x, rotate, self.input_glu)
+            x = _hadamard(x) if self.input_rotation else x
             tg = self._layouts.get(("tinygemm", str(x.device)))
             if tg is not None and x.dtype == torch.bfloat16 and x[..., 0].numel() <= TINYGEMM_MAX_M:
                 # decode: torch's own int4 kernel (tinygemm), measured fastest at M = 1 on the H200
@@ -246,20 +235,19 @@ class QuantLinear(nn.Module):
             return ops.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias, kw.args["group_size"],
                                    kw.args["layout"])
         if self.kernel == "int8_weight_only":
-            x = activation.rotate_input(x, rotate, self.input_glu)
+            x = _hadamard(x) if self.input_rotation else x
             return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
         q = self.input_quantizer
         if q.dynamic:
-            xq, xs = activation.quantize_act_dynamic_node(x, q.spec, rotate, self.input_glu)
+            xq, xs = activation.quantize_act_dynamic_node(x, q.spec, bool(self.input_rotation))
         else:
             xs = q.scale
-            xq = activation.quantize_act_static_node(x, q.scale, q.spec, rotate, self.input_glu)
+            xq = activation.quantize_act_static_node(x, q.scale, q.spec, bool(self.input_rotation))
         op = ops.int8_linear if self.kernel == "int8_linear" else ops.fp8_linear
         return op(xq, xs, t["qweight"], t["qscale"], self.bias, self.dtype)
 
     def extra_repr(self) -> str:
         extra = f", input_rotation={self.input_rotation}" if self.input_rotation else ""
-        extra += ", input_glu=True" if self.input_glu else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_spec}, "
                 f"backend={self.backend}{'/' + self.kernel if self.backend == 'kernel' else ''}{extra}")
 

@@ -122,28 +122,14 @@ def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
 
 
 @triton.jit
-def _load_rows(x_ptr, offs, mask, HALF, GLU: tl.constexpr):
-    """``x`` at ``offs``; with ``GLU`` the gated input ``silu(g) * u`` of a GLU block, ``g`` at ``offs`` and ``u``
-    ``HALF`` elements further (a row of the fused gate|up output), computed in fp32 and rounded once to the
-    input dtype (as Inductor's fused SiLU·mul kernel does)."""
-    if GLU:
-        g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
-        return (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty)
-    return tl.load(x_ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr, amax_ptr,
                      BM: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
                      D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
                      OP: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = True,
                      QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                     FAST: tl.constexpr = False, GLU: tl.constexpr = False):
+                     FAST: tl.constexpr = False):
     """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N).
-
-    With ``GLU`` the input rows are twice as long, ``[g | u]``, and ``X = silu(g) * u`` (:func:`_load_rows`).
 
     With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores codes (``y_ptr`` then points to codes):
     * ``STATIC``: under the scale at ``s_in_ptr``; a tile needs no other tile's values.
@@ -158,7 +144,6 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     row = pid // NT
     tile = pid % NT
     base = row.to(tl.int64) * M0 * N
-    in_base = base * 2 if GLU else base
     offs_m = tile * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, N)
 
@@ -167,7 +152,7 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     for kc in tl.static_range(NKC):
         offs_k = kc * BK + tl.arange(0, BK)
         a = tl.load(a_ptr + offs_m[:, None] * A_STRIDE + offs_k[None, :]).to(OP)
-        x = _load_rows(x_ptr, in_base + offs_k[:, None] * N + offs_n[None, :], offs_k[:, None] < M0, M0 * N, GLU)
+        x = tl.load(x_ptr + base + offs_k[:, None] * N + offs_n[None, :], mask=offs_k[:, None] < M0, other=0.0)
         acc = _dot_split_right(a, x.to(tl.float32), acc, IN_PARTS, OP)
 
     # Stage 2: H_{D2} along the last axis of the (BM, D1, D2) tile.
@@ -243,9 +228,8 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
                        MIDDLE: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
                        QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
                        RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                       FAST: tl.constexpr = False, GLU: tl.constexpr = False):
-    """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows (``GLU``: as
-    :func:`_factored_kernel`).
+                       FAST: tl.constexpr = False):
+    """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows.
 
     ``A`` (``BM×BM``, zero-padded) and the Sylvester matrices are built once per program and
     stay on chip; each loop iteration loads one row, applies the three stages, stores it. With
@@ -261,8 +245,7 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
     in_rows = offs_m[:, None] < M0
     for row in tl.range(tl.program_id(0), ROWS, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
-        x = _load_rows(x_ptr, (base * 2 if GLU else base) + offs_m[:, None] * N + offs_n[None, :], in_rows, M0 * N,
-                       GLU)
+        x = tl.load(x_ptr + base + offs_m[:, None] * N + offs_n[None, :], mask=in_rows, other=0.0)
         if IN_PARTS == 1:
             acc = tl.dot(a, x.to(OP))
         else:
@@ -462,15 +445,11 @@ def _factor_operand(m: int, i: int, transpose: bool, rows: int, cols: int, devic
 _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
-def supports(x: torch.Tensor, glu: bool = False) -> bool:
-    """Whether the Triton path handles ``x`` (CUDA, fp32/fp16/bf16, a supported order with a plan; with ``glu``
-    rows ``[g | u]`` of twice the order, transformed as ``silu(g) * u``, which takes a factored plan)."""
+def supports(x: torch.Tensor) -> bool:
+    """Whether the Triton path handles ``x`` (CUDA, fp32/fp16/bf16, a supported order with a plan)."""
     if not (x.is_cuda and x.dtype in _PARTS and x.dim() >= 1 and x.numel() > 0):
         return False
-    if glu and x.shape[-1] % 2:
-        return False
-    p = plan(x.shape[-1] // 2 if glu else x.shape[-1], 3 if x.dtype == torch.float32 else 2)
-    return p is not None and (not glu or p.kind == "factored")
+    return plan(x.shape[-1], 3 if x.dtype == torch.float32 else 2) is not None
 
 
 @functools.lru_cache(maxsize=16)
@@ -484,54 +463,49 @@ _FAILED: set = set()  # persistent variants that did not compile here: their til
 
 
 def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: Optional[str] = None,
-                              plan_override: Optional[Plan] = None, glu: bool = False) -> torch.Tensor:
-    """``x @ hadamard_matrix(n).T`` (``x @ hadamard_matrix(n)`` if ``transpose``) along the last dim. ``glu``: the
-    rows of ``x`` are ``[g | u]`` (2n long, a fused gate|up output) and the transform is of ``silu(g) * u``, computed
-    on load (factored plans only).
+                              plan_override: Optional[Plan] = None) -> torch.Tensor:
+    """``x @ hadamard_matrix(n).T`` (``x @ hadamard_matrix(n)`` if ``transpose``) along the last dim.
 
     ``force`` and ``plan_override`` exist for benchmarks and tests.
     """
-    n = x.shape[-1] // 2 if glu else x.shape[-1]
+    n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     p = plan_override or plan(n, out_parts, force)
-    if p is None or (glu and p.kind != "factored"):
-        raise ValueError(f"no Triton plan for order {n} ({x.dtype}{', GLU input' if glu else ''})")
-    x2 = x.reshape(-1, x.shape[-1])
+    if p is None:
+        raise ValueError(f"no Triton plan for order {n} ({x.dtype})")
+    x2 = x.reshape(-1, n)
     if plan_override is None and x2.shape[0] <= FEW_ROWS:
         p = few_rows_plan(p)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    out_shape = (*x.shape[:-1], n)
+    y = torch.empty_like(x2)
     if p.persistent and p not in _FAILED:
         try:
-            _launch_persistent(p, x2, y, bool(transpose), out_parts, glu=glu)
-            return y.reshape(out_shape)
+            _launch_persistent(p, x2, y, bool(transpose), out_parts)
+            return y.reshape(x.shape)
         except Exception as e:  # noqa: BLE001 - e.g. an older Triton that cannot compile it
             if plan_override is not None:
                 raise
             _FAILED.add(p)
             warnings.warn(f"graphquant: persistent Hadamard kernel for {p.describe()} failed "
                           f"({type(e).__name__}: {e}); using the tiled kernel", RuntimeWarning, stacklevel=2)
-    _launch_tiled(dataclasses.replace(p, persistent=False), x2, y, bool(transpose), out_parts, glu=glu)
-    return y.reshape(out_shape)
+    _launch_tiled(dataclasses.replace(p, persistent=False), x2, y, bool(transpose), out_parts)
+    return y.reshape(x.shape)
 
 
 def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
                        sq: Optional[torch.Tensor] = None, s_in: Optional[torch.Tensor] = None,
-                       quant: Optional[dict] = None, glu: bool = False) -> None:
+                       quant: Optional[dict] = None) -> None:
     """The persistent kernels; with ``quant`` (constexprs of ``_quantize_store``) ``y`` receives codes and
-    ``sq`` the per-row scales (or ``s_in`` is the static scale). ``glu``: ``x2`` holds ``[g | u]`` rows."""
+    ``sq`` the per-row scales (or ``s_in`` is the static scale)."""
     quant = quant or {}
     sq = sq if sq is not None else x2
     s_in = s_in if s_in is not None else x2
-    rows, n = y.shape
+    rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
     in_parts = _PARTS[x2.dtype]
     programs = _multiprocessors(x2.device) * p.ctas
     if p.kind == "dense":
-        if glu:
-            raise ValueError("the dense kernels take no GLU input")
         npad = _pow2_at_least(n)
         g = _dense_operand(n, transpose, npad, x2.device)
         nblk = triton.cdiv(rows, p.BR)
@@ -546,7 +520,7 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
     _persistent_kernel[(nprog,)](
         x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
         D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
-        MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, GLU=glu, **quant)
+        MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
 
 
 def _few_rows_tiled(p: Optional[Plan], rows: Optional[int]) -> bool:
@@ -555,22 +529,20 @@ def _few_rows_tiled(p: Optional[Plan], rows: Optional[int]) -> bool:
     return rows is not None and rows <= FEW_ROWS and p is not None and p.kind == "factored"
 
 
-def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None, glu: bool = False) -> bool:
+def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None) -> bool:
     """Whether :func:`hadamard_quantize` has a kernel for ``rows`` rows of ``n`` elements of ``dtype``: the
     persistent kernels (a row on one program; dynamic or static scale), or at most ``FEW_ROWS`` rows the
-    tiled kernel of every factored order. ``glu`` (the input rows ``[g | u]``, 2n long): factored plans only."""
+    tiled kernel of every factored order."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     p = plan(n, 3 if dtype == torch.float32 else 2)
-    if glu and (p is None or p.kind != "factored"):
-        return False
     if _few_rows_tiled(p, rows):
         return True
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
 
 
 def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None,
-                      plan_override: Optional[Plan] = None, glu: bool = False):
+                      plan_override: Optional[Plan] = None):
     """QuaRot's online Hadamard then activation quantization in one kernel: ``(codes, scale)`` of
     ``hadamard_transform(x)`` exactly as ``quantize_rows`` would give them (the transform rounded to
     ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out (except, for a
@@ -579,20 +551,19 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError
     (the caller runs the two ops instead), except at most ``FEW_ROWS`` rows (:func:`fusable`): then the
     tiled kernel (:func:`few_rows_plan`) runs with the quantization in its epilogue.
-    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled factored one. ``glu``: the rows
-    of ``x`` are ``[g | u]`` and ``silu(g) * u`` is transformed (see :func:`hadamard_transform_triton`)."""
-    n = x.shape[-1] // 2 if glu else x.shape[-1]
+    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled factored one."""
+    n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     static = static_scale is not None
-    rows = x.numel() // x.shape[-1] if n else 0
-    if not fusable(n, x.dtype, rows, glu):
-        raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype}{', GLU input' if glu else ''})")
+    rows = x.numel() // n if n else 0
+    if not fusable(n, x.dtype, rows):
+        raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
     p = plan_override or plan(n, out_parts)
     tiled = not p.persistent if plan_override is not None else _few_rows_tiled(p, rows)
     if tiled and (p.kind != "factored" or rows > FEW_ROWS):
         raise ValueError(f"the tiled Hadamard+quantize kernel takes a factored plan and at most {FEW_ROWS} rows, "
                          f"got {p.describe()} for {rows} rows")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
@@ -602,26 +573,24 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     quant = dict(QUANT=2 if fp8 else 1, QMAX=qmax, RCP=_fp32_reciprocal(qmax), OUT_DTYPE=out_dtype, FAST=fast_codes())
     s_in = static_scale.reshape(1).float() if static else None
     if tiled:
-        _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant, sq,
-                      glu=glu)
+        _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant, sq)
     else:
-        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static), glu=glu)
-    return q.reshape(*x.shape[:-1], n), (None if static else sq.reshape(*x.shape[:-1], 1))
+        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static))
+    return q.reshape(x.shape), (None if static else sq.reshape(*x.shape[:-1], 1))
 
 
 def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
                   s_in: Optional[torch.Tensor] = None, quant: Optional[dict] = None,
-                  sq: Optional[torch.Tensor] = None, glu: bool = False) -> None:
+                  sq: Optional[torch.Tensor] = None) -> None:
     """The tiled kernels; with ``quant`` (a factored plan only) ``y`` receives codes under the static scale
-    ``s_in``, or, without one, the per-row scales go to ``sq`` (a second launch quantizes the tiles). ``glu``: ``x2``
-    holds ``[g | u]`` rows (factored plans only)."""
+    ``s_in``, or, without one, the per-row scales go to ``sq`` (a second launch quantizes the tiles)."""
     quant = quant or {}
-    rows, n = y.shape
+    rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
     in_parts = _PARTS[x2.dtype]
     if p.kind == "dense":
-        if quant or glu:
-            raise ValueError("the tiled dense kernel has no quantization epilogue and takes no GLU input")
+        if quant:
+            raise ValueError("the tiled dense kernel has no quantization epilogue")
         npad = _pow2_at_least(n)
         g = _dense_operand(n, transpose, npad, x2.device)
         BN, BK = min(npad, 128), min(npad, 64)
@@ -634,14 +603,14 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
     dynamic = bool(quant) and s_in is None
     ws = amax = x2
     if dynamic:
-        ws = torch.empty((rows, n), dtype=x2.dtype, device=x2.device)
+        ws = torch.empty_like(x2)
         amax = torch.empty((rows, p.NT), dtype=torch.float32, device=x2.device)
         quant = dict(quant, STATIC=False)
     _factored_kernel[(rows * p.NT,)](
         x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, BM=p.BM, NT=p.NT, BK=p.BK,
         NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
         IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
-        num_warps=p.num_warps, GLU=glu, **quant)
+        num_warps=p.num_warps, **quant)
     if dynamic:  # a tile of the (M0, N) view is BM·N consecutive elements of its row
         tile_quant_kernel[(rows, p.NT)](ws, y, sq, amax, n, n, n, p.NT, T_PAD=_pow2_at_least(p.NT, 2),
                                         QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,

@@ -20,8 +20,6 @@ persistent kernel runs from ``FUSED_MIN_ROWS`` rows (prefill; see there).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..config import Dtype, QSchemeType, RoundType, ScaleType
@@ -61,11 +59,10 @@ FUSED_FEW_ROWS_STATIC = True
 FUSED_FEW_ROWS_DYNAMIC = True
 
 
-def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False, glu: bool = False):
+def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):
     """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` and a size rule picks it (CUDA,
     Triton; at least ``FUSED_MIN_ROWS`` rows, or at most ``FEW_ROWS`` rows with ``FUSED_FEW_ROWS_STATIC`` /
-    ``FUSED_FEW_ROWS_DYNAMIC`` for the scale's kind), else None. ``glu``: ``x`` holds rows ``[g | u]`` (the
-    returned function is then called with ``glu=True``)."""
+    ``FUSED_FEW_ROWS_DYNAMIC`` for the scale's kind), else None."""
     few_switch = FUSED_FEW_ROWS_STATIC if static else FUSED_FEW_ROWS_DYNAMIC
     if FUSED_MIN_ROWS is None and not few_switch:
         return None
@@ -80,12 +77,7 @@ def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False, glu: bool = 
     few = few_switch and rows <= hadamard_triton.FEW_ROWS
     if not few and (FUSED_MIN_ROWS is None or rows < FUSED_MIN_ROWS):
         return None
-    n = x.shape[-1] // 2 if glu else x.shape[-1]
-    if glu and x.shape[-1] % 2:
-        return None
-    if not hadamard_triton.fusable(n, x.dtype, rows, glu):
-        return None
-    return functools.partial(hadamard_triton.hadamard_quantize, glu=True) if glu else hadamard_triton.hadamard_quantize
+    return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype, rows) else None
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -94,27 +86,15 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.graphquant.hadamard_transform(x, False)
 
 
-def rotate_input(x: torch.Tensor, hadamard: bool, glu: bool) -> torch.Tensor:
-    """A quantizer's input as the fake-quant graph computed it: with ``glu`` the rows ``[g | u]`` become
-    ``silu(g) * u`` (``graphquant.hadamard.silu_mul``), and with ``hadamard`` QuaRot's online R4 follows (one
-    ``graphquant::silu_mul_hadamard`` call for both)."""
-    from .. import hadamard as H  # registers graphquant::hadamard_transform / silu_mul_hadamard
-
-    if glu:
-        return torch.ops.graphquant.silu_mul_hadamard(x) if hadamard else H.silu_mul(x)
-    return _hadamard(x) if hadamard else x
-
-
-def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False, glu: bool = False):
-    """(codes, scale): per-token scale ``x.shape[:-1] + (1,)`` or per-tensor ``()``, fp32. ``hadamard`` / ``glu``:
-    the input as :func:`rotate_input` makes it."""
+def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False):
+    """(codes, scale): per-token scale ``x.shape[:-1] + (1,)`` or per-tensor ``()``, fp32."""
     spec = FQ.as_spec(spec_str)
     fast = x.is_cuda and _triton_spec(spec) and spec.qscheme == QSchemeType.per_token
     fp8 = spec.dtype == Dtype.fp8_e4m3
-    if fast and hadamard and (fused := _fused_hadamard_quantize(x, glu=glu)) is not None:
-        return guarded("hadamard_quantize", lambda: fused(x, fp8, None),
-                       lambda: quantize_dynamic(x, spec_str, True, glu))
-    x = rotate_input(x, hadamard, glu)
+    if fast and hadamard and (fused := _fused_hadamard_quantize(x)) is not None:
+        return guarded("hadamard_quantize", lambda: fused(x, fp8, None), lambda: quantize_dynamic(x, spec_str, True))
+    if hadamard:
+        x = _hadamard(x)
     if fast and (qt := triton_kernels(x.device, "quant_rows")) is not None:
         split = _split_rows(x)
         return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8, split=split), lambda: _dynamic_torch(x, spec))
@@ -126,17 +106,17 @@ def _dynamic_torch(x, spec):
     return q, scale.to(torch.float32)
 
 
-def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec_str: str, hadamard: bool = False,
-                    glu: bool = False) -> torch.Tensor:
-    """Codes of ``x`` (as :func:`rotate_input` makes it) under a calibrated per-tensor scale."""
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec_str: str, hadamard: bool = False) -> torch.Tensor:
+    """Codes of ``x`` under a calibrated per-tensor scale."""
     spec = FQ.as_spec(spec_str)
     fast = x.is_cuda and _triton_spec(spec) and scale.numel() == 1
     fp8 = spec.dtype == Dtype.fp8_e4m3
     s = scale.to(torch.float32).reshape(())
-    if fast and hadamard and (fused := _fused_hadamard_quantize(x, static=True, glu=glu)) is not None:
+    if fast and hadamard and (fused := _fused_hadamard_quantize(x, static=True)) is not None:
         return guarded("hadamard_quantize", lambda: fused(x, fp8, s)[0],
-                       lambda: quantize_static(x, scale, spec_str, True, glu))
-    x = rotate_input(x, hadamard, glu)
+                       lambda: quantize_static(x, scale, spec_str, True))
+    if hadamard:
+        x = _hadamard(x)
     if fast and (qt := triton_kernels(x.device, "quant_rows")) is not None:
         return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8, static_scale=s)[0],
                        lambda: _static_torch(x, s, spec))
@@ -180,11 +160,11 @@ def _codes_inline(v: torch.Tensor, fp8: bool) -> torch.Tensor:
     return torch.round(v).clamp(-127.0, 127.0).to(torch.int8)
 
 
-def _fused_under_compile(x: torch.Tensor, hadamard: bool, static: bool = False, glu: bool = False) -> bool:
+def _fused_under_compile(x: torch.Tensor, hadamard: bool, static: bool = False) -> bool:
     """Whether the fused transform+quantize kernel (one custom-op call) replaces tracing the two under
     compile (Inductor cannot fuse the quantization into the opaque transform): where a size rule of
     :func:`_fused_hadamard_quantize` picks it."""
-    return hadamard and _fused_hadamard_quantize(x, static, glu) is not None
+    return hadamard and _fused_hadamard_quantize(x, static) is not None
 
 
 #: per-token dynamic scales of a few long rows (``quant_triton.split_rows``: the 14336-wide down_proj input at
@@ -211,33 +191,28 @@ def _split_under_compile(x: torch.Tensor, hadamard: bool) -> bool:
     return not hadamard and _split_rows(x)
 
 
-def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False, glu: bool = False):
-    """(codes, scale) for a dynamic activation quantizer; see the module docstring. ``glu``: ``x`` holds rows
-    ``[g | u]`` of a GLU block and ``silu(g) * u`` is quantized (after R4 with ``hadamard``)."""
-    if glu and not hadamard:  # nothing to fuse the gating into: the plain path on silu(g) * u
-        x, glu = rotate_input(x, False, True), False
-    kind = _inline_spec(spec) if torch.compiler.is_compiling() and not _fused_under_compile(x, hadamard,
-                                                                                             glu=glu) else None
+def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False):
+    """(codes, scale) for a dynamic activation quantizer; see the module docstring."""
+    kind = _inline_spec(spec) if torch.compiler.is_compiling() and not _fused_under_compile(x, hadamard) else None
     if kind is not None and kind[1] and _split_under_compile(x, hadamard):  # per token, few long rows
         kind = None
     if kind is None:
-        return torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard, glu)
+        return torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard)
     fp8, per_token = kind
-    x = rotate_input(x, hadamard, glu)
+    if hadamard:
+        x = _hadamard(x)
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
     scale = (amax / (448.0 if fp8 else 127.0)).clamp_min(_TINY)
     return _codes_inline(xf / scale, fp8), scale
 
 
-def quantize_act_static_node(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False,
-                             glu: bool = False):
-    """Codes for a static (calibrated per-tensor scale) activation quantizer (``glu``: as for the dynamic one)."""
-    if glu and not hadamard:
-        x, glu = rotate_input(x, False, True), False
+def quantize_act_static_node(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False):
+    """Codes for a static (calibrated per-tensor scale) activation quantizer."""
     kind = _inline_spec(spec) if (torch.compiler.is_compiling() and scale.numel() == 1
-                                  and not _fused_under_compile(x, hadamard, static=True, glu=glu)) else None
+                                  and not _fused_under_compile(x, hadamard, static=True)) else None
     if kind is None:
-        return torch.ops.graphquant.quantize_act_static(x, scale, spec, hadamard, glu)
-    x = rotate_input(x, hadamard, glu)
+        return torch.ops.graphquant.quantize_act_static(x, scale, spec, hadamard)
+    if hadamard:
+        x = _hadamard(x)
     return _codes_inline(x.float() / scale.float(), kind[0])
