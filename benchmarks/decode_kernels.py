@@ -228,6 +228,9 @@ def main():
                     help="smaller option grids for gemv_packed, w4_mma, w4_f16mma and W8A8 wq_mm (each option is one "
                          "Triton compile)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_kernels.py times CUDA kernels and needs a CUDA GPU; run it on the GPU machine "
+                         "(benchmarks/kernel_sass.py inspects the kernels' sm_90 code without one)")
     args.shapes, args.kinds, args.impls = ([v for v in a.split(",") if v] for a in (args.shapes, args.kinds, args.impls))
     args.m = [int(v) for v in args.m.split(",")]
     if unknown := [v for v in args.shapes if v not in SHAPES]:
