@@ -51,7 +51,10 @@ The stock bf16 row is measured once more at the end of the run ("bf16 (again, en
 between calls on the H200), printed after the targets. Every speedup stays over the first bf16 row.
 
 Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
-position, argmax) timed on its own. Full 32-layer numbers = head + 32 x per-layer: an
+position, argmax, and the rotary embedding's cos / sin, which the model computes once per step for all
+layers) timed on its own. Runs before 2026-11-30's run j left the rotary embedding out of the head, so
+each of their per-layer times carried half of it (2 layers); ``head`` keeps that head's times too
+(``*_no_rotary``). Full 32-layer numbers = head + 32 x per-layer: an
 extrapolation, labelled so. A failure in one measurement lands in the row's ``errors``.
 The rows (``rows`` in the JSON) are computed from the raw measurements (``raw``) by
 :func:`build_rows`, so two runs' JSONs merge with ``--merge`` (each run measures bf16 and the head
@@ -399,29 +402,42 @@ def graph_replay(fn, device: str):
 
 
 class Head(torch.nn.Module):
-    """What a step does outside the decoder layers: embedding, final norm, lm_head of the last position, argmax."""
+    """What a step does outside the decoder layers: embedding, final norm, lm_head of the last position, argmax,
+    and (``rotary``) the rotary embedding's cos / sin of the step's positions, which the model computes once per
+    forward for all its layers (on the H200 an fp32 matmul and a copy, 4.1 us of a bf16 decode step)."""
 
-    def __init__(self, model):
+    def __init__(self, model, rotary: bool = True):
         super().__init__()
         self.embed, self.norm, self.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
+        self.rotary = getattr(model.model, "rotary_emb", None) if rotary else None
 
-    def forward(self, ids):
-        return self.lm_head(self.norm(self.embed(ids)[:, -1:, :])).argmax(-1)
+    def forward(self, ids, positions):
+        h = self.embed(ids)
+        out = self.lm_head(self.norm(h[:, -1:, :])).argmax(-1)
+        if self.rotary is None:
+            return out
+        return (out, *self.rotary(h, positions))
 
 
 @torch.no_grad()
 def time_head(model, setup: Setup) -> dict:
-    head = Head(model)
-    fn = torch.compile(head, dynamic=False) if setup.compile else head
+    """The head's times (``decode_b{b}_ms``, ``prefill_ms``; with the rotary embedding) and the same without it
+    (``..._no_rotary``: how per-layer times were computed before 2026-11-30's run j)."""
     out = {}
-    for b in setup.batches:
-        ids = torch.randint(0, setup.vocab, (b, 1), device=setup.device)
-        replay, g = graph_replay(lambda ids=ids: fn(ids), setup.device) if setup.cuda_graph else (lambda: fn(ids), None)
-        out[f"decode_b{b}_ms"] = median_ms(replay, setup.step_iters, setup.device)
-        del g
-    ids = torch.randint(0, setup.vocab, setup.prefill_shape, device=setup.device)
-    out["prefill_ms"] = median_ms(lambda: fn(ids), setup.prefill_iters, setup.device)
-    torch._dynamo.reset()
+    for rotary, suffix in ((True, ""), (False, "_no_rotary")):
+        head = Head(model, rotary)
+        fn = torch.compile(head, dynamic=False) if setup.compile else head
+        for b in setup.batches:
+            ids = torch.randint(0, setup.vocab, (b, 1), device=setup.device)
+            pos = torch.full((1, 1), setup.max_length - setup.new_tokens // 2, device=setup.device)
+            replay, g = graph_replay(lambda ids=ids, pos=pos: fn(ids, pos), setup.device) if setup.cuda_graph \
+                else (lambda: fn(ids, pos), None)
+            out[f"decode_b{b}_ms{suffix}"] = median_ms(replay, setup.step_iters, setup.device)
+            del g
+        ids = torch.randint(0, setup.vocab, setup.prefill_shape, device=setup.device)
+        pos = torch.arange(setup.prefill_shape[1], device=setup.device)[None]
+        out[f"prefill_ms{suffix}"] = median_ms(lambda: fn(ids, pos), setup.prefill_iters, setup.device)
+        torch._dynamo.reset()
     return out
 
 

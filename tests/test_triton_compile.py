@@ -279,3 +279,54 @@ def test_every_tuned_decode_entry_names_a_kernel_and_its_options(compile_only):
         finally:
             QT._tuned = orig
     assert not errors, errors
+
+
+def test_decode_kernels_launch_with_pdl_and_wait_first(compile_only, monkeypatch):
+    """On an sm_90 device every decode-path kernel is launched with programmatic dependent launch and its PTX
+    waits for the previous kernel (``griddepcontrol.wait``) before any memory access; with ``PDL`` off, neither."""
+    from triton.runtime.jit import JITFunction
+
+    from graphquant.kernels import hadamard_triton as HT
+    from graphquant.kernels import quant_triton as QT
+    from graphquant.kernels.decode_attention_triton import decode_attention_triton
+
+    errors = compile_only
+    compiled = []
+    run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: compiled.append((self.fn.__name__, run(self, *a, **k))))
+    monkeypatch.setattr(QT, "_pdl_device", lambda device: True)  # CPU tensors stand for the sm_90 device here
+    N, K = 512, 1024
+
+    def launch_all():
+        x = torch.randn(1, K, dtype=BF)
+        QT.quantize_rows(x, True)
+        QT.quantize_rows(torch.randn(1, 14336, dtype=BF), False, split=True)
+        QT.wq_mm(**_activation("fp8", 1, K), **_weight("fp8", N, K), out_dtype=BF,
+                 config=dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, SPLIT_K=4, SWAP=True, num_warps=4, num_stages=3))
+        QT.gemv_packed(a=x, **_weight("int8", N, K), out_dtype=BF, config=dict(BLOCK_N=32, BLOCK_Q=64, SPLIT_K=2,
+                                                                             num_warps=4, PREFETCH=False))
+        QT.w8_mma(a=x, **_weight("int8", N, K), out_dtype=BF, config=dict(BLOCK_N=128, BLOCK_K=256, SPLIT_K=1))
+        QT.w4_f16mma(a=x, **_weight("int4", N, K), out_dtype=BF, config=dict(BLOCK_N=128, SPLIT_K=2))
+        HT.hadamard_quantize(torch.randn(1, 14336, dtype=BF), True)
+        q = torch.randn(1, 32, 1, 128, dtype=BF)
+        kv = torch.randn(1, 8, 384, 128, dtype=BF)
+        decode_attention_triton(q, kv, kv, None, 0.088)
+
+    _call(errors, "launches with PDL", launch_all)
+    assert not errors, errors
+    names = {name for name, _ in compiled}
+    assert {"quant_rows_kernel", "tile_amax_kernel", "tile_quant_kernel", "wq_mm_kernel", "gemv_packed_kernel",
+            "w8_mma_kernel", "w4_f16mma_kernel", "_factored_kernel", "decode_attention_split_kernel",
+            "decode_attention_combine_kernel"} <= names, names
+    for name, k in compiled:
+        ptx = k.asm["ptx"]
+        body = ptx[ptx.index("{", ptx.index(".entry")):]
+        first_access = min(i for i in (body.find("ld.global"), body.find("st.global"), body.find("cp.async"),
+                                       body.find("atom.global")) if i >= 0)
+        assert k.metadata.launch_pdl, name
+        assert 0 <= body.find("griddepcontrol.wait") < first_access, name
+    compiled.clear()
+    monkeypatch.setattr(QT, "PDL", False)
+    _call(errors, "launches without PDL", launch_all)
+    assert not errors, errors
+    assert compiled and all(not k.metadata.launch_pdl and "griddepcontrol" not in k.asm["ptx"] for _, k in compiled)
