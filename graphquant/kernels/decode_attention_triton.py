@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_triton import _pdl_wait, _sm_count, pdl_options
+from .quant_triton import _sm_count
 
 __all__ = ["decode_attention_triton", "supports", "split_plan"]
 
@@ -39,8 +39,7 @@ def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr, out
                   S, G, HKV, CHUNK, SPLITS, scale,
                   sqb, sqh, skb, skh, sks, svb, svh, svs, smb, sms,
                   D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr,
-                  DIRECT: tl.constexpr, OP: tl.constexpr, PDL: tl.constexpr = False):
-    _pdl_wait(PDL)
+                  DIRECT: tl.constexpr, OP: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -89,9 +88,7 @@ def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, ml_ptr, out
 
 
 @triton.jit
-def decode_attention_combine_kernel(o_ptr, ml_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                                    PDL: tl.constexpr = False):
-    _pdl_wait(PDL)
+def decode_attention_combine_kernel(o_ptr, ml_ptr, out_ptr, SPLITS, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     row = tl.program_id(0)  # b * H_q + head
     sp = tl.arange(0, BLOCK_SPLITS)
     d = tl.arange(0, D)
@@ -163,9 +160,8 @@ def decode_attention_triton(query: torch.Tensor, key: torch.Tensor, value: torch
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), smb, sms,
         D=D, BLOCK_G=max(MIN_ROWS, triton.next_power_of_2(G)), BLOCK=BLOCK_S, MASK=kind, DIRECT=direct, OP=op,
-        num_warps=4, **pdl_options(query.device))
+        num_warps=4)
     if not direct:
         decode_attention_combine_kernel[(B * HQ,)](o_part, ml, out, splits, D=D,
-                                                   BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4,
-                                                   **pdl_options(query.device))
+                                                   BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
     return out

@@ -45,8 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import (FP8_MAX, TINY_C, _fp32_reciprocal, _pdl_wait, codes, fast_codes, pdl_options,
-                           tile_quant_kernel)
+from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes, fast_codes, tile_quant_kernel
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan",
            "few_rows_plan", "FEW_ROWS"]
@@ -106,9 +105,8 @@ def _dot_split_right(a, x, acc, PARTS: tl.constexpr, OP: tl.constexpr):
 @triton.jit
 def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
                   BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
-                  IN_PARTS: tl.constexpr, OP: tl.constexpr, PDL: tl.constexpr = False):
+                  IN_PARTS: tl.constexpr, OP: tl.constexpr):
     """``Y[rows, cols] = scale · X[rows, :] @ G[:, cols]`` for a zero-padded ±1 matrix ``G``."""
-    _pdl_wait(PDL)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok = rows[:, None] < R
@@ -130,7 +128,7 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
                      OP: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = True,
                      QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                     FAST: tl.constexpr = False, PDL: tl.constexpr = False):
+                     FAST: tl.constexpr = False):
     """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N).
 
     With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores codes (``y_ptr`` then points to codes):
@@ -141,7 +139,6 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
       a tile is ``BM·N`` consecutive elements of the row) then quantizes the tiles under their row's scale.
       (Quantizing the row in the row's last program instead measured far slower: about +28 us per Llama-3-8B
       decode layer on the H200, benchmarks/results/generate_gpu_dynamic_r4_last_program_tried.json.)"""
-    _pdl_wait(PDL)
     N: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     row = pid // NT
@@ -600,7 +597,7 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
         BR = 32 if npad <= 128 else 16
         _dense_kernel[(triton.cdiv(rows, BR), npad // BN)](
             x2, g, y, rows, n, npad, scale, BR=BR, BN=BN, BK=BK, NKC=npad // BK,
-            IN_PARTS=in_parts, OP=_OPERAND, num_warps=4, **pdl_options(x2.device))
+            IN_PARTS=in_parts, OP=_OPERAND, num_warps=4)
         return
     a = _factor_operand(p.m, p.i, transpose, p.NT * p.BM, p.NKC * p.BK, x2.device)
     dynamic = bool(quant) and s_in is None
@@ -613,9 +610,8 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
         x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, BM=p.BM, NT=p.NT, BK=p.BK,
         NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
         IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
-        num_warps=p.num_warps, **quant, **pdl_options(x2.device))
+        num_warps=p.num_warps, **quant)
     if dynamic:  # a tile of the (M0, N) view is BM·N consecutive elements of its row
         tile_quant_kernel[(rows, p.NT)](ws, y, sq, amax, n, n, n, p.NT, T_PAD=_pow2_at_least(p.NT, 2),
                                         QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,
-                                        BLOCK=p.BM * p.D1 * p.D2, FAST=quant["FAST"], num_warps=p.num_warps,
-                                        **pdl_options(x2.device))
+                                        BLOCK=p.BM * p.D1 * p.D2, FAST=quant["FAST"], num_warps=p.num_warps)

@@ -56,39 +56,6 @@ from triton.language.extra import libdevice
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 
-#: Programmatic dependent launch (sm_90 and later) for the kernels of a decode step: each is launched with
-#: ``launch_pdl`` and waits (``griddepcontrol.wait``, its first instruction) until the kernel before it has
-#: finished and its writes are visible, so its launch and block scheduling overlap the previous kernel's tail
-#: instead of following it. Nothing runs before the wait, so the order of every read and write is the stream's.
-PDL = True
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _pdl_device(device: torch.device) -> bool:
-    """Whether ``device`` has programmatic dependent launch (a CUDA device of compute capability 9.0 or later)."""
-    return device.type == "cuda" and _sm_major(device.index if device.index is not None
-                                               else torch.cuda.current_device()) >= 9
-
-
-def pdl_options(device: torch.device) -> dict:
-    """Launch options for a kernel with a ``PDL`` constexpr: ``{"PDL": True, "launch_pdl": True}`` on an sm_90+
-    CUDA device while :data:`PDL` is on (not under Triton's interpreter), else ``{}``."""
-    if not PDL or _INTERPRET or not _pdl_device(device):
-        return {}
-    return {"PDL": True, "launch_pdl": True}
-
-
-@triton.jit
-def _pdl_wait(PDL: tl.constexpr):
-    """With ``PDL``: wait for the previous kernel in the stream to finish (its writes visible)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
 
 @triton.jit
 def _rint(v):
@@ -165,8 +132,7 @@ def codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, FAST: tl.constexpr = 
 @triton.jit
 def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
                       QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, STATIC: tl.constexpr,
-                      BLOCK: tl.constexpr, FAST: tl.constexpr = False, PDL: tl.constexpr = False):
-    _pdl_wait(PDL)
+                      BLOCK: tl.constexpr, FAST: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     xp = X + row * stride_xm
     qp = Q + row * stride_qm
@@ -189,10 +155,9 @@ def quant_rows_kernel(X, Q, S, SCALE_IN, K, stride_xm, stride_qm,
         tl.store(qp + offs, codes(x, scale, QMAX, FP8, FAST), mask=offs < K)
 
 @triton.jit
-def tile_amax_kernel(X, AMAX, K, stride_xm, T, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def tile_amax_kernel(X, AMAX, K, stride_xm, T, BLOCK: tl.constexpr):
     """``AMAX[row, t]`` = max |x| over tile ``t`` (``BLOCK`` elements) of row ``row``: the first of
     :func:`quantize_rows`'s two launches for a few long rows."""
-    _pdl_wait(PDL)
     row = tl.program_id(0)
     t = tl.program_id(1)
     offs = t * BLOCK + tl.arange(0, BLOCK)
@@ -203,10 +168,9 @@ def tile_amax_kernel(X, AMAX, K, stride_xm, T, BLOCK: tl.constexpr, PDL: tl.cons
 @triton.jit
 def tile_quant_kernel(X, Q, S, AMAX, K, stride_xm, stride_qm, T, T_PAD: tl.constexpr,
                       QMAX: tl.constexpr, RCP: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr,
-                      FAST: tl.constexpr = False, PDL: tl.constexpr = False):
+                      FAST: tl.constexpr = False):
     """The second launch: tile ``t`` of row ``row`` quantized under the row's scale from the tiles' maxima,
     as ``quant_rows_kernel`` computes it (tile 0 stores the scale)."""
-    _pdl_wait(PDL)
     row = tl.program_id(0)
     t = tl.program_id(1)
     tiles = tl.arange(0, T_PAD)
@@ -255,9 +219,8 @@ def _split_range(pid_k, total, SPLIT_K, STEP: tl.constexpr):
 
 
 @triton.jit
-def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def split_sum_kernel(P, C, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """``C = sum_s P[s]`` over the splits of a (SPLIT, M, N) fp32 workspace, in split order, cast to C's dtype."""
-    _pdl_wait(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.load(P + offs, mask=ok, other=0.0)
@@ -357,8 +320,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
                  W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False, SWAP: tl.constexpr = False,
-                 PDL: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False, SWAP: tl.constexpr = False):
     """``LAST_SUMS`` (with split-K): the tile's last split adds the partial sums up into ``OUT``
     (:func:`_last_split_sums`) instead of a :func:`split_sum` launch. ``SWAP`` (8-bit codes times 8-bit codes
     only): the product is computed transposed, the weight tile as the left operand (``BLOCK_N`` rows, 64 or 128)
@@ -366,7 +328,6 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
     (fp8 ``QGMMA``, int8 ``IGMMA``), where a 16-row left operand takes the warp-level MMA, on which fp8 codes are
     first widened to fp16 (``F2FP``): 1.67 instructions per weight element in the main loop for fp8 against 0.73 for
     int8 (``benchmarks/kernel_sass.py``); fp8 sums: see :func:`_codes_dot_swapped`."""
-    _pdl_wait(PDL)
     pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     INT_ACC: tl.constexpr = (A_KIND == 1) and (W_KIND == 0)
     if SWAP:
@@ -441,7 +402,7 @@ def _nibbles_minus(p, z):
 def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn, stride_cm, stride_sw,
                 A_KIND: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                 SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GPT: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, GPT: tl.constexpr, SPLIT_K: tl.constexpr):
     """``C[:M] = A[:M] @ dequant(B).T`` for decode (M <= BLOCK_M <= 4 rows), on CUDA cores.
 
     Program (pid_n, pid_k) streams the weight rows ``BLOCK_N * pid_n + [0, BLOCK_N)`` over its share of
@@ -450,7 +411,6 @@ def gemv_kernel(A, B, SW, ZW, SA, BIAS, C, M, N, K, GROUP, stride_am, stride_bn,
     per group of ``GROUP`` columns, whose scale is applied once per group and row. With ``SPLIT_K > 1``
     each split stores its partial sums in its slice of an fp32 workspace (scales and bias are
     linear, so each split applies them to its part; the bias only in split 0)."""
-    _pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -578,8 +538,7 @@ def _packed_store(acc, m, M, rn, n_ok, pid_k, SW, BIAS, C, stride_cm,
 def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, Q, stride_am, stride_bn, stride_cm, stride_sw,
                        GROUP: tl.constexpr, W_KIND: tl.constexpr, W_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, LAST_SUMS: tl.constexpr = False,
-                       PDL: tl.constexpr = False):
+                       SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, LAST_SUMS: tl.constexpr = False):
     """Weight-only decode GEMV (float activations, M <= BLOCK_M <= 4) reading the weight as int32 words.
 
     ``B`` is the weight viewed as int32 (N, Q): 4 int8 codes or 8 int4 nibbles (low first) per word, so
@@ -594,7 +553,6 @@ def gemv_packed_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, Q, stride_am, st
     tile's last split: :func:`_last_split_sums`); the bias only in split 0.
     ``PREFETCH``: the next tile's words are loaded before this tile is decoded (register double-buffering, so
     every program keeps a load in flight while it computes)."""
-    _pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -676,8 +634,7 @@ def _nibble_half(u, MAGIC: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def w4_mma_kernel(A, B, SW, ZW, BIAS, C, M, N, G, stride_am, stride_bn, stride_cm, stride_sw,
                   GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, FP16: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-                  PDL: tl.constexpr = False):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     """W4A16 at decode-sized M (<= BLOCK_M = 16) on tensor cores, the weight as the *left* operand
     ("swap AB"): ``out.T (N, M) = W (N, K) @ a.T (K, M)``, so the N rows of the weight fill the MMA's M
     side and the few activation rows are its narrow N side.
@@ -689,7 +646,6 @@ def w4_mma_kernel(A, B, SW, ZW, BIAS, C, M, N, G, stride_am, stride_bn, stride_c
     a zero point ``z`` enters as ``-(z - 8) * sum(a over the group)``. ``SPLIT_K`` splits the groups, each
     split storing its partial sums in its slice of an fp32 workspace (:func:`split_sum`); the bias only in
     split 0. ``PREFETCH``: the next group's bytes are loaded before this group is decoded."""
-    _pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -778,8 +734,7 @@ def _i8_f16(w, ASM: tl.constexpr):
 def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm,
                   W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, PARTIAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True, ONE_SCALE: tl.constexpr = False,
-                  PDL: tl.constexpr = False):
+                  LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True, ONE_SCALE: tl.constexpr = False):
     """W8A16 at decode-sized M on the fp16 tensor cores, exact: ``C = A @ (B * SW).T (+ BIAS)`` with A float
     (M, K) and B int8 codes (N, K). Each K tile of the activation becomes fp16 under a power-of-two scale per row
     (:func:`_f16_rows`) and the codes become fp16 from their bits (:func:`_i8_f16`): every product is exact
@@ -790,7 +745,6 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
     it), so each K tile is only multiplied and converted, and the fp16 products accumulate in the dot itself
     (``kernel_sass.py``: 3.26 instructions per weight element against 3.64 at 128 x 256 tiles); exact down to
     2^-28 of the row's largest element in that range instead of in each tile."""
-    _pdl_wait(PDL)
     pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ONE_SCALE:  # one power of two per row for the program's whole K range, from a first pass over it
@@ -858,7 +812,7 @@ def _u4_16(w, FP16: tl.constexpr, ASM: tl.constexpr):
 def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm, stride_sw,
                      GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
                      PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP16: tl.constexpr = False,
-                     LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False):
+                     LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True):
     """W4A16 at decode-sized M on the 16-bit tensor cores, :func:`w8_mma_kernel`'s structure (the weight as the
     right operand, the activation rows padded to ``BLOCK_M``): ``C = A @ dequant(B).T (+ BIAS)`` with A bf16
     (``FP16``: half) (M, K) and B nibble-packed int4 codes (N, K/2; even columns in the low nibbles) under
@@ -868,7 +822,6 @@ def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stri
     nibbles are never interleaved and the activation is used as it is. Products are exact, sums fp32; the
     group's partial product is scaled per column by the group scale into the accumulator. A zero point ``z``
     enters as ``-(z - 8) * sum(a over the group)``. Split-K over the groups as :func:`wq_mm_kernel`."""
-    _pdl_wait(PDL)
     HALF: tl.constexpr = GROUP // 2
     pid, pid_k, rm, rn, m_ok, n_ok, k_lo, k_hi = _mm_tile(M, N, K, SPLIT_K, BLOCK_M, BLOCK_N, GROUP)
     rh = tl.arange(0, HALF)
@@ -1026,16 +979,14 @@ def quantize_rows(x: torch.Tensor, fp8: bool, static_scale: torch.Tensor | None 
     if M and split and not static and split_rows(M, K):
         t = triton.cdiv(K, SPLIT_ROWS_BLOCK)
         amax = torch.empty((M, t), device=x.device, dtype=torch.float32)
-        tile_amax_kernel[(M, t)](x2, amax, K, x2.stride(0), t, BLOCK=SPLIT_ROWS_BLOCK, num_warps=4,
-                                 **pdl_options(x2.device))
+        tile_amax_kernel[(M, t)](x2, amax, K, x2.stride(0), t, BLOCK=SPLIT_ROWS_BLOCK, num_warps=4)
         tile_quant_kernel[(M, t)](x2, q, s, amax, K, x2.stride(0), K, t, T_PAD=max(2, 1 << (t - 1).bit_length()),
                                   QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, BLOCK=SPLIT_ROWS_BLOCK,
-                                  FAST=fast_codes(), num_warps=4, **pdl_options(x2.device))
+                                  FAST=fast_codes(), num_warps=4)
     elif M:
         quant_rows_kernel[(M,)](x2, q, s if s is not None else q, static_scale if static else q, K, x2.stride(0), K,
                               QMAX=qmax, RCP=_fp32_reciprocal(qmax), FP8=fp8, STATIC=static, BLOCK=block,
-                              FAST=fast_codes(), num_warps=4 if block <= 1024 else 8,
-                              **pdl_options(x2.device))
+                              FAST=fast_codes(), num_warps=4 if block <= 1024 else 8)
     q = q.reshape(x.shape)
     return q, (None if static else s.reshape(*x.shape[:-1], 1))
 
@@ -1125,7 +1076,7 @@ def split_sum(c: torch.Tensor, out_dtype) -> torch.Tensor:
     split, M, N = c.shape
     out = torch.empty((M, N), device=c.device, dtype=out_dtype)
     split_sum_kernel[(triton.cdiv(M * N, SPLIT_SUM_BLOCK),)](c, out, M * N, SPLIT=split, BLOCK=SPLIT_SUM_BLOCK,
-                                                             num_warps=4, **pdl_options(c.device))
+                                                             num_warps=4)
     return out
 
 
@@ -1150,7 +1101,7 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
                      w_scale.stride(0) if w_scale.dim() == 2 else 0,
                      A_KIND=a_kind, W_KIND=w_kind, W_SCALE=w_scale_kind, HAS_ZERO=w_zero is not None,
                      SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
-                     PARTIAL=split > 1, LAST_SUMS=last, **cfg, **pdl_options(a.device))
+                     PARTIAL=split > 1, LAST_SUMS=last, **cfg)
     return out if last else split_sum(c, out_dtype)
 
 
@@ -1310,7 +1261,7 @@ def gemv(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int
         bias if bias is not None else dummy, c, M, N, K, max(group, 1), a.stride(0), w.stride(0), c.stride(-2),
         w_scale.stride(0) if w_scale.dim() == 2 else 0, A_KIND=a_kind, W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
-        SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg, **pdl_options(a.device))
+        SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None, **cfg)
     return split_sum(c, out_dtype)
 
 
@@ -1364,7 +1315,7 @@ def gemv_packed(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_ki
         out, count, M, N, Q, a.stride(0), words.stride(0), c.stride(-2),
         w_scale.stride(0) if w_scale.dim() == 2 else 0, GROUP=max(group, 8), W_KIND=w_kind,
         W_SCALE=2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0), HAS_ZERO=w_zero is not None,
-        HAS_BIAS=bias is not None, LAST_SUMS=last, **cfg, **pdl_options(a.device))
+        HAS_BIAS=bias is not None, LAST_SUMS=last, **cfg)
     return out if last else split_sum(c, out_dtype)
 
 
@@ -1406,8 +1357,7 @@ def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
     w4_mma_kernel[(-(-N // cfg["BLOCK_N"]), split)](
         a, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else w_scale, c,
         M, N, G, a.stride(0), w.stride(0), c.stride(-2), w_scale.stride(0), GROUP=group,
-        HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP16=a.dtype == torch.float16, **cfg,
-        **pdl_options(a.device))
+        HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP16=a.dtype == torch.float16, **cfg)
     return split_sum(c, out_dtype)
 
 
@@ -1429,8 +1379,7 @@ def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
     c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
     w8_mma_kernel[grid](a, w, w_scale, bias if bias is not None else w_scale, c, out, count, M, N, K, a.stride(0),
                         w.stride(0), c.stride(-2), W_SCALE=1 if w_scale.numel() > 1 else 0, HAS_BIAS=bias is not None,
-                        PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, **cfg,
-                        **pdl_options(a.device))
+                        PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
     return out if last else split_sum(c, out_dtype)
 
 
@@ -1461,7 +1410,7 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
                            bias if bias is not None else w_scale, c, out, count, M, N, K, a.stride(0), w.stride(0),
                            c.stride(-2), w_scale.stride(0), GROUP=group, HAS_ZERO=w_zero is not None,
                            HAS_BIAS=bias is not None, PARTIAL=split > 1, FP16=a.dtype == torch.float16,
-                           LAST_SUMS=last, ASM=not _INTERPRET, **cfg, **pdl_options(a.device))
+                           LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
     return out if last else split_sum(c, out_dtype)
 
 
