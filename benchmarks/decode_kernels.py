@@ -19,7 +19,9 @@ operand; ``w8_mma``, W8A16 on the fp16 tensor cores, exact), each checked agains
 fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
-scales). Bandwidth = weight bytes (codes + scales) / time, against the 4.3 TB/s the H200 copies at.
+scales); with ``--gemlite`` / ``--fbgemm`` those libraries' kernels (their wheels carried to the GPU machine;
+not graphquant dependencies): timed and recorded, never written to the table. Bandwidth = weight bytes
+(codes + scales) / time, against the 4.3 TB/s the H200 copies at.
 """
 from __future__ import annotations
 
@@ -152,6 +154,65 @@ def gemlite_reference(op, ref) -> dict:
         return {"gemlite_error": f"{type(e).__name__}: {str(e)[:160]}"}
 
 
+def fbgemm_reference(op, ref, copies: int = 1) -> dict:
+    """FBGEMM GenAI's kernels (``fbgemm-gpu-genai``, not a graphquant dependency: ``--fbgemm``, its wheel carried to
+    the GPU machine) on a weight of the same shape and bytes, each timed as the graphquant kernels are (with
+    ``--cold`` the timed calls cycle through ``copies`` weights): W4A16 its preshuffled CUTLASS mixed-input kernel
+    ``bf16i4bf16_shuffled`` (int4 under bf16 group scales and zeros, group 128) on the same dequantized weight
+    quantized again by its own ``quantize_int4_preshuffle``; W8A16 its GEMV on fp8 weights with bf16 activations
+    ``bf16fp8bf16_fast_gemv`` (one per-tensor scale: the same bytes in another format); W8A8-fp8 its CUTLASS rowwise
+    kernel ``f8f8bf16_rowwise`` (fast accumulation) and its GEMV ``fp8fp8bf16_fast_gemv`` on the same codes and
+    scales. Returns ``fbgemm_<name>_us`` and ``fbgemm_<name>_err`` (largest error against the fp32 reference over its
+    largest element; for a weight quantized again it includes that quantization's error), or
+    ``fbgemm_<name>_error`` / ``fbgemm_error``. int8 W8A8 has no FBGEMM counterpart here."""
+    try:
+        import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm)
+        from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
+    except Exception as e:  # noqa: BLE001 - a missing library is recorded, the sweep goes on
+        return {"fbgemm_error": f"{type(e).__name__}: {str(e)[:160]}"}
+    a, K = op["a"], op["a"].shape[1]
+    fb = torch.ops.fbgemm
+    makers = {}
+    if op.get("a_scale") is None and op["w_kind"] in (QT.W_INT4, QT.W_INT8):
+        wf = QT.dequantize_weight(op["w"], op["w_scale"], w_kind=op["w_kind"], K=K,
+                                  group=GROUP if op["w_kind"] == QT.W_INT4 else 0)
+        if op["w_kind"] == QT.W_INT4:
+            def shuffled():
+                wq, (gs, gz) = quantize_int4_preshuffle(wf, group_size=GROUP, dtype="bf16", use_zp=True)
+                return lambda: fb.bf16i4bf16_shuffled(a, wq, gs, gz)
+
+            makers["bf16i4bf16_shuffled"] = shuffled
+        else:
+            def fp8_weight_gemv():
+                wq, ws = fb.quantize_fp8_per_tensor(wf)
+                return lambda: fb.bf16fp8bf16_fast_gemv(a, wq, ws)
+
+            makers["bf16fp8bf16_fast_gemv"] = fp8_weight_gemv
+    elif op["w_kind"] == QT.W_FP8 and op.get("a_scale") is not None:
+        sa = op["a_scale"].float().reshape(-1).contiguous()
+
+        def rowwise():
+            w, sw = op["w"].clone(), op["w_scale"].float().clone()
+            return lambda: fb.f8f8bf16_rowwise(a, w, sa, sw, use_fast_accum=True)
+
+        def fp8_gemv():
+            w, sw = op["w"].clone(), op["w_scale"].float().clone()
+            return lambda: fb.fp8fp8bf16_fast_gemv(a, w, sa, sw, is_batched=False)
+
+        makers.update(f8f8bf16_rowwise=rowwise, fp8fp8bf16_fast_gemv=fp8_gemv)
+    out = {}
+    for name, make in makers.items():
+        try:
+            fns = [make() for _ in range(max(1, copies))]
+            y = fns[0]()
+            out[f"fbgemm_{name}_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
+            it = itertools.cycle(fns)
+            out[f"fbgemm_{name}_us"] = graph_us(lambda: next(it)())
+        except Exception as e:  # noqa: BLE001 - a kernel that refuses the shape is recorded
+            out[f"fbgemm_{name}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    return out
+
+
 def bf16_us(N, K, dev):
     """cuBLAS bf16 ``F.linear`` at M = 1 and M = 16 (the baseline)."""
     w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
@@ -219,6 +280,9 @@ def main():
                     help="comma-separated kernels: gemv, gemv_packed, w4_mma, w4_f16mma, w8_mma, wq_mm "
                          "(default: all)")
     ap.add_argument("--m", default="1,16", help="comma-separated M values")
+    ap.add_argument("--fbgemm", action="store_true",
+                    help="also time FBGEMM GenAI's kernels (fbgemm-gpu-genai on PYTHONPATH) on the W4A16, W8A16 and "
+                         "fp8 W8A8 shapes")
     ap.add_argument("--gemlite", action="store_true",
                     help="also time gemlite's kernels on the W4A16 / W8A16 weights (its wheel on PYTHONPATH)")
     ap.add_argument("--cold", action="store_true",
@@ -308,6 +372,8 @@ def main():
                         extra["tinygemm_error"] = f"{type(e).__name__}: {str(e)[:100]}"
                 if args.gemlite and kind in ("W4A16", "W8A16"):
                     extra.update(gemlite_reference(op, ref))
+                if args.fbgemm:
+                    extra.update(fbgemm_reference(op, ref, len(ops)))
                 a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
                 if cfg_best is not None:
                     keep = {k: v for k, v in cfg_best.items() if k not in ("BLOCK_M",)}
@@ -327,6 +393,10 @@ def main():
                       + (f" | gemlite {extra['gemlite_us']:6.1f} (err {extra['gemlite_err']:.1e})"
                          if "gemlite_us" in extra else "")
                       + (f" | gemlite failed: {extra['gemlite_error']}" if "gemlite_error" in extra else "")
+                      + "".join(f" | {k[7:-3]} {v:6.1f}" for k, v in extra.items()
+                                if k.startswith("fbgemm_") and k.endswith("_us"))
+                      + "".join(f" | {k[:-6]} failed: {v}" for k, v in extra.items()
+                                if k.startswith("fbgemm") and k.endswith("error"))
                       + f" | {cfg_best}", flush=True)
     out = {"device": name, "torch": torch.__version__, "peak_Bps": PEAK, "weights_cold": args.cold,
            "summary": summary, "rows": rows, "elapsed_s": time.time() - t0}
