@@ -158,36 +158,39 @@ def fbgemm_reference(op, ref, copies: int = 1) -> dict:
     """FBGEMM GenAI's kernels (``fbgemm-gpu-genai``, not a graphquant dependency: ``--fbgemm``, its wheel carried to
     the GPU machine) on a weight of the same shape and bytes, each timed as the graphquant kernels are (with
     ``--cold`` the timed calls cycle through ``copies`` weights): W4A16 its preshuffled CUTLASS mixed-input kernel
-    ``bf16i4bf16_shuffled`` (int4 under bf16 group scales and zeros, group 128) on the same dequantized weight
-    quantized again by its own ``quantize_int4_preshuffle``; W8A16 its GEMV on fp8 weights with bf16 activations
+    ``bf16i4bf16_shuffled`` (int4 under bf16 group scales and zeros, group 128) on the same codes: graphquant's
+    unsigned nibbles ``u`` (weight ``(u - 8) * s``) are FBGEMM's signed ones ``u - 8`` (two's complement: the packed
+    bytes ``^ 0x88``) under the same scales in bf16 and zero offsets, laid out by its ``preshuffle_i4``; W8A16 its
+    GEMV on fp8 weights with bf16 activations
     ``bf16fp8bf16_fast_gemv`` (one per-tensor scale: the same bytes in another format); W8A8-fp8 its CUTLASS rowwise
     kernel ``f8f8bf16_rowwise`` (fast accumulation) and its GEMV ``fp8fp8bf16_fast_gemv`` on the same codes and
     scales. Returns ``fbgemm_<name>_us`` and ``fbgemm_<name>_err`` (largest error against the fp32 reference over its
-    largest element; for a weight quantized again it includes that quantization's error), or
+    largest element; it includes the bf16 rounding of the int4 scales and, for the fp8 weights, that format's), or
     ``fbgemm_<name>_error`` / ``fbgemm_error``. int8 W8A8 has no FBGEMM counterpart here."""
     try:
         import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm)
-        from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
     except Exception as e:  # noqa: BLE001 - a missing library is recorded, the sweep goes on
         return {"fbgemm_error": f"{type(e).__name__}: {str(e)[:160]}"}
     a, K = op["a"], op["a"].shape[1]
     fb = torch.ops.fbgemm
     makers = {}
-    if op.get("a_scale") is None and op["w_kind"] in (QT.W_INT4, QT.W_INT8):
-        wf = QT.dequantize_weight(op["w"], op["w_scale"], w_kind=op["w_kind"], K=K,
-                                  group=GROUP if op["w_kind"] == QT.W_INT4 else 0)
-        if op["w_kind"] == QT.W_INT4:
-            def shuffled():
-                wq, (gs, gz) = quantize_int4_preshuffle(wf, group_size=GROUP, dtype="bf16", use_zp=True)
-                return lambda: fb.bf16i4bf16_shuffled(a, wq, gs, gz)
+    if op.get("a_scale") is None and op["w_kind"] == QT.W_INT4:
+        def shuffled():
+            signed = (op["w"].view(torch.uint8) ^ 0x88).view(torch.int8)
+            scales = op["w_scale"].t().contiguous().to(torch.bfloat16)
+            wq, gs = fb.preshuffle_i4(signed, scales)
+            gz = torch.zeros_like(scales)
+            return lambda: fb.bf16i4bf16_shuffled(a, wq, gs, gz)
 
-            makers["bf16i4bf16_shuffled"] = shuffled
-        else:
-            def fp8_weight_gemv():
-                wq, ws = fb.quantize_fp8_per_tensor(wf)
-                return lambda: fb.bf16fp8bf16_fast_gemv(a, wq, ws)
+        makers["bf16i4bf16_shuffled"] = shuffled
+    elif op.get("a_scale") is None and op["w_kind"] == QT.W_INT8:
+        wf = QT.dequantize_weight(op["w"], op["w_scale"], w_kind=QT.W_INT8, K=K)
 
-            makers["bf16fp8bf16_fast_gemv"] = fp8_weight_gemv
+        def fp8_weight_gemv():
+            wq, ws = fb.quantize_fp8_per_tensor(wf)
+            return lambda: fb.bf16fp8bf16_fast_gemv(a, wq, ws)
+
+        makers["bf16fp8bf16_fast_gemv"] = fp8_weight_gemv
     elif op["w_kind"] == QT.W_FP8 and op.get("a_scale") is not None:
         sa = op["a_scale"].float().reshape(-1).contiguous()
 
