@@ -24,12 +24,18 @@ mask; both 5.17 and 5.23 work so). The decode step first copies its ``cache_posi
 every layer's counter, so a step is a pure function of (ids, position) and CUDA-graph warm-up
 runs or repeated timing replays cannot shift the cache.
 
+Compile caches: the compiles run under a ``torch.compiler.config.cache_key_tag`` that names the schemas of
+graphquant's custom ops (:func:`compile_cache_tag`), so a cached compile made against other schemas (another
+graphquant version or checkout on the same machine) is not reused.
+
 Greedy only: no sampling, no early stop at EOS (the benchmark needs fixed lengths), prompts of
 equal length (no left padding).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import inspect
 import time
 
@@ -37,7 +43,42 @@ import torch
 
 from .timing import median_ms
 
-__all__ = ["StaticDecoder"]
+__all__ = ["StaticDecoder", "compile_cache_tag"]
+
+
+def compile_cache_tag() -> str:
+    """A tag for torch's compile caches (``torch.compiler.config.cache_key_tag``) that names the schemas of the
+    graphquant custom ops registered in this process, after the user's own tag if one is set.
+
+    Inductor's FX-graph cache finds a compiled graph by the traced graph, in which a custom-op call holds only
+    the arguments given, while the code it generated calls the op with every argument of the schema it was
+    compiled against. An op that gained or lost an argument between two graphquant versions (or checkouts) on the
+    same machine then met cached code calling it the old way (on the H200: "expected at most 4 argument(s) but
+    received 5", README); with the schemas in the key such an entry is not found."""
+    schemas = []
+    for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("graphquant::")):
+        op, _, overload = name[len("graphquant::"):].partition(".")
+        try:
+            schemas.append(str(getattr(getattr(torch.ops.graphquant, op), overload or "default")._schema))
+        except (AttributeError, RuntimeError):  # a name without a Python-visible schema: its name stands for it
+            schemas.append(name)
+    digest = hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
+    user = getattr(torch.compiler.config, "cache_key_tag", "")
+    return f"{user}|graphquant-ops-{digest}" if user else f"graphquant-ops-{digest}"
+
+
+def _under_cache_tag(fn, tag: str):
+    """``fn`` called with ``torch.compiler.config.cache_key_tag = tag`` (as is, where this torch has no such
+    setting)."""
+    if not hasattr(torch.compiler.config, "cache_key_tag"):
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch.compiler.config.patch(cache_key_tag=tag):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -100,11 +141,15 @@ class StaticDecoder:
         self._graph = None
         self._step_fn = self._forward_step
         self._prefill_fn = self._forward_prefill
-        if self.compile:
-            self._step_fn = torch.compile(self._forward_step, fullgraph=True, dynamic=False,
-                                          options=dict(compile_options) if compile_options else None)
+        self.cache_tag = None
+        if self.compile:  # the eager forward above registered every graphquant op the model calls
+            self.cache_tag = compile_cache_tag()
+            self._step_fn = _under_cache_tag(torch.compile(self._forward_step, fullgraph=True, dynamic=False,
+                                             options=dict(compile_options) if compile_options else None),
+                                             self.cache_tag)
             if compile_prefill is None or compile_prefill:
-                self._prefill_fn = torch.compile(self._forward_prefill, dynamic=False)
+                self._prefill_fn = _under_cache_tag(torch.compile(self._forward_prefill, dynamic=False),
+                                                    self.cache_tag)
         self.last_timing: dict = {}
 
     # ---------------------------------------------------------------- cache

@@ -115,3 +115,37 @@ def test_errors_say_what_to_do(llama):
         dec.time_step_ms(1, position=10)
     # an all-ones mask is accepted
     assert dec.prefill(prompt(2, 4), attention_mask=torch.ones(2, 4, dtype=torch.long)).shape == (2,)
+
+
+def test_compiles_run_under_a_cache_tag_naming_graphquant_op_schemas(llama, monkeypatch):
+    """The decode step and the prefill compile with ``torch.compiler.config.cache_key_tag`` naming the schemas of
+    graphquant's custom ops (a cached compile against other schemas is then not reused); the user's own tag stays in
+    front; an op registered with another schema changes the tag."""
+    from graphquant import static_decode as SD
+
+    if not hasattr(torch.compiler.config, "cache_key_tag"):
+        pytest.skip("this torch has no compile cache key tag")
+    seen = []
+
+    def fake_compile(fn, **kwargs):  # records the tag each compiled call runs under; runs eagerly
+        def run(*args):
+            seen.append(torch.compiler.config.cache_key_tag)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(SD.torch, "compile", fake_compile)
+    ids = prompt(1, 6)
+    dec = StaticDecoder(llama, batch_size=1, max_length=16, compile=True)
+    assert torch.equal(dec.generate(ids, 4), hf_greedy(llama, ids, 4))
+    assert dec.cache_tag.startswith("graphquant-ops-") and seen and set(seen) == {dec.cache_tag}
+    assert torch.compiler.config.cache_key_tag == ""  # restored after each call
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        assert SD.compile_cache_tag() == "mine|" + dec.cache_tag
+    before = SD.compile_cache_tag()
+
+    @torch.library.custom_op("graphquant::_cache_tag_probe", mutates_args=())
+    def probe(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x.clone()
+
+    assert SD.compile_cache_tag() != before
+    assert StaticDecoder(llama, batch_size=1, max_length=16, compile=False).cache_tag is None
