@@ -283,6 +283,9 @@ def main():
                     help="comma-separated kernels: gemv, gemv_packed, w4_mma, w4_f16mma, w8_mma, wq_mm "
                          "(default: all)")
     ap.add_argument("--m", default="1,16", help="comma-separated M values")
+    ap.add_argument("--table-only", action="store_true",
+                    help="time only the kernel and tile the tuned table (or decode_choice's heuristics) picks for each "
+                         "shape, a same-machine baseline for --fbgemm / --gemlite; the table is not rewritten")
     ap.add_argument("--fbgemm", action="store_true",
                     help="also time FBGEMM GenAI's kernels (fbgemm-gpu-genai on PYTHONPATH) on the W4A16, W8A16 and "
                          "fp8 W8A8 shapes")
@@ -332,8 +335,14 @@ def main():
                 if kind == "W4A16":
                     impls += ["w4_mma", "w4_f16mma"]
                 impls = [i for i in impls if not args.impls or i in args.impls]
+                picked = None
+                if args.table_only:
+                    a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
+                    picked = QT.decode_choice(M, N, K, a_kind, op["w_kind"], GROUP, dev)
+                    impls = [picked[0]] if picked and picked[0] != "tinygemm" else []
                 for impl in impls:
-                    opts = {"gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind, args.quick),
+                    opts = [picked[1]] if picked else {
+                            "gemv": lambda: gemv_options(kind, stages), "wq_mm": lambda: mma_options(kind, args.quick),
                             "gemv_packed": lambda: packed_options(kind, args.quick),
                             "w4_mma": lambda: w4_mma_options(args.quick),
                             "w8_mma": lambda: w8_mma_options(),
@@ -404,6 +413,9 @@ def main():
     out = {"device": name, "torch": torch.__version__, "peak_Bps": PEAK, "weights_cold": args.cold,
            "summary": summary, "rows": rows, "elapsed_s": time.time() - t0}
     write_json(args.out, out)
+    if args.table_only:
+        print(f"\nwrote {args.out} in {time.time() - t0:.0f} s (the table is not rewritten with --table-only)")
+        return
     tuned_path = Path(args.tuned)
     table = json.loads(tuned_path.read_text()) if tuned_path.is_file() else {}
     old = table.get(name, {})

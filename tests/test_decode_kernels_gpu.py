@@ -358,3 +358,44 @@ def assert_codes_of_fake_quant(quantize, y, fp8):
     ref = FQ.quantize(y, st, torch.zeros((), dtype=torch.int32, device=y.device),
                       spec.replace("per_token", "per_tensor").replace("dynamic", "static"))
     assert torch.equal(qs.float(), ref.float())
+
+
+@pytest.mark.parametrize("n", [4096, 14336, 172 * 64])
+@pytest.mark.parametrize("rows", [1, 16, 4096])
+def test_gated_r4_reads_the_gate_up_pair(n, rows):
+    """``gated``: the R4 kernels compute ``silu(gate)·up`` from a gate|up pair as they read it, for the transform
+    alone (weight-only schemes) and with the quantization (tiled at decode sizes, persistent at prefill sizes where
+    the row fits one): what Inductor's fused SiLU·mul kernel followed by the same kernels gives, up to the last bit
+    of the SiLU, launch after launch and under CUDA-graph replay."""
+    import torch.nn.functional as F
+
+    from graphquant import hadamard  # noqa: F401  registers the ops
+    from graphquant.kernels import hadamard_triton as HT
+    from graphquant.lowering import activation as A
+
+    gu = (torch.randn(rows, 2 * n, device="cuda") * 2).to(torch.bfloat16)
+    x = torch.compile(lambda t: F.silu(t[..., :n]) * t[..., n:])(gu)
+    assert HT.supports(gu, gated=True)
+    want = torch.ops.graphquant.hadamard_transform(x, False)
+    for got in eager_and_graphed(lambda: torch.ops.graphquant.gated_hadamard_transform(gu)):
+        assert got.shape == (rows, n)
+        assert float((got.float() - want.float()).abs().max()) <= 2 ** -8 * float(want.float().abs().max())
+    for fp8 in (False, True):
+        for static in (False, True):
+            spec = f"{'fp8_e4m3' if fp8 else 'int8'}:{'per_tensor:sym:static' if static else 'per_token:sym:dynamic'}" \
+                   ":float:half_even"
+            scale = torch.tensor(0.06, device="cuda")
+            fused = A._fused_hadamard_quantize(gu, static=static, gated=True)
+            assert (fused is not None) == (rows <= HT.FEW_ROWS or HT.fusable(n, gu.dtype, rows)), (n, rows)
+
+            def run(t, gated):
+                if static:
+                    return A.quantize_static(t, scale, spec, hadamard=True, gated=gated), None
+                return A.quantize_dynamic(t, spec, True, gated)
+
+            q0, s0 = run(x, False)
+            for q1, s1 in eager_and_graphed(lambda: run(gu, True)):
+                d = (q0.float() - q1.float()).abs()
+                assert q1.shape == (rows, n) and d.max() <= (32.0 if fp8 else 1.0), (fp8, static)
+                assert (d > 0).float().mean() < 1e-3, (fp8, static, float((d > 0).float().mean()))
+                assert static or bool(((s1 - s0).abs() <= 1e-2 * s0).all())

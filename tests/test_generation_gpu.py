@@ -71,6 +71,7 @@ def test_fast_path_logits_match_fake_quant_on_a_tiny_model(name, quarot):
     ref_model = qm.to_hf(device="cuda")
     fast = prepare(qm.to_hf(kernels="always", device="cuda"))
     assert fast.graphquant_prepared["fused"], fast.graphquant_prepared
+    assert bool(fast.graphquant_prepared["silu_into_r4"]) == quarot  # the tiny model's R4 (dense plan): torch's
     assert all(m.backend == "kernel" for m in fast.modules() if isinstance(m, QuantLinear))
     ids = torch.randint(2, model.config.vocab_size, (1, 12), device="cuda")
     with torch.no_grad():
@@ -126,7 +127,17 @@ def test_gq_llama_20m_greedy_tokens_with_every_w8a8_product_swapped(name, monkey
     assert any(c[3] != QT.A_FLOAT for c in calls)
 
 
-def _greedy_tokens_equal_fake_quant(name):
+@pytest.mark.skipif(GQ20M is None, reason="gq-llama-20m not available")
+@pytest.mark.parametrize("name", ["int8 W8A8", "W4A16 g128", "W8A16", "fp8 dynamic"])
+def test_gq_llama_20m_quarot_greedy_tokens_equal_fake_quant(name):
+    """As above with QuaRot: the fast path's R4 reads the gate|up pair and computes the SiLU·mul in the Hadamard
+    kernel (alone, or with the activation quantization), ``prepare``'s ``silu_into_r4`` (1152 = 36 x 32: a
+    factored plan, the Triton kernels)."""
+    fast = _greedy_tokens_equal_fake_quant(name, quarot=True)
+    assert len(fast.graphquant_prepared["silu_into_r4"]) == fast.config.num_hidden_layers
+
+
+def _greedy_tokens_equal_fake_quant(name, quarot=False):
     from transformers import AutoModelForCausalLM
 
     from graphquant.static_decode import StaticDecoder
@@ -134,7 +145,7 @@ def _greedy_tokens_equal_fake_quant(name):
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(GQ20M, dtype=torch.bfloat16).cuda().eval()
-    qm = gq.quantize(model, _config(name, False), _calib(model.config.vocab_size), progress=False, check=False)
+    qm = gq.quantize(model, _config(name, quarot), _calib(model.config.vocab_size), progress=False, check=False)
     ref_model = qm.to_hf(device="cuda")
     # a story opening (gq-llama-20m is a TinyStories-style model): random token ids give flat next-token
     # distributions whose near-ties flip under any rounding change
@@ -154,3 +165,4 @@ def _greedy_tokens_equal_fake_quant(name):
         raise AssertionError(f"{name}: {same}/32 tokens equal, first difference at new token {first - n}, where "
                              f"the fake-quant model's top-2 logit margin is {float(top[0] - top[1]):.4f}\n"
                              f"{got.tolist()}\n{want.tolist()}")
+    return fast

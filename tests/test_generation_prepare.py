@@ -138,3 +138,45 @@ def test_a_wrong_fusion_is_caught_by_the_probe(monkeypatch):
     monkeypatch.setattr(generation._Slice, "forward", lambda self, x: x[..., :self.stop - self.start])
     with pytest.raises(PrepareError, match="changed the model's logits"):
         prepare(hf)
+
+
+@pytest.mark.parametrize("scheme,group", [
+    ("w_int8_per_channel_a_int8_per_token", None),   # dynamic: the fused R4 + quantizer takes the gate|up pair
+    ("w_int8_a_int8_per_tensor_sym", None),          # static scale
+    ("w_int4_per_group_sym", 32),                    # weight-only: the gated transform alone
+])
+def test_silu_into_r4_hands_down_proj_the_gate_up_pair(monkeypatch, scheme, group):
+    """Step 4 of prepare (kernels forced on, as on CUDA): every QuaRot MLP hands its gate|up pair to
+    ``down_proj.forward_gated``, whose R4 computes the SiLU·mul (``gated_hadamard_transform``, counted); logits
+    and greedy tokens as before. A module whose forward is not ``down(silu(gate) * up)`` keeps it."""
+    from graphquant import hadamard as H
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    model = tiny_model("llama")
+    qm = gq.quantize(model, make_config(scheme, group, pre=[C.QuaRotConfig()]), calib(), progress=False)
+    hf = qm.to_hf(kernels="always")
+    ids = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref = logits(hf, ids)
+    tokens = hf.generate(input_ids=ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    calls = []
+    real = H.silu_mul
+    monkeypatch.setattr(H, "silu_mul", lambda gu: calls.append(gu.shape) or real(gu))
+    prepare(hf)
+    layers = hf.config.num_hidden_layers
+    assert hf.graphquant_prepared["silu_into_r4"] == [f"model.layers.{i}.mlp" for i in range(layers)]
+    assert type(hf.model.layers[0].mlp).__name__ == "GraphquantSiluR4GraphquantFusedLlamaMLP"
+    calls.clear()
+    assert rel(logits(hf, ids), ref) < 1e-4
+    inter = hf.config.intermediate_size
+    assert calls == [(2, 9, 2 * inter)] * layers  # one gated call per MLP, on the gate|up pair
+    assert torch.equal(hf.generate(input_ids=ids[:1], max_new_tokens=8, do_sample=False, pad_token_id=0), tokens)
+
+    # an MLP computing silu(up) * gate: the module check finds it, the model keeps its own forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: self.down_proj(self.act_fn(self.up_proj(x))
+                                                                           * self.gate_proj(x)))
+    hf = qm.to_hf(kernels="always")
+    ref = logits(hf, ids)
+    prepare(hf)
+    assert hf.graphquant_prepared["silu_into_r4"] == []
+    assert type(hf.model.layers[0].mlp).__name__ == "GraphquantFusedLlamaMLP"
+    assert rel(logits(hf, ids), ref) < 1e-4
