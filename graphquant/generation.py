@@ -21,15 +21,7 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
    attention scores ``(qH)·(kH) = q·k`` do not change. It only matters for a quantized K cache,
    so where no K quantizer follows it, it is dropped.
 
-4. **SiLU·mul into R4.** Where a gated MLP's fused gate|up output feeds a SiLU·mul and then a ``down_proj``
-   with QuaRot's online R4 (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU), the MLP hands the
-   gate|up pair to ``down_proj.forward_gated``: the Hadamard kernel (alone, or with the activation
-   quantization) computes the product as it reads the pair, so the product is never written out and read back
-   (one kernel fewer per layer at decode; at prefill 2 bytes per intermediate element written and read less).
-   Checked on a random input per module (same ``PROBE_TOLERANCE``); a module that computes something else
-   keeps its own forward.
-
-5. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
+4. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
    (:mod:`graphquant.decode_attention`: the one-token decode calls read each KV head once for its
    query group instead of sdpa's ``repeat_kv`` copies; prefill and everything else stay sdpa's).
    ``attention="keep"`` leaves the model's attention as it was.
@@ -55,8 +47,6 @@ from .export.records import LinearRecord, TensorQuantizer
 #: sibling projections fused into one QuantLinear (child names of one parent module)
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 PREPARED_ATTR = "graphquant_prepared"
-#: ``prepare``'s default for ``silu_into_r4`` (step 4); a module switch so a benchmark can A/B it
-SILU_INTO_R4 = True
 #: relative logit change ``prepare`` accepts. Fusion and R3 elision change only rounding (kernel tiles, the bf16
 #: rounding of rotated Q and K), but a later activation quantizer can move a value across a code boundary, and
 #: that difference then travels to the logits: 3.7% on the int8 W8A8 + QuaRot Llama-3-8B-shaped 2-layer random
@@ -168,56 +158,9 @@ def fuse_projections(model: nn.Module, device) -> list[str]:
             setattr(mod, child, _Slice(start, start + m.out_features))
             start += m.out_features
         mod.graphquant_fused = big
-        mod.graphquant_fused_group = group
         mod.__class__ = _fused_class(type(mod))
         fused.append(f"{name}.{'|'.join(group)}" if name else "|".join(group))
     return fused
-
-
-@functools.lru_cache(maxsize=None)
-def _silu_r4_class(cls: type) -> type:
-    """``cls`` (a gated MLP whose gate|up is fused) computing ``down_proj.forward_gated(graphquant_fused(x))``."""
-
-    def forward(self, x=None, **kwargs):
-        x = kwargs.pop("hidden_states") if x is None else x
-        return self.down_proj.forward_gated(self.graphquant_fused(x))
-
-    return type(f"GraphquantSiluR4{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
-
-
-def _is_silu(act: nn.Module | None, device, dtype) -> bool:
-    if not callable(act):
-        return False
-    t = torch.linspace(-8, 8, 257, device=device, dtype=dtype)
-    with torch.no_grad():
-        try:
-            return torch.equal(act(t), torch.nn.functional.silu(t))
-        except Exception:  # noqa: BLE001 - an activation that does not take a plain tensor is not a SiLU
-            return False
-
-
-def fuse_silu_into_r4(model: nn.Module, device) -> list[str]:
-    """Step 4 of :func:`prepare`; returns the modules changed."""
-    changed = []
-    for name, mod in list(model.named_modules()):
-        down = getattr(mod, "down_proj", None)
-        if getattr(mod, "graphquant_fused_group", None) != ("gate_proj", "up_proj") or not isinstance(down, QuantLinear) \
-                or not down.input_rotation or down.backend != "kernel" or type(mod).__name__.startswith("GraphquantSiluR4") \
-                or not _is_silu(getattr(mod, "act_fn", None), device, down.dtype):
-            continue
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, mod.graphquant_fused.in_features, generator=g).to(device=device, dtype=down.dtype)
-        with torch.no_grad():
-            want = mod(x).float()
-            old_cls = type(mod)
-            mod.__class__ = _silu_r4_class(old_cls)
-            got = mod(x).float()
-        err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-        if not (got.shape == want.shape and err <= PROBE_TOLERANCE):
-            mod.__class__ = old_cls  # its forward is not down_proj(silu(gate) * up)
-            continue
-        changed.append(name)
-    return changed
 
 
 def elide_r3(model: nn.Module) -> list[str]:
@@ -245,12 +188,11 @@ def _probe(model: nn.Module, device) -> torch.Tensor:
 
 
 def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool = True,
-            attention: str = "decode", silu_into_r4: bool | None = None) -> nn.Module:
+            attention: str = "decode") -> nn.Module:
     """Ready a written-back graphquant model for fast generation (see the module docstring); returns
     it (changed in place). ``fuse``: horizontal fusion of q|k|v and gate|up; ``r3``: "elide" (drop R3
     where it feeds no K quantizer) or "keep"; ``check``: compare a probe forward before and after;
-    ``attention``: "decode" (graphquant's decode attention backend, on CUDA) or "keep"; ``silu_into_r4``
-    (default ``SILU_INTO_R4``): step 4, on the fused gate|up (so only with ``fuse``)."""
+    ``attention``: "decode" (graphquant's decode attention backend, on CUDA) or "keep"."""
     if r3 not in ("elide", "keep"):
         raise ValueError(f"r3={r3!r}: choose 'elide' or 'keep'")
     if attention not in ("decode", "keep"):
@@ -270,8 +212,6 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
     before = _probe(model, device) if check else None
     report = {"fused": fuse_projections(model, device) if fuse else [],
               "r3_elided": elide_r3(model) if r3 == "elide" else []}
-    if fuse and (SILU_INTO_R4 if silu_into_r4 is None else silu_into_r4):
-        report["silu_into_r4"] = fuse_silu_into_r4(model, device)
     if check:
         after = _probe(model, device)
         err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))

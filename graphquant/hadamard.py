@@ -45,7 +45,7 @@ import torch
 
 from .errors import UnsupportedHadamardSize
 
-__all__ = ["hadamard_matrix", "is_supported", "factorize", "supported_base_orders", "hadamard_transform", "silu_mul",
+__all__ = ["hadamard_matrix", "is_supported", "factorize", "supported_base_orders", "hadamard_transform",
            "hadamard_transform_op", "random_hadamard_matrix", "random_orthogonal_matrix", "rotation_matrix",
            "sylvester_matrix", "paley_i_matrix", "paley_ii_matrix", "williamson_array", "goethals_seidel_array",
            "construction_of"]
@@ -567,43 +567,6 @@ def _hadamard_transform_setup(ctx, inputs, output) -> None:
 
 
 _hadamard_transform_op.register_autograd(_hadamard_transform_backward, setup_context=_hadamard_transform_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# graphquant::gated_hadamard_transform(Tensor gate_up) -> Tensor: R4 of a gated MLP's down_proj input
-# ---------------------------------------------------------------------------------------------
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) · up`` for ``gate_up = [gate | up]`` along the last dim (a fused gate|up projection's output):
-    computed in fp32, rounded once to the input's dtype (as Inductor's fused SiLU·mul kernel does)."""
-    n = gate_up.shape[-1] // 2
-    g, u = gate_up[..., :n].float(), gate_up[..., n:].float()
-    return (g * torch.sigmoid(g) * u).to(gate_up.dtype)
-
-
-@torch.library.custom_op("graphquant::gated_hadamard_transform", mutates_args=())
-def _gated_hadamard_transform_op(gate_up: torch.Tensor) -> torch.Tensor:
-    """``hadamard_transform(silu_mul(gate_up))``: QuaRot's R4 on a gated MLP's down_proj input, given the gate|up
-    pair (on CUDA the Triton kernel computes the SiLU·mul as it reads: the product is never written out)."""
-    return hadamard_transform(silu_mul(gate_up))
-
-
-@_gated_hadamard_transform_op.register_fake
-def _gated_hadamard_transform_fake(gate_up: torch.Tensor) -> torch.Tensor:
-    _compute_dtype(gate_up.dtype)
-    d = gate_up.shape[-1]
-    if isinstance(d, int):
-        if d % 2:
-            raise ValueError(f"gated_hadamard_transform takes [gate | up] along the last dim, got odd size {d}")
-        factorize(d // 2)
-    return gate_up.new_empty((*gate_up.shape[:-1], d // 2))
-
-
-@_gated_hadamard_transform_op.register_kernel("cuda")
-def _gated_hadamard_transform_cuda(gate_up: torch.Tensor) -> torch.Tensor:
-    triton_impl = _triton_transform()
-    if triton_impl is not None and triton_impl.supports(gate_up, gated=True):
-        return triton_impl.hadamard_transform_triton(gate_up, gated=True)
-    return hadamard_transform(silu_mul(gate_up))
 
 
 @functools.lru_cache(maxsize=1)

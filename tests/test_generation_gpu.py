@@ -71,7 +71,6 @@ def test_fast_path_logits_match_fake_quant_on_a_tiny_model(name, quarot):
     ref_model = qm.to_hf(device="cuda")
     fast = prepare(qm.to_hf(kernels="always", device="cuda"))
     assert fast.graphquant_prepared["fused"], fast.graphquant_prepared
-    assert bool(fast.graphquant_prepared["silu_into_r4"]) == quarot  # the tiny model's R4 (dense plan): torch's
     assert all(m.backend == "kernel" for m in fast.modules() if isinstance(m, QuantLinear))
     ids = torch.randint(2, model.config.vocab_size, (1, 12), device="cuda")
     with torch.no_grad():
@@ -127,14 +126,20 @@ def test_gq_llama_20m_greedy_tokens_with_every_w8a8_product_swapped(name, monkey
     assert any(c[3] != QT.A_FLOAT for c in calls)
 
 
+#: H200, 2026-11-30, QuaRot (gq-llama-20m's 1152 = 36 x 32: the Triton R4 kernels): W4A16 g128 parts from fake-quant
+#: at new token 19 where the fake-quant model's top-2 margin is 0 (an exact tie), fp8 dynamic at new token 8 (0.0625,
+#: one bf16 step, as its SWAP near-tie above); int8 W8A8, W8A16 and fp8 static gave 32/32 in the same run.
+QUAROT_TIE = pytest.mark.xfail(reason="near-tie (W4A16: top-2 margin 0 at new token 19; fp8 dynamic: 0.0625 at 8)",
+                               strict=False)
+
+
 @pytest.mark.skipif(GQ20M is None, reason="gq-llama-20m not available")
-@pytest.mark.parametrize("name", ["int8 W8A8", "W4A16 g128", "W8A16", "fp8 dynamic"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=QUAROT_TIE) if n in ("W4A16 g128", "fp8 dynamic") else n
+                                  for n in SCHEMES])
 def test_gq_llama_20m_quarot_greedy_tokens_equal_fake_quant(name):
-    """As above with QuaRot: the fast path's R4 reads the gate|up pair and computes the SiLU·mul in the Hadamard
-    kernel (alone, or with the activation quantization), ``prepare``'s ``silu_into_r4`` (1152 = 36 x 32: a
-    factored plan, the Triton kernels)."""
-    fast = _greedy_tokens_equal_fake_quant(name, quarot=True)
-    assert len(fast.graphquant_prepared["silu_into_r4"]) == fast.config.num_hidden_layers
+    """As above with QuaRot: the online R4 (and its fused activation quantizer) on the Triton kernels under
+    ``torch.compile`` for an order outside the measured plans (1152)."""
+    _greedy_tokens_equal_fake_quant(name, quarot=True)
 
 
 def _greedy_tokens_equal_fake_quant(name, quarot=False):
@@ -165,4 +170,3 @@ def _greedy_tokens_equal_fake_quant(name, quarot=False):
         raise AssertionError(f"{name}: {same}/32 tokens equal, first difference at new token {first - n}, where "
                              f"the fake-quant model's top-2 logit margin is {float(top[0] - top[1]):.4f}\n"
                              f"{got.tolist()}\n{want.tolist()}")
-    return fast

@@ -59,12 +59,6 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.graphquant.hadamard_transform(x, False)
 
 
-def _gated_hadamard(gate_up: torch.Tensor) -> torch.Tensor:
-    from .. import hadamard  # noqa: F401  registers graphquant::gated_hadamard_transform
-
-    return torch.ops.graphquant.gated_hadamard_transform(gate_up)
-
-
 def kernel_for(rec: LinearRecord) -> str | None:
     """The lowering kernel for this Linear's scheme, or None."""
     from ..lowering import schemes
@@ -169,19 +163,6 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
             return self._forward_kernel(x)
-        return self._forward_fake_quant(x)
-
-    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``forward(silu(gate) · up)`` for ``gate_up = [gate | up]`` along the last dim (a gated MLP's down_proj,
-        ``graphquant.hadamard.silu_mul``). With the kernels and an online R4 the Hadamard kernel computes the
-        SiLU·mul as it reads the pair (``generation.prepare``'s ``silu_into_r4``); otherwise the product first."""
-        if self.backend == "kernel" and self.input_rotation:
-            return self._forward_kernel(gate_up, gated=True)
-        from ..hadamard import silu_mul
-
-        return self.forward(silu_mul(gate_up))
-
-    def _forward_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation:
             x = _hadamard(x)
         if self.input_quantizer is not None:
@@ -234,17 +215,15 @@ class QuantLinear(nn.Module):
             self.weight = torch.empty((0,), dtype=self.weight.dtype, device=device)
             self.kernels_only = True
 
-    def _forward_kernel(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """The kernels; ``gated`` (with ``input_rotation``): ``x`` is a gate|up pair, see :meth:`forward_gated`."""
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         from ..lowering import activation
         from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
 
         ops = torch.ops.graphquant
         kw = self._layout(x.device)
         t = kw.tensors
-        if self.kernel in ("int4_linear", "int8_weight_only") and self.input_rotation:
-            x = _gated_hadamard(x) if gated else _hadamard(x)
         if self.kernel == "int4_linear":
+            x = _hadamard(x) if self.input_rotation else x
             tg = self._layouts.get(("tinygemm", str(x.device)))
             if tg is not None and x.dtype == torch.bfloat16 and x[..., 0].numel() <= TINYGEMM_MAX_M:
                 # decode: torch's own int4 kernel (tinygemm), measured fastest at M = 1 on the H200
@@ -256,13 +235,14 @@ class QuantLinear(nn.Module):
             return ops.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias, kw.args["group_size"],
                                    kw.args["layout"])
         if self.kernel == "int8_weight_only":
+            x = _hadamard(x) if self.input_rotation else x
             return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
         q = self.input_quantizer
         if q.dynamic:
-            xq, xs = activation.quantize_act_dynamic_node(x, q.spec, bool(self.input_rotation), gated)
+            xq, xs = activation.quantize_act_dynamic_node(x, q.spec, bool(self.input_rotation))
         else:
             xs = q.scale
-            xq = activation.quantize_act_static_node(x, q.scale, q.spec, bool(self.input_rotation), gated)
+            xq = activation.quantize_act_static_node(x, q.scale, q.spec, bool(self.input_rotation))
         op = ops.int8_linear if self.kernel == "int8_linear" else ops.fp8_linear
         return op(xq, xs, t["qweight"], t["qscale"], self.bias, self.dtype)
 

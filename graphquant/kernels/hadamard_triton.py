@@ -103,19 +103,6 @@ def _dot_split_right(a, x, acc, PARTS: tl.constexpr, OP: tl.constexpr):
 
 
 @triton.jit
-def _load_input(x_ptr, row, ROW_LEN, offs, mask, GATED: tl.constexpr):
-    """One block of a row's input at ``offs``: the row itself, or with ``GATED`` (rows of ``2·ROW_LEN``: gate then
-    up, a fused gate|up projection's output) ``silu(gate)·up`` in fp32, rounded once to the input's dtype (as
-    Inductor's fused SiLU·mul kernel rounds it)."""
-    if GATED:
-        base = tl.cast(row, tl.int64) * 2 * ROW_LEN
-        g = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + base + ROW_LEN + offs, mask=mask, other=0.0).to(tl.float32)
-        return (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty)
-    return tl.load(x_ptr + tl.cast(row, tl.int64) * ROW_LEN + offs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
                   BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
                   IN_PARTS: tl.constexpr, OP: tl.constexpr):
@@ -141,9 +128,8 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
                      OP: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = True,
                      QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                     FAST: tl.constexpr = False, GATED: tl.constexpr = False):
-    """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N) (with ``GATED``
-    ``X = silu(gate)·up`` of a gate|up row twice as long, :func:`_load_input`).
+                     FAST: tl.constexpr = False):
+    """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N).
 
     With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores codes (``y_ptr`` then points to codes):
     * ``STATIC``: under the scale at ``s_in_ptr``; a tile needs no other tile's values.
@@ -166,7 +152,7 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     for kc in tl.static_range(NKC):
         offs_k = kc * BK + tl.arange(0, BK)
         a = tl.load(a_ptr + offs_m[:, None] * A_STRIDE + offs_k[None, :]).to(OP)
-        x = _load_input(x_ptr, row, M0 * N, offs_k[:, None] * N + offs_n[None, :], offs_k[:, None] < M0, GATED)
+        x = tl.load(x_ptr + base + offs_k[:, None] * N + offs_n[None, :], mask=offs_k[:, None] < M0, other=0.0)
         acc = _dot_split_right(a, x.to(tl.float32), acc, IN_PARTS, OP)
 
     # Stage 2: H_{D2} along the last axis of the (BM, D1, D2) tile.
@@ -242,9 +228,8 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
                        MIDDLE: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
                        QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
                        RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                       FAST: tl.constexpr = False, GATED: tl.constexpr = False):
-    """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows (``GATED``: of
-    ``silu(gate)·up``, :func:`_load_input`).
+                       FAST: tl.constexpr = False):
+    """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows.
 
     ``A`` (``BM×BM``, zero-padded) and the Sylvester matrices are built once per program and
     stay on chip; each loop iteration loads one row, applies the three stages, stores it. With
@@ -260,7 +245,7 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
     in_rows = offs_m[:, None] < M0
     for row in tl.range(tl.program_id(0), ROWS, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
-        x = _load_input(x_ptr, row, M0 * N, offs_m[:, None] * N + offs_n[None, :], in_rows, GATED)
+        x = tl.load(x_ptr + base + offs_m[:, None] * N + offs_n[None, :], mask=in_rows, other=0.0)
         if IN_PARTS == 1:
             acc = tl.dot(a, x.to(OP))
         else:
@@ -460,20 +445,11 @@ def _factor_operand(m: int, i: int, transpose: bool, rows: int, cols: int, devic
 _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
-def supports(x: torch.Tensor, gated: bool = False) -> bool:
-    """Whether the Triton path handles ``x`` (CUDA, fp32/fp16/bf16, a supported order with a plan; ``gated``:
-    ``x`` is a gate|up row pair, :func:`hadamard_transform_triton`, which the factored plans take)."""
+def supports(x: torch.Tensor) -> bool:
+    """Whether the Triton path handles ``x`` (CUDA, fp32/fp16/bf16, a supported order with a plan)."""
     if not (x.is_cuda and x.dtype in _PARTS and x.dim() >= 1 and x.numel() > 0):
         return False
-    n = _order(x, gated)
-    p = plan(n, 3 if x.dtype == torch.float32 else 2) if n else None
-    return p is not None and (not gated or p.kind == "factored")
-
-
-def _order(x: torch.Tensor, gated: bool) -> int:
-    """The transform's order: ``x``'s last dimension, or half of it for a gate|up input (0 if odd)."""
-    n = x.shape[-1]
-    return (n // 2 if n % 2 == 0 else 0) if gated else n
+    return plan(x.shape[-1], 3 if x.dtype == torch.float32 else 2) is not None
 
 
 @functools.lru_cache(maxsize=16)
@@ -487,56 +463,49 @@ _FAILED: set = set()  # persistent variants that did not compile here: their til
 
 
 def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: Optional[str] = None,
-                              plan_override: Optional[Plan] = None, gated: bool = False) -> torch.Tensor:
+                              plan_override: Optional[Plan] = None) -> torch.Tensor:
     """``x @ hadamard_matrix(n).T`` (``x @ hadamard_matrix(n)`` if ``transpose``) along the last dim.
 
-    ``gated``: ``x``'s last dimension is ``2n``, a gate|up pair (a fused gate|up projection's output), and the
-    transform is of ``silu(gate)·up`` (computed in fp32, rounded once to ``x``'s dtype, as Inductor's fused
-    SiLU·mul kernel does), read by the transform's first stage: the product is never written out. Factored plans
-    only (:func:`supports`). ``force`` and ``plan_override`` exist for benchmarks and tests.
+    ``force`` and ``plan_override`` exist for benchmarks and tests.
     """
-    n = _order(x, gated)
+    n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
-    p = plan_override or (plan(n, out_parts, force) if n else None)
-    if p is None or (gated and p.kind != "factored"):
-        raise ValueError(f"no Triton plan for order {x.shape[-1]}{' (gated)' if gated else ''} ({x.dtype})")
-    x2 = x.reshape(-1, x.shape[-1])
+    p = plan_override or plan(n, out_parts, force)
+    if p is None:
+        raise ValueError(f"no Triton plan for order {n} ({x.dtype})")
+    x2 = x.reshape(-1, n)
     if plan_override is None and x2.shape[0] <= FEW_ROWS:
         p = few_rows_plan(p)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = x2.new_empty((x2.shape[0], n))
-    out_shape = (*x.shape[:-1], n)
+    y = torch.empty_like(x2)
     if p.persistent and p not in _FAILED:
         try:
-            _launch_persistent(p, x2, y, bool(transpose), out_parts, gated=gated)
-            return y.reshape(out_shape)
+            _launch_persistent(p, x2, y, bool(transpose), out_parts)
+            return y.reshape(x.shape)
         except Exception as e:  # noqa: BLE001 - e.g. an older Triton that cannot compile it
             if plan_override is not None:
                 raise
             _FAILED.add(p)
             warnings.warn(f"graphquant: persistent Hadamard kernel for {p.describe()} failed "
                           f"({type(e).__name__}: {e}); using the tiled kernel", RuntimeWarning, stacklevel=2)
-    _launch_tiled(dataclasses.replace(p, persistent=False), x2, y, bool(transpose), out_parts, gated=gated)
-    return y.reshape(out_shape)
+    _launch_tiled(dataclasses.replace(p, persistent=False), x2, y, bool(transpose), out_parts)
+    return y.reshape(x.shape)
 
 
 def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
                        sq: Optional[torch.Tensor] = None, s_in: Optional[torch.Tensor] = None,
-                       quant: Optional[dict] = None, gated: bool = False) -> None:
+                       quant: Optional[dict] = None) -> None:
     """The persistent kernels; with ``quant`` (constexprs of ``_quantize_store``) ``y`` receives codes and
-    ``sq`` the per-row scales (or ``s_in`` is the static scale). ``gated``: ``x2``'s rows are gate|up pairs
-    (factored plans only)."""
+    ``sq`` the per-row scales (or ``s_in`` is the static scale)."""
     quant = quant or {}
     sq = sq if sq is not None else x2
     s_in = s_in if s_in is not None else x2
-    rows, n = y.shape
+    rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
     in_parts = _PARTS[x2.dtype]
     programs = _multiprocessors(x2.device) * p.ctas
     if p.kind == "dense":
-        if gated:
-            raise ValueError("the dense Hadamard kernels take no gate|up input")
         npad = _pow2_at_least(n)
         g = _dense_operand(n, transpose, npad, x2.device)
         nblk = triton.cdiv(rows, p.BR)
@@ -551,7 +520,7 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
     _persistent_kernel[(nprog,)](
         x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
         D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
-        MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, GATED=gated, **quant)
+        MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
 
 
 def _few_rows_tiled(p: Optional[Plan], rows: Optional[int]) -> bool:
@@ -560,22 +529,24 @@ def _few_rows_tiled(p: Optional[Plan], rows: Optional[int]) -> bool:
     return rows is not None and rows <= FEW_ROWS and p is not None and p.kind == "factored"
 
 
-def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None, gated: bool = False) -> bool:
+@torch.compiler.assume_constant_result
+def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None) -> bool:
     """Whether :func:`hadamard_quantize` has a kernel for ``rows`` rows of ``n`` elements of ``dtype``: the
     persistent kernels (a row on one program; dynamic or static scale), or at most ``FEW_ROWS`` rows the
-    tiled kernel of every factored order. ``gated`` (rows of ``2n``, gate|up pairs): factored plans only."""
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32) or n < 1:
+    tiled kernel of every factored order. Under ``torch.compile`` (the lowered graphs ask it while traced) its
+    result is taken as a constant: Dynamo does not trace the plan search (:func:`plan`'s ``min`` with a key is
+    not traceable; that broke the compile of any order outside ``_TUNED``, e.g. gq-llama-20m's 1152, on the
+    GPU)."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     p = plan(n, 3 if dtype == torch.float32 else 2)
-    if gated and (p is None or p.kind != "factored"):
-        return False
     if _few_rows_tiled(p, rows):
         return True
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
 
 
 def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None,
-                      plan_override: Optional[Plan] = None, gated: bool = False):
+                      plan_override: Optional[Plan] = None):
     """QuaRot's online Hadamard then activation quantization in one kernel: ``(codes, scale)`` of
     ``hadamard_transform(x)`` exactly as ``quantize_rows`` would give them (the transform rounded to
     ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out (except, for a
@@ -584,22 +555,19 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError
     (the caller runs the two ops instead), except at most ``FEW_ROWS`` rows (:func:`fusable`): then the
     tiled kernel (:func:`few_rows_plan`) runs with the quantization in its epilogue.
-    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled factored one. ``gated``: of
-    ``silu(gate)·up`` for a gate|up input (:func:`hadamard_transform_triton`); codes and scales have ``n =
-    x.shape[-1] / 2`` columns."""
-    n = _order(x, gated)
+    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled factored one."""
+    n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     static = static_scale is not None
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not fusable(n, x.dtype, rows, gated):
-        raise ValueError(f"no fused Hadamard+quantize kernel for order {x.shape[-1]}{' (gated)' if gated else ''} "
-                         f"({x.dtype})")
+    rows = x.numel() // n if n else 0
+    if not fusable(n, x.dtype, rows):
+        raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
     p = plan_override or plan(n, out_parts)
     tiled = not p.persistent if plan_override is not None else _few_rows_tiled(p, rows)
     if tiled and (p.kind != "factored" or rows > FEW_ROWS):
         raise ValueError(f"the tiled Hadamard+quantize kernel takes a factored plan and at most {FEW_ROWS} rows, "
                          f"got {p.describe()} for {rows} rows")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
@@ -609,26 +577,24 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     quant = dict(QUANT=2 if fp8 else 1, QMAX=qmax, RCP=_fp32_reciprocal(qmax), OUT_DTYPE=out_dtype, FAST=fast_codes())
     s_in = static_scale.reshape(1).float() if static else None
     if tiled:
-        _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant, sq,
-                      gated=gated)
+        _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant, sq)
     else:
-        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static), gated=gated)
-    return q.reshape(*x.shape[:-1], n), (None if static else sq.reshape(*x.shape[:-1], 1))
+        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static))
+    return q.reshape(x.shape), (None if static else sq.reshape(*x.shape[:-1], 1))
 
 
 def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
                   s_in: Optional[torch.Tensor] = None, quant: Optional[dict] = None,
-                  sq: Optional[torch.Tensor] = None, gated: bool = False) -> None:
+                  sq: Optional[torch.Tensor] = None) -> None:
     """The tiled kernels; with ``quant`` (a factored plan only) ``y`` receives codes under the static scale
-    ``s_in``, or, without one, the per-row scales go to ``sq`` (a second launch quantizes the tiles).
-    ``gated``: ``x2``'s rows are gate|up pairs (a factored plan only)."""
+    ``s_in``, or, without one, the per-row scales go to ``sq`` (a second launch quantizes the tiles)."""
     quant = quant or {}
-    rows, n = y.shape
+    rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
     in_parts = _PARTS[x2.dtype]
     if p.kind == "dense":
-        if quant or gated:
-            raise ValueError("the tiled dense kernel has no quantization epilogue and takes no gate|up input")
+        if quant:
+            raise ValueError("the tiled dense kernel has no quantization epilogue")
         npad = _pow2_at_least(n)
         g = _dense_operand(n, transpose, npad, x2.device)
         BN, BK = min(npad, 128), min(npad, 64)
@@ -641,14 +607,14 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
     dynamic = bool(quant) and s_in is None
     ws = amax = x2
     if dynamic:
-        ws = y.new_empty((rows, n), dtype=x2.dtype)
+        ws = torch.empty_like(x2)
         amax = torch.empty((rows, p.NT), dtype=torch.float32, device=x2.device)
         quant = dict(quant, STATIC=False)
     _factored_kernel[(rows * p.NT,)](
         x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, BM=p.BM, NT=p.NT, BK=p.BK,
         NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
         IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
-        num_warps=p.num_warps, GATED=gated, **quant)
+        num_warps=p.num_warps, **quant)
     if dynamic:  # a tile of the (M0, N) view is BM·N consecutive elements of its row
         tile_quant_kernel[(rows, p.NT)](ws, y, sq, amax, n, n, n, p.NT, T_PAD=_pow2_at_least(p.NT, 2),
                                         QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,

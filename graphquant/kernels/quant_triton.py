@@ -1142,8 +1142,9 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
     not pick it, as it is measured on the H200 only; nor ``w8_mma`` (W8A16 on the fp16 tensor cores; in the H200
     table for 16 rows of every shape and one row of gate/up, ``decode_kernels_w8a16_w8mma.json``) or
-    ``w4_f16mma`` (W4A16; in the H200 table for 16 rows of every shape and one row of gate/up, gate|up and down,
-    ``decode_kernels_w4_f16mma*.json``). W8A8 entries of the H200 table name ``wq_mm`` with ``SWAP`` tiles for every
+    ``w4_f16mma`` (W4A16; in the H200 table for 16 rows of every shape and one row of gate/up and gate|up,
+    ``decode_kernels_w4_f16mma*.json``; one row of down went back to tinygemm after a ``--cold`` sweep: its 29 MB
+    of int4 codes fit the L2 cache, where the earlier sweep had timed them, ``decode_kernels_w4a16_down_cold.json``). W8A8 entries of the H200 table name ``wq_mm`` with ``SWAP`` tiles for every
     shape (``decode_kernels_w8a8_swap_cold.json``, a ``--cold`` sweep: their ``us`` are with the weight read from
     HBM), as are the W8A16 / W4A16 entries of q/o and W8A16 qkv at one row (``decode_kernels_small_cold.json``,
     ``decode_kernels_qkv_w8a16_cold.json``); the other small-shape entries' ``us`` are with a weight kept in L2."""

@@ -17,14 +17,8 @@ fake-quant graph, ``graphquant::hadamard_transform(x, False)``, then quantizes i
 both (``hadamard_triton.hadamard_quantize``) runs at decode sizes (``FUSED_FEW_ROWS_STATIC`` /
 ``FUSED_FEW_ROWS_DYNAMIC``: the tiled transform with the quantization in its epilogue); for more rows its
 persistent kernel runs from ``FUSED_MIN_ROWS`` rows (prefill; see there).
-
-``gated=True`` (with ``hadamard``): ``x`` is a gated MLP's gate|up pair and the activation is ``silu(gate)·up``,
-computed by the Hadamard kernel as it reads the pair (``graphquant::gated_hadamard_transform``, or the fused
-kernel with ``gated``), so the product is never written out (``generation.prepare``'s ``silu_into_r4``).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -65,10 +59,10 @@ FUSED_FEW_ROWS_STATIC = True
 FUSED_FEW_ROWS_DYNAMIC = True
 
 
-def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False, gated: bool = False):
-    """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` (a gate|up pair if ``gated``) and a
-    size rule picks it (CUDA, Triton; at least ``FUSED_MIN_ROWS`` rows, or at most ``FEW_ROWS`` rows with
-    ``FUSED_FEW_ROWS_STATIC`` / ``FUSED_FEW_ROWS_DYNAMIC`` for the scale's kind), else None."""
+def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False):
+    """``hadamard_triton.hadamard_quantize`` when it has a kernel for ``x`` and a size rule picks it (CUDA,
+    Triton; at least ``FUSED_MIN_ROWS`` rows, or at most ``FEW_ROWS`` rows with ``FUSED_FEW_ROWS_STATIC`` /
+    ``FUSED_FEW_ROWS_DYNAMIC`` for the scale's kind), else None."""
     few_switch = FUSED_FEW_ROWS_STATIC if static else FUSED_FEW_ROWS_DYNAMIC
     if FUSED_MIN_ROWS is None and not few_switch:
         return None
@@ -83,11 +77,7 @@ def _fused_hadamard_quantize(x: torch.Tensor, static: bool = False, gated: bool 
     few = few_switch and rows <= hadamard_triton.FEW_ROWS
     if not few and (FUSED_MIN_ROWS is None or rows < FUSED_MIN_ROWS):
         return None
-    n = x.shape[-1] // 2 if gated else x.shape[-1]
-    if not hadamard_triton.fusable(n, x.dtype, rows, gated):
-        return None
-    return functools.partial(hadamard_triton.hadamard_quantize, gated=True) if gated \
-        else hadamard_triton.hadamard_quantize
+    return hadamard_triton.hadamard_quantize if hadamard_triton.fusable(x.shape[-1], x.dtype, rows) else None
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -96,27 +86,15 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.graphquant.hadamard_transform(x, False)
 
 
-def _pre(x: torch.Tensor, hadamard: bool, gated: bool) -> torch.Tensor:
-    """The quantizer's input: ``x`` rotated (``hadamard``) and, for a gate|up pair (``gated``), its SiLU·mul
-    first (with the rotation, the one kernel of ``graphquant::gated_hadamard_transform``)."""
-    from .. import hadamard as H  # registers graphquant::hadamard_transform and gated_hadamard_transform
-
-    if gated and hadamard:
-        return torch.ops.graphquant.gated_hadamard_transform(x)
-    if gated:
-        return H.silu_mul(x)
-    return _hadamard(x) if hadamard else x
-
-
-def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False, gated: bool = False):
+def quantize_dynamic(x: torch.Tensor, spec_str: str, hadamard: bool = False):
     """(codes, scale): per-token scale ``x.shape[:-1] + (1,)`` or per-tensor ``()``, fp32."""
     spec = FQ.as_spec(spec_str)
     fast = x.is_cuda and _triton_spec(spec) and spec.qscheme == QSchemeType.per_token
     fp8 = spec.dtype == Dtype.fp8_e4m3
-    if fast and hadamard and (fused := _fused_hadamard_quantize(x, gated=gated)) is not None:
-        return guarded("hadamard_quantize", lambda: fused(x, fp8, None),
-                       lambda: quantize_dynamic(_pre(x, True, gated), spec_str))
-    x = _pre(x, hadamard, gated)
+    if fast and hadamard and (fused := _fused_hadamard_quantize(x)) is not None:
+        return guarded("hadamard_quantize", lambda: fused(x, fp8, None), lambda: quantize_dynamic(x, spec_str, True))
+    if hadamard:
+        x = _hadamard(x)
     if fast and (qt := triton_kernels(x.device, "quant_rows")) is not None:
         split = _split_rows(x)
         return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8, split=split), lambda: _dynamic_torch(x, spec))
@@ -128,17 +106,17 @@ def _dynamic_torch(x, spec):
     return q, scale.to(torch.float32)
 
 
-def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec_str: str, hadamard: bool = False,
-                    gated: bool = False) -> torch.Tensor:
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, spec_str: str, hadamard: bool = False) -> torch.Tensor:
     """Codes of ``x`` under a calibrated per-tensor scale."""
     spec = FQ.as_spec(spec_str)
     fast = x.is_cuda and _triton_spec(spec) and scale.numel() == 1
     fp8 = spec.dtype == Dtype.fp8_e4m3
     s = scale.to(torch.float32).reshape(())
-    if fast and hadamard and (fused := _fused_hadamard_quantize(x, static=True, gated=gated)) is not None:
+    if fast and hadamard and (fused := _fused_hadamard_quantize(x, static=True)) is not None:
         return guarded("hadamard_quantize", lambda: fused(x, fp8, s)[0],
-                       lambda: quantize_static(_pre(x, True, gated), scale, spec_str))
-    x = _pre(x, hadamard, gated)
+                       lambda: quantize_static(x, scale, spec_str, True))
+    if hadamard:
+        x = _hadamard(x)
     if fast and (qt := triton_kernels(x.device, "quant_rows")) is not None:
         return guarded("quant_rows", lambda: qt.quantize_rows(x, fp8, static_scale=s)[0],
                        lambda: _static_torch(x, s, spec))
@@ -182,11 +160,11 @@ def _codes_inline(v: torch.Tensor, fp8: bool) -> torch.Tensor:
     return torch.round(v).clamp(-127.0, 127.0).to(torch.int8)
 
 
-def _fused_under_compile(x: torch.Tensor, hadamard: bool, static: bool = False, gated: bool = False) -> bool:
+def _fused_under_compile(x: torch.Tensor, hadamard: bool, static: bool = False) -> bool:
     """Whether the fused transform+quantize kernel (one custom-op call) replaces tracing the two under
     compile (Inductor cannot fuse the quantization into the opaque transform): where a size rule of
     :func:`_fused_hadamard_quantize` picks it."""
-    return hadamard and _fused_hadamard_quantize(x, static, gated) is not None
+    return hadamard and _fused_hadamard_quantize(x, static) is not None
 
 
 #: per-token dynamic scales of a few long rows (``quant_triton.split_rows``: the 14336-wide down_proj input at
@@ -213,28 +191,28 @@ def _split_under_compile(x: torch.Tensor, hadamard: bool) -> bool:
     return not hadamard and _split_rows(x)
 
 
-def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False, gated: bool = False):
+def quantize_act_dynamic_node(x: torch.Tensor, spec: str, hadamard: bool = False):
     """(codes, scale) for a dynamic activation quantizer; see the module docstring."""
-    kind = _inline_spec(spec) if torch.compiler.is_compiling() and not _fused_under_compile(x, hadamard,
-                                                                                            gated=gated) else None
-    if kind is not None and kind[1] and _split_under_compile(x, hadamard or gated):  # per token, few long rows
+    kind = _inline_spec(spec) if torch.compiler.is_compiling() and not _fused_under_compile(x, hadamard) else None
+    if kind is not None and kind[1] and _split_under_compile(x, hadamard):  # per token, few long rows
         kind = None
     if kind is None:
-        return torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard, gated)
+        return torch.ops.graphquant.quantize_act_dynamic(x, spec, hadamard)
     fp8, per_token = kind
-    x = _pre(x, hadamard, gated)
+    if hadamard:
+        x = _hadamard(x)
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
     scale = (amax / (448.0 if fp8 else 127.0)).clamp_min(_TINY)
     return _codes_inline(xf / scale, fp8), scale
 
 
-def quantize_act_static_node(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False,
-                             gated: bool = False):
+def quantize_act_static_node(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False):
     """Codes for a static (calibrated per-tensor scale) activation quantizer."""
     kind = _inline_spec(spec) if (torch.compiler.is_compiling() and scale.numel() == 1
-                                  and not _fused_under_compile(x, hadamard, static=True, gated=gated)) else None
+                                  and not _fused_under_compile(x, hadamard, static=True)) else None
     if kind is None:
-        return torch.ops.graphquant.quantize_act_static(x, scale, spec, hadamard, gated)
-    x = _pre(x, hadamard, gated)
+        return torch.ops.graphquant.quantize_act_static(x, scale, spec, hadamard)
+    if hadamard:
+        x = _hadamard(x)
     return _codes_inline(x.float() / scale.float(), kind[0])

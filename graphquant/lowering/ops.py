@@ -2,10 +2,8 @@
 
 Schemas::
 
-    graphquant::quantize_act_dynamic(Tensor x, str spec, bool hadamard=False, bool gated=False)
-        -> (Tensor codes, Tensor scale)
-    graphquant::quantize_act_static(Tensor x, Tensor scale, str spec, bool hadamard=False, bool gated=False)
-        -> Tensor codes
+    graphquant::quantize_act_dynamic(Tensor x, str spec, bool hadamard=False) -> (Tensor codes, Tensor scale)
+    graphquant::quantize_act_static(Tensor x, Tensor scale, str spec, bool hadamard=False) -> Tensor codes
     graphquant::int8_linear(Tensor xq, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias,
                             ScalarType out_dtype) -> Tensor
     graphquant::fp8_linear(Tensor xq, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias,
@@ -15,10 +13,8 @@ Schemas::
                             int group_size, str layout) -> Tensor
 
 Activation quantization is its own op so that one quantizer feeding several Linears (q/k/v,
-gate/up) runs once. ``spec`` is ``QuantizationSpec.to_op_str()``. ``gated``: ``x`` is a gate|up pair
-along the last dim and the quantized activation is ``silu(gate)·up`` (``graphquant.hadamard.silu_mul``),
-with ``hadamard`` then rotated by the kernel that reads the pair. Codes are int8 or
-float8_e4m3fn with ``x``'s shape (the last dim halved when ``gated``); dynamic scales are fp32, ``x.shape[:-1] + (1,)`` per token or
+gate/up) runs once. ``spec`` is ``QuantizationSpec.to_op_str()``. Codes are int8 or
+float8_e4m3fn with ``x``'s shape; dynamic scales are fp32, ``x.shape[:-1] + (1,)`` per token or
 ``()`` per tensor. Linear outputs are ``x.shape[:-1] + (N,)``. Every op has a fake kernel, so
 lowered graphs trace under ``torch.export`` and ``torch.compile`` (where they stay opaque calls
 into the kernels). Implementations: ``graphquant.lowering.activation`` and
@@ -38,32 +34,25 @@ __all__ = ["quantize_act_dynamic", "quantize_act_static", "int8_linear", "fp8_li
 
 
 @torch.library.custom_op("graphquant::quantize_act_dynamic", mutates_args=())
-def quantize_act_dynamic(x: torch.Tensor, spec: str, hadamard: bool = False,
-                         gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    q, s = act.quantize_dynamic(x, spec, hadamard, gated)
+def quantize_act_dynamic(x: torch.Tensor, spec: str, hadamard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = act.quantize_dynamic(x, spec, hadamard)
     return q, s
 
 
-def _codes_shape(x, gated: bool) -> tuple:
-    return (*x.shape[:-1], x.shape[-1] // 2) if gated else tuple(x.shape)
-
-
 @quantize_act_dynamic.register_fake
-def _(x, spec, hadamard=False, gated=False):
-    shape = _codes_shape(x, gated)
-    return (x.new_empty(shape, dtype=act.codes_dtype(spec)),
-            x.new_empty(act.scale_shape(shape, spec), dtype=torch.float32))
+def _(x, spec, hadamard=False):
+    return (torch.empty_like(x, dtype=act.codes_dtype(spec)),
+            x.new_empty(act.scale_shape(x.shape, spec), dtype=torch.float32))
 
 
 @torch.library.custom_op("graphquant::quantize_act_static", mutates_args=())
-def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False,
-                        gated: bool = False) -> torch.Tensor:
-    return act.quantize_static(x, scale, spec, hadamard, gated)
+def quantize_act_static(x: torch.Tensor, scale: torch.Tensor, spec: str, hadamard: bool = False) -> torch.Tensor:
+    return act.quantize_static(x, scale, spec, hadamard)
 
 
 @quantize_act_static.register_fake
-def _(x, scale, spec, hadamard=False, gated=False):
-    return x.new_empty(_codes_shape(x, gated), dtype=act.codes_dtype(spec))
+def _(x, scale, spec, hadamard=False):
+    return torch.empty_like(x, dtype=act.codes_dtype(spec))
 
 
 def _linear_fake(x, n: int, dtype):
