@@ -7,6 +7,8 @@ One GPU call::
                                                      [--tuned graphquant/kernels/gemv_tuned.json]
     # a partial sweep (replaces a tuned entry only where it measured something faster):
     PYTHONPATH=. python benchmarks/decode_kernels.py --kinds W4A16 --impls w4_mma,gemv_packed --quick
+    # only the kernel the table picks per shape, weights from HBM, beside FBGEMM GenAI's (table not rewritten):
+    PYTHONPATH=.:/tmp/site python benchmarks/decode_kernels.py --table-only --cold --fbgemm
 
 For each Llama-3-8B Linear shape (q/o 4096x4096, k/v 1024x4096, fused q|k|v 6144x4096, gate/up
 14336x4096, fused gate|up 28672x4096, down 4096x14336), each weight kind (W8A16 int8 per-channel, W4A16
