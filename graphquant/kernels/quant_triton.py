@@ -1144,9 +1144,10 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     table for 16 rows of every shape and one row of gate/up, ``decode_kernels_w8a16_w8mma.json``) or
     ``w4_f16mma`` (W4A16; in the H200 table for 16 rows of every shape and one row of gate/up and gate|up,
     ``decode_kernels_w4_f16mma*.json``; one row of down went back to tinygemm after a ``--cold`` sweep: its 29 MB
-    of int4 codes fit the L2 cache, where the earlier sweep had timed them, ``decode_kernels_w4a16_down_cold.json``). W8A8 entries of the H200 table name ``wq_mm`` with ``SWAP`` tiles for every
-    shape (``decode_kernels_w8a8_swap_cold.json``, a ``--cold`` sweep: their ``us`` are with the weight read from
-    HBM), as are the W8A16 / W4A16 entries of q/o and W8A16 qkv at one row (``decode_kernels_small_cold.json``,
+    of int4 codes fit the L2 cache, where the earlier sweep had timed them, ``decode_kernels_w4a16_down_cold.json``).
+    W8A8 entries of the H200 table name ``wq_mm`` with ``SWAP`` tiles for every shape
+    (``decode_kernels_w8a8_swap_cold.json``, a ``--cold`` sweep: their ``us`` are with the weight read from HBM), as
+    are the W8A16 / W4A16 entries of q/o and W8A16 qkv at one row (``decode_kernels_small_cold.json``,
     ``decode_kernels_qkv_w8a16_cold.json``); the other small-shape entries' ``us`` are with a weight kept in L2."""
     if M > (64 if a_kind == A_FLOAT else 16):
         return None
