@@ -196,12 +196,15 @@ def fbgemm_reference(op, ref, copies: int = 1) -> dict:
     elif op["w_kind"] == QT.W_FP8 and op.get("a_scale") is not None:
         sa = op["a_scale"].float().reshape(-1).contiguous()
 
+        def own_weight():  # each maker's call owns a copy (``--cold`` cycles through them)
+            return op["w"].clone(), op["w_scale"].float().clone()
+
         def rowwise():
-            w, sw = op["w"].clone(), op["w_scale"].float().clone()
+            w, sw = own_weight()
             return lambda: fb.f8f8bf16_rowwise(a, w, sa, sw, use_fast_accum=True)
 
         def fp8_gemv():
-            w, sw = op["w"].clone(), op["w_scale"].float().clone()
+            w, sw = own_weight()
             return lambda: fb.fp8fp8bf16_fast_gemv(a, w, sa, sw, is_batched=False)
 
         makers.update(f8f8bf16_rowwise=rowwise, fp8fp8bf16_fast_gemv=fp8_gemv)
@@ -320,6 +323,7 @@ def main():
         for kind in KINDS:
             if args.kinds and kind not in args.kinds:
                 continue
+            a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
             op1 = None
             for M in args.m:
                 op, nbytes = operands(kind, N, K, M, dev)
@@ -339,7 +343,6 @@ def main():
                 impls = [i for i in impls if not args.impls or i in args.impls]
                 picked = None
                 if args.table_only:
-                    a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
                     picked = QT.decode_choice(M, N, K, a_kind, op["w_kind"], GROUP, dev)
                     impls = [picked[0]] if picked and picked[0] != "tinygemm" else []
                 for impl in impls:
@@ -388,7 +391,6 @@ def main():
                     extra.update(gemlite_reference(op, ref))
                 if args.fbgemm:
                     extra.update(fbgemm_reference(op, ref, len(ops)))
-                a_kind = QT.A_FLOAT if kind in ("W8A16", "W4A16") else (QT.A_FP8 if "fp8" in kind else QT.A_INT8)
                 if cfg_best is not None:
                     keep = {k: v for k, v in cfg_best.items() if k not in ("BLOCK_M",)}
                     best[f"{a_kind},{op['w_kind']},{N},{K},{QT.m_bucket(M)}"] = {"impl": impl_best, **keep,
