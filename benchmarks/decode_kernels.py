@@ -95,6 +95,15 @@ def w4_f16mma_options(quick: bool = False):
         yield dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=st)
 
 
+def w4_i8mma_options(quick: bool = False):
+    """``w4_i8mma`` tiles (one to four rows; the activation's pieces made by a launch before): weight columns per
+    program, split-K over the steps of four groups, pipeline stages, warps (``results/w4_probe_i8mma.json``: 64
+    columns and 2-3 stages ahead on gate|up and down). ``quick``: 32-128 columns, 4 warps."""
+    bns, warps = ((32, 64, 128), (4,)) if quick else ((32, 64, 128, 256), (2, 4, 8))
+    for bn, split, st, nw in itertools.product(bns, (1, 2, 4, 8), (2, 3), warps):
+        yield dict(BLOCK_N=bn, SPLIT_K=split, GPS=4, num_warps=nw, num_stages=st)
+
+
 def w8_mma_options():
     """``w8_mma`` tiles: ``wq_mm``'s grid for 16-bit activations, each with and without ``ONE_SCALE`` (one power of two per activation
     row for the whole K range), and 256 weight columns by 128 (``kernel_sass.py``: 2.89 instructions per weight
@@ -285,7 +294,7 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all of SHAPES)")
     ap.add_argument("--kinds", default="", help="comma-separated kinds (default: all of KINDS)")
     ap.add_argument("--impls", default="",
-                    help="comma-separated kernels: gemv, gemv_packed, w4_mma, w4_f16mma, w8_mma, wq_mm "
+                    help="comma-separated kernels: gemv, gemv_packed, w4_mma, w4_f16mma, w4_i8mma, w8_mma, wq_mm "
                          "(default: all)")
     ap.add_argument("--m", default="1,16", help="comma-separated M values")
     ap.add_argument("--table-only", action="store_true",
@@ -339,7 +348,7 @@ def main():
                 if kind == "W8A16":
                     impls.append("w8_mma")
                 if kind == "W4A16":
-                    impls += ["w4_mma", "w4_f16mma"]
+                    impls += ["w4_mma", "w4_f16mma"] + (["w4_i8mma"] if M <= 4 else [])
                 impls = [i for i in impls if not args.impls or i in args.impls]
                 picked = None
                 if args.table_only:
@@ -351,12 +360,14 @@ def main():
                             "gemv_packed": lambda: packed_options(kind, args.quick),
                             "w4_mma": lambda: w4_mma_options(args.quick),
                             "w8_mma": lambda: w8_mma_options(),
-                            "w4_f16mma": lambda: w4_f16mma_options(args.quick)}[impl]()
+                            "w4_f16mma": lambda: w4_f16mma_options(args.quick),
+                            "w4_i8mma": lambda: w4_i8mma_options(args.quick)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
                         fn = {"gemv": QT.gemv, "wq_mm": QT.wq_mm, "gemv_packed": QT.gemv_packed,
-                              "w4_mma": QT.w4_mma, "w8_mma": QT.w8_mma, "w4_f16mma": QT.w4_f16mma}[impl]
+                              "w4_mma": QT.w4_mma, "w8_mma": QT.w8_mma, "w4_f16mma": QT.w4_f16mma,
+                              "w4_i8mma": QT.w4_i8mma}[impl]
                         if impl == "wq_mm":
                             cfg = {**QT._mm_config(M, N, K, op["w_kind"], GROUP, dev), **cfg}
                         try:

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 #: pointer and size arguments Triton specializes as 16-divisible at a launch on the Llama-3-8B shapes
-_DIVISIBLE = {"A", "B", "SW", "ZW", "SA", "BIAS", "C", "OUT", "COUNT", "N", "K", "Q", "G", "stride_am", "stride_bn",
+_DIVISIBLE = {"A", "P", "RS", "XS", "B", "SW", "ZW", "SA", "BIAS", "C", "OUT", "COUNT", "N", "K", "Q", "G", "stride_am", "stride_bn",
               "stride_cm", "stride_sw"}
 
 
@@ -82,6 +82,12 @@ def specs():
                      LAST_SUMS=False)
         out.append((f"w4_f16mma W4A16 BN{bn}", QT.w4_f16mma_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
                     bn * 128 / 128))
+    for bn in (64, 128, 256):  # W4A16 on the int8 tensor cores (the activation's int8 pieces made by a launch before)
+        ptrs = {"P": "i8", "RS": "fp32", "XS": "fp32", "B": "u8", "SW": "fp32", "ZW": "u8", "BIAS": "bf16",
+                "C": "fp32", "OUT": "bf16", "COUNT": "i32"}
+        const = dict(GROUP=128, GPS=4, HAS_ZERO=False, HAS_BIAS=False, PARTIAL=True, BLOCK_N=bn, LAST_SUMS=True)
+        out.append((f"w4_i8mma W4A16 BN{bn} GPS4", QT.w4_i8mma_kernel, ptrs, const, dict(num_warps=4, num_stages=3),
+                    bn * 128 * 4 / 128))
     # activation quantization (per element of x): quantize_rows with a static scale, and the persistent
     # Hadamard + quantization kernel of QuaRot's R4 at prefill (14336 = 112 x 128, one row per loop step),
     # each with the exact codes sequence and with FAST_CODES

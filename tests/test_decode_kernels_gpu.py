@@ -115,6 +115,31 @@ def test_w4_mma_matches_reference_for_every_tile_option(M, N, K):
     assert QT.w4_mma(op["a"].repeat(17, 1)[:17], op["w"], op["w_scale"], group=GROUP) is None
 
 
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
+def test_w4_i8mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
+    """W4A16 on the int8 tensor cores (``w4_i8mma``: the activation's exact int8 pieces, the nibbles as int8 codes
+    by PTX): every tile option within 2e-5 of the fp32 reference, zero points or not, bf16 and fp16 activations
+    alike, the same bits launch after launch and under CUDA-graph replay, and ``decode_mm`` runs it where the tuned
+    table names it."""
+    from graphquant.kernels import quant_triton as QT
+
+    configs = [None] + [dict(BLOCK_N=bn, SPLIT_K=sk, GPS=gps, num_warps=nw, num_stages=st)
+                        for bn, sk, gps, nw, st in [(32, 1, 4, 4, 2), (64, 3, 2, 4, 3), (128, 2, 4, 8, 3)]]
+    op = _every_config_matches(QT.w4_i8mma, "W4A16", M, N, K, configs, seed=M * 13 + N)
+    ref = QT.w4_i8mma(**op, out_dtype=torch.float32)
+    got = QT.w4_i8mma(**dict(op, a=op["a"].half(), bias=op["bias"].half()), out_dtype=torch.float32)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-5
+    run = lambda: QT.w4_i8mma(**op, out_dtype=torch.bfloat16, config=configs[-1])  # noqa: E731
+    outs = eager_and_graphed(run)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    tuned_only(monkeypatch, (QT.A_FLOAT, QT.W_INT4, N, K, QT.m_bucket(M)), "w4_i8mma", configs[-1])
+    got = QT.decode_mm(op["a"], op["w"], op["w_scale"], w_kind=QT.W_INT4, w_zero=op["w_zero"], bias=op["bias"],
+                       group=op["group"], out_dtype=torch.bfloat16)
+    assert torch.equal(got, outs[0])
+    assert QT.w4_i8mma(op["a"].repeat(5, 1), op["w"], op["w_scale"], group=GROUP) is None
+
+
 @pytest.mark.parametrize("M", [1, 5, 16, 40])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
 def test_w4_f16mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):

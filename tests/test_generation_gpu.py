@@ -142,6 +142,28 @@ def test_gq_llama_20m_quarot_greedy_tokens_equal_fake_quant(name):
     _greedy_tokens_equal_fake_quant(name, quarot=True)
 
 
+@pytest.mark.skipif(GQ20M is None, reason="gq-llama-20m not available")
+@pytest.mark.parametrize("quarot", [False, pytest.param(True, marks=QUAROT_TIE)])
+def test_gq_llama_20m_greedy_tokens_with_every_w4a16_product_on_int8_mma(quarot, monkeypatch):
+    """The issue's check with every W4A16 decode product on ``w4_i8mma`` (the activation's exact int8 pieces times
+    the nibbles on the int8 tensor cores), which the H200 table picks for the Llama-3-8B gate|up and down shapes
+    but not for gq-llama-20m's. H200, 2026-11-30: 32/32 without QuaRot; with it the same exact tie as the other
+    W4A16 kernels (new token 19, top-2 margin 0)."""
+    from graphquant.kernels import quant_triton as QT
+
+    real = QT.decode_choice
+
+    def on_int8_mma(M, N, K, a_kind, w_kind, group, device):
+        if a_kind == QT.A_FLOAT and w_kind == QT.W_INT4 and M <= 4:
+            return "w4_i8mma", dict(BLOCK_N=64, SPLIT_K=2, GPS=4, num_warps=4, num_stages=3)
+        return real(M, N, K, a_kind, w_kind, group, device)
+
+    calls = []
+    monkeypatch.setattr(QT, "decode_choice", lambda *a: calls.append(a) or on_int8_mma(*a))
+    _greedy_tokens_equal_fake_quant("W4A16 g128", quarot=quarot)
+    assert any(c[4] == QT.W_INT4 and c[0] <= 4 for c in calls)
+
+
 def _greedy_tokens_equal_fake_quant(name, quarot=False):
     from transformers import AutoModelForCausalLM
 

@@ -162,6 +162,16 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                 raise AssertionError("w4_f16mma refused the operands")
 
         _call(errors, f"w4_f16mma M={M} split={split} zero={zero} {dtype}", w4_f16mma)
+    for M, split, zero, dtype in ((1, 1, False, BF), (2, 4, True, torch.float16), (4, 2, False, BF)):  # W4A16 on
+        # the int8 tensor cores (its pieces launch, and the PTX nibble unpacking)
+        op = {**_activation("float", M, K), **_weight("int4z" if zero else "int4", N, K)}
+
+        def w4_i8mma():  # None would mean it refused the operands: nothing compiled
+            if QT.w4_i8mma(**dict(op, a=op["a"].to(dtype)), bias=torch.randn(N, dtype=dtype), out_dtype=BF,
+                           config=dict(BLOCK_N=64, SPLIT_K=split, GPS=4, num_warps=4, num_stages=3)) is None:
+                raise AssertionError("w4_i8mma refused the operands")
+
+        _call(errors, f"w4_i8mma M={M} split={split} zero={zero} {dtype}", w4_i8mma)
     from graphquant.kernels.int8_gemm import int8_gemm  # prefill W8A8, its default Hopper tile
 
     a, w = torch.randint(-127, 128, (300, K), dtype=torch.int8), torch.randint(-127, 128, (N, K), dtype=torch.int8)
@@ -250,7 +260,8 @@ def test_every_tuned_decode_entry_names_a_kernel_and_its_options(compile_only):
     table = QT._tuned("NVIDIA H200")
     assert table, "no tuned entries for the H200"
     kernels = {"gemv": QT.gemv_kernel, "gemv_packed": QT.gemv_packed_kernel, "w4_mma": QT.w4_mma_kernel,
-               "wq_mm": QT.wq_mm_kernel, "w8_mma": QT.w8_mma_kernel, "w4_f16mma": QT.w4_f16mma_kernel}
+               "wq_mm": QT.wq_mm_kernel, "w8_mma": QT.w8_mma_kernel, "w4_f16mma": QT.w4_f16mma_kernel,
+               "w4_i8mma": QT.w4_i8mma_kernel}
     errors = compile_only
     seen = set()
     for (a_kind, w_kind, N, K, m), cfg in sorted(table.items()):

@@ -1,6 +1,6 @@
 """Triton kernels behind the lowered linears (CUDA only; ``triton`` is imported lazily).
 
-Nine kernels, each with a launch wrapper that takes and returns torch tensors:
+Ten kernels, each with a launch wrapper that takes and returns torch tensors:
 
 ``quantize_rows``     activation quantization: float rows -> int8 / fp8 e4m3 codes and one fp32
                       scale per row (dynamic per-token), or codes under a given per-tensor scale
@@ -24,7 +24,11 @@ Nine kernels, each with a launch wrapper that takes and returns torch tensors:
 ``w4_f16mma``         W4A16 at decode-sized M on the 16-bit tensor cores with the weight as the right operand
                       (``w8_mma``'s structure): low and high nibbles turned into ``u - 8`` in the activation's
                       dtype by PTX, two dots per group (even / odd activation columns); where the measured
-                      table names it (on the H200: W4A16 at 16 rows, and gate/up, gate|up, down at one row).
+                      table names it (on the H200: W4A16 at 16 rows, and gate/up at one row).
+``w4_i8mma``          W4A16 at one to four rows on the int8 tensor cores: ``int8_pieces_kernel`` splits each
+                      activation row per group into four exact int8 pieces under a power-of-two scale (one
+                      launch per product), the nibbles go into the MMA as int8 codes, four groups per step in
+                      one 16-row MMA tile; int32 sums exact per group (on the H200: gate|up and down at one row).
 ``w8_mma``            W8A16 at decode-sized M on the fp16 tensor cores, exact: the activation tile as fp16
                       under a power-of-two scale per row, the int8 codes as fp16 from their bits (where the
                       measured table names it: on the H200 every shape at 16 rows and gate/up at one row).
@@ -64,6 +68,12 @@ def _rint(v):
     d = v - f
     tie = f + (f - 2.0 * tl.floor(f * 0.5))  # the even neighbour
     return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tie))
+
+
+@triton.jit
+def _rint_small(v):
+    """Round to nearest, ties to even, for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits (two adds)."""
+    return (v + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -848,6 +858,133 @@ def w4_f16mma_kernel(A, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stri
 
 
 @triton.jit
+def _u4_i8(w, ASM: tl.constexpr):
+    """(low, high) nibbles ``u`` (0..15) of the bytes ``w`` (uint8) as int8 codes. ``ASM``: four bytes (one 32-bit
+    register) give eight codes in three instructions (an and, a shift, an and). Without ``ASM`` (Triton's CPU
+    interpreter) the same values element by element."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; and.b32 $0, $2, 0x0f0f0f0f; shr.b32 t, $2, 4; and.b32 $1, t, 0x0f0f0f0f; }",
+            "=r,=r,r", [w], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        u = w.to(tl.int32) & 0xFF
+        lo, hi = (u & 0xF).to(tl.int8), (u >> 4).to(tl.int8)
+    return lo, hi
+
+
+@triton.jit
+def _int8_pieces(x):
+    """Float rows ``x`` (G, R, GROUP), fp32, as four int8 pieces per element: ``x = s * (q0 + q1 / 2^6 + q2 / 2^12
+    + q3 / 2^18)`` with ``s`` a power of two per row (``2^(E - 6)`` for a row whose largest magnitude lies in
+    ``[2^E, 2^(E+1))``). Each piece is the rounded rest of the ones before it (every step exact in fp32), so
+    |q0| <= 127, |q1| <= 64, |q2|, |q3| <= 32, and a bf16 element is held exactly when it is at least ``2^-17`` of
+    its row's largest (smaller ones to ``2^-25`` of it). Returns the pieces stacked as (G, 4 R, GROUP) fp32
+    integers (row ``4 r + piece``) and the fp32 scale of each of those rows, (G, 4 R)."""
+    amax = tl.max(tl.abs(x), axis=2)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the largest; 0 for a zero row
+    sb = tl.minimum(tl.maximum(e - 6, 1), 254 - 6)
+    s = (sb << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - sb) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    q0 = tl.minimum(tl.maximum(_rint_small(x * inv), -127.0), 127.0)
+    r = x - q0 * s[:, :, None]
+    q1 = _rint_small((r * inv) * 64.0)
+    r = r - q1 * (s * (1.0 / 64))[:, :, None]
+    q2 = _rint_small((r * inv) * 4096.0)
+    r = r - q2 * (s * (1.0 / 4096))[:, :, None]
+    q3 = _rint_small((r * inv) * 262144.0)
+    G: tl.constexpr = x.shape[0]
+    R: tl.constexpr = x.shape[1]
+    GROUP: tl.constexpr = x.shape[2]
+    q = tl.join(tl.join(q0, q1), tl.join(q2, q3))  # (G, R, GROUP, 2, 2): [..., i, j] is piece 2 j + i
+    q = tl.reshape(tl.permute(q, (0, 1, 4, 3, 2)), (G, 4 * R, GROUP))
+    p = tl.arange(0, 4)
+    f = tl.where(p == 0, 1.0, tl.where(p == 1, 1.0 / 64, tl.where(p == 2, 1.0 / 4096, 1.0 / 262144)))
+    rs = tl.reshape(s[:, :, None] * f[None, None, :], (G, 4 * R))
+    return q, rs
+
+
+@triton.jit
+def int8_pieces_kernel(A, P, RS, XS, M, stride_am, GROUP: tl.constexpr, GPS: tl.constexpr):
+    """The left MMA operand of :func:`w4_i8mma_kernel` for one step of ``GPS`` groups (program ``s``): the activation
+    rows' four int8 pieces (:func:`_int8_pieces`) block-diagonal over the groups, stored as (16, 2, STEP / 2)
+    int8 (even columns, then odd ones) at ``P[s]``, with each MMA row's power-of-two scale ``RS[s]`` (16) and
+    the sum of its pieces ``XS[s]`` (16; fp32, exact)."""
+    HALF: tl.constexpr = GROUP // 2
+    RG: tl.constexpr = 16 // GPS
+    AR: tl.constexpr = RG // 4
+    STEP: tl.constexpr = GPS * GROUP
+    s = tl.program_id(0)
+    rm = tl.arange(0, AR)
+    gj = tl.arange(0, GPS)
+    kk = tl.arange(0, GROUP)
+    x = tl.load(A + rm[None, :, None] * stride_am + (s * STEP + gj[:, None, None] * GROUP + kk[None, None, :]),
+                mask=(rm < M)[None, :, None], other=0.0).to(tl.float32)
+    q, rs = _int8_pieces(x)
+    rows = tl.arange(0, 16)
+    tl.store(RS + s * 16 + rows, tl.reshape(rs, (16,)))
+    tl.store(XS + s * 16 + rows, tl.reshape(tl.sum(q, axis=2), (16,)))
+    if GPS > 1:
+        eye = tl.reshape((gj[:, None] == gj[None, :]).to(tl.float32), (GPS, 1, GPS, 1))
+        q = tl.reshape(q[:, :, None, :] * eye, (16, STEP))
+    else:
+        q = tl.reshape(q, (16, STEP))
+    qe, qo = tl.split(tl.reshape(q.to(tl.int8), (16, GPS * HALF, 2)))
+    cols = tl.arange(0, GPS * HALF)
+    base = P + s * (16 * STEP) + rows[:, None] * STEP + cols[None, :]
+    tl.store(base, qe)
+    tl.store(base + GPS * HALF, qo)
+
+
+@triton.jit
+def w4_i8mma_kernel(P, RS, XS, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_bn, stride_cm, stride_sw,
+                    GROUP: tl.constexpr, GPS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
+                    PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, LAST_SUMS: tl.constexpr = False,
+                    ASM: tl.constexpr = True):
+    """W4A16 at one to four rows on the int8 tensor cores with the activation's pieces made beforehand
+    (:func:`int8_pieces_kernel`): per step of ``GPS`` groups, the (16, STEP) int8 tile of pieces times the
+    nibbles ``u`` (int8, as they are), int32 sums exact per group, made fp32 exactly (``2^23 + 2^22`` added to the
+    bits and taken off again with the zero point ``z`` (8, or the stored one) times the row's sum of pieces
+    ``XS``) and scaled per MMA row (``RS``) and by the group scale into an fp32 accumulator; each activation row's
+    pieces and groups are added up after the loop. Split-K over the steps as :func:`wq_mm_kernel`."""
+    HALF: tl.constexpr = GROUP // 2
+    RG: tl.constexpr = 16 // GPS
+    AR: tl.constexpr = RG // 4
+    STEP: tl.constexpr = GPS * GROUP
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rm = tl.arange(0, AR)
+    m_ok = rm < M
+    k_lo, k_hi = _split_range(pid_k, K, SPLIT_K, STEP)
+    rows = tl.arange(0, 16)
+    cols = tl.arange(0, GPS * HALF)
+    p_ptrs = P + rows[:, None] * STEP + cols[None, :]
+    w_ptrs = B + rn[None, :] * stride_bn + cols[:, None]
+    s_offs = rn[None, :] * stride_sw + (rows // RG)[:, None]
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, STEP):
+        st = k0 // STEP
+        qe = tl.load(p_ptrs + st * (16 * STEP))
+        qo = tl.load(p_ptrs + st * (16 * STEP) + GPS * HALF)
+        wt = tl.load(w_ptrs + k0 // 2, mask=n_ok[None, :], other=0)
+        w_lo, w_hi = _u4_i8(wt, ASM)
+        part = tl.dot(qo, w_hi, tl.dot(qe, w_lo, out_dtype=tl.int32), out_dtype=tl.int32)
+        rs = tl.load(RS + st * 16 + rows)
+        xs = tl.load(XS + st * 16 + rows)
+        ws = tl.load(SW + s_offs + k0 // GROUP, mask=n_ok[None, :], other=0.0)
+        if HAS_ZERO:
+            z = tl.load(ZW + s_offs + k0 // GROUP, mask=n_ok[None, :], other=8).to(tl.float32)
+            v = (part + 0x4B400000).to(tl.float32, bitcast=True) - (12582912.0 + xs[:, None] * z)
+        else:
+            v = (part + 0x4B400000).to(tl.float32, bitcast=True) - (12582912.0 + 8.0 * xs)[:, None]
+        acc += (v * rs[:, None]) * ws
+    out = tl.sum(tl.sum(tl.reshape(acc, (GPS, AR, 4, BLOCK_N)), axis=2), axis=0)
+    _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
+              PARTIAL, LAST_SUMS)
+
+
+@triton.jit
 def scale_epilogue_kernel(ACC, SA, SW, BIAS, C, M, N, stride_am, stride_cm,
                           SA_ROW: tl.constexpr, SW_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -1142,9 +1279,10 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     it is in the table for 16 rows of q/o, qkv and gate|up, ``decode_kernels_w4_mma.json``); the heuristics do
     not pick it, as it is measured on the H200 only; nor ``w8_mma`` (W8A16 on the fp16 tensor cores; in the H200
     table for 16 rows of every shape and one row of gate/up, ``decode_kernels_w8a16_w8mma.json``) or
-    ``w4_f16mma`` (W4A16; in the H200 table for 16 rows of every shape and one row of gate/up and gate|up,
-    ``decode_kernels_w4_f16mma*.json``; one row of down went back to tinygemm after a ``--cold`` sweep: its 29 MB
-    of int4 codes fit the L2 cache, where the earlier sweep had timed them, ``decode_kernels_w4a16_down_cold.json``).
+    ``w4_f16mma`` (W4A16; in the H200 table for 16 rows of every shape and one row of gate/up,
+    ``decode_kernels_w4_f16mma*.json``) or ``w4_i8mma`` (W4A16 at one to four rows on the int8 tensor cores; in
+    the H200 table for one row of gate|up and down, ``decode_kernels_w4_i8mma_cold.json``: 23.2 and 16.6 us with
+    the weights read from HBM, against 30.4 for ``w4_f16mma`` and 17.0 for tinygemm).
     W8A8 entries of the H200 table name ``wq_mm`` with ``SWAP`` tiles for every shape
     (``decode_kernels_w8a8_swap_cold.json``, a ``--cold`` sweep: their ``us`` are with the weight read from HBM), as
     are the W8A16 / W4A16 entries of q/o and W8A16 qkv at one row (``decode_kernels_small_cold.json``,
@@ -1186,6 +1324,12 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     if impl == "w4_f16mma":
         out = w4_f16mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
                         config=cfg or None, a_scale=a_scale)
+        if out is not None:
+            return out
+        impl, cfg = "gemv_packed", {}
+    if impl == "w4_i8mma":
+        out = w4_i8mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
+                       config=cfg or None, a_scale=a_scale)
         if out is not None:
             return out
         impl, cfg = "gemv_packed", {}
@@ -1414,6 +1558,48 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
                            c.stride(-2), w_scale.stride(0), GROUP=group, HAS_ZERO=w_zero is not None,
                            HAS_BIAS=bias is not None, PARTIAL=split > 1, FP16=a.dtype == torch.float16,
                            LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
+    return out if last else split_sum(c, out_dtype)
+
+
+def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
+             bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None,
+             **_) -> torch.Tensor | None:
+    """W4A16 ``a (M <= 4, K) bf16/fp16 @ dequant(w).T (+ bias)`` in two launches: :func:`int8_pieces_kernel`
+    (the activation's int8 pieces, one program per step of ``GPS`` groups) and :func:`w4_i8mma_kernel`. None when
+    the operands do not fit it (other weight kinds, activation codes or other activation dtypes, more
+    than 4 rows, a group not a multiple of 32 or over 1024, a layout other than nibble-packed (N, K/2) with
+    (N, K/group) scales). ``GPS`` (1, 2 or 4) is lowered until it divides the groups and leaves each activation
+    row its four MMA rows."""
+    M, K = a.shape
+    if w_kind != W_INT4 or a_scale is not None or a.dtype not in (torch.bfloat16, torch.float16) \
+            or not 0 < M <= 4 or a.stride(1) != 1:
+        return None
+    if group < 32 or group % 32 or group > 1024 or K % group or w.dim() != 2 or w.stride(1) != 1 \
+            or 2 * w.shape[1] != K or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 \
+            or w_scale.shape[1] != K // group or (w_zero is not None and w_zero.stride() != w_scale.stride()):
+        return None
+    N = w.shape[0]
+    out_dtype = out_dtype or a.dtype
+    cfg = {"BLOCK_N": 128, "SPLIT_K": 2, "GPS": 4, "num_warps": 4, "num_stages": 3, **(config or {})}
+    for k in ("BLOCK_K", "BLOCK_M"):
+        cfg.pop(k, None)
+    gps = cfg["GPS"]
+    while gps > 1 and ((K // group) % gps or M > 4 // gps):
+        gps //= 2
+    cfg["GPS"] = gps
+    steps = K // (group * gps)
+    pieces = torch.empty((steps, 16, group * gps), device=a.device, dtype=torch.int8)
+    rs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
+    xs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
+    int8_pieces_kernel[(steps,)](a, pieces, rs, xs, M, a.stride(0), GROUP=group, GPS=gps, num_warps=4)
+    split = max(1, min(cfg["SPLIT_K"], steps))
+    cfg["SPLIT_K"] = split
+    grid = (-(-N // cfg["BLOCK_N"]), split)
+    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
+    w4_i8mma_kernel[grid](pieces, rs, xs, w, w_scale, w_zero if w_zero is not None else w_scale,
+                          bias if bias is not None else w_scale, c, out, count, M, N, K, w.stride(0), c.stride(-2),
+                          w_scale.stride(0), GROUP=group, HAS_ZERO=w_zero is not None,
+                          HAS_BIAS=bias is not None, PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
     return out if last else split_sum(c, out_dtype)
 
 
