@@ -140,6 +140,38 @@ def test_w4_i8mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
     assert QT.w4_i8mma(op["a"].repeat(5, 1), op["w"], op["w_scale"], group=GROUP) is None
 
 
+def test_int4_linear_with_hadamard_makes_w4_i8mma_pieces_in_the_hadamard_kernel(monkeypatch):
+    """``graphquant::int4_linear(..., hadamard=True)`` at one row where the table names ``w4_i8mma`` (Llama-3-8B's
+    down projection, K = 14336): the online R4 makes the int8 pieces in its epilogue (two launches), bit for bit the
+    result of the Hadamard op followed by the unfused product, within 2e-5 of the fp32 reference; at two rows it
+    runs the unfused ops."""
+    from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
+    from graphquant.kernels import hadamard_triton as HT
+    from graphquant.kernels import int4_mm, int8_mm
+    from graphquant.kernels import quant_triton as QT
+
+    N, K = 512, 14336
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(2, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8, generator=g)
+    s = torch.rand(N, K // 128, device="cuda", generator=g) * 1e-2
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    cfg = dict(BLOCK_N=64, SPLIT_K=4, GPS=4, num_warps=4, num_stages=3)
+    tuned_only(monkeypatch, (QT.A_FLOAT, QT.W_INT4, N, K, 1), "w4_i8mma", cfg)
+    calls = []
+    real = HT.hadamard_pieces
+    monkeypatch.setattr(HT, "hadamard_pieces", lambda *a: calls.append(a) or real(*a))
+    for rows in (1, 2):
+        got = int4_mm.int4_linear(x[:rows], w, s, None, bias, 128, "nibble", hadamard=True)
+        xr = torch.ops.graphquant.hadamard_transform(x[:rows], False)
+        want = int4_mm.int4_linear(xr, w, s, None, bias, 128, "nibble")
+        assert torch.equal(got, want), rows
+        u = torch.stack([w & 0xF, w >> 4], -1).reshape(N, K).float()
+        ref = xr.float() @ ((u - 8) * s.repeat_interleave(128, 1)).t() + bias.float()
+        assert float((got.float() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 output
+    assert len(calls) == 1 and "hadamard_pieces" not in int8_mm._FAILED
+
+
 @pytest.mark.parametrize("M", [1, 5, 16, 40])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
 def test_w4_f16mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):

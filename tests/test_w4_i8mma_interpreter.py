@@ -16,7 +16,8 @@ torch.manual_seed(0)
 checked = 0
 CASES = ((1, 96, 512, 128, 1, False, False, 1.0, 4), (3, 70, 768, 128, 2, True, True, 3e4, 4),
          (2, 64, 256, 32, 3, True, False, 1e-3, 4), (4, 40, 512, 64, 3, False, True, 1.0, 1),
-         (1, 48, 1024, 256, 2, True, True, 1.0, 4), (1, 64, 512, 128, 1, False, False, 1e-30, 2))
+         (1, 48, 1024, 256, 2, True, True, 1.0, 4), (1, 64, 512, 128, 1, False, False, 1e-30, 2),
+         (2, 96, 1536, 64, 3, False, True, 1.0, 2))
 for M, N, K, group, split, with_bias, with_zero, scale, gps in CASES:
     x = (torch.randn(M, K) * torch.logspace(-3, 2, K)[torch.randperm(K)] * scale).to(torch.bfloat16)
     if M > 2:
@@ -50,12 +51,52 @@ table = {(QT.A_FLOAT, QT.W_INT4, N, K, 1): dict(impl="w4_i8mma", **cfg, us=1.0)}
 QT._tuned = lambda name: table
 assert QT.decode_choice(1, N, K, QT.A_FLOAT, QT.W_INT4, group, dev) == ("w4_i8mma", cfg)
 torch.cuda.current_device = lambda: 0  # CPU tensors: decode_choice asks for the current device's name
-got = QT.decode_mm(x, w, sw, w_kind=QT.W_INT4, w_zero=zw, bias=bias, group=group, out_dtype=torch.float32)
-want = QT.w4_i8mma(x, w, sw, w_zero=zw, bias=bias, group=group, out_dtype=torch.float32, config=cfg)
+x1 = x[:1].contiguous()
+got = QT.decode_mm(x1, w, sw, w_kind=QT.W_INT4, w_zero=zw, bias=bias, group=group, out_dtype=torch.float32)
+want = QT.w4_i8mma(x1, w, sw, w_zero=zw, bias=bias, group=group, out_dtype=torch.float32, config=cfg)
 assert torch.equal(got, want)
 print("checked", checked)
 """
 
 
 def test_w4_i8mma_equals_the_float64_product():
-    assert "checked 6" in run_in_triton_interpreter(_CHECK)
+    assert "checked 7" in run_in_triton_interpreter(_CHECK)
+
+
+_FUSED = r"""
+import torch
+from graphquant.kernels import quant_triton as QT
+from graphquant.kernels import hadamard_triton as HT
+torch.manual_seed(0)
+n = 14336
+assert HT.pieces_fusable(n, 128, 1) and not HT.pieces_fusable(n, 128, 2) and not HT.pieces_fusable(n, 64, 1)
+assert not HT.pieces_fusable(4096, 128, 1) and not HT.pieces_fusable(1152, 128, 1)
+for dtype in (torch.bfloat16, torch.float16):
+    x = (torch.randn(1, n) * torch.logspace(-2, 1, n)[torch.randperm(n)]).to(dtype)
+    y = HT.hadamard_transform_triton(x, False)
+    P, RS, XS = HT.hadamard_pieces(x, 128)
+    want = [torch.empty_like(t) for t in (P, RS, XS)]
+    QT.int8_pieces_kernel[(n // 512,)](y, *want, 1, y.stride(0), GROUP=128, GPS=4, num_warps=4)
+    assert all(torch.equal(a, b) for a, b in zip((P, RS, XS), want)), dtype
+    w = torch.randint(0, 256, (48, n // 2), dtype=torch.uint8)
+    sw = torch.rand(48, n // 128) * 0.01
+    cfg = dict(BLOCK_N=32, SPLIT_K=4, GPS=4, num_warps=4, num_stages=1)
+    assert torch.equal(QT.w4_i8mma(y, w, sw, group=128, out_dtype=torch.float32, config=cfg),
+                       QT.w4_i8mma(x, w, sw, group=128, out_dtype=torch.float32, config=cfg, pieces=(P, RS, XS)))
+    assert QT.w4_i8mma(x, w, sw, group=128, config=dict(cfg, GPS=2), pieces=(P, RS, XS)) is None
+try:
+    HT.hadamard_pieces(torch.zeros(2, n, dtype=torch.bfloat16), 128)
+except ValueError as e:
+    assert "no fused Hadamard" in str(e)
+else:
+    raise AssertionError("two rows were taken")
+print("fused ok")
+"""
+
+
+def test_hadamard_pieces_equal_the_unfused_transform_then_pieces():
+    """QuaRot's online R4 with ``w4_i8mma``'s int8 pieces made in the Hadamard kernel's epilogue
+    (``hadamard_triton.hadamard_pieces``, Llama-3-8B's 14336 = 112 x 128: one program per step of four groups of
+    128) gives bit for bit the pieces, scales and sums of ``int8_pieces_kernel`` on ``hadamard_transform``'s bf16 /
+    fp16 output, hence the same product; orders or groups it cannot take are refused."""
+    assert "fused ok" in run_in_triton_interpreter(_FUSED)

@@ -223,17 +223,18 @@ class QuantLinear(nn.Module):
         kw = self._layout(x.device)
         t = kw.tensors
         if self.kernel == "int4_linear":
-            x = _hadamard(x) if self.input_rotation else x
             tg = self._layouts.get(("tinygemm", str(x.device)))
             if tg is not None and x.dtype == torch.bfloat16 and x[..., 0].numel() <= TINYGEMM_MAX_M:
                 # decode: torch's own int4 kernel (tinygemm), measured fastest at M = 1 on the H200
                 # (benchmarks/results/decode_kernels.json); prefill keeps the nibble layout
+                x = _hadamard(x) if self.input_rotation else x
                 out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), tg.tensors["tg_weight"],
                                                          tg.args["group_size"], tg.tensors["tg_scale_zeros"])
                 out = out.reshape(*x.shape[:-1], self.out_features)
                 return out + self.bias if self.bias is not None else out
+            # the online R4 inside the op: at decode it may make the int4 kernel's operand itself (int4_mm)
             return ops.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias, kw.args["group_size"],
-                                   kw.args["layout"])
+                                   kw.args["layout"], bool(self.input_rotation))
         if self.kernel == "int8_weight_only":
             x = _hadamard(x) if self.input_rotation else x
             return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)

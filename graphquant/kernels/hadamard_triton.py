@@ -29,6 +29,9 @@ Kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n 
       store codes and per-row scales instead of the transform; at most ``FEW_ROWS`` rows (decode) the tiled
       kernel does, under a static scale per tile, or for a dynamic per-row scale by storing its rounded tile
       and the tile's maximum for ``quant_triton.tile_quant_kernel`` to quantize (two small launches).
+    * ``hadamard_pieces`` (QuaRot's R4 before a W4A16 product on ``quant_triton.w4_i8mma`` at one row): the tiled
+      kernel, one program per step of four groups, stores ``w4_i8mma``'s int8 pieces of the transform instead
+      of the transform (``graphquant::int4_linear(..., hadamard=True)`` at decode).
 """
 from __future__ import annotations
 
@@ -45,10 +48,11 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import FP8_MAX, TINY_C, _fp32_reciprocal, codes, fast_codes, tile_quant_kernel
+from .quant_triton import (FP8_MAX, TINY_C, _fp32_reciprocal, _int8_pieces, codes, fast_codes, store_pieces,
+                           tile_quant_kernel)
 
-__all__ = ["hadamard_transform_triton", "hadamard_quantize", "fusable", "supports", "plan", "candidates", "Plan",
-           "few_rows_plan", "FEW_ROWS"]
+__all__ = ["hadamard_transform_triton", "hadamard_quantize", "hadamard_pieces", "pieces_fusable", "fusable",
+           "supports", "plan", "candidates", "Plan", "few_rows_plan", "FEW_ROWS"]
 
 DENSE_MAX = 256            # orders handled by the dense kernel by preference
 DENSE_FALLBACK_MAX = 4096  # largest dense matrix used when no factored plan exists
@@ -128,8 +132,9 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
                      OP: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = True,
                      QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                     FAST: tl.constexpr = False):
-    """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N).
+                     FAST: tl.constexpr = False, ROWS: tl.constexpr = 0):
+    """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N); with ``ROWS``
+    only rows ``t·ROWS … t·ROWS+ROWS-1`` (the tile's other rows are zeros).
 
     With ``QUANT`` (1 int8, 2 fp8 e4m3) it stores codes (``y_ptr`` then points to codes):
     * ``STATIC``: under the scale at ``s_in_ptr``; a tile needs no other tile's values.
@@ -138,20 +143,25 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
       ``amax_ptr[row, tile]``; ``quant_triton.tile_quant_kernel`` (a second launch, one program per tile:
       a tile is ``BM·N`` consecutive elements of the row) then quantizes the tiles under their row's scale.
       (Quantizing the row in the row's last program instead measured far slower: about +28 us per Llama-3-8B
-      decode layer on the H200, benchmarks/results/generate_gpu_dynamic_r4_last_program_tried.json.)"""
+      decode layer on the H200, benchmarks/results/generate_gpu_dynamic_r4_last_program_tried.json.)
+
+    ``QUANT`` 3 (one row ``X``, ``ROWS`` = 4, ``D1`` = 1, ``D2`` the group size): each row of ``Y`` is one group of
+    the transform; rounded to ``OUT_DTYPE`` they become ``quant_triton.w4_i8mma``'s int8 pieces for the step of
+    four groups ``t`` (``y_ptr``: pieces, ``ws_ptr``: row scales, ``amax_ptr``: sums; ``quant_triton.store_pieces``)."""
     N: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     row = pid // NT
     tile = pid % NT
     base = row.to(tl.int64) * M0 * N
-    offs_m = tile * BM + tl.arange(0, BM)
+    offs_m = tile * (ROWS if ROWS else BM) + tl.arange(0, BM)
     offs_n = tl.arange(0, N)
+    a_rows = tl.arange(0, BM) < (ROWS if ROWS else BM)
 
     # Stage 1 (reads memory): acc = A[tile rows, :] @ X, exact for bf16 X.
     acc = tl.zeros((BM, N), dtype=tl.float32)
     for kc in tl.static_range(NKC):
         offs_k = kc * BK + tl.arange(0, BK)
-        a = tl.load(a_ptr + offs_m[:, None] * A_STRIDE + offs_k[None, :]).to(OP)
+        a = tl.load(a_ptr + offs_m[:, None] * A_STRIDE + offs_k[None, :], mask=a_rows[:, None], other=0.0).to(OP)
         x = tl.load(x_ptr + base + offs_k[:, None] * N + offs_n[None, :], mask=offs_k[:, None] < M0, other=0.0)
         acc = _dot_split_right(a, x.to(tl.float32), acc, IN_PARTS, OP)
 
@@ -177,6 +187,12 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     in_rows = offs_m[:, None] < M0
     if QUANT == 0:
         tl.store(y_ptr + tile_off, (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty), mask=in_rows)
+    elif QUANT == 3:  # the pieces of the step's four groups; rows ROWS.. of the tile are zeros
+        y = (tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE).to(tl.float32)
+        q, rs = _int8_pieces(tl.reshape(y, (BM, 1, N)))  # (BM, 4, N), (BM, 4)
+        q = tl.sum(tl.reshape(q, (BM // ROWS, ROWS, 4, N)), axis=0)
+        rs = tl.sum(tl.reshape(tl.where(a_rows[:, None], rs, 0.0), (BM // ROWS, ROWS, 4)), axis=0)
+        store_pieces(q, rs, y_ptr, ws_ptr, amax_ptr, tile)
     elif STATIC:
         _quantize_store((tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE), in_rows, 0.0, y_ptr + tile_off,
                         s_in_ptr, s_in_ptr, 0, False, QUANT, True, QMAX, RCP, FAST)
@@ -543,6 +559,40 @@ def fusable(n: int, dtype: torch.dtype, rows: Optional[int] = None) -> bool:
     if _few_rows_tiled(p, rows):
         return True
     return p is not None and p.persistent and p not in _FAILED and not (p.kind == "factored" and p.M0 > p.BM)
+
+
+def pieces_fusable(n: int, group: int, rows: int) -> bool:
+    """Whether :func:`hadamard_pieces` takes ``rows`` rows of order ``n`` for groups of ``group``: one row, a
+    factored plan whose last stage is one Sylvester block of the group's size (each row of its ``(M0, D2)`` view is
+    one group) and whose ``M0`` groups make whole steps of four."""
+    p = plan(n, 2)
+    return rows == 1 and p is not None and p.kind == "factored" and p.D1 == 1 and p.D2 == group and p.M0 % 4 == 0
+
+
+def hadamard_pieces(x: torch.Tensor, group: int):
+    """QuaRot's online Hadamard of one row ``x`` (1, n) (bf16 / fp16) with ``quant_triton.w4_i8mma``'s int8 pieces
+    of the transform (rounded to ``x``'s dtype first, as the unfused ops do) made in its epilogue, four groups per
+    step: ``(P, RS, XS)`` for ``w4_i8mma(..., pieces=...)``, the values ``int8_pieces_kernel`` makes from
+    ``hadamard_transform(x)``. One launch of the tiled factored kernel, one program per step."""
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    if x.dtype not in (torch.bfloat16, torch.float16) or not pieces_fusable(n, group, rows):
+        raise ValueError(f"no fused Hadamard + int8 pieces kernel for order {n}, group {group}, {rows} rows")
+    p = few_rows_plan(plan(n, 2))
+    x2 = x.reshape(1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    steps = p.M0 // 4
+    P = torch.empty((steps, 16, 4 * group), device=x.device, dtype=torch.int8)
+    RS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
+    XS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
+    a = _factor_operand(p.m, p.i, False, p.M0 + 16, p.NKC * p.BK, x.device)
+    out_dtype = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+    _factored_kernel[(steps,)](
+        x2, a, P, p.M0, a.shape[1], 1.0 / math.sqrt(n), x2, RS, XS, BM=16, NT=steps, BK=p.BK, NKC=p.NKC,
+        D1=1, LOG1=0, D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=_PARTS[x.dtype], MID_PARTS=min(p.mid_parts, 2),
+        MIDDLE=p.middle, OP=_OPERAND, QUANT=3, OUT_DTYPE=out_dtype, ROWS=4, num_warps=p.num_warps)
+    return P, RS, XS
 
 
 def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None,

@@ -1,7 +1,7 @@
 """Weight-only int4 linears (W4A16): packed int4 weights with per-group scales / zero points.
 
-``int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout)`` computes
-``x @ W.T + bias`` with ``W[n, k] = (u[n, k] - z[n, g]) * s[n, g]``, ``g = k // group_size``,
+``int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False)`` computes
+``x @ W.T + bias`` (``x`` first through QuaRot's online Hadamard with ``hadamard``) with ``W[n, k] = (u[n, k] - z[n, g]) * s[n, g]``, ``g = k // group_size``,
 where ``u`` are unsigned nibbles (signed codes + 8) and ``z`` the (shifted) zero points (8 when
 ``zero_point`` is None). Two storage layouts (chosen when lowering, for the device the weights are
 on; ``graphquant.lowering.layouts`` builds them):
@@ -11,6 +11,9 @@ on; ``graphquant.lowering.layouts`` builds them):
                      ``quant_triton.decode_choice`` picks (``gemv``, ``gemv_packed`` or ``wq_mm``), else a Triton
                      dequantize to the activation dtype + cuBLAS.
                      Without Triton: torch unpack.
+                     With ``hadamard`` at one row, where that kernel is ``w4_i8mma`` and the order's plan allows it,
+                     the Hadamard makes ``w4_i8mma``'s int8 pieces in its epilogue
+                     (``hadamard_triton.hadamard_pieces``): two launches instead of three.
 ``"cpu_tinygemm"``   ``w_packed`` from ``aten._convert_weight_to_int4pack_for_cpu``; ``scale`` is
                      ``qScaleAndZeros`` (K/g, N, 2) in the activation dtype (``W = (u - 8) * s + z``);
                      ``aten._weight_int4pack_mm_for_cpu`` computes the product.
@@ -49,9 +52,38 @@ def dequantize_nibble(w_packed, scale, zero_point, group_size, dtype):
     return dequantize_nibble_torch(w_packed, scale, zero_point, group_size, dtype)
 
 
+def _rotated_decode(a: torch.Tensor, w_packed, scale, zero_point, bias, group_size: int):
+    """``hadamard(a) @ W.T + bias`` for one row on ``w4_i8mma`` with the pieces made by the Hadamard kernel, or None
+    where that path does not apply (not CUDA / Triton, the decode table does not pick ``w4_i8mma`` for four groups
+    per step, no fused plan for the order) or failed before."""
+    if not (a.is_cuda and a.shape[0] == 1 and a.dtype in (torch.float16, torch.bfloat16)):
+        return None
+    if (qt := triton_kernels(a.device, "hadamard_pieces")) is None:
+        return None
+    N, K = w_packed.shape[0], a.shape[1]
+    choice = qt.decode_choice(1, N, K, qt.A_FLOAT, qt.W_INT4, group_size, a.device)
+    if choice is None or choice[0] != "w4_i8mma" or choice[1].get("GPS", 4) != 4:
+        return None
+    from . import hadamard_triton as HT
+
+    if not HT.pieces_fusable(K, group_size, 1):
+        return None
+    return guarded("hadamard_pieces", lambda: qt.w4_i8mma(a, w_packed, scale, w_zero=zero_point, bias=bias,
+                                                          group=group_size, out_dtype=a.dtype, config=choice[1],
+                                                          pieces=HT.hadamard_pieces(a, group_size)),
+                   lambda: None)
+
+
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                bias: torch.Tensor | None, group_size: int, layout: str) -> torch.Tensor:
+                bias: torch.Tensor | None, group_size: int, layout: str, hadamard: bool = False) -> torch.Tensor:
     N = w_packed.shape[0]
+    if hadamard:
+        if layout == "nibble" and (out := _rotated_decode(_flat(x), w_packed, scale, zero_point, bias,
+                                                         group_size)) is not None:
+            return out.reshape(*x.shape[:-1], N)
+        from .. import hadamard as _had  # noqa: F401  registers graphquant::hadamard_transform
+
+        x = torch.ops.graphquant.hadamard_transform(x, False)
     lead = x.shape[:-1]
     a = _flat(x)
     M = a.shape[0]

@@ -909,7 +909,6 @@ def int8_pieces_kernel(A, P, RS, XS, M, stride_am, GROUP: tl.constexpr, GPS: tl.
     rows' four int8 pieces (:func:`_int8_pieces`) block-diagonal over the groups, stored as (16, 2, STEP / 2)
     int8 (even columns, then odd ones) at ``P[s]``, with each MMA row's power-of-two scale ``RS[s]`` (16) and
     the sum of its pieces ``XS[s]`` (16; fp32, exact)."""
-    HALF: tl.constexpr = GROUP // 2
     RG: tl.constexpr = 16 // GPS
     AR: tl.constexpr = RG // 4
     STEP: tl.constexpr = GPS * GROUP
@@ -920,10 +919,23 @@ def int8_pieces_kernel(A, P, RS, XS, M, stride_am, GROUP: tl.constexpr, GPS: tl.
     x = tl.load(A + rm[None, :, None] * stride_am + (s * STEP + gj[:, None, None] * GROUP + kk[None, None, :]),
                 mask=(rm < M)[None, :, None], other=0.0).to(tl.float32)
     q, rs = _int8_pieces(x)
+    store_pieces(q, rs, P, RS, XS, s)
+
+
+@triton.jit
+def store_pieces(q, rs, P, RS, XS, s):
+    """Step ``s``'s pieces ``q`` (GPS, 16 / GPS, GROUP) and row scales ``rs`` (GPS, 16 / GPS) from
+    :func:`_int8_pieces` in :func:`w4_i8mma_kernel`'s layout: ``P[s]`` (16, 2, STEP / 2) int8, block-diagonal
+    over the groups (even columns, then odd ones), ``RS[s]`` and the sums of the pieces ``XS[s]`` (16, fp32)."""
+    GPS: tl.constexpr = q.shape[0]
+    GROUP: tl.constexpr = q.shape[2]
+    HALF: tl.constexpr = GROUP // 2
+    STEP: tl.constexpr = GPS * GROUP
     rows = tl.arange(0, 16)
     tl.store(RS + s * 16 + rows, tl.reshape(rs, (16,)))
     tl.store(XS + s * 16 + rows, tl.reshape(tl.sum(q, axis=2), (16,)))
     if GPS > 1:
+        gj = tl.arange(0, GPS)
         eye = tl.reshape((gj[:, None] == gj[None, :]).to(tl.float32), (GPS, 1, GPS, 1))
         q = tl.reshape(q[:, :, None, :] * eye, (16, STEP))
     else:
@@ -1563,13 +1575,15 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
 
 def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
              bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None,
-             **_) -> torch.Tensor | None:
+             pieces=None, **_) -> torch.Tensor | None:
     """W4A16 ``a (M <= 4, K) bf16/fp16 @ dequant(w).T (+ bias)`` in two launches: :func:`int8_pieces_kernel`
     (the activation's int8 pieces, one program per step of ``GPS`` groups) and :func:`w4_i8mma_kernel`. None when
     the operands do not fit it (other weight kinds, activation codes or other activation dtypes, more
     than 4 rows, a group not a multiple of 32 or over 1024, a layout other than nibble-packed (N, K/2) with
     (N, K/group) scales). ``GPS`` (1, 2 or 4) is lowered until it divides the groups and leaves each activation
-    row its four MMA rows."""
+    row its four MMA rows. ``pieces``: ``(P, RS, XS)`` made beforehand for one row and four groups per step
+    (``hadamard_triton.hadamard_pieces``: QuaRot's online R4 with the pieces in its epilogue); then ``a`` gives
+    only the shapes."""
     M, K = a.shape
     if w_kind != W_INT4 or a_scale is not None or a.dtype not in (torch.bfloat16, torch.float16) \
             or not 0 < M <= 4 or a.stride(1) != 1:
@@ -1588,10 +1602,15 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
         gps //= 2
     cfg["GPS"] = gps
     steps = K // (group * gps)
-    pieces = torch.empty((steps, 16, group * gps), device=a.device, dtype=torch.int8)
-    rs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
-    xs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
-    int8_pieces_kernel[(steps,)](a, pieces, rs, xs, M, a.stride(0), GROUP=group, GPS=gps, num_warps=4)
+    if pieces is not None:
+        if gps != 4 or M != 1 or pieces[0].shape != (steps, 16, group * gps):
+            return None
+        pieces, rs, xs = pieces
+    else:
+        pieces = torch.empty((steps, 16, group * gps), device=a.device, dtype=torch.int8)
+        rs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
+        xs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
+        int8_pieces_kernel[(steps,)](a, pieces, rs, xs, M, a.stride(0), GROUP=group, GPS=gps, num_warps=4)
     split = max(1, min(cfg["SPLIT_K"], steps))
     cfg["SPLIT_K"] = split
     grid = (-(-N // cfg["BLOCK_N"]), split)

@@ -10,7 +10,7 @@ Schemas::
                            ScalarType out_dtype) -> Tensor
     graphquant::int8_weight_only_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor
     graphquant::int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor? zero_point, Tensor? bias,
-                            int group_size, str layout) -> Tensor
+                            int group_size, str layout, bool hadamard=False) -> Tensor
 
 Activation quantization is its own op so that one quantizer feeding several Linears (q/k/v,
 gate/up) runs once. ``spec`` is ``QuantizationSpec.to_op_str()``. Codes are int8 or
@@ -94,10 +94,10 @@ def _(x, w, w_scale, bias):
 
 @torch.library.custom_op("graphquant::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], group_size: int, layout: str) -> torch.Tensor:
-    return int4_mm.int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout)
+                bias: Optional[torch.Tensor], group_size: int, layout: str, hadamard: bool = False) -> torch.Tensor:
+    return int4_mm.int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard)
 
 
 @int4_linear.register_fake
-def _(x, w_packed, scale, zero_point, bias, group_size, layout):
+def _(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False):
     return _linear_fake(x, w_packed.shape[0], x.dtype)
