@@ -1,15 +1,15 @@
 """Weight-only int4 linears (W4A16): packed int4 weights with per-group scales / zero points.
 
 ``int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False)`` computes
-``x @ W.T + bias`` (``x`` first through QuaRot's online Hadamard with ``hadamard``) with ``W[n, k] = (u[n, k] - z[n, g]) * s[n, g]``, ``g = k // group_size``,
-where ``u`` are unsigned nibbles (signed codes + 8) and ``z`` the (shifted) zero points (8 when
-``zero_point`` is None). Two storage layouts (chosen when lowering, for the device the weights are
-on; ``graphquant.lowering.layouts`` builds them):
+``x @ W.T + bias`` (``x`` first through QuaRot's online Hadamard with ``hadamard``) with
+``W[n, k] = (u[n, k] - z[n, g]) * s[n, g]``, ``g = k // group_size``, where ``u`` are unsigned nibbles
+(signed codes + 8) and ``z`` the (shifted) zero points (8 when ``zero_point`` is None). Two storage layouts
+(chosen when lowering, for the device the weights are on; ``graphquant.lowering.layouts`` builds them):
 
 ``"nibble"``         ``w_packed`` uint8 (N, K/2), low nibble = even column; ``scale`` fp32 (N, K/g);
                      ``zero_point`` uint8 (N, K/g) or None. CUDA: for M <= ``WEIGHT_ONLY_M`` the decode kernel
-                     ``quant_triton.decode_choice`` picks (``gemv``, ``gemv_packed`` or ``wq_mm``), else a Triton
-                     dequantize to the activation dtype + cuBLAS.
+                     ``quant_triton.decode_choice`` picks (``gemv``, ``gemv_packed``, ``wq_mm``, ``w4_f16mma``,
+                     ``w4_i8mma``, ...), else a Triton dequantize to the activation dtype + cuBLAS.
                      Without Triton: torch unpack.
                      With ``hadamard`` at one row, where that kernel is ``w4_i8mma`` and the order's plan allows it,
                      the Hadamard makes ``w4_i8mma``'s int8 pieces in its epilogue
