@@ -223,10 +223,40 @@ def test_lowered_ops_have_consistent_fake_kernels():
     packed = torch.randint(0, 256, (32, 32), dtype=torch.uint8, generator=g)
     torch.library.opcheck(torch.ops.graphquant.int4_linear.default,
                           (x, packed, torch.rand(32, 2, generator=g), None, None, 32, "nibble"))
+    torch.library.opcheck(torch.ops.graphquant.int4_linear.default,
+                          (x, packed, torch.rand(32, 2, generator=g), None, None, 32, "nibble", True))
     y = torch.ops.graphquant.int8_linear(q, s, w, ws, None, torch.float32)
     assert y.shape == (3, 5, 32)
     ref = (q.float() * s) @ (w.float() * ws[:, None]).t()
     assert _rel(y, ref) < 1e-6
+
+
+def test_int4_linear_with_hadamard_is_the_hadamard_then_the_product():
+    """``graphquant::int4_linear(..., hadamard=True)`` (a W4A16 QuantLinear's online R4 inside the op; at one row on
+    CUDA it may make the decode kernel's operand itself) is ``hadamard_transform`` then the product, on the CPU
+    layouts too, for one and several rows."""
+    from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
+    from graphquant.lowering import layouts, ops  # noqa: F401
+    from graphquant.quant import fake_quant as FQ
+
+    g = torch.Generator().manual_seed(3)
+    n = 384  # 3 x 128: a non-power-of-two order
+    spec = FQ.as_spec(preset("w_int4_per_group_sym").global_quant_config.weight)
+    seen = set()
+    for N in (24, 32):  # the nibble layout; torch's CPU int4 layout (N a multiple of 16)
+        qw = FQ.quantize_weight(torch.randn(N, n, generator=g), spec)
+        kw = layouts.int4_weight(qw.qdata, qw.scale, qw.zero_point, spec, torch.float32)
+        t, args = kw.tensors, kw.args
+        seen.add(args["layout"])
+        for rows in (1, 3):
+            x = torch.randn(rows, n, generator=g)
+            got = torch.ops.graphquant.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), None,
+                                                   args["group_size"], args["layout"], True)
+            xr = torch.ops.graphquant.hadamard_transform(x, False)
+            want = torch.ops.graphquant.int4_linear(xr, t["qweight"], t["qscale"], t.get("qzeros"), None,
+                                                    args["group_size"], args["layout"])
+            assert torch.equal(got, want), (args["layout"], rows)
+    assert seen == {"nibble", "cpu_tinygemm"}
 
 
 @pytest.mark.parametrize("spec", ["int8:per_token:sym:dynamic:float:half_even",
