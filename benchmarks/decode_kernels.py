@@ -16,9 +16,9 @@ int4 g128, W8A8 int8 codes, W8A8 fp8 codes) and M in (1, 16) it times every opti
 in ``graphquant.kernels.quant_triton`` (``gemv`` and ``gemv_packed`` on CUDA cores at M = 1; ``wq_mm``, the
 W8A8 tensor-core kernel, which dequantizes weight-only codes in registers; ``w4_mma``, W4A16 on tensor cores
 with the weight as the left operand; ``w4_f16mma``, W4A16 on the 16-bit tensor cores with the weight as the right
-operand, nibbles turned into floats in PTX; ``wq_mm``'s ``SWAP`` tiles, W8A8 with the weight as the left
-operand; ``w8_mma``, W8A16 on the fp16 tensor cores, exact), each checked against an
-fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
+operand, nibbles turned into floats in PTX; ``w4_i8mma``, W4A16 at one to four rows on the int8 tensor cores,
+the activation in exact int8 pieces; ``wq_mm``'s ``SWAP`` tiles, W8A8 with the weight as the left operand;
+``w8_mma``, W8A16 on the fp16 tensor cores, exact), each checked against an fp32 reference, in a CUDA graph of 20 calls (median of 20 replays). The fastest per (kind, shape, M) goes
 into ``gemv_tuned.json`` (keyed by GPU name), which ``decode_choice`` reads. References on the same
 shapes: bf16 ``F.linear`` (cuBLAS) and, for W4A16, torch's tinygemm (``aten._weight_int4pack_mm``, bf16
 scales); with ``--gemlite`` / ``--fbgemm`` those libraries' kernels (their wheels carried to the GPU machine;
