@@ -1333,21 +1333,10 @@ def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
         if out is not None:
             return out
         impl, cfg = "gemv_packed", {}
-    if impl == "w4_f16mma":
-        out = w4_f16mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
-                        config=cfg or None, a_scale=a_scale)
-        if out is not None:
-            return out
-        impl, cfg = "gemv_packed", {}
-    if impl == "w4_i8mma":
-        out = w4_i8mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
-                       config=cfg or None, a_scale=a_scale)
-        if out is not None:
-            return out
-        impl, cfg = "gemv_packed", {}
-    if impl == "w4_mma":
-        out = w4_mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
-                     config=cfg or None, a_scale=a_scale)
+    nibble_mma = {"w4_f16mma": w4_f16mma, "w4_i8mma": w4_i8mma, "w4_mma": w4_mma}.get(impl)
+    if nibble_mma is not None:  # the W4A16 tensor-core kernels: None where they refuse the operands
+        out = nibble_mma(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
+                         config=cfg or None, a_scale=a_scale)
         if out is not None:
             return out
         impl, cfg = "gemv_packed", {}
@@ -1495,6 +1484,14 @@ def _w4_mma_config(N: int, G: int, device, cfg: dict | None) -> dict:
     return cfg
 
 
+def _nibble_layout_fits(K: int, w: torch.Tensor, w_scale: torch.Tensor, w_zero, group: int) -> bool:
+    """Whether the W4A16 tensor-core kernels take this weight: nibble-packed (N, K/2) codes with (N, K/group) scales
+    (and zero points of the scales' strides), a group a multiple of 32 that divides K."""
+    return not (group < 32 or group % 32 or K % group or w.dim() != 2 or w.stride(1) != 1 or 2 * w.shape[1] != K
+                or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 or w_scale.shape[1] != K // group
+                or (w_zero is not None and w_zero.stride() != w_scale.stride()))
+
+
 def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
            bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None) -> torch.Tensor | None:
     """W4A16 ``a (M <= 16, K) bf16/fp16 @ dequant(w).T`` through :func:`w4_mma_kernel`; None when the operands do
@@ -1503,10 +1500,8 @@ def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
     M, K = a.shape
     if w_kind != W_INT4 or a_scale is not None:
         return None
-    if M > 16 or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1 or group < 32 or group % 32 \
-            or K % group or w.dim() != 2 or w.stride(1) != 1 or 2 * w.shape[1] != K \
-            or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 or w_scale.shape[1] != K // group \
-            or (w_zero is not None and w_zero.stride() != w_scale.stride()):
+    if M > 16 or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1 \
+            or not _nibble_layout_fits(K, w, w_scale, w_zero, group):
         return None
     N, G = w.shape[0], K // group
     out_dtype = out_dtype or a.dtype
@@ -1550,11 +1545,7 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     rows, a group not a multiple of 32, a layout other than nibble-packed (N, K/2) with (N, K/group) scales)."""
     M, K = a.shape
     if w_kind != W_INT4 or a_scale is not None or a.dtype not in (torch.bfloat16, torch.float16) \
-            or not 0 < M <= 64 or a.stride(1) != 1:
-        return None
-    if group < 32 or group % 32 or K % group or w.dim() != 2 or w.stride(1) != 1 or 2 * w.shape[1] != K \
-            or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 or w_scale.shape[1] != K // group \
-            or (w_zero is not None and w_zero.stride() != w_scale.stride()):
+            or not 0 < M <= 64 or a.stride(1) != 1 or not _nibble_layout_fits(K, w, w_scale, w_zero, group):
         return None
     N = w.shape[0]
     out_dtype = out_dtype or a.dtype
@@ -1586,11 +1577,8 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
     only the shapes."""
     M, K = a.shape
     if w_kind != W_INT4 or a_scale is not None or a.dtype not in (torch.bfloat16, torch.float16) \
-            or not 0 < M <= 4 or a.stride(1) != 1:
-        return None
-    if group < 32 or group % 32 or group > 1024 or K % group or w.dim() != 2 or w.stride(1) != 1 \
-            or 2 * w.shape[1] != K or w.dtype not in (torch.uint8, torch.int8) or w_scale.dim() != 2 \
-            or w_scale.shape[1] != K // group or (w_zero is not None and w_zero.stride() != w_scale.stride()):
+            or not 0 < M <= 4 or a.stride(1) != 1 or group > 1024 \
+            or not _nibble_layout_fits(K, w, w_scale, w_zero, group):
         return None
     N = w.shape[0]
     out_dtype = out_dtype or a.dtype
