@@ -20,13 +20,20 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
 3. **R3 elision.** QuaRot's R3 rotates Q and K by the same orthogonal ``H`` along ``head_dim``; the
    attention scores ``(qH)·(kH) = q·k`` do not change. It only matters for a quantized K cache,
    so where no K quantizer follows it, it is dropped.
+4. **SiLU·mul into an int4 down projection.** Where a gated MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+   with a SiLU, gate|up fused in step 2) has a W4A16 ``down_proj`` that decodes on ``quant_triton.w4_i8mma``
+   (the decode table's pick for its shape, without QuaRot's R4), the MLP hands the gate|up pair to
+   ``down_proj.forward_gated``: at one row the launch that makes ``w4_i8mma``'s int8 operand computes the
+   SiLU·mul from the pair, so Inductor's SiLU·mul kernel is left out (one launch fewer per layer); more rows
+   compute the product in the model's own ops, as before. Checked per module on random inputs (same
+   ``PROBE_TOLERANCE``); a module that computes something else keeps its own forward.
 
-4. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
+5. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
    (:mod:`graphquant.decode_attention`: the one-token decode calls read each KV head once for its
    query group instead of sdpa's ``repeat_kv`` copies; prefill and everything else stay sdpa's).
    ``attention="keep"`` leaves the model's attention as it was.
 
-A probe forward before and after steps 2-3 (same kernels) must agree to rounding noise
+A probe forward before and after steps 2-4 (same kernels) must agree to rounding noise
 (``PROBE_TOLERANCE``), else :class:`PrepareError` says so; the model is then left half-prepared:
 build it again and call ``prepare(model, fuse=False, r3="keep")``. The prepared model is for
 generation only: saving it raises (save before preparing).
@@ -47,6 +54,8 @@ from .export.records import LinearRecord, TensorQuantizer
 #: sibling projections fused into one QuantLinear (child names of one parent module)
 FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 PREPARED_ATTR = "graphquant_prepared"
+#: ``prepare``'s step 4 (SiLU·mul into an int4 down projection); a module switch so a benchmark can A/B it
+SILU_INTO_DOWN = True
 #: relative logit change ``prepare`` accepts. Fusion and R3 elision change only rounding (kernel tiles, the bf16
 #: rounding of rotated Q and K), but a later activation quantizer can move a value across a code boundary, and
 #: that difference then travels to the logits: 3.7% on the int8 W8A8 + QuaRot Llama-3-8B-shaped 2-layer random
@@ -158,9 +167,73 @@ def fuse_projections(model: nn.Module, device) -> list[str]:
             setattr(mod, child, _Slice(start, start + m.out_features))
             start += m.out_features
         mod.graphquant_fused = big
+        mod.graphquant_fused_group = group
         mod.__class__ = _fused_class(type(mod))
         fused.append(f"{name}.{'|'.join(group)}" if name else "|".join(group))
     return fused
+
+
+@functools.lru_cache(maxsize=None)
+def _gated_down_class(cls: type) -> type:
+    """``cls`` (a gated MLP whose gate|up is fused) computing ``down_proj.forward_gated(graphquant_fused(x))``."""
+
+    def forward(self, x=None, **kwargs):
+        x = kwargs.pop("hidden_states") if x is None else x
+        return self.down_proj.forward_gated(self.graphquant_fused(x))
+
+    return type(f"GraphquantGatedDown{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
+
+
+def _is_silu(act, device, dtype) -> bool:
+    if not callable(act):
+        return False
+    t = torch.linspace(-8, 8, 257, device=device, dtype=dtype)
+    with torch.no_grad():
+        try:
+            return torch.equal(act(t), torch.nn.functional.silu(t))
+        except Exception:  # noqa: BLE001 - an activation that does not take a plain tensor is not a SiLU
+            return False
+
+
+def _gated_down_fits(mod: nn.Module, device) -> bool:
+    """A gated MLP with gate|up fused (gate first) and an int4 ``down_proj`` that decodes on ``w4_i8mma``."""
+    from .kernels import int4_mm
+
+    down, fused = getattr(mod, "down_proj", None), getattr(mod, "graphquant_fused", None)
+    if getattr(mod, "graphquant_fused_group", None) != ("gate_proj", "up_proj") or not isinstance(down, QuantLinear) \
+            or down.backend != "kernel" or down.kernel != "int4_linear" or down.input_rotation \
+            or ("tinygemm", str(device)) in down._layouts or fused.out_features != 2 * down.in_features \
+            or (mod.gate_proj.start, mod.up_proj.start) != (0, down.in_features):
+        return False
+    kw = down._layout(device)
+    return _is_silu(getattr(mod, "act_fn", None), device, down.dtype) and int4_mm.gated_decode_fits(
+        down.out_features, down.in_features, kw.args["group_size"], kw.args["layout"], device)
+
+
+def fuse_silu_into_down(model: nn.Module, device) -> list[str]:
+    """Step 4 of :func:`prepare`; returns the modules changed."""
+    changed = []
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__.startswith("GraphquantGatedDown") or not _gated_down_fits(mod, device):
+            continue
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(shape + (mod.graphquant_fused.in_features,), generator=g).to(device=device,
+                                                                                     dtype=mod.down_proj.dtype)
+              for shape in ((1, 1), (2, 3))]
+        old_cls = type(mod)
+        with torch.no_grad():
+            want = [mod(x).float() for x in xs]
+            mod.__class__ = _gated_down_class(old_cls)
+            mod.down_proj.gated_decode = True
+            got = [mod(x).float() for x in xs]
+        errs = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if a.shape == b.shape else float("inf")
+                for a, b in zip(got, want)]
+        if not max(errs) <= PROBE_TOLERANCE:
+            mod.__class__ = old_cls  # its forward is not down_proj(silu(gate) * up)
+            mod.down_proj.gated_decode = False
+            continue
+        changed.append(name)
+    return changed
 
 
 def elide_r3(model: nn.Module) -> list[str]:
@@ -188,11 +261,12 @@ def _probe(model: nn.Module, device) -> torch.Tensor:
 
 
 def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool = True,
-            attention: str = "decode") -> nn.Module:
+            attention: str = "decode", silu_into_down: bool | None = None) -> nn.Module:
     """Ready a written-back graphquant model for fast generation (see the module docstring); returns
     it (changed in place). ``fuse``: horizontal fusion of q|k|v and gate|up; ``r3``: "elide" (drop R3
     where it feeds no K quantizer) or "keep"; ``check``: compare a probe forward before and after;
-    ``attention``: "decode" (graphquant's decode attention backend, on CUDA) or "keep"."""
+    ``attention``: "decode" (graphquant's decode attention backend, on CUDA) or "keep"; ``silu_into_down``
+    (default ``SILU_INTO_DOWN``): step 4, on the fused gate|up (so only with ``fuse``)."""
     if r3 not in ("elide", "keep"):
         raise ValueError(f"r3={r3!r}: choose 'elide' or 'keep'")
     if attention not in ("decode", "keep"):
@@ -212,6 +286,8 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
     before = _probe(model, device) if check else None
     report = {"fused": fuse_projections(model, device) if fuse else [],
               "r3_elided": elide_r3(model) if r3 == "elide" else []}
+    if fuse and (SILU_INTO_DOWN if silu_into_down is None else silu_into_down):
+        report["silu_into_down"] = fuse_silu_into_down(model, device)
     if check:
         after = _probe(model, device)
         err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))

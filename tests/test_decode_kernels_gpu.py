@@ -172,6 +172,42 @@ def test_int4_linear_with_hadamard_makes_w4_i8mma_pieces_in_the_hadamard_kernel(
     assert len(calls) == 1 and "hadamard_pieces" not in int8_mm._FAILED
 
 
+def test_int4_linear_gated_makes_the_w4_i8mma_operand_from_the_gate_up_pair(monkeypatch):
+    """``graphquant::int4_linear(..., gated=True)`` at one row where the table names ``w4_i8mma`` (Llama-3-8B's
+    down projection, K = 14336): the pieces launch computes ``silu(gate) * up`` from the pair (two launches, no
+    SiLU·mul kernel), the product of ``int4_mm.silu_mul(pair)`` up to the SiLU's last-bit rounding (Triton's
+    sigmoid against torch's), also replayed from a CUDA graph; two rows run the SiLU·mul and then the product."""
+    from graphquant.kernels import int4_mm, int8_mm
+    from graphquant.kernels import quant_triton as QT
+
+    N, K = 512, 14336
+    g = torch.Generator(device="cuda").manual_seed(6)
+    pair = (torch.randn(2, 2 * K, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    w = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8, generator=g)
+    s = torch.rand(N, K // 128, device="cuda", generator=g) * 1e-2
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    cfg = dict(BLOCK_N=64, SPLIT_K=4, GPS=4, num_warps=4, num_stages=3)
+    tuned_only(monkeypatch, (QT.A_FLOAT, QT.W_INT4, N, K, 1), "w4_i8mma", cfg)
+    assert int4_mm.gated_decode_fits(N, K, 128, "nibble", torch.device("cuda"))
+    assert not int4_mm.gated_decode_fits(N, K, 128, "cpu_tinygemm", torch.device("cuda"))
+    assert not int4_mm.gated_decode_fits(N, 4096, 128, "nibble", torch.device("cuda"))  # not in the table
+    calls = []
+    real = QT.w4_i8mma
+    monkeypatch.setattr(QT, "w4_i8mma", lambda *a, **k: calls.append(k.get("gated")) or real(*a, **k))
+    for rows in (1, 2):
+        got = int4_mm.int4_linear(pair[:rows], w, s, None, bias, 128, "nibble", gated=True)
+        want = int4_mm.int4_linear(int4_mm.silu_mul(pair[:rows]), w, s, None, bias, 128, "nibble")
+        if rows == 2:
+            assert torch.equal(got, want)
+        else:
+            assert float((got.float() - want.float()).abs().max() / want.float().abs().max()) < 1e-2
+            assert float((got == want).float().mean()) > 0.9
+            outs = eager_and_graphed(lambda: int4_mm.int4_linear(pair[:1], w, s, None, bias, 128, "nibble",
+                                                                 gated=True))
+            assert all(torch.equal(o, got) for o in outs)
+    assert calls[0] is True and "w4_i8mma_gated" not in int8_mm._FAILED
+
+
 @pytest.mark.parametrize("M", [1, 5, 16, 40])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
 def test_w4_f16mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):

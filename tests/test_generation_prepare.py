@@ -138,3 +138,47 @@ def test_a_wrong_fusion_is_caught_by_the_probe(monkeypatch):
     monkeypatch.setattr(generation._Slice, "forward", lambda self, x: x[..., :self.stop - self.start])
     with pytest.raises(PrepareError, match="changed the model's logits"):
         prepare(hf)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_silu_mul_into_the_int4_down_projection_keeps_logits_and_tokens(monkeypatch, arch):
+    """Step 4 of ``prepare``: a SiLU-gated MLP hands its fused gate|up pair to a W4A16 ``down_proj`` where the
+    down projection decodes on ``w4_i8mma`` (forced here: on CPU the op computes the SiLU·mul itself and then the
+    product); one-row calls reach ``graphquant::int4_linear(..., gated=True)``, logits and greedy tokens do not
+    move. Gemma's MLP (a tanh GELU) keeps its own forward; the switch turns the step off."""
+    from graphquant import generation
+    from graphquant.kernels import int4_mm
+
+    model = tiny_model(arch)
+    qm = gq.quantize(model, make_config("w_int4_per_group_sym", 32), calib(), progress=False)
+    ids = torch.randint(2, 128, (2, 9))
+    monkeypatch.setattr(int4_mm, "gated_decode_fits", lambda *a: True)
+    calls = []
+    real = int4_mm.int4_linear
+    monkeypatch.setattr(int4_mm, "int4_linear", lambda x, *a: calls.append((tuple(x.shape), a[-1])) or real(x, *a))
+    hf = qm.to_hf()
+    for m in hf.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "kernel"
+    ref = logits(hf, ids)
+    ref_tokens = hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    prepare(hf)
+    changed = hf.graphquant_prepared["silu_into_down"]
+    if arch == "gemma":
+        assert changed == []
+        return
+    assert changed == [f"model.layers.{i}.mlp" for i in range(hf.config.num_hidden_layers)]
+    mlp = hf.model.layers[0].mlp
+    assert type(mlp).__name__.startswith("GraphquantGatedDown") and mlp.down_proj.gated_decode
+    assert rel(logits(hf, ids), ref) < 1e-5
+    calls.clear()
+    assert torch.equal(hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), ref_tokens)
+    k = mlp.down_proj.in_features
+    assert (((1, 1, 2 * k), True) in calls) and all(not gated for shape, gated in calls if shape[-1] != 2 * k)
+    hf2 = qm.to_hf()
+    for m in hf2.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "kernel"
+    monkeypatch.setattr(generation, "SILU_INTO_DOWN", False)
+    prepare(hf2)
+    assert "silu_into_down" not in hf2.graphquant_prepared

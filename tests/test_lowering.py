@@ -11,6 +11,7 @@ quantized and at 1e-4 for weight-only schemes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import pytest
@@ -225,6 +226,8 @@ def test_lowered_ops_have_consistent_fake_kernels():
                           (x, packed, torch.rand(32, 2, generator=g), None, None, 32, "nibble"))
     torch.library.opcheck(torch.ops.graphquant.int4_linear.default,
                           (x, packed, torch.rand(32, 2, generator=g), None, None, 32, "nibble", True))
+    torch.library.opcheck(torch.ops.graphquant.int4_linear.default,
+                          (x, packed[:, :16], torch.rand(32, 1, generator=g), None, None, 32, "nibble", False, True))
     y = torch.ops.graphquant.int8_linear(q, s, w, ws, None, torch.float32)
     assert y.shape == (3, 5, 32)
     ref = (q.float() * s) @ (w.float() * ws[:, None]).t()
@@ -256,6 +259,38 @@ def test_int4_linear_with_hadamard_is_the_hadamard_then_the_product():
             want = torch.ops.graphquant.int4_linear(xr, t["qweight"], t["qscale"], t.get("qzeros"), None,
                                                     args["group_size"], args["layout"])
             assert torch.equal(got, want), (args["layout"], rows)
+    assert seen == {"nibble", "cpu_tinygemm"}
+
+
+def test_int4_linear_gated_is_the_silu_mul_then_the_product():
+    """``graphquant::int4_linear(..., gated=True)`` (a gated MLP's gate|up pair handed to its W4A16 down projection;
+    at one row on CUDA the decode kernel's operand launch computes the SiLU·mul) is ``silu(gate) * up`` (in fp32,
+    rounded once) then the product, on the CPU layouts too, for one and several rows; with the R4 after it."""
+    from graphquant import hadamard  # noqa: F401  registers graphquant::hadamard_transform
+    from graphquant.kernels.int4_mm import silu_mul
+    from graphquant.lowering import layouts, ops  # noqa: F401
+    from graphquant.quant import fake_quant as FQ
+
+    g = torch.Generator().manual_seed(4)
+    n = 256
+    spec = FQ.as_spec(preset("w_int4_per_group_sym").global_quant_config.weight)
+    seen = set()
+    for N in (24, 32):  # the nibble layout; torch's CPU int4 layout
+        qw = FQ.quantize_weight(torch.randn(N, n, generator=g), spec)
+        for dtype in (torch.float32, torch.bfloat16):
+            kw = layouts.int4_weight(qw.qdata, qw.scale, qw.zero_point, spec, dtype)
+            t, args = kw.tensors, kw.args
+            seen.add(args["layout"])
+            for rows, hadamard_too in ((1, False), (3, False), (2, True)):
+                pair = (torch.randn(rows, 2 * n, generator=g) * 3).to(dtype)
+                call = functools.partial(torch.ops.graphquant.int4_linear, w_packed=t["qweight"], scale=t["qscale"],
+                                         zero_point=t.get("qzeros"), bias=None, group_size=args["group_size"],
+                                         layout=args["layout"], hadamard=hadamard_too)
+                got = call(pair, gated=True)
+                h = silu_mul(pair)
+                assert h.dtype == dtype and torch.equal(
+                    h.float(), (torch.nn.functional.silu(pair[:, :n].float()) * pair[:, n:].float()).to(dtype).float())
+                assert torch.equal(got, call(h)), (args["layout"], rows, dtype)
     assert seen == {"nibble", "cpu_tinygemm"}
 
 

@@ -162,16 +162,19 @@ def test_decode_and_quantization_kernels_compile_for_sm90(compile_only):
                 raise AssertionError("w4_f16mma refused the operands")
 
         _call(errors, f"w4_f16mma M={M} split={split} zero={zero} {dtype}", w4_f16mma)
-    for M, split, zero, dtype in ((1, 1, False, BF), (2, 4, True, torch.float16), (4, 2, False, BF)):  # W4A16 on
-        # the int8 tensor cores (its pieces launch, and the PTX nibble unpacking)
-        op = {**_activation("float", M, K), **_weight("int4z" if zero else "int4", N, K)}
+    for M, split, zero, dtype, gated in ((1, 1, False, BF, False), (2, 4, True, torch.float16, False),
+                                         (4, 2, False, BF, False), (1, 4, False, BF, True),
+                                         (1, 2, False, torch.float16, True)):  # W4A16 on the int8 tensor cores
+        # (its pieces launch, with the SiLU·mul of a gate|up pair when gated, and the PTX nibble unpacking)
+        op = {**_activation("float", M, 2 * K if gated else K), **_weight("int4z" if zero else "int4", N, K)}
 
         def w4_i8mma():  # None would mean it refused the operands: nothing compiled
             if QT.w4_i8mma(**dict(op, a=op["a"].to(dtype)), bias=torch.randn(N, dtype=dtype), out_dtype=BF,
-                           config=dict(BLOCK_N=64, SPLIT_K=split, GPS=4, num_warps=4, num_stages=3)) is None:
+                           config=dict(BLOCK_N=64, SPLIT_K=split, GPS=4, num_warps=4, num_stages=3),
+                           gated=gated) is None:
                 raise AssertionError("w4_i8mma refused the operands")
 
-        _call(errors, f"w4_i8mma M={M} split={split} zero={zero} {dtype}", w4_i8mma)
+        _call(errors, f"w4_i8mma M={M} split={split} zero={zero} {dtype} gated={gated}", w4_i8mma)
     from graphquant.kernels.int8_gemm import int8_gemm  # prefill W8A8, its default Hopper tile
 
     a, w = torch.randint(-127, 128, (300, K), dtype=torch.int8), torch.randint(-127, 128, (N, K), dtype=torch.int8)

@@ -76,7 +76,7 @@ for dtype in (torch.bfloat16, torch.float16):
     y = HT.hadamard_transform_triton(x, False)
     P, RS, XS = HT.hadamard_pieces(x, 128)
     want = [torch.empty_like(t) for t in (P, RS, XS)]
-    QT.int8_pieces_kernel[(n // 512,)](y, *want, 1, y.stride(0), GROUP=128, GPS=4, num_warps=4)
+    QT.int8_pieces_kernel[(n // 512,)](y, *want, 1, y.stride(0), 0, GROUP=128, GPS=4, num_warps=4)
     assert all(torch.equal(a, b) for a, b in zip((P, RS, XS), want)), dtype
     w = torch.randint(0, 256, (48, n // 2), dtype=torch.uint8)
     sw = torch.rand(48, n // 128) * 0.01
@@ -100,3 +100,41 @@ def test_hadamard_pieces_equal_the_unfused_transform_then_pieces():
     128) gives bit for bit the pieces, scales and sums of ``int8_pieces_kernel`` on ``hadamard_transform``'s bf16 /
     fp16 output, hence the same product; orders or groups it cannot take are refused."""
     assert "fused ok" in run_in_triton_interpreter(_FUSED)
+
+
+_GATED = r"""
+import torch
+from graphquant.kernels import quant_triton as QT
+from graphquant.kernels.int4_mm import silu_mul
+torch.manual_seed(0)
+checked = 0
+for M, K, group, gps, with_zero, dtype in ((1, 1024, 128, 4, False, torch.bfloat16), (2, 512, 64, 2, True, torch.float16),
+                                          (4, 256, 128, 1, False, torch.bfloat16)):
+    N = 40
+    pair = (torch.randn(M, 2 * K) * 3).to(dtype)
+    w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    sw = torch.rand(N, K // group) * 0.01 + 1e-3
+    zw = torch.randint(0, 16, (N, K // group), dtype=torch.uint8) if with_zero else None
+    cfg = dict(BLOCK_N=32, SPLIT_K=2, GPS=gps, num_warps=4, num_stages=1)
+    got = QT.w4_i8mma(pair, w, sw, w_zero=zw, group=group, out_dtype=torch.float32, config=cfg, gated=True)
+    h = silu_mul(pair)
+    want = QT.w4_i8mma(h, w, sw, w_zero=zw, group=group, out_dtype=torch.float32, config=cfg)
+    # the SiLU in Triton and in torch may round one element of h to a neighbouring bf16 value
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max(), (M, K, (got - want).abs().max())
+    assert (got == want).float().mean() > 0.9, (M, K)
+    swapped = QT.w4_i8mma(torch.cat(pair.chunk(2, -1)[::-1], -1), w, sw, w_zero=zw, group=group,
+                          out_dtype=torch.float32, config=cfg, gated=True)
+    assert (swapped - want).abs().max() > 0.1 * want.abs().max()  # the gate half is the first one
+    checked += 1
+assert QT.w4_i8mma(pair[:, :-64], w, sw, group=group, gated=True) is None  # K does not match the weight
+assert QT.w4_i8mma(pair[:, 1:], w, sw, group=group, gated=True) is None    # an odd width is not a pair
+print("gated", checked)
+"""
+
+
+def test_w4_i8mma_gated_makes_its_operand_from_the_gate_up_pair():
+    """``w4_i8mma(pair, gated=True)``: the pieces launch computes ``silu(gate) * up`` from a gated MLP's gate|up
+    pair (gate first) and gives the product of ``int4_mm.silu_mul(pair)`` (up to the SiLU's last-bit rounding in
+    Triton vs torch), bf16 and fp16, 1-4 rows, zero points, groups per step lowered; pairs that do not fit are
+    refused."""
+    assert "gated 3" in run_in_triton_interpreter(_GATED)

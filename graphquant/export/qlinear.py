@@ -160,6 +160,24 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return _ops().dequantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_spec, self.dtype)
 
+    #: set by ``generation.prepare`` where a gated MLP hands this (down) projection its gate|up pair at one row
+    #: (:meth:`forward_gated`): the int4 kernel then makes its operand from the pair
+    gated_decode = False
+
+    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``self(silu(gate) * up)`` for ``gate_up = [gate | up]`` along the last dim (a gated MLP's down projection).
+        With :attr:`gated_decode`, at one row, the kernel computes the SiLU·mul itself
+        (``graphquant::int4_linear(..., gated=True)``); otherwise the product first, in the model's own ops."""
+        if self.gated_decode and self.backend == "kernel" and gate_up[..., 0].numel() == 1:
+            from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
+
+            kw = self._layout(gate_up.device)
+            t = kw.tensors
+            return torch.ops.graphquant.int4_linear(gate_up, t["qweight"], t["qscale"], t.get("qzeros"), self.bias,
+                                                    kw.args["group_size"], kw.args["layout"], False, True)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self(F.silu(gate) * up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
             return self._forward_kernel(x)

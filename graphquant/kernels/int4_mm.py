@@ -1,7 +1,8 @@
 """Weight-only int4 linears (W4A16): packed int4 weights with per-group scales / zero points.
 
-``int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False)`` computes
-``x @ W.T + bias`` (``x`` first through QuaRot's online Hadamard with ``hadamard``) with
+``int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False, gated=False)`` computes
+``x @ W.T + bias`` (``x`` first through QuaRot's online Hadamard with ``hadamard``; with ``gated`` ``x`` is a
+gated MLP's gate|up pair and the product is of ``silu(gate) * up``) with
 ``W[n, k] = (u[n, k] - z[n, g]) * s[n, g]``, ``g = k // group_size``, where ``u`` are unsigned nibbles
 (signed codes + 8) and ``z`` the (shifted) zero points (8 when ``zero_point`` is None). Two storage layouts
 (chosen when lowering, for the device the weights are on; ``graphquant.lowering.layouts`` builds them):
@@ -13,7 +14,9 @@
                      Without Triton: torch unpack.
                      With ``hadamard`` at one row, where that kernel is ``w4_i8mma`` and the order's plan allows it,
                      the Hadamard makes ``w4_i8mma``'s int8 pieces in its epilogue
-                     (``hadamard_triton.hadamard_pieces``): two launches instead of three.
+                     (``hadamard_triton.hadamard_pieces``): two launches instead of three. With ``gated`` at one
+                     row, where that kernel is ``w4_i8mma``, its pieces launch computes the SiLU·mul from the pair
+                     (Inductor's SiLU·mul kernel is left out: two launches instead of three).
 ``"cpu_tinygemm"``   ``w_packed`` from ``aten._convert_weight_to_int4pack_for_cpu``; ``scale`` is
                      ``qScaleAndZeros`` (K/g, N, 2) in the activation dtype (``W = (u - 8) * s + z``);
                      ``aten._weight_int4pack_mm_for_cpu`` computes the product.
@@ -56,27 +59,70 @@ def _rotated_decode(a: torch.Tensor, w_packed, scale, zero_point, bias, group_si
     """``hadamard(a) @ W.T + bias`` for one row on ``w4_i8mma`` with the pieces made by the Hadamard kernel, or None
     where that path does not apply (not CUDA / Triton, the decode table does not pick ``w4_i8mma`` for four groups
     per step, no fused plan for the order) or failed before."""
-    if not (a.is_cuda and a.shape[0] == 1 and a.dtype in (torch.float16, torch.bfloat16)):
+    if not (a.shape[0] == 1 and a.dtype in (torch.float16, torch.bfloat16)):
         return None
-    if (qt := triton_kernels(a.device, "hadamard_pieces")) is None:
+    if (fit := _decode_w4_i8mma(w_packed.shape[0], a.shape[1], group_size, a.device, "hadamard_pieces")) is None:
         return None
-    N, K = w_packed.shape[0], a.shape[1]
-    choice = qt.decode_choice(1, N, K, qt.A_FLOAT, qt.W_INT4, group_size, a.device)
-    if choice is None or choice[0] != "w4_i8mma" or choice[1].get("GPS", 4) != 4:
-        return None
+    qt, cfg = fit
     from . import hadamard_triton as HT
 
-    if not HT.pieces_fusable(K, group_size, 1):
+    if not HT.pieces_fusable(a.shape[1], group_size, 1):
         return None
     return guarded("hadamard_pieces", lambda: qt.w4_i8mma(a, w_packed, scale, w_zero=zero_point, bias=bias,
-                                                          group=group_size, out_dtype=a.dtype, config=choice[1],
+                                                          group=group_size, out_dtype=a.dtype, config=cfg,
                                                           pieces=HT.hadamard_pieces(a, group_size)),
                    lambda: None)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim, in fp32, rounded to its dtype once."""
+    g, u = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(g) * u).to(gate_up.dtype)
+
+
+def _decode_w4_i8mma(N: int, K: int, group_size: int, device, path: str):
+    """``(quant_triton, tile options)`` where the decode table runs ``w4_i8mma`` with four groups per step for one
+    row of (N, K) int4 weights on ``device`` (CUDA, Triton, ``path`` not failed before), else None."""
+    if device.type != "cuda" or (qt := triton_kernels(device, path)) is None:
+        return None
+    choice = qt.decode_choice(1, N, K, qt.A_FLOAT, qt.W_INT4, group_size, device)
+    if choice is None or choice[0] != "w4_i8mma" or choice[1].get("GPS", 4) != 4:
+        return None
+    return qt, choice[1]
+
+
+def gated_decode_fits(N: int, K: int, group_size: int, layout: str, device) -> bool:
+    """Whether ``int4_linear(..., gated=True)`` makes ``w4_i8mma``'s operand from a gate|up pair at one row (the
+    nibble layout, and the decode table picks ``w4_i8mma`` for this shape): ``generation.prepare`` routes a gated
+    MLP's pair to the down projection only then (elsewhere Inductor's fused SiLU·mul kernel is as good)."""
+    return layout == "nibble" and _decode_w4_i8mma(N, K, group_size, torch.device(device),
+                                                   "w4_i8mma_gated") is not None
+
+
+def _gated_decode(pair: torch.Tensor, w_packed, scale, zero_point, bias, group_size: int):
+    """``silu(gate) * up @ W.T + bias`` for one gate|up pair on ``w4_i8mma``, its pieces launch computing the
+    SiLU·mul, or None where that path does not apply or failed before."""
+    if not (pair.shape[0] == 1 and pair.dtype in (torch.float16, torch.bfloat16) and pair.shape[1] % 2 == 0):
+        return None
+    if (fit := _decode_w4_i8mma(w_packed.shape[0], pair.shape[1] // 2, group_size, pair.device,
+                                "w4_i8mma_gated")) is None:
+        return None
+    qt, cfg = fit
+    return guarded("w4_i8mma_gated", lambda: qt.w4_i8mma(pair, w_packed, scale, w_zero=zero_point, bias=bias,
+                                                         group=group_size, out_dtype=pair.dtype, config=cfg,
+                                                         gated=True),
+                   lambda: None)
+
+
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                bias: torch.Tensor | None, group_size: int, layout: str, hadamard: bool = False) -> torch.Tensor:
+                bias: torch.Tensor | None, group_size: int, layout: str, hadamard: bool = False,
+                gated: bool = False) -> torch.Tensor:
     N = w_packed.shape[0]
+    if gated:
+        if not hadamard and layout == "nibble" and (out := _gated_decode(_flat(x), w_packed, scale, zero_point, bias,
+                                                                         group_size)) is not None:
+            return out.reshape(*x.shape[:-1], N)
+        x = silu_mul(x)
     if hadamard:
         if layout == "nibble" and (out := _rotated_decode(_flat(x), w_packed, scale, zero_point, bias,
                                                          group_size)) is not None:

@@ -904,11 +904,14 @@ def _int8_pieces(x):
 
 
 @triton.jit
-def int8_pieces_kernel(A, P, RS, XS, M, stride_am, GROUP: tl.constexpr, GPS: tl.constexpr):
+def int8_pieces_kernel(A, P, RS, XS, M, stride_am, K_UP, GROUP: tl.constexpr, GPS: tl.constexpr,
+                       GATED: tl.constexpr = False):
     """The left MMA operand of :func:`w4_i8mma_kernel` for one step of ``GPS`` groups (program ``s``): the activation
     rows' four int8 pieces (:func:`_int8_pieces`) block-diagonal over the groups, stored as (16, 2, STEP / 2)
     int8 (even columns, then odd ones) at ``P[s]``, with each MMA row's power-of-two scale ``RS[s]`` (16) and
-    the sum of its pieces ``XS[s]`` (16; fp32, exact)."""
+    the sum of its pieces ``XS[s]`` (16; fp32, exact). ``GATED``: each row of ``A`` is a gated MLP's gate|up pair
+    (the up half from column ``K_UP``) and the activation is ``silu(gate) * up``, computed in fp32 and rounded to
+    ``A``'s dtype once (as Inductor's fused SiLU·mul kernel does)."""
     RG: tl.constexpr = 16 // GPS
     AR: tl.constexpr = RG // 4
     STEP: tl.constexpr = GPS * GROUP
@@ -916,8 +919,18 @@ def int8_pieces_kernel(A, P, RS, XS, M, stride_am, GROUP: tl.constexpr, GPS: tl.
     rm = tl.arange(0, AR)
     gj = tl.arange(0, GPS)
     kk = tl.arange(0, GROUP)
-    x = tl.load(A + rm[None, :, None] * stride_am + (s * STEP + gj[:, None, None] * GROUP + kk[None, None, :]),
-                mask=(rm < M)[None, :, None], other=0.0).to(tl.float32)
+    offs = rm[None, :, None] * stride_am + (s * STEP + gj[:, None, None] * GROUP + kk[None, None, :])
+    x = tl.load(A + offs, mask=(rm < M)[None, :, None], other=0.0)
+    if GATED:
+        g = x.to(tl.float32)
+        u = tl.load(A + K_UP + offs, mask=(rm < M)[None, :, None], other=0.0).to(tl.float32)
+        x = g * tl.sigmoid(g) * u
+        if A.dtype.element_ty == tl.bfloat16:  # rounded to nearest even by its bits (Triton's CPU interpreter
+            b = x.to(tl.uint32, bitcast=True)  # truncates in .to(bfloat16))
+            x = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            x = x.to(A.dtype.element_ty)
+    x = x.to(tl.float32)
     q, rs = _int8_pieces(x)
     store_pieces(q, rs, P, RS, XS, s)
 
@@ -1566,7 +1579,7 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
 
 def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
              bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None,
-             pieces=None, **_) -> torch.Tensor | None:
+             pieces=None, gated: bool = False, **_) -> torch.Tensor | None:
     """W4A16 ``a (M <= 4, K) bf16/fp16 @ dequant(w).T (+ bias)`` in two launches: :func:`int8_pieces_kernel`
     (the activation's int8 pieces, one program per step of ``GPS`` groups) and :func:`w4_i8mma_kernel`. None when
     the operands do not fit it (other weight kinds, activation codes or other activation dtypes, more
@@ -1574,8 +1587,13 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
     (N, K/group) scales). ``GPS`` (1, 2 or 4) is lowered until it divides the groups and leaves each activation
     row its four MMA rows. ``pieces``: ``(P, RS, XS)`` made beforehand for one row and four groups per step
     (``hadamard_triton.hadamard_pieces``: QuaRot's online R4 with the pieces in its epilogue); then ``a`` gives
-    only the shapes."""
+    only the shapes. ``gated``: ``a`` (M, 2 K) holds a gated MLP's gate|up pairs and the product is of
+    ``silu(gate) * up`` (the pieces launch computes it; ``generation.prepare``'s SiLU·mul into the down projection)."""
     M, K = a.shape
+    if gated:
+        if pieces is not None or K % 2:
+            return None
+        K //= 2
     if w_kind != W_INT4 or a_scale is not None or a.dtype not in (torch.bfloat16, torch.float16) \
             or not 0 < M <= 4 or a.stride(1) != 1 or group > 1024 \
             or not _nibble_layout_fits(K, w, w_scale, w_zero, group):
@@ -1598,7 +1616,8 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
         pieces = torch.empty((steps, 16, group * gps), device=a.device, dtype=torch.int8)
         rs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
         xs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
-        int8_pieces_kernel[(steps,)](a, pieces, rs, xs, M, a.stride(0), GROUP=group, GPS=gps, num_warps=4)
+        int8_pieces_kernel[(steps,)](a, pieces, rs, xs, M, a.stride(0), K, GROUP=group, GPS=gps, GATED=gated,
+                                     num_warps=4)
     split = max(1, min(cfg["SPLIT_K"], steps))
     cfg["SPLIT_K"] = split
     grid = (-(-N // cfg["BLOCK_N"]), split)

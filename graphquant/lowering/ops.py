@@ -10,14 +10,15 @@ Schemas::
                            ScalarType out_dtype) -> Tensor
     graphquant::int8_weight_only_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor
     graphquant::int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor? zero_point, Tensor? bias,
-                            int group_size, str layout, bool hadamard=False) -> Tensor
+                            int group_size, str layout, bool hadamard=False, bool gated=False) -> Tensor
 
 Activation quantization is its own op so that one quantizer feeding several Linears (q/k/v,
 gate/up) runs once. ``spec`` is ``QuantizationSpec.to_op_str()``. Codes are int8 or
 float8_e4m3fn with ``x``'s shape; dynamic scales are fp32, ``x.shape[:-1] + (1,)`` per token or
-``()`` per tensor. Linear outputs are ``x.shape[:-1] + (N,)``. Every op has a fake kernel, so
-lowered graphs trace under ``torch.export`` and ``torch.compile`` (where they stay opaque calls
-into the kernels). Implementations: ``graphquant.lowering.activation`` and
+``()`` per tensor. Linear outputs are ``x.shape[:-1] + (N,)``; ``int4_linear``'s ``gated``: ``x`` is a
+gated MLP's gate|up pair (``2 K`` wide) and the product is of ``silu(gate) * up`` (``int4_mm.silu_mul``).
+Every op has a fake kernel, so lowered graphs trace under ``torch.export`` and ``torch.compile`` (where they
+stay opaque calls into the kernels). Implementations: ``graphquant.lowering.activation`` and
 ``graphquant.kernels.{int8_mm, fp8_mm, int4_mm}``.
 """
 from __future__ import annotations
@@ -94,10 +95,11 @@ def _(x, w, w_scale, bias):
 
 @torch.library.custom_op("graphquant::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], group_size: int, layout: str, hadamard: bool = False) -> torch.Tensor:
-    return int4_mm.int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard)
+                bias: Optional[torch.Tensor], group_size: int, layout: str, hadamard: bool = False,
+                gated: bool = False) -> torch.Tensor:
+    return int4_mm.int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard, gated)
 
 
 @int4_linear.register_fake
-def _(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False):
+def _(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False, gated=False):
     return _linear_fake(x, w_packed.shape[0], x.dtype)
