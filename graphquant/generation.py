@@ -20,6 +20,7 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
 3. **R3 elision.** QuaRot's R3 rotates Q and K by the same orthogonal ``H`` along ``head_dim``; the
    attention scores ``(qH)·(kH) = q·k`` do not change. It only matters for a quantized K cache,
    so where no K quantizer follows it, it is dropped.
+
 4. **SiLU·mul into an int4 down projection.** Where a gated MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
    with a SiLU, gate|up fused in step 2) has a W4A16 ``down_proj`` that decodes on ``quant_triton.w4_i8mma``
    (the decode table's pick for its shape, without QuaRot's R4), the MLP hands the gate|up pair to
