@@ -112,6 +112,8 @@ class StaticDecoder:
     ``torch.nn.attention.SDPBackend``, e.g. ``("efficient_attention", "math")``); default: torch's choice.
     Prefill keeps torch's choice. ``compile_options``: Inductor options for the decode step's compile
     (``torch.compile(options=...)``, e.g. ``{"split_reductions": False}``); the prefill compiles with the defaults.
+    Without them a model readied by ``graphquant.generation.prepare`` gets the ones its report names
+    (``decode_compile_options``, from ``generation.DECODE_COMPILE_OPTIONS``; none by default).
     """
 
     def __init__(self, model, batch_size: int, max_length: int, compile: bool = True, cuda_graph: bool = True,
@@ -142,6 +144,11 @@ class StaticDecoder:
         self._step_fn = self._forward_step
         self._prefill_fn = self._forward_prefill
         self.cache_tag = None
+        if compile_options is None:
+            from .generation import PREPARED_ATTR
+
+            compile_options = (model.__dict__.get(PREPARED_ATTR) or {}).get("decode_compile_options")
+        self.decode_compile_options = dict(compile_options or {})
         if self.compile:  # the eager forward above registered every graphquant op the model calls
             self.cache_tag = compile_cache_tag()
             self._step_fn = _under_cache_tag(torch.compile(self._forward_step, fullgraph=True, dynamic=False,

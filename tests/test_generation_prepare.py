@@ -182,3 +182,22 @@ def test_silu_mul_into_the_int4_down_projection_keeps_logits_and_tokens(monkeypa
     monkeypatch.setattr(generation, "SILU_INTO_DOWN", False)
     prepare(hf2)
     assert "silu_into_down" not in hf2.graphquant_prepared
+
+
+def test_silu_mul_into_the_down_projection_is_undone_where_the_module_computes_something_else(monkeypatch):
+    """A gated MLP whose pair-taking forward would change its output (here ``forward_gated`` made to read the gate
+    half only) or fail keeps its own forward: the step's probe on random inputs catches it, module by module."""
+    from graphquant.kernels import int4_mm
+
+    qm = gq.quantize(tiny_model("llama"), make_config("w_int4_per_group_sym", 32), calib(), progress=False)
+    monkeypatch.setattr(int4_mm, "gated_decode_fits", lambda *a: True)
+    for wrong in (lambda self, gu: self(gu[..., :gu.shape[-1] // 2]), lambda self, gu: 1 / 0):
+        monkeypatch.setattr(QuantLinear, "forward_gated", wrong)
+        hf = qm.to_hf()
+        for m in hf.modules():
+            if isinstance(m, QuantLinear):
+                m.backend = "kernel"
+        prepare(hf)
+        assert hf.graphquant_prepared["silu_into_down"] == []
+        mlp = hf.model.layers[0].mlp
+        assert not type(mlp).__name__.startswith("GraphquantGatedDown") and not mlp.down_proj.gated_decode

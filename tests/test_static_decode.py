@@ -149,3 +149,27 @@ def test_compiles_run_under_a_cache_tag_naming_graphquant_op_schemas(llama, monk
 
     assert SD.compile_cache_tag() != before
     assert StaticDecoder(llama, batch_size=1, max_length=16, compile=False).cache_tag is None
+
+
+def test_a_prepared_model_brings_its_decode_compile_options(llama, monkeypatch):
+    """``generation.DECODE_COMPILE_OPTIONS`` goes into ``prepare``'s report and from there into the decode step's
+    ``torch.compile(options=...)`` when the caller names none; the caller's own options (even none, ``{}``) win, a
+    model that was not prepared compiles with Inductor's defaults, and the prefill always does."""
+    from graphquant import generation
+
+    seen = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append((getattr(fn, "__name__", ""),
+                                                                       kw.get("options"))) or real(fn, **kw))
+    hf = gq.quantize(tiny_model("llama", seed=4), C.preset("w_int8_per_channel_a_int8_per_token"), None,
+                     progress=False).to_hf()
+    monkeypatch.setattr(generation, "DECODE_COMPILE_OPTIONS", {"split_reductions": False})
+    generation.prepare(hf)
+    assert hf.graphquant_prepared["decode_compile_options"] == {"split_reductions": False}
+    for model, given, want in ((hf, None, {"split_reductions": False}), (hf, {}, {}), (llama, None, {})):
+        seen.clear()
+        dec = StaticDecoder(model, 1, 16, compile=True, cuda_graph=False, compile_options=given)
+        assert dec.decode_compile_options == want
+        assert dict(seen) == {"_forward_step": want or None, "_forward_prefill": None}
+    ids = prompt(1, 5)
+    assert torch.equal(dec.generate(ids, 3), hf_greedy(llama, ids, 3))
