@@ -210,7 +210,7 @@ def _gated_down_fits(mod: nn.Module, device) -> bool:
     down, fused = getattr(mod, "down_proj", None), getattr(mod, "graphquant_fused", None)
     if getattr(mod, "graphquant_fused_group", None) != ("gate_proj", "up_proj") or not isinstance(down, QuantLinear) \
             or down.backend != "kernel" or down.kernel != "int4_linear" or down.input_rotation \
-            or ("tinygemm", str(device)) in down._layouts or fused.out_features != 2 * down.in_features \
+            or down.decodes_on_tinygemm(device) or fused.out_features != 2 * down.in_features \
             or (mod.gate_proj.start, mod.up_proj.start) != (0, down.in_features):
         return False
     kw = down._layout(device)

@@ -223,6 +223,10 @@ class QuantLinear(nn.Module):
             if tg is not None:
                 self._layouts[key] = tg
 
+    def decodes_on_tinygemm(self, device) -> bool:
+        """Whether decode (M <= ``TINYGEMM_MAX_M``) on ``device`` runs torch's tinygemm (its layout was built)."""
+        return ("tinygemm", str(torch.device(device))) in self._layouts
+
     def drop_codes(self, device) -> None:
         """Free the fake-quant codes where the kernel layout on ``device`` does not share them: the module
         then runs only its kernels and can no longer be saved."""
