@@ -4,7 +4,12 @@ Each measurement is a CUDA graph of ``[flush L2] [l2_prefetch(weight, P bytes)] 
 timed with and without the product; the difference is the product's time given that prefetch. The idle window
 (``torch.cuda._sleep``) stands for the small kernels of a decode step (norms, RoPE, cache writes, attention)
 during which HBM is nearly idle. The product is the one the decode table picks (``quant_triton.decode_mm``) at
-one row, Llama-3-8B shapes; bf16 ``F.linear`` for reference.
+one row, Llama-3-8B shapes; bf16 ``F.linear`` for reference. ``step_without_us`` (the graph without the product)
+shows what the prefetch launch itself holds the stream for.
+
+Finding (H200, ``results/l2_prefetch_tried.json``): the products gain 1.5-2.5 us with 16-48 MB prefetched, but the
+prefetch launch holds the stream about as long as its traffic, whatever the idle window after it, so it is not
+part of graphquant's decode path (README).
 
     PYTHONPATH=. python benchmarks/l2_prefetch.py --out benchmarks/results/l2_prefetch.json
 """
