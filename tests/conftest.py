@@ -18,6 +18,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 def _shared_dir() -> Path | None:
@@ -41,10 +42,11 @@ def shared_dir() -> Path:
 
 def run_in_triton_interpreter(script: str, timeout: float = 900) -> str:
     """``script`` run by a fresh Python with ``TRITON_INTERPRET=1`` (Triton kernels on CPU tensors; the env var
-    must be set before Triton is imported, hence the subprocess); skips without Triton, fails with the script's
-    output unless it exits 0; returns its stdout."""
+    must be set before Triton is imported, hence the subprocess; the tests folder is importable there, for shared
+    helpers such as ``w4a16_cases``); skips without Triton, fails with the script's output unless it exits 0;
+    returns its stdout."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join((str(REPO_ROOT), str(TESTS_DIR)))}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     return run.stdout

@@ -11,24 +11,14 @@ from conftest import run_in_triton_interpreter
 _CHECK = r"""
 import torch
 from graphquant.kernels import quant_triton as QT
+from w4a16_cases import case, decode_table_runs
 torch.manual_seed(0)
 checked = 0
 CASES = ((1, 96, 512, 128, 1, False, False, 1.0), (3, 70, 768, 128, 2, True, True, 3e4),
          (16, 64, 256, 32, 1, True, False, 1e-3), (40, 40, 512, 128, 3, False, True, 1.0),
          (5, 48, 512, 64, 4, True, True, 1.0))
 for M, N, K, group, split, with_bias, with_zero, scale in CASES:
-    x = (torch.randn(M, K) * torch.logspace(-3, 2, K)[torch.randperm(K)] * scale).to(torch.bfloat16)
-    if M > 2:
-        x[1] = 0
-    w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-    G = K // group
-    sw = torch.rand(N, G) * 0.01 + 1e-3
-    zw = torch.randint(0, 16, (N, G), dtype=torch.uint8) if with_zero else None
-    bias = torch.randn(N, dtype=torch.bfloat16) if with_bias else None
-    u = torch.stack([w & 0xF, w >> 4], dim=-1).reshape(N, K).double()
-    z = (zw.double() if with_zero else torch.full((N, G), 8.0, dtype=torch.float64)).repeat_interleave(group, 1)
-    deq = (u - z) * sw.double().repeat_interleave(group, 1)
-    ref = x.double() @ deq.T + (bias.double() if with_bias else 0.0)
+    x, w, sw, zw, bias, ref = case(M, N, K, group, with_bias, with_zero, scale)
     QT.LAST_SPLIT_SUMS = checked % 2 == 0
     out = QT.w4_f16mma(x, w, sw, w_zero=zw, bias=bias, group=group, out_dtype=torch.float32,
                        config=dict(BLOCK_N=32, SPLIT_K=split, num_warps=4, num_stages=1))
@@ -41,19 +31,8 @@ QT.LAST_SPLIT_SUMS = True
 assert QT.w4_f16mma(x, w, sw, w_kind=QT.W_INT8, group=group) is None
 assert QT.w4_f16mma(x.repeat(13, 1)[:65], w, sw, group=group) is None
 assert QT.w4_f16mma(x, w, sw, group=48) is None
-QT._device_name = lambda index: "NVIDIA H200"
-dev = torch.device("cuda", 0)  # only its index is read
-table = {(QT.A_FLOAT, QT.W_INT4, N, K, 16): dict(impl="w4_f16mma", BLOCK_N=32, SPLIT_K=2, num_warps=4,
-                                                  num_stages=1, us=1.0)}
-QT._tuned = lambda name: table
-assert QT.decode_choice(9, N, K, QT.A_FLOAT, QT.W_INT4, group, dev) == (
-    "w4_f16mma", dict(BLOCK_N=32, SPLIT_K=2, num_warps=4, num_stages=1))
-torch.cuda.current_device = lambda: 0  # CPU tensors: decode_choice asks for the current device's name
-xs = x[:9].contiguous()
-got = QT.decode_mm(xs, w, sw, w_kind=QT.W_INT4, w_zero=zw, bias=bias, group=group, out_dtype=torch.float32)
-want = QT.w4_f16mma(xs, w, sw, w_zero=zw, bias=bias, group=group, out_dtype=torch.float32,
-                    config=dict(BLOCK_N=32, SPLIT_K=2, num_warps=4, num_stages=1))
-assert torch.equal(got, want)
+decode_table_runs(QT, "w4_f16mma", 9, 16, dict(BLOCK_N=32, SPLIT_K=2, num_warps=4, num_stages=1),
+                  x, w, sw, zw, bias, group)
 print("checked", checked)
 """
 
