@@ -58,12 +58,13 @@ PREPARED_ATTR = "graphquant_prepared"
 #: ``prepare``'s step 4 (SiLU·mul into an int4 down projection); a module switch so a benchmark can A/B it
 SILU_INTO_DOWN = True
 #: Inductor options ``prepare`` records (report key ``decode_compile_options``) for ``StaticDecoder``'s decode step
-#: compile when its caller gives none; empty: Inductor's defaults. ``{"combo_kernels": True}`` (independent small
-#: kernels of the step launched as one) took 28 launches where 37 ran in one profiled H200 step of the 2-layer
-#: Llama-3-8B-shaped W4A16 model, kernel time 5.6 us less (``benchmarks/results/decode_profile_combo_kernels.json``);
-#: not yet measured in ``generate_gpu.py``
-#: (``--ab "graphquant.generation.DECODE_COMPILE_OPTIONS={'combo_kernels': True}"``)
-DECODE_COMPILE_OPTIONS: dict = {}
+#: compile when its caller gives none. ``combo_kernels``: the step's independent small kernels launched as one
+#: (W4A16 37 -> 28 launches per profiled 2-layer step, ``benchmarks/results/decode_profile_combo_kernels.json``).
+#: A/B in ``generate_gpu.py`` on one H200 (``results/generate_gpu_ab_combo_kernels_w4.json``, ``_w8.json``), decode
+#: batch 1 per Llama-3-8B-shaped layer: W4A16 g128 0.0719 -> 0.0652 ms, + QuaRot 0.0771 -> 0.0710, fp8 static
+#: 0.0870 -> 0.0801, fp8 dynamic 0.0917 -> 0.0853, int8 W8A8 0.0916 -> 0.0871, W8A16 0.0972 -> 0.0895. Inductor's
+#: ``triton.enable_pdl`` on top of it gained nothing (W4A16 0.0660 ms). Works on CPU too (the C++ backend ignores it)
+DECODE_COMPILE_OPTIONS: dict = {"combo_kernels": True}
 #: relative logit change ``prepare`` accepts. Fusion and R3 elision change only rounding (kernel tiles, the bf16
 #: rounding of rotated Q and K), but a later activation quantizer can move a value across a code boundary, and
 #: that difference then travels to the logits: 3.7% on the int8 W8A8 + QuaRot Llama-3-8B-shaped 2-layer random

@@ -113,7 +113,7 @@ class StaticDecoder:
     Prefill keeps torch's choice. ``compile_options``: Inductor options for the decode step's compile
     (``torch.compile(options=...)``, e.g. ``{"split_reductions": False}``); the prefill compiles with the defaults.
     Without them a model readied by ``graphquant.generation.prepare`` gets the ones its report names
-    (``decode_compile_options``, from ``generation.DECODE_COMPILE_OPTIONS``; none by default).
+    (``decode_compile_options``, from ``generation.DECODE_COMPILE_OPTIONS``: Inductor's ``combo_kernels``).
     """
 
     def __init__(self, model, batch_size: int, max_length: int, compile: bool = True, cuda_graph: bool = True,
