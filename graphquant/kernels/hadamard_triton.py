@@ -399,13 +399,25 @@ _TUNED = {
 #: whole row. H200, 14336 (112|128), CUDA-graph replay: 1 row 3.9 us vs 7.2 us, 16 rows 4.1 us vs 7.8 us
 #: (benchmarks/hadamard_gpu.py --tokens 1/16 --quantize --sweep; results/hadamard_gpu_quantize_1/16.json)
 FEW_ROWS = 16
+#: the tiled twin's warps and the rows of ``X`` its stage 1 takes per step (``None``: the plan's ``BK``; else up to
+#: this many, a power of two, while the step's tile stays within ``TILE_MAX`` elements). H200, 14336 (112|128),
+#: CUDA-graph replay, bit for bit the same outputs (``benchmarks/r4_decode_gpu.py``,
+#: ``results/r4_decode_gpu.json``): all 112 rows in one step (128) against the plan's 32, one row / 16 rows:
+#: the W4A16 pieces kernel 5.52 -> 4.89 us, static fp8 4.14 / 4.25 -> 3.70 / 3.88, dynamic fp8 (two launches)
+#: 5.92 / 6.15 -> 5.14 / 5.66, the plain transform 4.00 / 4.16 -> 3.36 / 3.56; 8 warps won nothing
+FEW_ROWS_WARPS = 4
+FEW_ROWS_BK: Optional[int] = 128
 
 
 def few_rows_plan(p: Plan) -> Plan:
-    """The plan for at most ``FEW_ROWS`` rows: a factored plan's tiled twin with ``BM = 16``, 4 warps."""
+    """The plan for at most ``FEW_ROWS`` rows: a factored plan's tiled twin with ``BM = 16``, ``FEW_ROWS_WARPS``
+    warps and stage-1 steps of ``FEW_ROWS_BK`` rows (see there)."""
     if p.kind != "factored":
         return p
-    return dataclasses.replace(p, persistent=False, BM=16, num_warps=4)
+    bk = p.BK
+    while FEW_ROWS_BK and bk < min(FEW_ROWS_BK, p.M0) and 2 * bk * p.D1 * p.D2 <= TILE_MAX:
+        bk *= 2
+    return dataclasses.replace(p, persistent=False, BM=16, num_warps=FEW_ROWS_WARPS, BK=bk)
 
 
 def _score(p: Plan) -> float:
