@@ -50,3 +50,41 @@ def test_fusable_is_asked_inside_a_compiled_graph():
     f = torch.compile(lambda t: t + int(HT.fusable(1152, torch.bfloat16, 1))
                       + 2 * int(HT.fusable(11008, torch.bfloat16, 4096)), fullgraph=True, backend="eager")
     assert f(torch.zeros(2)).tolist() == [1.0, 1.0]  # 36 x 32 at one row; 11008's row fits no persistent kernel
+
+
+_ONE_STEP = r"""
+import torch
+from graphquant.kernels import hadamard_triton as HT
+torch.manual_seed(1)
+# 172|64: stage 1 in steps of 32 rows, or of 128. Integer values: every partial sum is exact in fp32 whatever the
+# order in which the steps add up, so the two must agree bit for bit (on the GPU, bf16 data, they also do for random
+# values: the tensor cores take the K steps in the same order, benchmarks/r4_decode_gpu.py)
+x = torch.randint(-8, 9, (2, 172 * 64)).to(torch.float16)
+out = {}
+for bk in (None, 128):
+    HT.FEW_ROWS_BK = bk
+    assert HT.few_rows_plan(HT.plan(x.shape[1], 2)).BK == (bk or 32)
+    out[bk] = (HT.hadamard_transform_triton(x), HT.hadamard_quantize(x, True, torch.tensor(0.05))[0])
+assert torch.equal(out[None][0], out[128][0])
+assert torch.equal(out[None][1].view(torch.int8), out[128][1].view(torch.int8))
+print("same")
+"""
+
+
+def test_few_rows_stage_one_in_one_step_gives_the_same_bits():
+    """``FEW_ROWS_BK``: the decode kernel's stage 1 over 128 rows of the row view per step (two steps for 172 rows,
+    the last zero-padded and masked) computes the transform and its codes as the plan's 32-row steps do."""
+    assert "same" in run_in_triton_interpreter(_ONE_STEP)
+
+
+def test_few_rows_plan_takes_the_row_view_in_as_few_steps_as_the_tile_allows():
+    from graphquant.kernels import hadamard_triton as HT
+
+    p = HT.few_rows_plan(HT.plan(14336, 2))  # Llama-3-8B's intermediate: 112|128 in one step
+    assert (p.BM, p.BK, p.NKC, p.persistent) == (16, 128, 1, False)
+    for n in (1152, 1536, 4096, 11008, 18944, 28672, 8192):
+        plan = HT.plan(n, 2)
+        q = HT.few_rows_plan(plan)
+        assert q.BK >= plan.BK and q.BK * q.D1 * q.D2 <= max(HT.TILE_MAX, plan.BK * plan.D1 * plan.D2), n
+        assert q.BK & (q.BK - 1) == 0 and (q.NKC == 1 or q.BK == HT.FEW_ROWS_BK
+                                           or 2 * q.BK * q.D1 * q.D2 > HT.TILE_MAX), n

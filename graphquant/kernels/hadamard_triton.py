@@ -401,7 +401,8 @@ _TUNED = {
 FEW_ROWS = 16
 #: the tiled twin's warps and the rows of ``X`` its stage 1 takes per step (``None``: the plan's ``BK``; else up to
 #: this many, a power of two, while the step's tile stays within ``TILE_MAX`` elements). H200, 14336 (112|128),
-#: CUDA-graph replay, bit for bit the same outputs (``benchmarks/r4_decode_gpu.py``,
+#: CUDA-graph replay, bf16 rows: the same outputs bit for bit (the tensor cores take the K steps in the same order;
+#: fp16 rows, two bf16 pieces per element, add the pieces' products in another order) (``benchmarks/r4_decode_gpu.py``,
 #: ``results/r4_decode_gpu.json``): all 112 rows in one step (128) against the plan's 32, one row / 16 rows:
 #: the W4A16 pieces kernel 5.52 -> 4.89 us, static fp8 4.14 / 4.25 -> 3.70 / 3.88, dynamic fp8 (two launches)
 #: 5.92 / 6.15 -> 5.14 / 5.66, the plain transform 4.00 / 4.16 -> 3.36 / 3.56; 8 warps won nothing
