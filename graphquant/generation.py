@@ -63,7 +63,8 @@ SILU_INTO_DOWN = True
 #: A/B in ``generate_gpu.py`` on one H200 (``results/generate_gpu_ab_combo_kernels_w4.json``, ``_w8.json``), decode
 #: batch 1 per Llama-3-8B-shaped layer: W4A16 g128 0.0719 -> 0.0652 ms, + QuaRot 0.0771 -> 0.0710, fp8 static
 #: 0.0870 -> 0.0801, fp8 dynamic 0.0917 -> 0.0853, int8 W8A8 0.0916 -> 0.0871, W8A16 0.0972 -> 0.0895. Inductor's
-#: ``triton.enable_pdl`` on top of it gained nothing (W4A16 0.0660 ms). Works on CPU too (the C++ backend ignores it)
+#: ``triton.enable_pdl`` on top of it gained nothing (W4A16 0.0660 ms). On CPU the step compiles with it and gives the
+#: same tokens (tests/test_static_decode.py)
 DECODE_COMPILE_OPTIONS: dict = {"combo_kernels": True}
 #: relative logit change ``prepare`` accepts. Fusion and R3 elision change only rounding (kernel tiles, the bf16
 #: rounding of rotated Q and K), but a later activation quantizer can move a value across a code boundary, and
