@@ -38,6 +38,7 @@ import functools
 import hashlib
 import inspect
 import time
+import warnings
 
 import torch
 
@@ -113,7 +114,9 @@ class StaticDecoder:
     Prefill keeps torch's choice. ``compile_options``: Inductor options for the decode step's compile
     (``torch.compile(options=...)``, e.g. ``{"split_reductions": False}``); the prefill compiles with the defaults.
     Without them a model readied by ``graphquant.generation.prepare`` gets the ones its report names
-    (``decode_compile_options``, from ``generation.DECODE_COMPILE_OPTIONS``: Inductor's ``combo_kernels``).
+    (``decode_compile_options``, from ``generation.DECODE_COMPILE_OPTIONS``: Inductor's ``combo_kernels``); where
+    this torch rejects those or fails to compile the step with them, the step compiles with Inductor's defaults
+    (a warning says so).
     """
 
     def __init__(self, model, batch_size: int, max_length: int, compile: bool = True, cuda_graph: bool = True,
@@ -144,20 +147,54 @@ class StaticDecoder:
         self._step_fn = self._forward_step
         self._prefill_fn = self._forward_prefill
         self.cache_tag = None
-        if compile_options is None:
+        from_prepare = compile_options is None
+        if from_prepare:
             from .generation import PREPARED_ATTR
 
             compile_options = (model.__dict__.get(PREPARED_ATTR) or {}).get("decode_compile_options")
         self.decode_compile_options = dict(compile_options or {})
         if self.compile:  # the eager forward above registered every graphquant op the model calls
             self.cache_tag = compile_cache_tag()
-            self._step_fn = _under_cache_tag(torch.compile(self._forward_step, fullgraph=True, dynamic=False,
-                                             options=dict(compile_options) if compile_options else None),
-                                             self.cache_tag)
+            self._step_fn = self._compiled_step(fallback=from_prepare)
             if compile_prefill is None or compile_prefill:
                 self._prefill_fn = _under_cache_tag(torch.compile(self._forward_prefill, dynamic=False),
                                                     self.cache_tag)
         self.last_timing: dict = {}
+
+    def _compiled_step(self, fallback: bool):
+        """The decode step compiled with ``decode_compile_options``. With ``fallback`` (the options came from
+        ``prepare``'s report, not from the caller) a torch that rejects them, or whose first compile with them
+        fails, gets the step compiled with Inductor's defaults instead, with one warning."""
+        def build(options):
+            return _under_cache_tag(torch.compile(self._forward_step, fullgraph=True, dynamic=False,
+                                                  options=dict(options) if options else None), self.cache_tag)
+
+        if not (fallback and self.decode_compile_options):
+            return build(self.decode_compile_options)
+        try:
+            compiled = build(self.decode_compile_options)
+        except RuntimeError as e:  # an option this torch does not know
+            return self._without_options(build, e)
+
+        def first_call(*args):
+            try:
+                out = compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                self._step_fn = self._without_options(build, e)
+                return self._step_fn(*args)
+            self._step_fn = compiled
+            return out
+
+        return first_call
+
+    def _without_options(self, build, error: Exception):
+        cause = getattr(error, "inner_exception", None) or error  # BackendCompilerFailed wraps the compiler's error
+        first = (str(cause).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"graphquant: the decode step did not compile with the options prepare() chose "
+                      f"({self.decode_compile_options}): {type(cause).__name__}: {first}; "
+                      "compiling it with Inductor's defaults", stacklevel=3)
+        self.decode_compile_options = {}
+        return build({})
 
     # ---------------------------------------------------------------- cache
     def _initialize_cache(self) -> None:

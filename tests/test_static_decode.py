@@ -167,6 +167,47 @@ def test_prepare_asks_for_combo_kernels_by_default():
     assert torch.equal(combo.generate(ids, 4), plain.generate(ids, 4))
 
 
+def test_options_prepare_chose_fall_back_to_inductor_defaults_where_they_fail(monkeypatch):
+    """A torch that rejects ``prepare``'s decode options (an unknown one here) or whose compile fails with them (a
+    compile that raises ``BackendCompilerFailed`` only with options, here) still decodes: the step compiles with
+    Inductor's defaults, one warning says so, and the tokens are the eager model's. Options the caller gives are not
+    second-guessed: an unknown one raises."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from graphquant import generation
+
+    hf = gq.quantize(tiny_model("llama", seed=4), C.preset("w_int8_per_channel_a_int8_per_token"), None,
+                     progress=False).to_hf()
+    ids = prompt(1, 5)
+    monkeypatch.setattr(generation, "DECODE_COMPILE_OPTIONS", {"no_such_inductor_option": True})
+    generation.prepare(hf)
+    want = StaticDecoder(hf, 1, 16, compile=False).generate(ids, 3)
+    with pytest.warns(UserWarning, match="did not compile with the options prepare"):
+        dec = StaticDecoder(hf, 1, 16, compile=True, cuda_graph=False)
+    assert dec.decode_compile_options == {}
+    assert torch.equal(dec.generate(ids, 3), want)
+    with pytest.raises(RuntimeError, match="no_such_inductor_option"):
+        StaticDecoder(hf, 1, 16, compile=True, cuda_graph=False, compile_options={"no_such_inductor_option": True})
+
+    real = torch.compile
+
+    def failing_with_options(fn, **kw):
+        if not kw.get("options"):
+            return real(fn, **kw)
+
+        def fail(*args, **kwargs):
+            raise BackendCompilerFailed(None, RuntimeError("combo kernels broke"), None)
+        return fail
+
+    monkeypatch.setattr(torch, "compile", failing_with_options)
+    hf.graphquant_prepared["decode_compile_options"] = {"combo_kernels": True}
+    dec = StaticDecoder(hf, 1, 16, compile=True, cuda_graph=False)
+    assert dec.decode_compile_options == {"combo_kernels": True}
+    with pytest.warns(UserWarning, match="combo kernels broke"):
+        got = dec.generate(ids, 3)
+    assert torch.equal(got, want) and dec.decode_compile_options == {}
+
+
 def test_a_prepared_model_brings_its_decode_compile_options(llama, monkeypatch):
     """``generation.DECODE_COMPILE_OPTIONS`` goes into ``prepare``'s report and from there into the decode step's
     ``torch.compile(options=...)`` when the caller names none; the caller's own options (even none, ``{}``) win, a
