@@ -8,7 +8,7 @@ the kernels a decode step runs for R4: ``hadamard_pieces`` (W4A16 on ``w4_i8mma`
 pieces in its epilogue; one row), ``hadamard_quantize`` with a static fp8 / int8 scale (one launch) and with a
 dynamic one (two), and the plain transform (W8A16). Beside them, for scale: the pieces launch alone (plain and
 gated, ``int8_pieces_kernel``) and a copy of the row. Every choice's outputs are compared bit for bit with the
-default's (4 warps, the plan's ``BK``). Times: ``triton.testing.do_bench_cudagraph`` medians in microseconds (a
+default's (4 warps, the plan's ``BK``). Times: ``triton.testing.do_bench_cudagraph`` means in microseconds (a
 CUDA graph of repeated calls: kernel time plus the gaps between launches, no Python). Writes the JSON with a
 ``rows`` list and prints a table.
 """

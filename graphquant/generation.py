@@ -239,8 +239,7 @@ def fuse_silu_into_down(model: nn.Module, device) -> list[str]:
                 got = [mod(x).float() for x in xs]
             except Exception:  # noqa: BLE001 - a module this step does not fit keeps its own forward
                 got = [torch.full((1,), float("inf"))] * len(xs)
-        errs = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if a.shape == b.shape else float("inf")
-                for a, b in zip(got, want)]
+        errs = [_relative_change(b, a) for a, b in zip(got, want)]
         if not max(errs) <= PROBE_TOLERANCE:
             mod.__class__ = old_cls  # its forward is not down_proj(silu(gate) * up)
             mod.down_proj.gated_decode = False
@@ -263,6 +262,14 @@ def elide_r3(model: nn.Module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- prepare
+def _relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Largest change relative to ``before``'s largest magnitude (what ``PROBE_TOLERANCE`` bounds); inf where the
+    shapes differ."""
+    if after.shape != before.shape:
+        return float("inf")
+    return float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+
+
 def _probe(model: nn.Module, device) -> torch.Tensor:
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     if vocab <= 0:
@@ -303,7 +310,7 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
         report["silu_into_down"] = fuse_silu_into_down(model, device)
     if check:
         after = _probe(model, device)
-        err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+        err = _relative_change(before, after)
         report["probe_rel_err"] = err
         if not err <= PROBE_TOLERANCE:
             raise PrepareError(f"prepare() changed the model's logits by {err:.3g} (relative, > {PROBE_TOLERANCE}) "

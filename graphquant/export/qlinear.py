@@ -117,6 +117,11 @@ class _Quantizer(nn.Module):
         return f"{self.spec}{' dynamic' if self.dynamic else ''}{sink}"
 
 
+def _tinygemm_key(device) -> tuple:
+    """``QuantLinear._layouts``' key of torch's tinygemm layout for int4 decode on ``device``."""
+    return ("tinygemm", str(torch.device(device)))
+
+
 class QuantLinear(nn.Module):
     """A quantized ``nn.Linear`` (see the module docstring). Build it with :meth:`from_record`."""
 
@@ -169,12 +174,7 @@ class QuantLinear(nn.Module):
         With :attr:`gated_decode`, at one row, the kernel computes the SiLU·mul itself
         (``graphquant::int4_linear(..., gated=True)``); otherwise the product first, in the model's own ops."""
         if self.gated_decode and self.backend == "kernel" and gate_up[..., 0].numel() == 1:
-            from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
-
-            kw = self._layout(gate_up.device)
-            t = kw.tensors
-            return torch.ops.graphquant.int4_linear(gate_up, t["qweight"], t["qscale"], t.get("qzeros"), self.bias,
-                                                    kw.args["group_size"], kw.args["layout"], False, True)
+            return self._int4_linear(gate_up, gated=True)
         gate, up = gate_up.chunk(2, dim=-1)
         return self(F.silu(gate) * up)
 
@@ -213,7 +213,7 @@ class QuantLinear(nn.Module):
         if self.backend != "kernel":
             return
         kw = self._layout(device)
-        key = ("tinygemm", str(device))
+        key = _tinygemm_key(device)
         if self.kernel == "int4_linear" and kw.args.get("layout") == "nibble" and key not in self._layouts \
                 and _tinygemm_decodes(self.out_features, self.in_features, kw.args["group_size"], device):
             from ..lowering import layouts
@@ -223,9 +223,24 @@ class QuantLinear(nn.Module):
             if tg is not None:
                 self._layouts[key] = tg
 
+    def _tinygemm_layout(self, device):
+        """The tinygemm layout built for ``device`` (int4 decode on CUDA), or None."""
+        return self._layouts.get(_tinygemm_key(device))
+
     def decodes_on_tinygemm(self, device) -> bool:
         """Whether decode (M <= ``TINYGEMM_MAX_M``) on ``device`` runs torch's tinygemm (its layout was built)."""
-        return ("tinygemm", str(torch.device(device))) in self._layouts
+        return self._tinygemm_layout(device) is not None
+
+    def _int4_linear(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """``graphquant::int4_linear`` on this module's layout for ``x``'s device; the online R4 inside the op (at
+        decode it may make the int4 kernel's operand itself, int4_mm), ``gated``: ``x`` is a gate|up pair."""
+        from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
+
+        kw = self._layout(x.device)
+        t = kw.tensors
+        return torch.ops.graphquant.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias,
+                                                kw.args["group_size"], kw.args["layout"], bool(self.input_rotation),
+                                                gated)
 
     def drop_codes(self, device) -> None:
         """Free the fake-quant codes where the kernel layout on ``device`` does not share them: the module
@@ -241,11 +256,8 @@ class QuantLinear(nn.Module):
         from ..lowering import activation
         from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
 
-        ops = torch.ops.graphquant
-        kw = self._layout(x.device)
-        t = kw.tensors
         if self.kernel == "int4_linear":
-            tg = self._layouts.get(("tinygemm", str(x.device)))
+            tg = self._tinygemm_layout(x.device)
             if tg is not None and x.dtype == torch.bfloat16 and x[..., 0].numel() <= TINYGEMM_MAX_M:
                 # decode: torch's own int4 kernel (tinygemm), measured fastest at M = 1 on the H200
                 # (benchmarks/results/decode_kernels.json); prefill keeps the nibble layout
@@ -254,9 +266,9 @@ class QuantLinear(nn.Module):
                                                          tg.args["group_size"], tg.tensors["tg_scale_zeros"])
                 out = out.reshape(*x.shape[:-1], self.out_features)
                 return out + self.bias if self.bias is not None else out
-            # the online R4 inside the op: at decode it may make the int4 kernel's operand itself (int4_mm)
-            return ops.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias, kw.args["group_size"],
-                                   kw.args["layout"], bool(self.input_rotation))
+            return self._int4_linear(x)
+        ops = torch.ops.graphquant
+        t = self._layout(x.device).tensors
         if self.kernel == "int8_weight_only":
             x = _hadamard(x) if self.input_rotation else x
             return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
