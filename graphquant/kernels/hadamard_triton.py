@@ -278,6 +278,177 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
 
 
 @triton.jit
+def _load_slice(x_ptr, base, offs_k, in_k, S: tl.constexpr, N: tl.constexpr, NS: tl.constexpr):
+    """Columns ``S·NS … S·NS+NS-1`` of one row ``X`` (``M0 × N``), its padding rows zero."""
+    cols = S * NS + tl.arange(0, NS)
+    return tl.load(x_ptr + base + offs_k[:, None] * N + cols[None, :], mask=in_k, other=0.0)
+
+
+@triton.jit
+def _stage1(a, x, BMH: tl.constexpr, NS: tl.constexpr, IN_PARTS: tl.constexpr, OP: tl.constexpr):
+    """``A_h · X_slice`` in fp32, exact to fp32 accumulation (``a`` ±1, ``x`` split into ``IN_PARTS`` pieces)."""
+    if IN_PARTS == 1:
+        return tl.dot(a, x.to(OP))
+    return _dot_split_right(a, x.to(tl.float32), tl.zeros((BMH, NS), dtype=tl.float32), IN_PARTS, OP)
+
+
+@triton.jit
+def _slice_emit(b, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, S: tl.constexpr, N: tl.constexpr,
+                NS: tl.constexpr, BMH: tl.constexpr, amax, sc, MID_PARTS: tl.constexpr, OP: tl.constexpr,
+                QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                FAST: tl.constexpr, KEEP: tl.constexpr):
+    """Columns ``S·NS …`` of ``B · H_{NS}`` (``B`` one butterfly output, fp32): stored, or their codes under the
+    static scale ``sc``, or (dynamic) rounded to ``OUT_DTYPE`` and, unless ``KEEP`` (the caller keeps the tile in
+    registers), written to the program's workspace row. Returns the running absolute maximum and the rounded
+    tile."""
+    z = _dot_split_left(b, h, tl.zeros((BMH, NS), dtype=tl.float32), MID_PARTS, OP) * scale
+    cols = S * NS + tl.arange(0, NS)
+    off = rows[:, None] * N + cols[None, :]
+    if QUANT == 0:
+        tl.store(y_ptr + base + off, z.to(y_ptr.dtype.element_ty), mask=in_rows)
+    else:
+        y = z.to(OUT_DTYPE)
+        if STATIC:
+            tl.store(y_ptr + base + off, codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST), mask=in_rows)
+        else:
+            if not KEEP:
+                tl.store(ws_ptr + wbase + off, y, mask=in_rows)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0))
+    return amax, z.to(OUT_DTYPE)
+
+
+@triton.jit
+def _store_codes(y, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.constexpr, NS: tl.constexpr, rs,
+                 QMAX: tl.constexpr, QUANT: tl.constexpr, FAST: tl.constexpr):
+    """The codes of one kept tile (``_slice_emit`` with ``KEEP``) under the row's scale ``rs``."""
+    cols = S * NS + tl.arange(0, NS)
+    tl.store(y_ptr + base + rows[:, None] * N + cols[None, :], codes(y.to(tl.float32), rs, QMAX, QUANT == 2, FAST),
+             mask=in_rows)
+
+
+@triton.jit
+def _half_rows(a, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows, in_rows, h, scale, amax, sc,
+               N: tl.constexpr, NS: tl.constexpr, CS: tl.constexpr, BMH: tl.constexpr, IN_PARTS: tl.constexpr,
+               MID_PARTS: tl.constexpr, OP: tl.constexpr, QUANT: tl.constexpr, STATIC: tl.constexpr,
+               QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr, KEEP: tl.constexpr):
+    """Rows ``rows`` of ``Y = A · X · H_N`` with ``H_N = H_{CS} ⊗ H_{NS}``: stage 1 on each of the ``CS`` column
+    slices ``x0 …`` of ``X``, then ``H_{CS}`` as butterflies (fp32 adds) across the slices, then ``H_{NS}`` on the tensor
+    cores per slice (``_slice_emit``). Returns the running absolute maximum and the rounded tiles of the first two
+    slices (what ``KEEP`` keeps; ``CS`` at most 2 then)."""
+    if CS == 1:
+        y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
+        amax, f0 = _slice_emit(y0, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+        f1 = f0
+    elif CS == 2:
+        y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
+        y1 = _stage1(a, x1, BMH, NS, IN_PARTS, OP)
+        amax, f0 = _slice_emit(y0 + y1, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+        amax, f1 = _slice_emit(y0 - y1, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 1, N, NS, BMH, amax, sc,
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+    else:  # CS == 4: B_j = sum_i (-1)^popcount(i & j) Y_i in two butterfly levels
+        y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
+        y1 = _stage1(a, x1, BMH, NS, IN_PARTS, OP)
+        u0 = y0 + y1
+        u1 = y0 - y1
+        y2 = _stage1(a, x2, BMH, NS, IN_PARTS, OP)
+        y3 = _stage1(a, x3, BMH, NS, IN_PARTS, OP)
+        u2 = y2 + y3
+        u3 = y2 - y3
+        amax, f0 = _slice_emit(u0 + u2, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+        amax, f1 = _slice_emit(u1 + u3, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 1, N, NS, BMH, amax, sc,
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+        amax, _f2 = _slice_emit(u0 - u2, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 2, N, NS, BMH, amax, sc,
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+        amax, _f3 = _slice_emit(u1 - u3, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 3, N, NS, BMH, amax, sc,
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+    return amax, f0, f1
+
+
+@triton.jit
+def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ws_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr,
+                              BM: tl.constexpr, N: tl.constexpr, CS: tl.constexpr, LOGS: tl.constexpr,
+                              RH: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, OP: tl.constexpr,
+                              STAGES: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False,
+                              QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0,
+                              OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False,
+                              KEEP: tl.constexpr = False):
+    """``_persistent_kernel``'s transform (``D1 = 1``: ``Y = A · X · H_N``, one row ``X`` of ``M0 ≤ BM`` rows per
+    loop step) with fewer tensor-core products and smaller tiles: ``H_N = H_{CS} ⊗ H_{N/CS}``, so stage 1 runs on
+    ``CS`` column slices of ``X``, ``H_{CS}`` is applied by fp32 butterflies across them and only ``H_{N/CS}`` on
+    the tensor cores (multiply-adds per element ``BM + MID_PARTS·N/CS`` instead of ``BM + MID_PARTS·N``); ``RH``
+    row blocks of ``BM/RH`` rows go through stage 1 to the store one after the other (fewer live registers).
+    Each stage is exact to fp32 accumulation, as in ``_persistent_kernel`` (the sums are grouped differently).
+    With ``QUANT`` it stores codes: under the static scale, or for a dynamic per-row scale by first writing the
+    row, rounded to ``OUT_DTYPE``, to the program's workspace row ``ws_ptr`` (``NPROG × M0·N``; it stays in L2)
+    and quantizing it from there once the row's maximum is known, or with ``KEEP`` (``CS`` at most 2) by keeping
+    the rounded tiles in registers until then."""
+    NS: tl.constexpr = N // CS
+    BMH: tl.constexpr = BM // RH
+    pid = tl.program_id(0)
+    offs_h = tl.arange(0, BMH)
+    offs_k = tl.arange(0, BM)
+    a0 = tl.load(a_ptr + offs_h[:, None] * BM + offs_k[None, :]).to(OP)
+    if RH == 2:
+        a1 = tl.load(a_ptr + (BMH + offs_h)[:, None] * BM + offs_k[None, :]).to(OP)
+    else:
+        a1 = a0
+    h = _sylvester(NS, LOGS, OP)
+    wbase = tl.cast(pid, tl.int64) * M0 * N
+    sc = 1.0
+    if QUANT != 0 and STATIC:
+        sc = tl.load(s_in_ptr).to(tl.float32)
+    for row in tl.range(pid, ROWS, NPROG, num_stages=STAGES):
+        base = tl.cast(row, tl.int64) * M0 * N
+        in_k = offs_k[:, None] < M0
+        x0 = _load_slice(x_ptr, base, offs_k, in_k, 0, N, NS)
+        x1 = x0
+        x2 = x0
+        x3 = x0
+        if CS >= 2:
+            x1 = _load_slice(x_ptr, base, offs_k, in_k, 1, N, NS)
+        if CS == 4:
+            x2 = _load_slice(x_ptr, base, offs_k, in_k, 2, N, NS)
+            x3 = _load_slice(x_ptr, base, offs_k, in_k, 3, N, NS)
+        amax = 0.0
+        rows0 = offs_h
+        in0 = rows0[:, None] < M0
+        amax, t00, t01 = _half_rows(a0, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows0, in0, h, scale, amax, sc,
+                                    N, NS, CS, BMH, IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST,
+                                    KEEP)
+        rows1 = BMH + offs_h
+        in1 = rows1[:, None] < M0
+        t10 = t00
+        t11 = t01
+        if RH == 2:
+            amax, t10, t11 = _half_rows(a1, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows1, in1, h, scale, amax,
+                                        sc, N, NS, CS, BMH, IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE,
+                                        FAST, KEEP)
+        if QUANT != 0 and not STATIC:
+            rs = tl.maximum(amax * RCP, TINY_C)
+            tl.store(s_ptr + row, rs)
+            if KEEP:
+                _store_codes(t00, y_ptr, base, rows0, in0, 0, N, NS, rs, QMAX, QUANT, FAST)
+                if CS == 2:
+                    _store_codes(t01, y_ptr, base, rows0, in0, 1, N, NS, rs, QMAX, QUANT, FAST)
+                if RH == 2:
+                    _store_codes(t10, y_ptr, base, rows1, in1, 0, N, NS, rs, QMAX, QUANT, FAST)
+                    if CS == 2:
+                        _store_codes(t11, y_ptr, base, rows1, in1, 1, N, NS, rs, QMAX, QUANT, FAST)
+            else:
+                tl.debug_barrier()  # the workspace row written by every thread of the program
+                offs_m = tl.arange(0, BM)
+                offs_n = tl.arange(0, N)
+                ok = offs_m[:, None] < M0
+                off = offs_m[:, None] * N + offs_n[None, :]
+                y = tl.load(ws_ptr + wbase + off, mask=ok, other=0.0)
+                tl.store(y_ptr + base + off, codes(y.to(tl.float32), rs, QMAX, QUANT == 2, FAST), mask=ok)
+                tl.debug_barrier()  # read before the next row overwrites it
+
+
+@triton.jit
 def _dense_persistent_kernel(x_ptr, g_ptr, y_ptr, R, NBLK, NPROG, N, scale, s_ptr, s_in_ptr, BR: tl.constexpr,
                              NP: tl.constexpr, IN_PARTS: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
                              QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
@@ -335,6 +506,8 @@ class Plan:
     ctas: int = 4             # persistent: programs per multiprocessor
     stages: int = 1           # persistent: software-pipelining depth of the row loop
     BR: int = 32              # dense: rows per block
+    col_split: int = 1        # persistent, D1 = 1: H_N as H_{col_split} butterflies ⊗ H_{N/col_split} products
+    row_split: int = 1        # persistent, D1 = 1: row blocks of BM/row_split taken one after the other
 
     @property
     def NT(self) -> int:
@@ -346,6 +519,8 @@ class Plan:
 
     def describe(self) -> str:
         per = f" P{self.ctas}s{self.stages}" if self.persistent else ""
+        if self.persistent and self.kind == "factored" and (self.col_split > 1 or self.row_split > 1):
+            per += f" c{self.col_split}r{self.row_split}"
         if self.kind == "dense":
             return f"dense n={self.n} BR{self.BR} w{self.num_warps}{per}"
         mid = f"x{self.D1}{'p' if self.middle == 0 else 'b'}" if self.D1 > 1 else ""
@@ -408,6 +583,9 @@ FEW_ROWS = 16
 #: 5.92 / 6.15 -> 5.14 / 5.66, the plain transform 4.00 / 4.16 -> 3.36 / 3.56; 8 warps won nothing
 FEW_ROWS_WARPS = 4
 FEW_ROWS_BK: Optional[int] = 128
+#: the sliced persistent kernel's dynamic-scale codes (``col_split`` at most 2): the row's rounded tiles kept in
+#: registers until its maximum is known (``True``), or written to a workspace row and read back
+SLICED_DYNAMIC_KEEP = True
 
 
 def few_rows_plan(p: Plan) -> Plan:
@@ -546,6 +724,20 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
     a = _factor_operand(p.m, p.i, transpose, p.BM, p.BM, x2.device)
     d1h = max(p.D1, 16)
     nprog = max(1, min(rows, programs))
+    if p.col_split > 1 or p.row_split > 1:
+        if p.D1 != 1 or p.col_split not in (1, 2, 4) or p.row_split not in (1, 2) or p.D2 // p.col_split < 16:
+            raise ValueError(f"no sliced persistent kernel for {p.describe()}")
+        dynamic = bool(quant) and not quant.get("STATIC", False)
+        keep = dynamic and SLICED_DYNAMIC_KEEP and p.col_split <= 2
+        ws = torch.empty((nprog, p.M0 * p.D2), device=x2.device, dtype=x2.dtype) if dynamic and not keep else x2
+        if dynamic:
+            quant = dict(quant, KEEP=keep)
+        ns = p.D2 // p.col_split
+        _persistent_sliced_kernel[(nprog,)](
+            x2, a, y, ws, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, N=p.D2, CS=p.col_split,
+            LOGS=ns.bit_length() - 1, RH=p.row_split, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
+            OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
+        return
     _persistent_kernel[(nprog,)](
         x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
         D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
