@@ -54,7 +54,12 @@ Per layer = (model time - head time) / layers, the head (embedding, final norm, 
 position, argmax, and the rotary embedding's cos / sin, which the model computes once per step for all
 layers) timed on its own. Runs before 2026-11-30's run j left the rotary embedding out of the head, so
 each of their per-layer times carried half of it (2 layers); ``head`` keeps that head's times too
-(``*_no_rotary``). Full 32-layer numbers = head + 32 x per-layer: an
+(``*_no_rotary``). A row whose decode step compiles with Inductor options (``prepare`` names
+``generation.DECODE_COMPILE_OPTIONS``; ``decode_compile_options`` in its raw row) has its own head, compiled
+with the same options (``head`` in the raw row; once per set of options and process), since the options act on
+the head's kernels too (Inductor's argmax over the 128256 logits: 29.6 us with the defaults); runs before
+2026-11-30's run m subtracted the stock-compiled head from every row. Full 32-layer numbers = head + 32 x
+per-layer: an
 extrapolation, labelled so. A failure in one measurement lands in the row's ``errors``.
 The rows (``rows`` in the JSON) are computed from the raw measurements (``raw``) by
 :func:`build_rows`, so two runs' JSONs merge with ``--merge`` (each run measures bf16 and the head
@@ -421,13 +426,15 @@ class Head(torch.nn.Module):
 
 
 @torch.no_grad()
-def time_head(model, setup: Setup) -> dict:
+def time_head(model, setup: Setup, options: dict | None = None) -> dict:
     """The head's times (``decode_b{b}_ms``, ``prefill_ms``; with the rotary embedding) and the same without it
-    (``..._no_rotary``: how per-layer times were computed before 2026-11-30's run j)."""
+    (``..._no_rotary``: how per-layer times were computed before 2026-11-30's run j). With ``options`` (the
+    Inductor options a variant's decode step compiled with) only the decode times with the rotary embedding,
+    compiled with them: a variant's per-layer time subtracts the head as its own step compiles it."""
     out = {}
-    for rotary, suffix in ((True, ""), (False, "_no_rotary")):
+    for rotary, suffix in ((True, ""),) + (((False, "_no_rotary"),) if options is None else ()):
         head = Head(model, rotary)
-        fn = torch.compile(head, dynamic=False) if setup.compile else head
+        fn = torch.compile(head, dynamic=False, options=options or None) if setup.compile else head
         for b in setup.batches:
             ids = torch.randint(0, setup.vocab, (b, 1), device=setup.device)
             pos = torch.full((1, 1), setup.max_length - setup.new_tokens // 2, device=setup.device)
@@ -435,6 +442,9 @@ def time_head(model, setup: Setup) -> dict:
                 else (lambda: fn(ids, pos), None)
             out[f"decode_b{b}_ms{suffix}"] = median_ms(replay, setup.step_iters, setup.device)
             del g
+        if options is not None:
+            torch._dynamo.reset()
+            continue
         ids = torch.randint(0, setup.vocab, setup.prefill_shape, device=setup.device)
         pos = torch.arange(setup.prefill_shape[1], device=setup.device)[None]
         out[f"prefill_ms{suffix}"] = median_ms(lambda: fn(ids, pos), setup.prefill_iters, setup.device)
@@ -466,6 +476,7 @@ def measure(model, setup: Setup, r: dict) -> None:
             prompt = torch.randint(0, setup.vocab, (b, setup.prompt), device=dev)
             dec.generate(prompt, setup.new_tokens)  # compiles prefill and step, captures the graph
             r[f"compile_b{b}_s"] = time.time() - t
+            r["decode_compile_options"] = dict(getattr(dec, "decode_compile_options", None) or {})
             r[f"decode_b{b}_ms"] = dec.time_step_ms(setup.step_iters, position=setup.max_length - setup.new_tokens // 2
                                                     if setup.new_tokens > 1 else setup.prompt)
             walls, pre, dec_ms = [], [], []
@@ -491,6 +502,10 @@ def measure(model, setup: Setup, r: dict) -> None:
         r["prefill_ms"] = dec.time_prefill_ms(ids, setup.prefill_iters)
         del dec
     _attempt(r, "prefill", prefill)
+
+
+#: head times per set of decode compile options, measured once per process (``time_head``)
+_HEADS: dict = {}
 
 
 def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
@@ -524,6 +539,13 @@ def _run_variant(model, v: Variant, setup: Setup, calib, r: dict) -> dict:
             r["resident_bytes"] = torch.cuda.memory_allocated() - base
             torch.cuda.reset_peak_memory_stats()
         measure(m, setup if v.compile else dataclasses.replace(setup, compile=False), r)
+        options = r.get("decode_compile_options")
+        if options and v.compile and setup.compile:  # the head as this variant's step compiles it (time_head)
+            key = repr(sorted(options.items()))
+            if key not in _HEADS:
+                _attempt(r, "head with the step's options",
+                         lambda: _HEADS.setdefault(key, time_head(m, setup, options)))
+            r["head"] = _HEADS.get(key)
         r["layer_weight_bytes"] = layer_weight_bytes(m)
         if dev == "cuda":
             r["peak_bytes"] = torch.cuda.max_memory_allocated() - base
@@ -552,8 +574,9 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
     rows = []
     for r in raw:
         row = {k: r[k] for k in ("who", "variant", "scheme", "quarot", "attention", "compiled", "switch") if k in r}
+        own = r.get("head") or {}  # the head compiled as this row's decode step (decode keys only)
         for key in [f"decode_b{b}" for b in batches] + ["prefill"]:
-            v, h = r.get(f"{key}_ms"), head.get(f"{key}_ms")
+            v, h = r.get(f"{key}_ms"), own.get(f"{key}_ms", head.get(f"{key}_ms"))
             if v is not None and h is not None:
                 row[f"{key}_layer_ms"] = (v - h) / layers
                 row[f"{key}_full32_ms_extrapolated"] = h + FULL_LAYERS * (v - h) / layers

@@ -82,6 +82,19 @@ def test_rows_have_the_issue_fields_and_right_arithmetic(bench):
     assert by["graphquant", "int8 W8A8"]["decode_b16_layer_speedup"] is None  # a missing timing stays missing
 
 
+def test_a_row_with_its_own_head_subtracts_it(bench):
+    """A step compiled with other Inductor options has the head timed as it compiles it: its decode per-layer time
+    and 32-layer extrapolation use that head, its prefill (compiled with the defaults) the run's."""
+    raw = fake_raw()
+    own = {"decode_b1_ms": 0.15, "decode_b16_ms": 0.28}
+    raw[1] = dict(raw[1], head=own, decode_b1_ms=0.15 + 2 * 0.07)
+    w4 = next(r for r in bench.build_rows(raw, HEAD, layers=2) if r["variant"] == "W4A16 g128")
+    assert w4["decode_b1_layer_ms"] == pytest.approx(0.07)
+    assert w4["decode_b16_layer_ms"] == pytest.approx((0.3 + 2 * 0.1 - 0.28) / 2)
+    assert w4["prefill_layer_ms"] == pytest.approx(9.0)
+    assert w4["decode_b1_full32_ms_extrapolated"] == pytest.approx(0.15 + 32 * 0.07)
+
+
 def test_targets_pass_miss_and_torchao_comparison(bench):
     rows = bench.build_rows(fake_raw(), HEAD, layers=2, batches=(1, 16), new_tokens=256)
     ts = bench.targets(rows)

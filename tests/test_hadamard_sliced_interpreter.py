@@ -20,7 +20,7 @@ from graphquant import hadamard as H
 from graphquant.kernels import hadamard_triton as HT
 from graphquant.kernels import quant_triton as QT
 n = 14336
-base = dataclasses.replace(HT.plan(n, 2), persistent=True, ctas=1)
+base = dataclasses.replace(HT.plan(n, 2), persistent=True, ctas=1, col_split=1, row_split=1)
 variants = [dataclasses.replace(base, col_split=c, row_split=r) for c, r in ((2, 1), (4, 1), (2, 2), (1, 2))]
 torch.manual_seed(0)
 xi = torch.randint(-8, 9, (3, n)).to(torch.float16)
@@ -34,13 +34,13 @@ checked = 0
 for p in variants:
     assert torch.equal(HT.hadamard_transform_triton(xi, plan_override=p), want), p.describe()
     for (fp8, static), (wq, ws) in coded.items():
-        for keep in ((True,) if static else (True, False)):  # dynamic: tiles kept in registers, or a workspace
-            HT.SLICED_DYNAMIC_KEEP = keep
+        for how in (("keep",) if static else ("keep", "workspace", "two_launches")):  # SLICED_DYNAMIC
+            HT.SLICED_DYNAMIC = how
             q, sc = HT.hadamard_quantize(xi, fp8, torch.tensor(0.5) if static else None, plan_override=p)
-            assert torch.equal(q.view(torch.int8), wq.view(torch.int8)), (p.describe(), fp8, static, keep)
-            assert static or torch.equal(sc, ws), (p.describe(), fp8, keep)
+            assert torch.equal(q.view(torch.int8), wq.view(torch.int8)), (p.describe(), fp8, static, how)
+            assert static or torch.equal(sc, ws), (p.describe(), fp8, how)
             checked += 1
-HT.SLICED_DYNAMIC_KEEP = True
+HT.SLICED_DYNAMIC = "keep"
 x = (torch.randn(2, n) * 3).to(torch.float16)
 ref = x.double() @ H.hadamard_matrix(n, dtype=torch.float64).T
 ulp = torch.finfo(torch.float16).eps * torch.maximum(ref.abs(), ref.pow(2).mean().sqrt() / 16)
@@ -59,4 +59,4 @@ print("checked", checked)
 
 
 def test_sliced_persistent_kernel_matches_the_unsliced_one():
-    assert "checked 32" in run_in_triton_interpreter(_CHECK)
+    assert "checked 40" in run_in_triton_interpreter(_CHECK)

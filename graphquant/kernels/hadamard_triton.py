@@ -296,8 +296,9 @@ def _stage1(a, x, BMH: tl.constexpr, NS: tl.constexpr, IN_PARTS: tl.constexpr, O
 def _slice_emit(b, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, S: tl.constexpr, N: tl.constexpr,
                 NS: tl.constexpr, BMH: tl.constexpr, amax, sc, MID_PARTS: tl.constexpr, OP: tl.constexpr,
                 QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                FAST: tl.constexpr, KEEP: tl.constexpr):
-    """Columns ``S·NS …`` of ``B · H_{NS}`` (``B`` one butterfly output, fp32): stored, or their codes under the
+                FAST: tl.constexpr, KEEP: tl.constexpr, AMAX: tl.constexpr):
+    """Columns ``S·NS …`` of ``B · H_{NS}`` (``B`` one butterfly output, fp32): stored (with ``AMAX`` their running
+    absolute maximum too), or their codes under the
     static scale ``sc``, or (dynamic) rounded to ``OUT_DTYPE`` and, unless ``KEEP`` (the caller keeps the tile in
     registers), written to the program's workspace row. Returns the running absolute maximum and the rounded
     tile."""
@@ -305,7 +306,10 @@ def _slice_emit(b, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, S: tl.co
     cols = S * NS + tl.arange(0, NS)
     off = rows[:, None] * N + cols[None, :]
     if QUANT == 0:
-        tl.store(y_ptr + base + off, z.to(y_ptr.dtype.element_ty), mask=in_rows)
+        yz = z.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + base + off, yz, mask=in_rows)
+        if AMAX:
+            amax = tl.maximum(amax, tl.max(tl.max(tl.where(in_rows, tl.abs(yz.to(tl.float32)), 0.0), axis=1), axis=0))
     else:
         y = z.to(OUT_DTYPE)
         if STATIC:
@@ -330,7 +334,8 @@ def _store_codes(y, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.constexpr
 def _half_rows(a, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows, in_rows, h, scale, amax, sc,
                N: tl.constexpr, NS: tl.constexpr, CS: tl.constexpr, BMH: tl.constexpr, IN_PARTS: tl.constexpr,
                MID_PARTS: tl.constexpr, OP: tl.constexpr, QUANT: tl.constexpr, STATIC: tl.constexpr,
-               QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr, KEEP: tl.constexpr):
+               QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr, KEEP: tl.constexpr,
+               AMAX: tl.constexpr):
     """Rows ``rows`` of ``Y = A · X · H_N`` with ``H_N = H_{CS} ⊗ H_{NS}``: stage 1 on each of the ``CS`` column
     slices ``x0 …`` of ``X``, then ``H_{CS}`` as butterflies (fp32 adds) across the slices, then ``H_{NS}`` on the tensor
     cores per slice (``_slice_emit``). Returns the running absolute maximum and the rounded tiles of the first two
@@ -338,15 +343,15 @@ def _half_rows(a, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows, in_rows, h, 
     if CS == 1:
         y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
         amax, f0 = _slice_emit(y0, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
         f1 = f0
     elif CS == 2:
         y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
         y1 = _stage1(a, x1, BMH, NS, IN_PARTS, OP)
         amax, f0 = _slice_emit(y0 + y1, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
         amax, f1 = _slice_emit(y0 - y1, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 1, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
     else:  # CS == 4: B_j = sum_i (-1)^popcount(i & j) Y_i in two butterfly levels
         y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
         y1 = _stage1(a, x1, BMH, NS, IN_PARTS, OP)
@@ -357,13 +362,13 @@ def _half_rows(a, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows, in_rows, h, 
         u2 = y2 + y3
         u3 = y2 - y3
         amax, f0 = _slice_emit(u0 + u2, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
         amax, f1 = _slice_emit(u1 + u3, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 1, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
         amax, _f2 = _slice_emit(u0 - u2, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 2, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
         amax, _f3 = _slice_emit(u1 - u3, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 3, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP)
+                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
     return amax, f0, f1
 
 
@@ -374,7 +379,7 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ws_ptr, ROWS, NPROG, M0, scal
                               STAGES: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False,
                               QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0,
                               OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False,
-                              KEEP: tl.constexpr = False):
+                              KEEP: tl.constexpr = False, AMAX: tl.constexpr = False):
     """``_persistent_kernel``'s transform (``D1 = 1``: ``Y = A · X · H_N``, one row ``X`` of ``M0 ≤ BM`` rows per
     loop step) with fewer tensor-core products and smaller tiles: ``H_N = H_{CS} ⊗ H_{N/CS}``, so stage 1 runs on
     ``CS`` column slices of ``X``, ``H_{CS}`` is applied by fp32 butterflies across them and only ``H_{N/CS}`` on
@@ -384,7 +389,8 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ws_ptr, ROWS, NPROG, M0, scal
     With ``QUANT`` it stores codes: under the static scale, or for a dynamic per-row scale by first writing the
     row, rounded to ``OUT_DTYPE``, to the program's workspace row ``ws_ptr`` (``NPROG × M0·N``; it stays in L2)
     and quantizing it from there once the row's maximum is known, or with ``KEEP`` (``CS`` at most 2) by keeping
-    the rounded tiles in registers until then."""
+    the rounded tiles in registers until then. ``AMAX`` (without ``QUANT``): the transform is stored and each row's
+    absolute maximum goes to ``s_ptr`` (for ``quant_triton.tile_quant_kernel``, a second launch)."""
     NS: tl.constexpr = N // CS
     BMH: tl.constexpr = BM // RH
     pid = tl.program_id(0)
@@ -417,7 +423,7 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ws_ptr, ROWS, NPROG, M0, scal
         in0 = rows0[:, None] < M0
         amax, t00, t01 = _half_rows(a0, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows0, in0, h, scale, amax, sc,
                                     N, NS, CS, BMH, IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST,
-                                    KEEP)
+                                    KEEP, AMAX)
         rows1 = BMH + offs_h
         in1 = rows1[:, None] < M0
         t10 = t00
@@ -425,7 +431,9 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ws_ptr, ROWS, NPROG, M0, scal
         if RH == 2:
             amax, t10, t11 = _half_rows(a1, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows1, in1, h, scale, amax,
                                         sc, N, NS, CS, BMH, IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE,
-                                        FAST, KEEP)
+                                        FAST, KEEP, AMAX)
+        if AMAX:
+            tl.store(s_ptr + row, amax)
         if QUANT != 0 and not STATIC:
             rs = tl.maximum(amax * RCP, TINY_C)
             tl.store(s_ptr + row, rs)
@@ -564,8 +572,11 @@ _TUNED = {
     128: Plan("dense", 128, BR=64, persistent=True, ctas=4, stages=2),
     4096: Plan("factored", 4096, m=1, i=6, M0=64, D1=1, D2=64, BM=64, BK=64, mid_parts=2, num_warps=4,
                cost=192.0, persistent=True, ctas=4, stages=2),
+    # the sliced kernel: H_128 as H_2 butterflies x H_64 products, two row blocks of 64 (benchmarks/r4_prefill_gpu.py,
+    # 16384 rows, H200; results/r4_prefill_gpu.json): transform 0.494 -> 0.339-0.344 ms, + fp8 static codes 0.601
+    # -> 0.498, + int8 static 0.641 -> 0.514, + fp8 dynamic 0.667 -> 0.611, + int8 dynamic 0.682 -> 0.648
     14336: Plan("factored", 14336, m=28, i=2, M0=112, D1=1, D2=128, BM=128, BK=32, mid_parts=2, num_warps=4,
-                cost=438.9, persistent=True, ctas=2, stages=1),
+                cost=438.9, persistent=True, ctas=2, stages=2, col_split=2, row_split=2),
 }
 
 
@@ -583,9 +594,13 @@ FEW_ROWS = 16
 #: 5.92 / 6.15 -> 5.14 / 5.66, the plain transform 4.00 / 4.16 -> 3.36 / 3.56; 8 warps won nothing
 FEW_ROWS_WARPS = 4
 FEW_ROWS_BK: Optional[int] = 128
-#: the sliced persistent kernel's dynamic-scale codes (``col_split`` at most 2): the row's rounded tiles kept in
-#: registers until its maximum is known (``True``), or written to a workspace row and read back
-SLICED_DYNAMIC_KEEP = True
+#: how the sliced persistent kernel makes codes under a dynamic per-row scale: ``"keep"`` (``col_split`` at most 2;
+#: else as ``"workspace"``): the row's rounded tiles stay in registers until its maximum is known; ``"workspace"``:
+#: they go to a workspace row of the program and are read back; ``"two_launches"``: the kernel stores the rounded
+#: transform and each row's maximum, ``quant_triton.tile_quant_kernel`` (``TWO_LAUNCH_BLOCK`` elements per
+#: program) makes the codes
+SLICED_DYNAMIC = "keep"
+TWO_LAUNCH_BLOCK = 1024
 
 
 def few_rows_plan(p: Plan) -> Plan:
@@ -728,15 +743,24 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
         if p.D1 != 1 or p.col_split not in (1, 2, 4) or p.row_split not in (1, 2) or p.D2 // p.col_split < 16:
             raise ValueError(f"no sliced persistent kernel for {p.describe()}")
         dynamic = bool(quant) and not quant.get("STATIC", False)
-        keep = dynamic and SLICED_DYNAMIC_KEEP and p.col_split <= 2
-        ws = torch.empty((nprog, p.M0 * p.D2), device=x2.device, dtype=x2.dtype) if dynamic and not keep else x2
-        if dynamic:
-            quant = dict(quant, KEEP=keep)
+        how = SLICED_DYNAMIC if SLICED_DYNAMIC != "keep" or p.col_split <= 2 else "workspace"
         ns = p.D2 // p.col_split
-        _persistent_sliced_kernel[(nprog,)](
-            x2, a, y, ws, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, N=p.D2, CS=p.col_split,
-            LOGS=ns.bit_length() - 1, RH=p.row_split, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
-            OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
+        launch = dict(BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1, RH=p.row_split, IN_PARTS=in_parts,
+                      MID_PARTS=min(p.mid_parts, out_parts), OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps)
+        if dynamic and how == "two_launches":  # the rounded transform and its rows' maxima, then the codes
+            ws = torch.empty_like(x2)
+            amax = torch.empty((rows,), device=x2.device, dtype=torch.float32)
+            _persistent_sliced_kernel[(nprog,)](x2, a, ws, x2, rows, nprog, p.M0, scale, amax, s_in, AMAX=True,
+                                                **launch)
+            tile_quant_kernel[(rows, triton.cdiv(n, TWO_LAUNCH_BLOCK))](
+                ws, y, sq, amax, n, n, n, 1, T_PAD=2, QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,
+                BLOCK=TWO_LAUNCH_BLOCK, FAST=quant["FAST"], num_warps=4)
+            return
+        ws = torch.empty((nprog, p.M0 * p.D2), device=x2.device, dtype=x2.dtype) if dynamic and how == "workspace" \
+            else x2
+        if dynamic:
+            quant = dict(quant, KEEP=how == "keep")
+        _persistent_sliced_kernel[(nprog,)](x2, a, y, ws, rows, nprog, p.M0, scale, sq, s_in, **launch, **quant)
         return
     _persistent_kernel[(nprog,)](
         x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
