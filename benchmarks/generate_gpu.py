@@ -112,7 +112,7 @@ class Setup:
     compile: bool = True
     cuda_graph: bool = True
     step_iters: int = 100
-    prefill_iters: int = 10
+    prefill_iters: int = 30
     generate_iters: int = 3
 
     @property
@@ -251,7 +251,9 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
                     attention="decode", torchao_eager=False, torchao_tuning=False,
                     bf16_again=False, ab=()) -> list[Variant]:
     """bf16 first (stock, then with graphquant's decode attention when ``attention == "decode"``), then
-    graphquant without and with QuaRot, then torchao (last: with ``torchao_tuning`` its ``quantize_`` changes
+    graphquant, each scheme without and right after it with QuaRot (since 2026-11-30's run m: QuaRot's cost is the
+    ratio of two rows measured about a minute apart, not five; prefill times drift by a few percent over a run),
+    then torchao (last: with ``torchao_tuning`` its ``quantize_`` changes
     inductor settings for later compiles); ``filters``: substrings of scheme names; ``who``: which libraries (bf16 is kept,
     as every speedup needs it, unless ``no_bf16``: a run to merge with one that has it);
     ``quarot_filters``: of those schemes, the ones also run + QuaRot (default: all); ``attention``: the
@@ -266,11 +268,12 @@ def select_variants(filters=None, quarot=True, only_quarot=False, torchao=True, 
     out = [] if no_bf16 else [Variant("bf16", "bf16", attention="sdpa")]
     if not no_bf16 and attention == "decode" and "graphquant" in who:
         out.append(Variant("bf16", "bf16", attention="decode"))
-    if "graphquant" in who and not only_quarot:
-        out += [Variant("graphquant", s, attention=attention) for s in schemes]
-    if "graphquant" in who and (quarot or only_quarot):
-        out += [Variant("graphquant", s, True, attention=attention) for s in schemes
-                if not quarot_filters or any(f.lower() in s.lower() for f in quarot_filters)]
+    if "graphquant" in who:  # each scheme's QuaRot row right after its plain row: QuaRot's cost from neighbours
+        for s in schemes:
+            if not only_quarot:
+                out.append(Variant("graphquant", s, attention=attention))
+            if (quarot or only_quarot) and (not quarot_filters or any(f.lower() in s.lower() for f in quarot_filters)):
+                out.append(Variant("graphquant", s, True, attention=attention))
     if ab:
         out = [t for v in out for t in [v] + ([dataclasses.replace(v, switch=a) for a in ab]
                                               if v.who == "graphquant" else [])]

@@ -135,9 +135,9 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
         bench.merge([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
 
     names = [(v.who, v.name) for v in bench.select_variants(["W4A16", "fp8 dyn"])]
-    assert names == [("bf16", "bf16"), ("bf16", "bf16 + decode attention"), ("graphquant", "fp8 dynamic"),
-                     ("graphquant", "W4A16 g128"),
-                     ("graphquant", "fp8 dynamic + QuaRot"), ("graphquant", "W4A16 g128 + QuaRot"),
+    assert names == [("bf16", "bf16"), ("bf16", "bf16 + decode attention"),  # each QuaRot row after its plain one
+                     ("graphquant", "fp8 dynamic"), ("graphquant", "fp8 dynamic + QuaRot"),
+                     ("graphquant", "W4A16 g128"), ("graphquant", "W4A16 g128 + QuaRot"),
                      ("torchao", "W4A16 g128"), ("torchao", "fp8 dynamic")]  # torchao's fp8 dynamic last
     only = bench.select_variants(only_quarot=True)
     assert [v.who for v in only[:2]] == ["bf16"] * 2 and all(v.quarot for v in only[2:]) and len(only) == 7

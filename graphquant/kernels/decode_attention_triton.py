@@ -26,7 +26,13 @@ __all__ = ["decode_attention_triton", "supports", "split_plan"]
 
 BLOCK_S = 32           # cache positions per inner step
 MIN_ROWS = 16          # query rows of one tensor-core product (G padded up to it)
-TARGET_PROGRAMS = 2    # programs per multiprocessor the split aims at
+# programs per multiprocessor the split aims at, and at most this many chunks per (sequence, KV head). H200,
+# Llama-3-8B heads (8 KV), 16 layers' calls in one CUDA graph, per call (benchmarks/decode_attention_gpu.py --splits,
+# results/decode_attention_splits.json): batch 16 over 384 slots 15.6 us at 3 chunks (the plan for 2 per SM), 12.9 us
+# at 6 (the plan for 6 per SM); over 4096 slots 106.9 us at 3, 76.2 at 6; batch 1 keeps its 12 chunks at 384 slots
+# (5.4 us, the fastest there) and its 32 at 4096 (the cap)
+TARGET_PROGRAMS = 6
+MAX_SPLITS = 32
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used to test the kernels without a GPU) mishandles bf16
@@ -114,9 +120,10 @@ def supports(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 def split_plan(batch: int, kv_heads: int, positions: int, sms: int = 132) -> tuple[int, int]:
     """(chunk, splits): cache positions per program and chunks per (sequence, KV head), about
-    ``TARGET_PROGRAMS`` programs per multiprocessor and at least one ``BLOCK_S`` block per chunk."""
+    ``TARGET_PROGRAMS`` programs per multiprocessor, at most ``MAX_SPLITS`` chunks and at least one ``BLOCK_S``
+    block per chunk."""
     blocks = triton.cdiv(positions, BLOCK_S)
-    want = max(1, triton.cdiv(TARGET_PROGRAMS * sms, batch * kv_heads))
+    want = max(1, min(MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS * sms, batch * kv_heads)))
     per = triton.cdiv(blocks, min(blocks, want))
     chunk = per * BLOCK_S
     return chunk, triton.cdiv(positions, chunk)
