@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 #: pointer and size arguments Triton specializes as 16-divisible at a launch on the Llama-3-8B shapes
 _DIVISIBLE = {"A", "P", "RS", "XS", "B", "SW", "ZW", "SA", "BIAS", "C", "OUT", "COUNT", "N", "K", "Q", "G", "stride_am", "stride_bn",
-              "stride_cm", "stride_sw"}
+              "stride_cm", "stride_sw", "X", "x_ptr", "a_ptr", "y_ptr", "ws_ptr", "M0"}
 
 
 def specs():
@@ -98,7 +98,7 @@ def specs():
     p = HT.plan(14336, 2)
     d1h = max(p.D1, 16)
     had = dict(BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h, D2=p.D2, LOG2=p.D2.bit_length() - 1,
-               IN_PARTS=1, MID_PARTS=min(p.mid_parts, 2), MIDDLE=p.middle, OP=tl.bfloat16, STAGES=p.stages)
+               IN_PARTS=1, MID_PARTS=min(p.mid_parts, 2), MIDDLE=p.middle, OP=tl.bfloat16, STAGES=1)
     for fp8 in (True, False):
         label, qmax, codes = ("fp8", QT.FP8_MAX, "fp8e4nv") if fp8 else ("int8", 127.0, "i8")
         for fast in (False, True):
@@ -106,10 +106,18 @@ def specs():
             ptrs = {"X": "bf16", "Q": codes, "S": "fp32", "SCALE_IN": "fp32"}
             const = dict(QMAX=qmax, RCP=1 / qmax, FP8=fp8, STATIC=True, BLOCK=4096, FAST=fast)
             out.append((f"quant_rows {tag}", QT.quant_rows_kernel, ptrs, const, dict(num_warps=8), 4096 / 256))
-            ptrs = {"x_ptr": "bf16", "a_ptr": "fp32", "y_ptr": codes, "s_ptr": "fp32", "s_in_ptr": "fp32"}
+            ptrs = {"x_ptr": "bf16", "a_ptr": "bf16", "y_ptr": codes, "s_ptr": "fp32", "s_in_ptr": "fp32"}
             const = dict(had, QUANT=2 if fp8 else 1, STATIC=True, QMAX=qmax, RCP=1 / qmax, FAST=fast)
             out.append((f"hadamard_quantize 14336 {tag}", HT._persistent_kernel, ptrs, const,
                         dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
+            if fast and p.col_split > 1:  # the plan's sliced kernel (per element of its BM x N tile)
+                ns = p.D2 // p.col_split
+                sliced = dict(BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1, RH=p.row_split,
+                              IN_PARTS=1, MID_PARTS=2, OP=tl.bfloat16, STAGES=p.stages,
+                              QUANT=2 if fp8 else 1, STATIC=True, QMAX=qmax, RCP=1 / qmax, FAST=True)
+                out.append((f"hadamard_quantize 14336 {tag} sliced c{p.col_split}r{p.row_split}",
+                            HT._persistent_sliced_kernel, dict(ptrs, ws_ptr="bf16"), sliced,
+                            dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
     return out
 
 

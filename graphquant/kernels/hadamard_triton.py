@@ -21,7 +21,9 @@ Kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n 
       products (the only stage that reads memory), then the Sylvester stages on the ``(BM, D1, D2)``
       tile in registers (the ``D1`` stage as a batched product or through permutes), then one store.
       When one tile covers the row (``BM ≥ M0``) the persistent kernel builds ``A`` and ``H`` once
-      per program and loops over rows.
+      per program and loops over rows; its sliced twin (``Plan.col_split``, ``Plan.row_split``, ``D1 = 1``:
+      Llama-3-8B's 14336 at prefill) splits ``H_N = H_{CS} ⊗ H_{N/CS}``, applies ``H_{CS}`` as fp32 butterflies
+      across ``CS`` column slices of ``A · X`` and runs only ``H_{N/CS}`` on the tensor cores, row block by row block.
       The cost per element is about ``M0 + 2·(D1 + D2)`` multiply-adds on the tensor cores;
       :func:`plan` takes measured plans for common orders (``_TUNED``) and otherwise minimises an
       estimate of it. A persistent kernel that fails to compile falls back to its tiled twin.
