@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 #: pointer and size arguments Triton specializes as 16-divisible at a launch on the Llama-3-8B shapes
 _DIVISIBLE = {"A", "P", "RS", "XS", "B", "SW", "ZW", "SA", "BIAS", "C", "OUT", "COUNT", "N", "K", "Q", "G", "stride_am", "stride_bn",
-              "stride_cm", "stride_sw", "X", "x_ptr", "a_ptr", "y_ptr", "ws_ptr", "M0"}
+              "stride_cm", "stride_sw", "X", "x_ptr", "a_ptr", "y_ptr", "M0"}
 
 
 def specs():
@@ -116,7 +116,7 @@ def specs():
                               IN_PARTS=1, MID_PARTS=2, OP=tl.bfloat16, STAGES=p.stages,
                               QUANT=2 if fp8 else 1, STATIC=True, QMAX=qmax, RCP=1 / qmax, FAST=True)
                 out.append((f"hadamard_quantize 14336 {tag} sliced c{p.col_split}r{p.row_split}",
-                            HT._persistent_sliced_kernel, dict(ptrs, ws_ptr="bf16"), sliced,
+                            HT._persistent_sliced_kernel, ptrs, sliced,
                             dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
     return out
 

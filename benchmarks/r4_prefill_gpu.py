@@ -5,10 +5,11 @@
 On a (rows, n) bf16 tensor (Llama-3-8B's down-projection input for 8 x 2048 prompt tokens), CUDA-graph replayed
 (``hadamard_gpu.bench_graph``, median ms), for each plan variant: the transform alone, and the fused transform +
 quantization for fp8 / int8 codes under a static scale and a dynamic per-row one (``FAST_CODES`` as the library
-sets it; "dyn ws" / "dyn 2L": the sliced kernel's dynamic codes through a workspace row instead of registers,
-or by a second launch: ``hadamard_triton.SLICED_DYNAMIC``). Variants are the tuned plan with other launch shapes and with the sliced kernel
-(``Plan.col_split``: ``H_N = H_{CS} ⊗ H_{N/CS}``, the ``H_{CS}`` part as fp32 butterflies; ``Plan.row_split``:
-row blocks one after the other). Checks in the same run: the transform's largest error against float64 on the
+sets it). Variants are the tuned plan with other launch shapes and with the sliced kernel
+(``Plan.col_split``: ``H_N = H_2 ⊗ H_{N/2}``, the ``H_2`` part as an fp32 butterfly; ``Plan.row_split``:
+row blocks one after the other). The recorded sweeps (``results/r4_prefill_gpu_sweep1.json``, ``_sweep2.json``,
+``r4_prefill_gpu.json``) also timed versions of the sliced kernel that were not kept: four column slices
+(``H_4 ⊗ H_32``), and dynamic codes through a workspace row or a second launch ("dyn ws", "dyn 2L"). Checks in the same run: the transform's largest error against float64 on the
 first 64 rows (units of bf16's last place), how many of those outputs differ from the tuned plan's, and that
 each fused kernel gives the codes and scales of ``quantize_rows`` applied to the same plan's transform.
 Writes ``benchmarks/results/r4_prefill_gpu.json``.
@@ -31,13 +32,10 @@ from generate_gpu import write_json  # noqa: E402
 from hadamard_gpu import bench_graph, max_ulps  # noqa: E402
 
 #: (col_split, row_split, num_warps, ctas, stages)
-VARIANTS = ((1, 1, 4, 2, 1), (1, 2, 4, 2, 1), (2, 1, 4, 2, 1), (2, 2, 4, 2, 1), (2, 2, 4, 2, 2), (4, 2, 4, 2, 2),
-            (2, 1, 8, 1, 2))
-#: (name, fp8, static, hadamard_triton.SLICED_DYNAMIC)
-MODES = (("transform", None, None, "keep"), ("fp8 static", True, True, "keep"), ("int8 static", False, True, "keep"),
-         ("fp8 dynamic", True, False, "keep"), ("int8 dynamic", False, False, "keep"),
-         ("fp8 dyn ws", True, False, "workspace"), ("int8 dyn ws", False, False, "workspace"),
-         ("fp8 dyn 2L", True, False, "two_launches"), ("int8 dyn 2L", False, False, "two_launches"))
+VARIANTS = ((1, 1, 4, 2, 1), (1, 2, 4, 2, 1), (2, 1, 4, 2, 1), (2, 2, 4, 2, 1), (2, 2, 4, 2, 2), (2, 1, 8, 1, 2))
+#: (name, fp8, static)
+MODES = (("transform", None, None), ("fp8 static", True, True), ("int8 static", False, True),
+         ("fp8 dynamic", True, False), ("int8 dynamic", False, False))
 
 
 def main(argv=None) -> None:
@@ -45,8 +43,6 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--n", type=int, default=14336)
     ap.add_argument("--variants", default="", help="';'-separated cs,rh,warps,ctas,stages (default: VARIANTS)")
-    ap.add_argument("--dynamic", default="keep,two_launches",
-                    help="comma-separated hadamard_triton.SLICED_DYNAMIC values to time (keep, workspace, two_launches)")
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new variant after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "r4_prefill_gpu.json"))
     args = ap.parse_args(argv)
@@ -79,10 +75,7 @@ def main(argv=None) -> None:
             y = HT.hadamard_transform_triton(x, plan_override=p)
             row["max_ulps_vs_float64"] = max_ulps(y[:64], ref)
             row["differ_from_tuned_plan"] = int((y[:64] != want).sum())
-            for name, fp8, static, how in MODES:
-                if how not in args.dynamic.split(","):
-                    continue
-                HT.SLICED_DYNAMIC = how
+            for name, fp8, static in MODES:
                 if fp8 is None:
                     row["ms"][name] = bench_graph(lambda: HT.hadamard_transform_triton(x, plan_override=p))
                     continue
@@ -94,9 +87,7 @@ def main(argv=None) -> None:
                 del q, qs, wq, ws
                 row["ms"][name] = bench_graph(lambda: HT.hadamard_quantize(x, fp8, sc, plan_override=p))
             del y
-            HT.SLICED_DYNAMIC = "keep"
         except Exception as e:  # noqa: BLE001 - a launch shape that does not build is reported
-            HT.SLICED_DYNAMIC = "keep"
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         times = " ".join(f"{row['ms'].get(m[0], float('nan')):12.4f}" for m in MODES)

@@ -22,8 +22,8 @@ Kernels (the convention is ``graphquant.hadamard``'s: ``y = x @ H_nᵀ``, ``H_n 
       tile in registers (the ``D1`` stage as a batched product or through permutes), then one store.
       When one tile covers the row (``BM ≥ M0``) the persistent kernel builds ``A`` and ``H`` once
       per program and loops over rows; its sliced twin (``Plan.col_split``, ``Plan.row_split``, ``D1 = 1``:
-      Llama-3-8B's 14336 at prefill) splits ``H_N = H_{CS} ⊗ H_{N/CS}``, applies ``H_{CS}`` as fp32 butterflies
-      across ``CS`` column slices of ``A · X`` and runs only ``H_{N/CS}`` on the tensor cores, row block by row block.
+      Llama-3-8B's 14336 at prefill) splits ``H_N = H_2 ⊗ H_{N/2}``, applies ``H_2`` as an fp32 butterfly
+      across the two column halves of ``A · X`` and runs only ``H_{N/2}`` on the tensor cores, row block by row block.
       The cost per element is about ``M0 + 2·(D1 + D2)`` multiply-adds on the tensor cores;
       :func:`plan` takes measured plans for common orders (``_TUNED``) and otherwise minimises an
       estimate of it. A persistent kernel that fails to compile falls back to its tiled twin.
@@ -295,107 +295,74 @@ def _stage1(a, x, BMH: tl.constexpr, NS: tl.constexpr, IN_PARTS: tl.constexpr, O
 
 
 @triton.jit
-def _slice_emit(b, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, S: tl.constexpr, N: tl.constexpr,
-                NS: tl.constexpr, BMH: tl.constexpr, amax, sc, MID_PARTS: tl.constexpr, OP: tl.constexpr,
-                QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                FAST: tl.constexpr, KEEP: tl.constexpr, AMAX: tl.constexpr):
-    """Columns ``S·NS …`` of ``B · H_{NS}`` (``B`` one butterfly output, fp32): stored (with ``AMAX`` their running
-    absolute maximum too), or their codes under the
-    static scale ``sc``, or (dynamic) rounded to ``OUT_DTYPE`` and, unless ``KEEP`` (the caller keeps the tile in
-    registers), written to the program's workspace row. Returns the running absolute maximum and the rounded
-    tile."""
+def _slice_emit(b, h, scale, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.constexpr, NS: tl.constexpr,
+                BMH: tl.constexpr, amax, sc, MID_PARTS: tl.constexpr, OP: tl.constexpr, QUANT: tl.constexpr,
+                STATIC: tl.constexpr, QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """Columns ``S·NS …`` of ``B · H_{NS}`` (``B`` one butterfly output, fp32): stored, or their codes under the
+    static scale ``sc``; returns the running absolute maximum (dynamic scale) and the tile rounded to
+    ``OUT_DTYPE``, which the caller keeps for its codes under a dynamic scale."""
     z = _dot_split_left(b, h, tl.zeros((BMH, NS), dtype=tl.float32), MID_PARTS, OP) * scale
     cols = S * NS + tl.arange(0, NS)
     off = rows[:, None] * N + cols[None, :]
+    y = z.to(OUT_DTYPE)
     if QUANT == 0:
-        yz = z.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + base + off, yz, mask=in_rows)
-        if AMAX:
-            amax = tl.maximum(amax, tl.max(tl.max(tl.where(in_rows, tl.abs(yz.to(tl.float32)), 0.0), axis=1), axis=0))
+        tl.store(y_ptr + base + off, z.to(y_ptr.dtype.element_ty), mask=in_rows)
+    elif STATIC:
+        tl.store(y_ptr + base + off, codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST), mask=in_rows)
     else:
-        y = z.to(OUT_DTYPE)
-        if STATIC:
-            tl.store(y_ptr + base + off, codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST), mask=in_rows)
-        else:
-            if not KEEP:
-                tl.store(ws_ptr + wbase + off, y, mask=in_rows)
-            amax = tl.maximum(amax, tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0))
-    return amax, z.to(OUT_DTYPE)
+        amax = tl.maximum(amax, tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0))
+    return amax, y
 
 
 @triton.jit
 def _store_codes(y, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.constexpr, NS: tl.constexpr, rs,
                  QMAX: tl.constexpr, QUANT: tl.constexpr, FAST: tl.constexpr):
-    """The codes of one kept tile (``_slice_emit`` with ``KEEP``) under the row's scale ``rs``."""
+    """The codes of one kept tile (``_slice_emit``'s rounded tile) under the row's dynamic scale ``rs``."""
     cols = S * NS + tl.arange(0, NS)
     tl.store(y_ptr + base + rows[:, None] * N + cols[None, :], codes(y.to(tl.float32), rs, QMAX, QUANT == 2, FAST),
              mask=in_rows)
 
 
 @triton.jit
-def _half_rows(a, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows, in_rows, h, scale, amax, sc,
-               N: tl.constexpr, NS: tl.constexpr, CS: tl.constexpr, BMH: tl.constexpr, IN_PARTS: tl.constexpr,
-               MID_PARTS: tl.constexpr, OP: tl.constexpr, QUANT: tl.constexpr, STATIC: tl.constexpr,
-               QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr, KEEP: tl.constexpr,
-               AMAX: tl.constexpr):
-    """Rows ``rows`` of ``Y = A · X · H_N`` with ``H_N = H_{CS} ⊗ H_{NS}``: stage 1 on each of the ``CS`` column
-    slices ``x0 …`` of ``X``, then ``H_{CS}`` as butterflies (fp32 adds) across the slices, then ``H_{NS}`` on the tensor
-    cores per slice (``_slice_emit``). Returns the running absolute maximum and the rounded tiles of the first two
-    slices (what ``KEEP`` keeps; ``CS`` at most 2 then)."""
+def _row_block(a, x0, x1, y_ptr, base, rows, in_rows, h, scale, amax, sc, N: tl.constexpr, NS: tl.constexpr,
+               CS: tl.constexpr, BMH: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
+               OP: tl.constexpr, QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr,
+               OUT_DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """Rows ``rows`` of ``Y = A · X · H_N`` with ``H_N = H_{CS} ⊗ H_{NS}`` (``CS`` 1 or 2): stage 1 on each column
+    slice ``x0``, ``x1`` of ``X``, ``H_2`` as one fp32 butterfly across them, then ``H_{NS}`` on the tensor cores per
+    slice (``_slice_emit``). Returns the running absolute maximum and the two slices' rounded tiles."""
     if CS == 1:
-        y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
-        amax, f0 = _slice_emit(y0, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
+        amax, f0 = _slice_emit(_stage1(a, x0, BMH, NS, IN_PARTS, OP), h, scale, y_ptr, base, rows, in_rows, 0, N, NS,
+                               BMH, amax, sc, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
         f1 = f0
-    elif CS == 2:
+    else:
         y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
         y1 = _stage1(a, x1, BMH, NS, IN_PARTS, OP)
-        amax, f0 = _slice_emit(y0 + y1, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
-        amax, f1 = _slice_emit(y0 - y1, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 1, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
-    else:  # CS == 4: B_j = sum_i (-1)^popcount(i & j) Y_i in two butterfly levels
-        y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
-        y1 = _stage1(a, x1, BMH, NS, IN_PARTS, OP)
-        u0 = y0 + y1
-        u1 = y0 - y1
-        y2 = _stage1(a, x2, BMH, NS, IN_PARTS, OP)
-        y3 = _stage1(a, x3, BMH, NS, IN_PARTS, OP)
-        u2 = y2 + y3
-        u3 = y2 - y3
-        amax, f0 = _slice_emit(u0 + u2, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 0, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
-        amax, f1 = _slice_emit(u1 + u3, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 1, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
-        amax, _f2 = _slice_emit(u0 - u2, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 2, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
-        amax, _f3 = _slice_emit(u1 - u3, h, scale, y_ptr, ws_ptr, base, wbase, rows, in_rows, 3, N, NS, BMH, amax, sc,
-                           MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, KEEP, AMAX)
+        amax, f0 = _slice_emit(y0 + y1, h, scale, y_ptr, base, rows, in_rows, 0, N, NS, BMH, amax, sc, MID_PARTS, OP,
+                               QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
+        amax, f1 = _slice_emit(y0 - y1, h, scale, y_ptr, base, rows, in_rows, 1, N, NS, BMH, amax, sc, MID_PARTS, OP,
+                               QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
     return amax, f0, f1
 
 
 @triton.jit
-def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ws_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr,
+def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr,
                               BM: tl.constexpr, N: tl.constexpr, CS: tl.constexpr, LOGS: tl.constexpr,
                               RH: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, OP: tl.constexpr,
                               STAGES: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False,
                               QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0,
-                              OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False,
-                              KEEP: tl.constexpr = False, AMAX: tl.constexpr = False):
+                              OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False):
     """``_persistent_kernel``'s transform (``D1 = 1``: ``Y = A · X · H_N``, one row ``X`` of ``M0 ≤ BM`` rows per
-    loop step) with fewer tensor-core products and smaller tiles: ``H_N = H_{CS} ⊗ H_{N/CS}``, so stage 1 runs on
-    ``CS`` column slices of ``X``, ``H_{CS}`` is applied by fp32 butterflies across them and only ``H_{N/CS}`` on
-    the tensor cores (multiply-adds per element ``BM + MID_PARTS·N/CS`` instead of ``BM + MID_PARTS·N``); ``RH``
-    row blocks of ``BM/RH`` rows go through stage 1 to the store one after the other (fewer live registers).
-    Each stage is exact to fp32 accumulation, as in ``_persistent_kernel`` (the sums are grouped differently).
-    With ``QUANT`` it stores codes: under the static scale, or for a dynamic per-row scale by first writing the
-    row, rounded to ``OUT_DTYPE``, to the program's workspace row ``ws_ptr`` (``NPROG × M0·N``; it stays in L2)
-    and quantizing it from there once the row's maximum is known, or with ``KEEP`` (``CS`` at most 2) by keeping
-    the rounded tiles in registers until then. ``AMAX`` (without ``QUANT``): the transform is stored and each row's
-    absolute maximum goes to ``s_ptr`` (for ``quant_triton.tile_quant_kernel``, a second launch)."""
+    loop step) with fewer tensor-core products and fewer live registers: ``H_N = H_{CS} ⊗ H_{N/CS}`` (``CS`` 1 or
+    2), so stage 1 runs on ``CS`` column slices of ``X``, ``H_{CS}`` is one fp32 butterfly across them and only
+    ``H_{N/CS}`` runs on the tensor cores (multiply-adds per element ``BM + MID_PARTS·N/CS`` instead of
+    ``BM + MID_PARTS·N``); the ``RH`` (1 or 2) row blocks of ``BM/RH`` rows go from stage 1 to the store one
+    after the other. Each stage is exact to fp32 accumulation, as in ``_persistent_kernel`` (the sums are grouped
+    differently). With ``QUANT`` it stores codes: under the static scale as each tile is done, or under a dynamic
+    per-row scale once the row's maximum is known, the row's rounded tiles kept in registers until then (a
+    workspace row read back, or a second launch, measured slower: ``benchmarks/r4_prefill_gpu.py``)."""
     NS: tl.constexpr = N // CS
     BMH: tl.constexpr = BM // RH
-    pid = tl.program_id(0)
     offs_h = tl.arange(0, BMH)
     offs_k = tl.arange(0, BM)
     a0 = tl.load(a_ptr + offs_h[:, None] * BM + offs_k[None, :]).to(OP)
@@ -404,58 +371,37 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ws_ptr, ROWS, NPROG, M0, scal
     else:
         a1 = a0
     h = _sylvester(NS, LOGS, OP)
-    wbase = tl.cast(pid, tl.int64) * M0 * N
     sc = 1.0
     if QUANT != 0 and STATIC:
         sc = tl.load(s_in_ptr).to(tl.float32)
-    for row in tl.range(pid, ROWS, NPROG, num_stages=STAGES):
+    for row in tl.range(tl.program_id(0), ROWS, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
         in_k = offs_k[:, None] < M0
-        x0 = _load_slice(x_ptr, base, offs_k, in_k, 0, N, NS)
-        x1 = x0
-        x2 = x0
-        x3 = x0
-        if CS >= 2:
-            x1 = _load_slice(x_ptr, base, offs_k, in_k, 1, N, NS)
-        if CS == 4:
-            x2 = _load_slice(x_ptr, base, offs_k, in_k, 2, N, NS)
-            x3 = _load_slice(x_ptr, base, offs_k, in_k, 3, N, NS)
-        amax = 0.0
         rows0 = offs_h
         in0 = rows0[:, None] < M0
-        amax, t00, t01 = _half_rows(a0, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows0, in0, h, scale, amax, sc,
-                                    N, NS, CS, BMH, IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST,
-                                    KEEP, AMAX)
         rows1 = BMH + offs_h
         in1 = rows1[:, None] < M0
+        x0 = _load_slice(x_ptr, base, offs_k, in_k, 0, N, NS)
+        x1 = x0
+        if CS == 2:
+            x1 = _load_slice(x_ptr, base, offs_k, in_k, 1, N, NS)
+        amax, t00, t01 = _row_block(a0, x0, x1, y_ptr, base, rows0, in0, h, scale, 0.0, sc, N, NS, CS, BMH,
+                                    IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
         t10 = t00
         t11 = t01
         if RH == 2:
-            amax, t10, t11 = _half_rows(a1, x0, x1, x2, x3, y_ptr, ws_ptr, base, wbase, rows1, in1, h, scale, amax,
-                                        sc, N, NS, CS, BMH, IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE,
-                                        FAST, KEEP, AMAX)
-        if AMAX:
-            tl.store(s_ptr + row, amax)
+            amax, t10, t11 = _row_block(a1, x0, x1, y_ptr, base, rows1, in1, h, scale, amax, sc, N, NS, CS, BMH,
+                                        IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
         if QUANT != 0 and not STATIC:
             rs = tl.maximum(amax * RCP, TINY_C)
             tl.store(s_ptr + row, rs)
-            if KEEP:
-                _store_codes(t00, y_ptr, base, rows0, in0, 0, N, NS, rs, QMAX, QUANT, FAST)
+            _store_codes(t00, y_ptr, base, rows0, in0, 0, N, NS, rs, QMAX, QUANT, FAST)
+            if CS == 2:
+                _store_codes(t01, y_ptr, base, rows0, in0, 1, N, NS, rs, QMAX, QUANT, FAST)
+            if RH == 2:
+                _store_codes(t10, y_ptr, base, rows1, in1, 0, N, NS, rs, QMAX, QUANT, FAST)
                 if CS == 2:
-                    _store_codes(t01, y_ptr, base, rows0, in0, 1, N, NS, rs, QMAX, QUANT, FAST)
-                if RH == 2:
-                    _store_codes(t10, y_ptr, base, rows1, in1, 0, N, NS, rs, QMAX, QUANT, FAST)
-                    if CS == 2:
-                        _store_codes(t11, y_ptr, base, rows1, in1, 1, N, NS, rs, QMAX, QUANT, FAST)
-            else:
-                tl.debug_barrier()  # the workspace row written by every thread of the program
-                offs_m = tl.arange(0, BM)
-                offs_n = tl.arange(0, N)
-                ok = offs_m[:, None] < M0
-                off = offs_m[:, None] * N + offs_n[None, :]
-                y = tl.load(ws_ptr + wbase + off, mask=ok, other=0.0)
-                tl.store(y_ptr + base + off, codes(y.to(tl.float32), rs, QMAX, QUANT == 2, FAST), mask=ok)
-                tl.debug_barrier()  # read before the next row overwrites it
+                    _store_codes(t11, y_ptr, base, rows1, in1, 1, N, NS, rs, QMAX, QUANT, FAST)
 
 
 @triton.jit
@@ -516,8 +462,8 @@ class Plan:
     ctas: int = 4             # persistent: programs per multiprocessor
     stages: int = 1           # persistent: software-pipelining depth of the row loop
     BR: int = 32              # dense: rows per block
-    col_split: int = 1        # persistent, D1 = 1: H_N as H_{col_split} butterflies ⊗ H_{N/col_split} products
-    row_split: int = 1        # persistent, D1 = 1: row blocks of BM/row_split taken one after the other
+    col_split: int = 1        # persistent, D1 = 1: H_N as an H_{col_split} butterfly ⊗ H_{N/col_split} products (1, 2)
+    row_split: int = 1        # persistent, D1 = 1: row blocks of BM/row_split taken one after the other (1, 2)
 
     @property
     def NT(self) -> int:
@@ -574,9 +520,10 @@ _TUNED = {
     128: Plan("dense", 128, BR=64, persistent=True, ctas=4, stages=2),
     4096: Plan("factored", 4096, m=1, i=6, M0=64, D1=1, D2=64, BM=64, BK=64, mid_parts=2, num_warps=4,
                cost=192.0, persistent=True, ctas=4, stages=2),
-    # the sliced kernel: H_128 as H_2 butterflies x H_64 products, two row blocks of 64 (benchmarks/r4_prefill_gpu.py,
-    # 16384 rows, H200; results/r4_prefill_gpu.json): transform 0.494 -> 0.339-0.344 ms, + fp8 static codes 0.601
-    # -> 0.498, + int8 static 0.641 -> 0.514, + fp8 dynamic 0.667 -> 0.611, + int8 dynamic 0.682 -> 0.648
+    # the sliced kernel: H_128 as an H_2 butterfly x H_64 products, two row blocks of 64 (benchmarks/r4_prefill_gpu.py,
+    # 16384 rows, H200, three sweeps; results/r4_prefill_gpu*.json): transform 0.494 -> 0.337-0.344 ms, + fp8 static
+    # codes 0.601-0.606 -> 0.498-0.502, + int8 static 0.641-0.644 -> 0.514-0.518, + fp8 dynamic 0.665-0.667 ->
+    # 0.606-0.611, + int8 dynamic 0.678-0.689 -> 0.643-0.648
     14336: Plan("factored", 14336, m=28, i=2, M0=112, D1=1, D2=128, BM=128, BK=32, mid_parts=2, num_warps=4,
                 cost=438.9, persistent=True, ctas=2, stages=2, col_split=2, row_split=2),
 }
@@ -596,13 +543,6 @@ FEW_ROWS = 16
 #: 5.92 / 6.15 -> 5.14 / 5.66, the plain transform 4.00 / 4.16 -> 3.36 / 3.56; 8 warps won nothing
 FEW_ROWS_WARPS = 4
 FEW_ROWS_BK: Optional[int] = 128
-#: how the sliced persistent kernel makes codes under a dynamic per-row scale: ``"keep"`` (``col_split`` at most 2;
-#: else as ``"workspace"``): the row's rounded tiles stay in registers until its maximum is known; ``"workspace"``:
-#: they go to a workspace row of the program and are read back; ``"two_launches"``: the kernel stores the rounded
-#: transform and each row's maximum, ``quant_triton.tile_quant_kernel`` (``TWO_LAUNCH_BLOCK`` elements per
-#: program) makes the codes
-SLICED_DYNAMIC = "keep"
-TWO_LAUNCH_BLOCK = 1024
 
 
 def few_rows_plan(p: Plan) -> Plan:
@@ -742,27 +682,13 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
     d1h = max(p.D1, 16)
     nprog = max(1, min(rows, programs))
     if p.col_split > 1 or p.row_split > 1:
-        if p.D1 != 1 or p.col_split not in (1, 2, 4) or p.row_split not in (1, 2) or p.D2 // p.col_split < 16:
+        if p.D1 != 1 or p.col_split not in (1, 2) or p.row_split not in (1, 2) or p.D2 // p.col_split < 16:
             raise ValueError(f"no sliced persistent kernel for {p.describe()}")
-        dynamic = bool(quant) and not quant.get("STATIC", False)
-        how = SLICED_DYNAMIC if SLICED_DYNAMIC != "keep" or p.col_split <= 2 else "workspace"
         ns = p.D2 // p.col_split
-        launch = dict(BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1, RH=p.row_split, IN_PARTS=in_parts,
-                      MID_PARTS=min(p.mid_parts, out_parts), OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps)
-        if dynamic and how == "two_launches":  # the rounded transform and its rows' maxima, then the codes
-            ws = torch.empty_like(x2)
-            amax = torch.empty((rows,), device=x2.device, dtype=torch.float32)
-            _persistent_sliced_kernel[(nprog,)](x2, a, ws, x2, rows, nprog, p.M0, scale, amax, s_in, AMAX=True,
-                                                **launch)
-            tile_quant_kernel[(rows, triton.cdiv(n, TWO_LAUNCH_BLOCK))](
-                ws, y, sq, amax, n, n, n, 1, T_PAD=2, QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,
-                BLOCK=TWO_LAUNCH_BLOCK, FAST=quant["FAST"], num_warps=4)
-            return
-        ws = torch.empty((nprog, p.M0 * p.D2), device=x2.device, dtype=x2.dtype) if dynamic and how == "workspace" \
-            else x2
-        if dynamic:
-            quant = dict(quant, KEEP=how == "keep")
-        _persistent_sliced_kernel[(nprog,)](x2, a, y, ws, rows, nprog, p.M0, scale, sq, s_in, **launch, **quant)
+        _persistent_sliced_kernel[(nprog,)](
+            x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1,
+            RH=p.row_split, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), OP=_OPERAND, STAGES=p.stages,
+            num_warps=p.num_warps, **quant)
         return
     _persistent_kernel[(nprog,)](
         x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
