@@ -50,6 +50,13 @@ The stock bf16 row is measured once more at the end of the run ("bf16 (again, en
 ``--no-bf16-again``): its ratio to the first bf16 row is the drift of the baseline within the run (2-3%
 between calls on the H200), printed after the targets. Every speedup stays over the first bf16 row.
 
+QuaRot's cost (``quarot_overhead``: the QuaRot row's per-layer decode batch-1 and prefill times over its plain
+row's, the larger) is a difference of a few percent between two rows, and single rows moved by 3-5% between runs
+of the same code (runs l and m). With ``--quarot-rounds R`` (default 5; 0 turns it off) a plain row's batch-1
+decoder and prefill decoder stay alive while its QuaRot twin runs next, then both are timed alternately R times
+(``quarot_pair`` in the QuaRot raw row) and the cost comes from the medians of those rounds
+(``quarot_overhead_source`` "interleaved"); the rows' own times stay as measured.
+
 Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
 position, argmax, and the rotary embedding's cos / sin, which the model computes once per step for all
 layers) timed on its own. Runs before 2026-11-30's run j left the rotary embedding out of the head, so
@@ -467,8 +474,9 @@ def _attempt(r: dict, what: str, fn) -> None:
 
 
 @torch.no_grad()
-def measure(model, setup: Setup, r: dict) -> None:
-    """Fill ``r`` with the raw timings of one variant (see the module docstring)."""
+def measure(model, setup: Setup, r: dict, keep: dict | None = None) -> None:
+    """Fill ``r`` with the raw timings of one variant (see the module docstring). ``keep``: receives the batch-1
+    decoder and the prefill decoder with its prompt, for :func:`interleave` (they are not released then)."""
     from graphquant.static_decode import StaticDecoder
 
     dev = setup.device
@@ -494,6 +502,8 @@ def measure(model, setup: Setup, r: dict) -> None:
             r[f"generate_b{b}_wall_ms"] = statistics.median(walls)
             r[f"generate_b{b}_prefill_ms"] = statistics.median(pre)
             r[f"generate_b{b}_decode_ms"] = statistics.median(dec_ms)
+            if keep is not None and b == 1:
+                keep["decode_b1"] = dec
             del dec
         _attempt(r, f"decode/generate batch {b}", decode)
         gc.collect()
@@ -503,6 +513,8 @@ def measure(model, setup: Setup, r: dict) -> None:
         dec = StaticDecoder(model, bp, lp + 8, compile=setup.compile, cuda_graph=False)
         ids = torch.randint(0, setup.vocab, (bp, lp), device=dev)
         r["prefill_ms"] = dec.time_prefill_ms(ids, setup.prefill_iters)
+        if keep is not None:
+            keep["prefill"] = (dec, ids)
         del dec
     _attempt(r, "prefill", prefill)
 
@@ -511,14 +523,34 @@ def measure(model, setup: Setup, r: dict) -> None:
 _HEADS: dict = {}
 
 
-def run_variant(model, v: Variant, setup: Setup, calib) -> dict:
+def run_variant(model, v: Variant, setup: Setup, calib, keep: dict | None = None, reset: bool = True) -> dict:
+    """One row's raw measurements. ``keep`` (see :func:`measure`) and ``reset=False`` (Dynamo's caches are kept, so
+    the kept prefill decoder does not compile again) serve :func:`interleave`."""
     r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention,
          "compiled": v.compile, "switch": v.switch}
     with switched(v.switch):
-        return _run_variant(model, v, setup, calib, r)
+        return _run_variant(model, v, setup, calib, r, keep, reset)
 
 
-def _run_variant(model, v: Variant, setup: Setup, calib, r: dict) -> dict:
+def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int) -> dict:
+    """QuaRot's cost from alternating measurements: ``rounds`` times the plain row's batch-1 decode step and prefill,
+    then the QuaRot row's, each the median of ``setup.step_iters`` / ``setup.prefill_iters`` calls on the decoders
+    ``measure`` kept. Returns ``{"decode_b1_ms": {"plain": [...], "quarot": [...]}, "prefill_ms": {...}}``: a drift
+    of the GPU's speed over the run acts on both rows alike."""
+    out = {"decode_b1_ms": {"plain": [], "quarot": []}, "prefill_ms": {"plain": [], "quarot": []}}
+    position = setup.max_length - setup.new_tokens // 2 if setup.new_tokens > 1 else setup.prompt
+    for _ in range(rounds):
+        for name, kept in (("plain", plain), ("quarot", rotated)):
+            if "decode_b1" in kept:
+                out["decode_b1_ms"][name].append(kept["decode_b1"].time_step_ms(setup.step_iters, position=position))
+            if "prefill" in kept:
+                dec, ids = kept["prefill"]
+                out["prefill_ms"][name].append(dec.time_prefill_ms(ids, setup.prefill_iters))
+    return {k: v for k, v in out.items() if v["plain"] and v["quarot"]}
+
+
+def _run_variant(model, v: Variant, setup: Setup, calib, r: dict, keep: dict | None = None,
+                 reset: bool = True) -> dict:
     dev = setup.device
     gc.collect()
     if dev == "cuda":
@@ -541,7 +573,7 @@ def _run_variant(model, v: Variant, setup: Setup, calib, r: dict) -> dict:
             sync(dev)
             r["resident_bytes"] = torch.cuda.memory_allocated() - base
             torch.cuda.reset_peak_memory_stats()
-        measure(m, setup if v.compile else dataclasses.replace(setup, compile=False), r)
+        measure(m, setup if v.compile else dataclasses.replace(setup, compile=False), r, keep)
         options = r.get("decode_compile_options")
         if options and v.compile and setup.compile:  # the head as this variant's step compiles it (time_head)
             key = repr(sorted(options.items()))
@@ -553,7 +585,8 @@ def _run_variant(model, v: Variant, setup: Setup, calib, r: dict) -> dict:
         if dev == "cuda":
             r["peak_bytes"] = torch.cuda.max_memory_allocated() - base
     del m
-    torch._dynamo.reset()
+    if reset:
+        torch._dynamo.reset()
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
@@ -623,9 +656,17 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
             plain = next((x for x in rows if x["who"] == row["who"] and x["scheme"] == row["scheme"]
                           and not x.get("quarot") and x.get("switch", "") == row.get("switch", "")), None)
             parts = {}
+            src = next((x for x in raw if x.get("who") == row["who"] and x.get("variant") == row["variant"]
+                        and x.get("switch", "") == row.get("switch", "")), {})
+            pair = src.get("quarot_pair") or {}
             for key in ("decode_b1", "prefill"):
                 a = row.get(f"{key}_layer_ms")
                 p = plain.get(f"{key}_layer_ms") if plain else None
+                rounds = pair.get(f"{key}_ms")
+                if rounds:  # alternating rounds (interleave): the medians, the row's head subtracted from both
+                    h = (src.get("head") or {}).get(f"{key}_ms", head.get(f"{key}_ms"))
+                    a, p = (statistics.median(rounds[w]) - h for w in ("quarot", "plain"))
+                    row.setdefault("quarot_overhead_source", "interleaved")
                 if a is not None and p:
                     parts[key] = a / p - 1
             row["quarot_overhead_parts"] = parts
@@ -862,6 +903,9 @@ def main(argv=None):
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
+    ap.add_argument("--quarot-rounds", type=int, default=5,
+                    help="QuaRot's cost from this many alternating measurements of each plain row and its QuaRot "
+                         "row (0: from the two rows' own measurements)")
     ap.add_argument("--ab", action="append", metavar="MODULE.ATTR=VALUE[;MODULE.ATTR=VALUE]",
                     help="also measure every graphquant row with this switch set, right after it (repeatable), "
                          "e.g. graphquant.kernels.int8_mm.PREFILL_TRITON=1")
@@ -925,13 +969,33 @@ def main(argv=None):
     calib = [torch.randint(0, setup.vocab, (1, 256 if not args.smoke else 32), device=setup.device) for _ in range(2)]
     out["head"] = time_head(model, setup)
     print("head: " + ", ".join(f"{k} {v:.4f}" for k, v in out["head"].items()), flush=True)
-    for v in variants:
+    if args.quarot_rounds:
+        out["notes"].append(f"QuaRot's cost from {args.quarot_rounds} alternating rounds of each plain row and its "
+                            "QuaRot row (quarot_pair in the QuaRot rows)")
+    kept = None  # the previous row's decoders while its QuaRot twin runs next (--quarot-rounds)
+    for i, v in enumerate(variants):
         if time.time() - T0 > args.budget_s:
             out["notes"].append(f"time budget {args.budget_s:.0f} s reached: {v.who} {v.name} and later not run")
             break
         print(f"[{time.time() - T0:6.1f}s] {v.who} {v.name}{' (own process)' if v.who in isolated else ''} ...",
               flush=True)
-        r = run_isolated(v, args, args.isolate_s) if v.who in isolated else run_variant(model, v, setup, calib)
+        nxt = variants[i + 1] if i + 1 < len(variants) else None
+        pairs = bool(args.quarot_rounds) and v.who == "graphquant" and v.who not in isolated
+        twin_next = pairs and not v.quarot and nxt is not None and nxt.quarot and nxt.who == v.who \
+            and nxt.scheme == v.scheme and nxt.switch == v.switch
+        paired = pairs and v.quarot and kept is not None
+        keep = {} if twin_next or paired else None
+        if v.who in isolated:
+            r = run_isolated(v, args, args.isolate_s)
+        else:
+            r = run_variant(model, v, setup, calib, keep=keep, reset=keep is None)
+        if paired:
+            _attempt(r, "interleaved QuaRot rounds",
+                     lambda: r.__setitem__("quarot_pair", interleave(kept, keep, setup, args.quarot_rounds)))
+            keep = None
+            torch._dynamo.reset()
+        kept = keep if twin_next else None
+        gc.collect()
         out["raw"].append(r)
         print("   " + ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in r.items()
                                 if k not in ("who", "variant", "scheme", "quarot")), flush=True)

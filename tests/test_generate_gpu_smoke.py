@@ -95,6 +95,39 @@ def test_a_row_with_its_own_head_subtracts_it(bench):
     assert w4["decode_b1_full32_ms_extrapolated"] == pytest.approx(0.15 + 32 * 0.07)
 
 
+def test_interleaved_rounds_give_quarot_its_cost(bench):
+    """``--quarot-rounds``: the plain row and its QuaRot twin timed alternately; the cost comes from the rounds'
+    medians (head subtracted), not from the two rows' own times, which here disagree (a drift between them)."""
+    calls = []
+
+    class Dec:
+        def __init__(self, name, step, pre):
+            self.name, self.step, self.pre = name, step, pre
+
+        def time_step_ms(self, iters, position=None):
+            calls.append((self.name, "step"))
+            return self.step
+
+        def time_prefill_ms(self, ids, iters):
+            calls.append((self.name, "prefill"))
+            return self.pre
+
+    setup = bench.SMOKE
+    plain = {"decode_b1": Dec("plain", 0.2 + 2 * 0.070, None), "prefill": (Dec("plain", None, 1.0 + 2 * 9.0), None)}
+    rotated = {"decode_b1": Dec("rot", 0.2 + 2 * 0.0714, None), "prefill": (Dec("rot", None, 1.0 + 2 * 9.18), None)}
+    pair = bench.interleave(plain, rotated, setup, rounds=3)
+    assert calls == [("plain", "step"), ("plain", "prefill"), ("rot", "step"), ("rot", "prefill")] * 3
+    assert pair["decode_b1_ms"]["quarot"] == [0.2 + 2 * 0.0714] * 3 and len(pair["prefill_ms"]["plain"]) == 3
+    raw = fake_raw()
+    raw[2] = dict(raw[2], prefill_ms=1.0 + 2 * 9.9, quarot_pair=pair)  # its own prefill 10% over the plain row's
+    rot = next(r for r in bench.build_rows(raw, HEAD, layers=2) if r["variant"] == "W4A16 g128 + QuaRot")
+    assert rot["quarot_overhead_source"] == "interleaved"
+    assert rot["quarot_overhead_parts"]["decode_b1"] == pytest.approx(0.0714 / 0.07 - 1)
+    assert rot["quarot_overhead_parts"]["prefill"] == pytest.approx(0.02)
+    assert rot["quarot_overhead"] == pytest.approx(0.02)
+    assert rot["prefill_layer_ms"] == pytest.approx(9.9)  # the row's own time stays as measured
+
+
 def test_targets_pass_miss_and_torchao_comparison(bench):
     rows = bench.build_rows(fake_raw(), HEAD, layers=2, batches=(1, 16), new_tokens=256)
     ts = bench.targets(rows)
@@ -184,6 +217,20 @@ def test_smoke_run_on_cpu(bench, tmp_path):
     assert not (tmp_path / "smoke.json.partial").exists()
 
 
+def test_smoke_run_times_each_quarot_row_against_its_plain_row_in_rounds(bench, tmp_path):
+    """In one process a plain row's decoders stay alive while its QuaRot twin runs, then both are timed in
+    alternating rounds (``--quarot-rounds``)."""
+    out = tmp_path / "pairs.json"
+    bench.main(["--smoke", "--variants", "int8", "--no-bf16-again", "--quarot-rounds", "2", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    rot = next(r for r in doc["raw"] if r["variant"] == "int8 W8A8 + QuaRot")
+    assert not rot.get("errors"), rot.get("errors")
+    assert {k: [len(v) for v in d.values()] for k, d in rot["quarot_pair"].items()} == \
+        {"decode_b1_ms": [2, 2], "prefill_ms": [2, 2]}
+    row = next(r for r in doc["rows"] if r["variant"] == "int8 W8A8 + QuaRot")
+    assert row["quarot_overhead_source"] == "interleaved" and row["quarot_overhead"] is not None
+
+
 def test_ab_switch_twins_each_graphquant_row(bench, monkeypatch):
     """``--ab MODULE.ATTR=VALUE``: every graphquant row gets a twin right after it, built and measured with the
     switch set (and the old value back afterwards); a QuaRot twin's overhead is over the twin without QuaRot."""
@@ -196,7 +243,7 @@ def test_ab_switch_twins_each_graphquant_row(bench, monkeypatch):
     assert [v.name for v in vs] == ["bf16", "bf16 + decode attention", "int8 W8A8", f"int8 W8A8 [PREFILL_TRITON={flip}]",
                                     "int8 W8A8 + QuaRot", f"int8 W8A8 + QuaRot [PREFILL_TRITON={flip}]"]
     seen = []
-    monkeypatch.setattr(bench, "_run_variant", lambda model, v, setup, calib, r: seen.append(
+    monkeypatch.setattr(bench, "_run_variant", lambda model, v, setup, calib, r, *kept: seen.append(
         int8_mm.PREFILL_TRITON) or r)
     for v in vs[2:4]:
         assert bench.run_variant(None, v, bench.SMOKE, None)["switch"] == v.switch
