@@ -461,6 +461,11 @@ def time_head(model, setup: Setup, options: dict | None = None) -> dict:
     return out
 
 
+def _decode_position(setup: Setup) -> int:
+    """The cache position a decode step is timed at: the middle of the new tokens."""
+    return setup.max_length - setup.new_tokens // 2 if setup.new_tokens > 1 else setup.prompt
+
+
 def _attempt(r: dict, what: str, fn) -> None:
     """One measurement; a failure is recorded in ``r["errors"]`` and the others go on."""
     try:
@@ -487,8 +492,7 @@ def measure(model, setup: Setup, r: dict, keep: dict | None = None) -> None:
             dec.generate(prompt, setup.new_tokens)  # compiles prefill and step, captures the graph
             r[f"compile_b{b}_s"] = time.time() - t
             r["decode_compile_options"] = dict(getattr(dec, "decode_compile_options", None) or {})
-            r[f"decode_b{b}_ms"] = dec.time_step_ms(setup.step_iters, position=setup.max_length - setup.new_tokens // 2
-                                                    if setup.new_tokens > 1 else setup.prompt)
+            r[f"decode_b{b}_ms"] = dec.time_step_ms(setup.step_iters, position=_decode_position(setup))
             walls, pre, dec_ms = [], [], []
             for _ in range(setup.generate_iters):
                 sync(dev)
@@ -537,7 +541,7 @@ def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int) -> dict:
     ``measure`` kept. Returns ``{"decode_b1_ms": {"plain": [...], "quarot": [...]}, "prefill_ms": {...}}``: a drift
     of the GPU's speed over the run acts on both rows alike."""
     out = {"decode_b1_ms": {"plain": [], "quarot": []}, "prefill_ms": {"plain": [], "quarot": []}}
-    position = setup.max_length - setup.new_tokens // 2 if setup.new_tokens > 1 else setup.prompt
+    position = _decode_position(setup)
     for _ in range(rounds):
         for name, kept in (("plain", plain), ("quarot", rotated)):
             if "decode_b1" in kept:

@@ -128,6 +128,12 @@ def _dense_kernel(x_ptr, g_ptr, y_ptr, R, N, G_STRIDE, scale,
 
 
 @triton.jit
+def _tile_amax(y, mask):
+    """The absolute maximum of the 2-D tile ``y`` where ``mask`` holds (fp32)."""
+    return tl.max(tl.max(tl.where(mask, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0)
+
+
+@triton.jit
 def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr, amax_ptr,
                      BM: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
                      D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
@@ -201,8 +207,7 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     else:
         y = (tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE)
         tl.store(ws_ptr + tile_off, y, mask=in_rows)
-        tl.store(amax_ptr + row * NT + tile, tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0),
-                                                            axis=1), axis=0))
+        tl.store(amax_ptr + row * NT + tile, _tile_amax(y, in_rows))
 
 
 @triton.jit
@@ -240,6 +245,15 @@ def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
 
 
 @triton.jit
+def _stage1(a, x, BMH: tl.constexpr, NS: tl.constexpr, IN_PARTS: tl.constexpr, OP: tl.constexpr):
+    """``A · X`` (``a`` ±1, ``BMH`` rows; ``x`` a row view or a column slice of it, ``NS`` columns) in fp32, exact to
+    fp32 accumulation (``x`` split into ``IN_PARTS`` bf16 pieces)."""
+    if IN_PARTS == 1:
+        return tl.dot(a, x.to(OP))
+    return _dot_split_right(a, x.to(tl.float32), tl.zeros((BMH, NS), dtype=tl.float32), IN_PARTS, OP)
+
+
+@triton.jit
 def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr,
                        BM: tl.constexpr, D1: tl.constexpr, LOG1: tl.constexpr, D1H: tl.constexpr,
                        D2: tl.constexpr, LOG2: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
@@ -264,17 +278,14 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
     for row in tl.range(tl.program_id(0), ROWS, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
         x = tl.load(x_ptr + base + offs_m[:, None] * N + offs_n[None, :], mask=in_rows, other=0.0)
-        if IN_PARTS == 1:
-            acc = tl.dot(a, x.to(OP))
-        else:
-            acc = _dot_split_right(a, x.to(tl.float32), tl.zeros((BM, N), dtype=tl.float32), IN_PARTS, OP)
+        acc = _stage1(a, x, BM, N, IN_PARTS, OP)
         t = _sylvester_stages(acc, h1, h2, BM, D1, D2, MID_PARTS, MIDDLE, OP)
         if QUANT == 0:
             tl.store(y_ptr + base + offs_m[:, None] * N + offs_n[None, :], (t * scale).to(y_ptr.dtype.element_ty),
                      mask=in_rows)
         else:
             y = (t * scale).to(OUT_DTYPE)
-            amax = tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0)
+            amax = _tile_amax(y, in_rows)
             _quantize_store(y, in_rows, amax, y_ptr + base + offs_m[:, None] * N + offs_n[None, :], s_ptr, s_in_ptr,
                             row, True, QUANT, STATIC, QMAX, RCP, FAST)
 
@@ -284,14 +295,6 @@ def _load_slice(x_ptr, base, offs_k, in_k, S: tl.constexpr, N: tl.constexpr, NS:
     """Columns ``S·NS … S·NS+NS-1`` of one row ``X`` (``M0 × N``), its padding rows zero."""
     cols = S * NS + tl.arange(0, NS)
     return tl.load(x_ptr + base + offs_k[:, None] * N + cols[None, :], mask=in_k, other=0.0)
-
-
-@triton.jit
-def _stage1(a, x, BMH: tl.constexpr, NS: tl.constexpr, IN_PARTS: tl.constexpr, OP: tl.constexpr):
-    """``A_h · X_slice`` in fp32, exact to fp32 accumulation (``a`` ±1, ``x`` split into ``IN_PARTS`` pieces)."""
-    if IN_PARTS == 1:
-        return tl.dot(a, x.to(OP))
-    return _dot_split_right(a, x.to(tl.float32), tl.zeros((BMH, NS), dtype=tl.float32), IN_PARTS, OP)
 
 
 @triton.jit
@@ -310,7 +313,7 @@ def _slice_emit(b, h, scale, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.
     elif STATIC:
         tl.store(y_ptr + base + off, codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST), mask=in_rows)
     else:
-        amax = tl.maximum(amax, tl.max(tl.max(tl.where(in_rows, tl.abs(y.to(tl.float32)), 0.0), axis=1), axis=0))
+        amax = tl.maximum(amax, _tile_amax(y, in_rows))
     return amax, y
 
 
@@ -679,7 +682,6 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
                                            **quant)
         return
     a = _factor_operand(p.m, p.i, transpose, p.BM, p.BM, x2.device)
-    d1h = max(p.D1, 16)
     nprog = max(1, min(rows, programs))
     if p.col_split > 1 or p.row_split > 1:
         if p.D1 != 1 or p.col_split not in (1, 2) or p.row_split not in (1, 2) or p.D2 // p.col_split < 16:
@@ -690,6 +692,7 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
             RH=p.row_split, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), OP=_OPERAND, STAGES=p.stages,
             num_warps=p.num_warps, **quant)
         return
+    d1h = max(p.D1, 16)
     _persistent_kernel[(nprog,)](
         x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
         D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
