@@ -83,8 +83,12 @@ def sweep_splits(args):
     from graphquant.kernels import decode_attention_triton as DAT
     from graphquant.timing import graph_us
 
-    splits = [int(v) for v in args.splits.split(",")]
-    blocks = [int(v) for v in args.blocks.split(",")] if args.blocks else [DAT.BLOCK_S]
+    try:
+        splits = [int(v) for v in args.splits.split(",")]
+        blocks = [int(v) for v in args.blocks.split(",")] if args.blocks else [DAT.BLOCK_S]
+    except ValueError:
+        raise SystemExit(f"decode_attention_gpu.py: --splits and --blocks take comma-separated integers, e.g. "
+                         f"--splits 1,2,4 --blocks 32,64; got {args.splits!r}, {args.blocks!r}") from None
     default_block = DAT.BLOCK_S
     layers, rows = 16, []
     print(f"{'batch':>5s} {'cache':>6s} {'filled':>6s} {'block':>5s} {'splits':>6s} {'us/call':>8s} {'max err':>8s}")

@@ -46,13 +46,20 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new variant after this many seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "r4_prefill_gpu.json"))
     args = ap.parse_args(argv)
+    try:
+        variants = [tuple(int(v) for v in s.split(",")) for s in args.variants.split(";")] if args.variants \
+            else VARIANTS
+    except ValueError:
+        variants = [()]
+    if any(len(v) != 5 for v in variants):
+        raise SystemExit(f"r4_prefill_gpu.py: --variants takes ';'-separated cs,rh,warps,ctas,stages integers, "
+                         f"e.g. 2,2,4,2,2; got {args.variants!r}")
     if not torch.cuda.is_available():
         raise SystemExit("r4_prefill_gpu.py needs a CUDA GPU")
     from graphquant import hadamard as H
     from graphquant.kernels import hadamard_triton as HT
     from graphquant.kernels import quant_triton as QT
 
-    variants = [tuple(int(v) for v in s.split(",")) for s in args.variants.split(";")] if args.variants else VARIANTS
     torch.manual_seed(0)
     x = torch.randn(args.rows, args.n, device="cuda", dtype=torch.bfloat16)
     ref = x[:64].double() @ H.hadamard_matrix(args.n, dtype=torch.float64, device="cuda").T
