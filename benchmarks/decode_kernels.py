@@ -95,13 +95,14 @@ def w4_f16mma_options(quick: bool = False):
         yield dict(BLOCK_N=bn, SPLIT_K=split, num_warps=4, num_stages=st)
 
 
-def w4_i8mma_options(quick: bool = False):
+def w4_i8mma_options(quick: bool = False, gps=(4,)):
     """``w4_i8mma`` tiles (one to four rows; the activation's pieces made by a launch before): weight columns per
     program, split-K over the steps of four groups, pipeline stages, warps (``results/w4_probe_i8mma.json``: 64
-    columns and 2-3 stages ahead on gate|up and down). ``quick``: 32-128 columns, 4 warps."""
+    columns and 2-3 stages ahead on gate|up and down). ``quick``: 32-128 columns, 4 warps. ``gps``: groups per loop
+    step (fewer: a smaller step tile, fewer registers per thread, more programs per SM)."""
     bns, warps = ((32, 64, 128), (4,)) if quick else ((32, 64, 128, 256), (2, 4, 8))
-    for bn, split, st, nw in itertools.product(bns, (1, 2, 4, 8), (2, 3), warps):
-        yield dict(BLOCK_N=bn, SPLIT_K=split, GPS=4, num_warps=nw, num_stages=st)
+    for gps, bn, split, st, nw in itertools.product(gps, bns, (1, 2, 4, 8), (2, 3), warps):
+        yield dict(BLOCK_N=bn, SPLIT_K=split, GPS=gps, num_warps=nw, num_stages=st)
 
 
 def w8_mma_options():
@@ -305,6 +306,7 @@ def main():
                          "fp8 W8A8 shapes")
     ap.add_argument("--gemlite", action="store_true",
                     help="also time gemlite's kernels on the W4A16 / W8A16 weights (its wheel on PYTHONPATH)")
+    ap.add_argument("--gps", default="4", help="w4_i8mma: comma-separated groups per loop step to try (1, 2, 4)")
     ap.add_argument("--cold", action="store_true",
                     help="time each call on a weight that is not in L2 (calls cycle through copies spanning twice "
                          "the L2 cache; cold_copies); without it 20 calls reuse one weight")
@@ -317,6 +319,11 @@ def main():
                          "(benchmarks/kernel_sass.py inspects the kernels' sm_90 code without one)")
     args.shapes, args.kinds, args.impls = ([v for v in a.split(",") if v] for a in (args.shapes, args.kinds, args.impls))
     args.m = [int(v) for v in args.m.split(",")]
+    try:
+        args.gps = tuple(int(v) for v in args.gps.split(","))
+        assert all(v in (1, 2, 4) for v in args.gps)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"decode_kernels.py: --gps {args.gps!r}: give a comma-separated list of 1, 2 and 4") from None
     if unknown := [v for v in args.shapes if v not in SHAPES]:
         raise SystemExit(f"decode_kernels.py: unknown --shapes {unknown}; choose from {', '.join(SHAPES)}")
     stages = [int(v) for v in args.stages.split(",")]
@@ -361,7 +368,7 @@ def main():
                             "w4_mma": lambda: w4_mma_options(args.quick),
                             "w8_mma": lambda: w8_mma_options(),
                             "w4_f16mma": lambda: w4_f16mma_options(args.quick),
-                            "w4_i8mma": lambda: w4_i8mma_options(args.quick)}[impl]()
+                            "w4_i8mma": lambda: w4_i8mma_options(args.quick, args.gps)}[impl]()
                     for cfg in opts:
                         if time.time() - t0 > args.budget_s:
                             break
