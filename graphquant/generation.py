@@ -29,12 +29,22 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
    compute the product in the model's own ops, as before. Checked per module on random inputs (same
    ``PROBE_TOLERANCE``); a module that computes something else keeps its own forward.
 
-5. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
+5. **SiLU·mul in the gate|up kernel, before an online R4.** Where a gated MLP (SiLU, gate|up fused in step 2)
+   has a ``down_proj`` with QuaRot's online R4, and the decode kernel of the fused gate|up at one row can store
+   ``silu(gate) * up`` itself (``quant_triton.glu_decode_fits``: ``wq_mm``, ``w8_mma`` or ``w4_i8mma`` with
+   tiles of whole block pairs), the fused weight's rows are interleaved in ``int8_mm.GLU_BLOCK`` blocks (gate
+   block, up block, ...) and the MLP computes ``down_proj(graphquant_fused.forward_glu(x))``: at decode the
+   product's own epilogue writes the SiLU·mul, so the launch Inductor would run for it between the product and
+   the R4 kernel is left out; at prefill the product runs as before and the SiLU·mul follows in torch ops.
+   Without the R4 (step 4, or Inductor's SiLU·mul fused with the activation quantization) the launch count is
+   the same either way, so this step leaves those models alone. Checked per module like step 4.
+
+6. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
    (:mod:`graphquant.decode_attention`: the one-token decode calls read each KV head once for its
    query group instead of sdpa's ``repeat_kv`` copies; prefill and everything else stay sdpa's).
    ``attention="keep"`` leaves the model's attention as it was.
 
-A probe forward before and after steps 2-4 (same kernels) must agree to rounding noise
+A probe forward before and after steps 2-5 (same kernels) must agree to rounding noise
 (``PROBE_TOLERANCE``), else :class:`PrepareError` says so; the model is then left half-prepared:
 build it again and call ``prepare(model, fuse=False, r3="keep")``. The prepared model is for
 generation only: saving it raises (save before preparing).
@@ -57,6 +67,8 @@ FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 PREPARED_ATTR = "graphquant_prepared"
 #: ``prepare``'s step 4 (SiLU·mul into an int4 down projection); a module switch so a benchmark can A/B it
 SILU_INTO_DOWN = True
+#: ``prepare``'s step 5 (SiLU·mul in the gate|up kernel before an online R4); a module switch likewise
+GLU_INTO_GATE_UP = True
 #: Inductor options ``prepare`` records (report key ``decode_compile_options``) for ``StaticDecoder``'s decode step
 #: compile when its caller gives none. ``combo_kernels``: the step's independent small kernels launched as one
 #: (W4A16 37 -> 28 launches per profiled 2-layer step, ``benchmarks/results/decode_profile_combo_kernels.json``).
@@ -248,6 +260,112 @@ def fuse_silu_into_down(model: nn.Module, device) -> list[str]:
     return changed
 
 
+class _GluHalf(nn.Module):
+    """The gate (``which`` 0) or up (1) half of a gate|up output interleaved in ``int8_mm.GLU_BLOCK`` blocks."""
+
+    def __init__(self, which: int):
+        super().__init__()
+        self.which = which
+
+    def forward(self, y):
+        from .kernels.int8_mm import GLU_BLOCK
+
+        return y.unflatten(-1, (-1, 2, GLU_BLOCK))[..., self.which, :].flatten(-2)
+
+    def extra_repr(self) -> str:
+        return ("gate", "up")[self.which]
+
+
+@functools.lru_cache(maxsize=None)
+def _glu_class(cls: type) -> type:
+    """``cls`` (a gated MLP, gate|up fused and interleaved) computing ``down_proj(graphquant_fused.forward_glu(x))``."""
+
+    def forward(self, x=None, **kwargs):
+        x = kwargs.pop("hidden_states") if x is None else x
+        return self.down_proj(self.graphquant_fused.forward_glu(x))
+
+    return type(f"GraphquantGlu{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
+
+
+def _glu_buckets(big: QuantLinear, device) -> tuple[int, ...]:
+    """The decode row buckets (``QuantLinear.GLU_BUCKETS``) at which the fused gate|up ``big`` runs on CUDA with a
+    kernel that stores the SiLU·mul itself (``quant_triton.glu_decode_fits``); empty where none does."""
+    from .kernels import int8_mm
+
+    if device.type != "cuda" or big.backend != "kernel" or (qt := int8_mm.triton_kernels(device, "glu")) is None:
+        return ()
+    a_kind, w_kind = {"int8_linear": (qt.A_INT8, qt.W_INT8), "fp8_linear": (qt.A_FP8, qt.W_FP8),
+                      "int8_weight_only": (qt.A_FLOAT, qt.W_INT8), "int4_linear": (qt.A_FLOAT, qt.W_INT4)}[big.kernel]
+    group = 0
+    if big.kernel == "int4_linear":
+        kw = big._layout(device)
+        if kw.args.get("layout") != "nibble":
+            return ()
+        group = kw.args["group_size"]
+    if big.kernel == "int4_linear" and big.decodes_on_tinygemm(device):
+        return ()  # one row runs tinygemm, which has no such epilogue
+    return tuple(b for b in QuantLinear.GLU_BUCKETS
+                 if qt.glu_decode_fits(b, big.out_features, big.in_features, a_kind, w_kind, group, device))
+
+
+def _glu_fits(mod: nn.Module, device) -> bool:
+    """A gated MLP with gate|up fused (gate first), a SiLU and a ``down_proj`` with an online R4."""
+    from .kernels.int8_mm import GLU_BLOCK
+
+    down, big = getattr(mod, "down_proj", None), getattr(mod, "graphquant_fused", None)
+    if getattr(mod, "graphquant_fused_group", None) != ("gate_proj", "up_proj") or not isinstance(down, QuantLinear) \
+            or not isinstance(big, QuantLinear) or not down.input_rotation \
+            or big.out_features != 2 * down.in_features or down.in_features % GLU_BLOCK \
+            or (mod.gate_proj.start, mod.up_proj.start) != (0, down.in_features):
+        return False
+    return _is_silu(getattr(mod, "act_fn", None), device, down.dtype) and 1 in _glu_buckets(big, device)
+
+
+def _interleaved(rec: LinearRecord, half: int) -> LinearRecord:
+    """``rec`` (a fused gate|up of ``2 half`` rows) with its rows interleaved in ``int8_mm.GLU_BLOCK`` blocks."""
+    from .kernels.int8_mm import GLU_BLOCK
+
+    rows = torch.arange(2 * half).view(2, half // GLU_BLOCK, GLU_BLOCK).transpose(0, 1).reshape(-1)
+
+    def take(t):
+        if t is None or t.dim() == 0 or t.shape[0] != 2 * half:
+            return t  # one scale for every row
+        return t.index_select(0, rows.to(t.device))
+
+    return dataclasses.replace(rec, weight=take(rec.weight), weight_scale=take(rec.weight_scale),
+                               weight_zero_point=take(rec.weight_zero_point), bias=take(rec.bias))
+
+
+def glu_into_gate_up(model: nn.Module, device) -> list[str]:
+    """Step 5 of :func:`prepare`; returns the modules changed."""
+    changed = []
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__.startswith("GraphquantGlu") or not _glu_fits(mod, device):
+            continue
+        big, half = mod.graphquant_fused, mod.down_proj.in_features
+        new = QuantLinear(_interleaved(big.record(), half), big.backend)
+        new.prepare_kernels(device)
+        new.glu_buckets = _glu_buckets(new, device)
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(shape + (big.in_features,), generator=g).to(device=device, dtype=big.dtype)
+              for shape in ((1, 1), (2, 3))]
+        old = (type(mod), mod.gate_proj, mod.up_proj)
+        with torch.no_grad():
+            want = [mod(x).float() for x in xs]
+            mod.graphquant_fused, mod.gate_proj, mod.up_proj = new, _GluHalf(0), _GluHalf(1)
+            mod.__class__ = _glu_class(old[0])
+            try:
+                got = [mod(x).float() for x in xs]
+            except Exception:  # noqa: BLE001 - a module this step does not fit keeps its own forward
+                got = [torch.full((1,), float("inf"))] * len(xs)
+        if not max(_relative_change(b, a) for a, b in zip(got, want)) <= PROBE_TOLERANCE:
+            mod.__class__, mod.gate_proj, mod.up_proj = old
+            mod.graphquant_fused = big  # its forward is not down_proj(silu(gate) * up)
+            continue
+        changed.append(name)
+    return changed
+
+
 def elide_r3(model: nn.Module) -> list[str]:
     """Step 3 of :func:`prepare`: drop R3 where no K quantizer follows it; returns the modules changed."""
     changed = []
@@ -281,12 +399,14 @@ def _probe(model: nn.Module, device) -> torch.Tensor:
 
 
 def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool = True,
-            attention: str = "decode", silu_into_down: bool | None = None) -> nn.Module:
+            attention: str = "decode", silu_into_down: bool | None = None,
+            glu_into_up: bool | None = None) -> nn.Module:
     """Ready a written-back graphquant model for fast generation (see the module docstring); returns
     it (changed in place). ``fuse``: horizontal fusion of q|k|v and gate|up; ``r3``: "elide" (drop R3
     where it feeds no K quantizer) or "keep"; ``check``: compare a probe forward before and after;
     ``attention``: "decode" (graphquant's decode attention backend, on CUDA) or "keep"; ``silu_into_down``
-    (default ``SILU_INTO_DOWN``): step 4, on the fused gate|up (so only with ``fuse``)."""
+    (default ``SILU_INTO_DOWN``): step 4, on the fused gate|up (so only with ``fuse``); ``glu_into_up`` (default
+    ``GLU_INTO_GATE_UP``): step 5, likewise."""
     if r3 not in ("elide", "keep"):
         raise ValueError(f"r3={r3!r}: choose 'elide' or 'keep'")
     if attention not in ("decode", "keep"):
@@ -308,6 +428,8 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
               "r3_elided": elide_r3(model) if r3 == "elide" else []}
     if fuse and (SILU_INTO_DOWN if silu_into_down is None else silu_into_down):
         report["silu_into_down"] = fuse_silu_into_down(model, device)
+    if fuse and (GLU_INTO_GATE_UP if glu_into_up is None else glu_into_up):
+        report["glu_into_gate_up"] = glu_into_gate_up(model, device)
     if check:
         after = _probe(model, device)
         err = _relative_change(before, after)

@@ -140,6 +140,38 @@ def test_w4_i8mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):
     assert QT.w4_i8mma(op["a"].repeat(5, 1), op["w"], op["w_scale"], group=GROUP) is None
 
 
+@pytest.mark.parametrize("kind", ["W8A16", "W4A16", "W8A8-int8", "W8A8-fp8"])
+def test_decode_kernels_store_the_silu_mul_of_an_interleaved_gate_up(kind):
+    """Llama-3-8B's fused gate|up (28672 x 4096) at one row with the H200 table's kernel and tiles: ``decode_mm(...,
+    glu=True)`` stores ``silu(gate) * up`` itself, equal to ``int8_mm.interleaved_glu`` of its plain output up to
+    the last bit of a SiLU (Triton's sigmoid against torch's), launch after launch and in CUDA-graph replays."""
+    from graphquant.kernels import quant_triton as QT
+    from graphquant.kernels.int8_mm import interleaved_glu
+
+    if "H200" not in torch.cuda.get_device_name(0):
+        pytest.skip("the tuned table's gate|up entries are the H200's")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    N, K = 28672, 4096
+    if kind != "W4A16":
+        op, _ = _case(kind, 1, N, K, False, g)
+    else:  # the table's group: 128
+        x = torch.randn(1, K, device="cuda", generator=g).to(torch.bfloat16)
+        w = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8, generator=g)
+        s = torch.rand(N, K // 128, device="cuda", generator=g) * 1e-2
+        op = dict(a=x, w=w, w_scale=s, w_kind=QT.W_INT4, group=128, w_zero=None,
+                  bias=torch.randn(N, device="cuda", generator=g).to(torch.bfloat16))
+    op = {k: v for k, v in op.items() if k in ("a", "w", "w_scale", "w_kind", "a_scale", "w_zero", "bias", "group")}
+    a_kind = QT._a_kind(op["a"])
+    assert QT.glu_decode_fits(1, N, K, a_kind, op["w_kind"], op.get("group", 0), op["a"].device)
+    want = interleaved_glu(QT.decode_mm(**op, out_dtype=torch.bfloat16))
+    outs = eager_and_graphed(lambda: QT.decode_mm(**op, out_dtype=torch.bfloat16, glu=True))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    got = outs[0]
+    assert got.shape == (1, N // 2)
+    assert ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-30).all()
+    assert (got == want).float().mean() > 0.99
+
+
 def test_int4_linear_with_hadamard_makes_w4_i8mma_pieces_in_the_hadamard_kernel(monkeypatch):
     """``graphquant::int4_linear(..., hadamard=True)`` at one row where the table names ``w4_i8mma`` (Llama-3-8B's
     down projection, K = 14336): the online R4 makes the int8 pieces in its epilogue (two launches), bit for bit the

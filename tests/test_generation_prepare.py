@@ -155,7 +155,7 @@ def test_silu_mul_into_the_int4_down_projection_keeps_logits_and_tokens(monkeypa
     monkeypatch.setattr(int4_mm, "gated_decode_fits", lambda *a: True)
     calls = []
     real = int4_mm.int4_linear
-    monkeypatch.setattr(int4_mm, "int4_linear", lambda x, *a: calls.append((tuple(x.shape), a[-1])) or real(x, *a))
+    monkeypatch.setattr(int4_mm, "int4_linear", lambda x, *a: calls.append((tuple(x.shape), a[7])) or real(x, *a))
     hf = qm.to_hf()
     for m in hf.modules():
         if isinstance(m, QuantLinear):
@@ -201,3 +201,61 @@ def test_silu_mul_into_the_down_projection_is_undone_where_the_module_computes_s
         assert hf.graphquant_prepared["silu_into_down"] == []
         mlp = hf.model.layers[0].mlp
         assert not type(mlp).__name__.startswith("GraphquantGatedDown") and not mlp.down_proj.gated_decode
+
+
+def _glu_config(scheme, group, pre):
+    if scheme != "W8A16":
+        return make_config(scheme, group, pre=pre)
+    return C.Config(global_quant_config=C.QuantizationConfig(weight=C.QuantizationSpec(
+        dtype="int8", qscheme="per_channel", ch_axis=0)), pre_quant_opt_config=list(pre))
+
+
+@pytest.mark.parametrize("scheme,group", [("w_int8_per_channel_a_int8_per_token", None), ("w_fp8_a_fp8", None),
+                                          ("w_int4_per_group_sym", 32), ("W8A16", None)])
+def test_silu_mul_in_the_gate_up_kernel_before_an_online_r4_keeps_logits_and_tokens(monkeypatch, scheme, group):
+    """Step 5 of ``prepare``: with QuaRot's online R4 on ``down_proj``, the fused gate|up's rows are interleaved in
+    ``GLU_BLOCK`` blocks and the MLP runs ``down_proj(graphquant_fused.forward_glu(x))`` where the gate|up decode
+    kernel can store the SiLU·mul itself (forced here: on CPU the op computes the product, then the SiLU·mul); the
+    linear op gets ``glu=True`` at every call, the gate / up halves still read the right rows, logits and greedy
+    tokens do not move. Without the R4 the step leaves the MLP alone; the switch turns it off."""
+    from graphquant import generation
+    from graphquant.kernels import int8_mm
+
+    monkeypatch.setattr(generation, "_glu_buckets", lambda big, device: (1, 4, 16))
+    ids = torch.randint(2, 128, (2, 9))
+    calls = []
+    from graphquant.kernels import fp8_mm, int4_mm
+    for mod, name in ((int8_mm, "int8_linear"), (int8_mm, "int8_weight_only_linear"), (fp8_mm, "fp8_linear"),
+                      (int4_mm, "int4_linear")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, **k: calls.append(a[-1] is True) or _r(*a, **k))
+    for pre, applies in (((C.QuaRotConfig(),), True), ((), False)):
+        qm = gq.quantize(tiny_model("llama"), _glu_config(scheme, group, pre), calib(), progress=False)
+        hf = qm.to_hf()
+        for m in hf.modules():
+            if isinstance(m, QuantLinear):
+                m.backend = "kernel"
+        ref = logits(hf, ids)
+        ref_tokens = hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        prepare(hf)
+        changed = hf.graphquant_prepared["glu_into_gate_up"]
+        mlp = hf.model.layers[0].mlp
+        if not applies:
+            assert changed == [] and not type(mlp).__name__.startswith("GraphquantGlu")
+            continue
+        assert changed == [f"model.layers.{i}.mlp" for i in range(hf.config.num_hidden_layers)]
+        assert type(mlp).__name__.startswith("GraphquantGlu")
+        x = torch.randn(1, 3, mlp.graphquant_fused.in_features)
+        y = mlp.graphquant_fused(x)  # interleaved: the halves are the gate and up projections' outputs
+        torch.testing.assert_close(torch.nn.functional.silu(mlp.gate_proj(y)) * mlp.up_proj(y),
+                                   mlp.graphquant_fused.forward_glu(x), rtol=1e-2, atol=1e-3)
+        assert rel(logits(hf, ids), ref) < 1e-3
+        calls.clear()
+        assert torch.equal(hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0),
+                           ref_tokens)
+        assert any(calls)  # the gate|up op ran with glu=True
+    monkeypatch.setattr(generation, "GLU_INTO_GATE_UP", False)
+    hf = gq.quantize(tiny_model("llama"), _glu_config(scheme, group, (C.QuaRotConfig(),)), calib(),
+                     progress=False).to_hf()
+    prepare(hf)
+    assert "glu_into_gate_up" not in hf.graphquant_prepared

@@ -178,6 +178,25 @@ class QuantLinear(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return self(F.silu(gate) * up)
 
+    #: decode row buckets (1, up to 4, up to 16 rows: ``quant_triton.M_BUCKETS``) and, set by ``generation.prepare``
+    #: on a fused gate|up, those at which its decode kernel stores the SiLU·mul itself (:meth:`forward_glu`)
+    GLU_BUCKETS = (1, 4, 16)
+    glu_buckets: tuple = ()
+
+    def forward_glu(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of this projection's output, for a fused gate|up projection whose rows
+        ``generation.prepare`` interleaved in ``int8_mm.GLU_BLOCK`` blocks (``int8_mm.interleaved_glu``). At the
+        row counts of :attr:`glu_buckets` the linear op's ``glu=True`` lets the decode kernel compute it in its
+        epilogue (no SiLU·mul launch); otherwise the product, then the SiLU·mul in the model's own ops (which
+        Inductor fuses into one kernel)."""
+        from ..kernels.int8_mm import interleaved_glu
+
+        rows = x[..., 0].numel()
+        bucket = next((b for b in self.GLU_BUCKETS if rows <= b), None)
+        if self.backend == "kernel" and bucket in self.glu_buckets:
+            return self._forward_kernel(x, glu=True)
+        return interleaved_glu(self(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
             return self._forward_kernel(x)
@@ -231,16 +250,17 @@ class QuantLinear(nn.Module):
         """Whether decode (M <= ``TINYGEMM_MAX_M``) on ``device`` runs torch's tinygemm (its layout was built)."""
         return self._tinygemm_layout(device) is not None
 
-    def _int4_linear(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def _int4_linear(self, x: torch.Tensor, gated: bool = False, glu: bool = False) -> torch.Tensor:
         """``graphquant::int4_linear`` on this module's layout for ``x``'s device; the online R4 inside the op (at
-        decode it may make the int4 kernel's operand itself, int4_mm), ``gated``: ``x`` is a gate|up pair."""
+        decode it may make the int4 kernel's operand itself, int4_mm), ``gated``: ``x`` is a gate|up pair,
+        ``glu``: :meth:`forward_glu`."""
         from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
 
         kw = self._layout(x.device)
         t = kw.tensors
         return torch.ops.graphquant.int4_linear(x, t["qweight"], t["qscale"], t.get("qzeros"), self.bias,
                                                 kw.args["group_size"], kw.args["layout"], bool(self.input_rotation),
-                                                gated)
+                                                gated, glu)
 
     def drop_codes(self, device) -> None:
         """Free the fake-quant codes where the kernel layout on ``device`` does not share them: the module
@@ -252,7 +272,7 @@ class QuantLinear(nn.Module):
             self.weight = torch.empty((0,), dtype=self.weight.dtype, device=device)
             self.kernels_only = True
 
-    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_kernel(self, x: torch.Tensor, glu: bool = False) -> torch.Tensor:
         from ..lowering import activation
         from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
 
@@ -265,13 +285,18 @@ class QuantLinear(nn.Module):
                 out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), tg.tensors["tg_weight"],
                                                          tg.args["group_size"], tg.tensors["tg_scale_zeros"])
                 out = out.reshape(*x.shape[:-1], self.out_features)
-                return out + self.bias if self.bias is not None else out
-            return self._int4_linear(x)
+                out = out + self.bias if self.bias is not None else out
+                if glu:
+                    from ..kernels.int8_mm import interleaved_glu
+
+                    return interleaved_glu(out)
+                return out
+            return self._int4_linear(x, glu=glu)
         ops = torch.ops.graphquant
         t = self._layout(x.device).tensors
         if self.kernel == "int8_weight_only":
             x = _hadamard(x) if self.input_rotation else x
-            return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias)
+            return ops.int8_weight_only_linear(x, t["qweight"], t["qscale"], self.bias, glu)
         q = self.input_quantizer
         if q.dynamic:
             xq, xs = activation.quantize_act_dynamic_node(x, q.spec, bool(self.input_rotation))
@@ -279,7 +304,7 @@ class QuantLinear(nn.Module):
             xs = q.scale
             xq = activation.quantize_act_static_node(x, q.scale, q.spec, bool(self.input_rotation))
         op = ops.int8_linear if self.kernel == "int8_linear" else ops.fp8_linear
-        return op(xq, xs, t["qweight"], t["qscale"], self.bias, self.dtype)
+        return op(xq, xs, t["qweight"], t["qscale"], self.bias, self.dtype, glu)
 
     def extra_repr(self) -> str:
         extra = f", input_rotation={self.input_rotation}" if self.input_rotation else ""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .int8_mm import _col_scale, _flat, _row_scale, decode_kernel, guarded, scale_epilogue_torch
+from .int8_mm import (_col_scale, _flat, _row_scale, decode_kernel, glu_decode, guarded, interleaved_glu,
+                      scale_epilogue_torch)
 
 SKINNY_M = 16
 #: cuBLAS fp8 "fast accumulation" (no periodic fp32 promotion): a few % faster on Hopper, but the
@@ -62,13 +63,19 @@ def _scaled_mm_call(a, sa, w, sw, bias, out_dtype, fast):
 
 
 def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(xq * x_scale) @ (w * w_scale).T + bias`` with fp8 e4m3 codes."""
+               bias: torch.Tensor | None, out_dtype: torch.dtype, glu: bool = False) -> torch.Tensor:
+    """``(xq * x_scale) @ (w * w_scale).T + bias`` with fp8 e4m3 codes. ``glu``: ``silu(gate) * up`` of an
+    interleaved gate|up weight (``int8_mm.interleaved_glu``)."""
     N, K = w.shape
     lead = xq.shape[:-1]
     a = _flat(xq)
     M = a.shape[0]
     sa, sw = _row_scale(x_scale), _col_scale(w_scale)
+    if glu:
+        if 0 < M <= SKINNY_M and (h := glu_decode(a, w, sw, "fp8", lead, a_scale=sa, bias=bias,
+                                                   out_dtype=out_dtype)) is not None:
+            return h
+        return interleaved_glu(fp8_linear(xq, x_scale, w, w_scale, bias, out_dtype))
 
     def reference():
         return _reference(a, sa, w, sw, bias, out_dtype)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .int8_mm import WEIGHT_ONLY_M, _flat, decode_kernel, guarded, triton_kernels
+from .int8_mm import WEIGHT_ONLY_M, _flat, decode_kernel, glu_decode, guarded, interleaved_glu, triton_kernels
 
 LAYOUTS = ("nibble", "cpu_tinygemm")
 
@@ -116,8 +116,16 @@ def _gated_decode(pair: torch.Tensor, w_packed, scale, zero_point, bias, group_s
 
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                 bias: torch.Tensor | None, group_size: int, layout: str, hadamard: bool = False,
-                gated: bool = False) -> torch.Tensor:
+                gated: bool = False, glu: bool = False) -> torch.Tensor:
     N = w_packed.shape[0]
+    if glu:  # silu(gate) * up of an interleaved gate|up weight: in the decode kernel's epilogue where it runs
+        a = _flat(x)
+        if (not (gated or hadamard) and layout == "nibble" and 0 < a.shape[0] <= WEIGHT_ONLY_M
+                and a.dtype in (torch.float16, torch.bfloat16) and group_size % 16 == 0
+                and (h := glu_decode(a, w_packed, scale, "int4", x.shape[:-1], w_zero=zero_point, bias=bias,
+                                     group=group_size, out_dtype=a.dtype)) is not None):
+            return h
+        return interleaved_glu(int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard, gated))
     if gated:
         if not hadamard and layout == "nibble" and (out := _gated_decode(_flat(x), w_packed, scale, zero_point, bias,
                                                                          group_size)) is not None:

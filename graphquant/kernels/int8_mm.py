@@ -40,6 +40,18 @@ SKINNY_M = 16  # W8A8 rows handled by the Triton decode kernels on CUDA (above: 
 #: 2-layer prefill 8x2048 per layer 11.05 -> 8.82 ms (results/generate_gpu_ab_switches.json)
 PREFILL_TRITON = True
 WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton decode kernels (above: dequantize + cuBLAS)
+#: a fused gate|up projection whose rows ``generation.prepare`` interleaved in blocks of this many (gate rows
+#: ``16 b .. 16 b + 15``, then the matching up rows, then the next block): the linear ops' ``glu=True`` returns
+#: ``silu(gate) * up`` (:func:`interleaved_glu`), which a decode kernel's output tile can compute itself
+#: (``quant_triton.GLU_BLOCK``, the same number)
+GLU_BLOCK = 16
+
+
+def interleaved_glu(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a gate|up output ``y`` (..., 2 I) interleaved in ``GLU_BLOCK`` blocks: (..., I), in
+    fp32 from ``y``'s values and rounded to ``y``'s dtype once (as Inductor's fused SiLU·mul kernel computes it)."""
+    g, u = y.unflatten(-1, (-1, 2, GLU_BLOCK)).float().unbind(-2)
+    return (F.silu(g) * u).to(y.dtype).flatten(-2)
 
 _FAILED: set[str] = set()
 
@@ -145,14 +157,28 @@ def _codes_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (a.to(torch.float32) @ w.to(torch.float32).t())
 
 
+def glu_decode(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_kind: str, lead, **kwargs):
+    """``silu(gate) * up`` of an interleaved gate|up product (``glu``) from a decode kernel's own epilogue,
+    reshaped to ``lead + (N / 2,)``, or None where none runs it (the caller computes the product, then
+    :func:`interleaved_glu`)."""
+    out = decode_kernel(a, w, w_scale, w_kind, glu=True, **kwargs)
+    return None if out is None else out.reshape(*lead, w.shape[0] // 2)
+
+
 def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(xq * x_scale) @ (w * w_scale).T + bias``: int8 codes in, integer accumulation."""
+                bias: torch.Tensor | None, out_dtype: torch.dtype, glu: bool = False) -> torch.Tensor:
+    """``(xq * x_scale) @ (w * w_scale).T + bias``: int8 codes in, integer accumulation. ``glu``: ``silu(gate) * up``
+    of an interleaved gate|up weight (:func:`interleaved_glu`)."""
     N, K = w.shape
     lead = xq.shape[:-1]
     a = _flat(xq)
     M = a.shape[0]
     sa, sw = _row_scale(x_scale), _col_scale(w_scale)
+    if glu:
+        if 0 < M <= SKINNY_M and (h := glu_decode(a, w, sw, "int8", lead, a_scale=sa, bias=bias,
+                                                   out_dtype=out_dtype)) is not None:
+            return h
+        return interleaved_glu(int8_linear(xq, x_scale, w, w_scale, bias, out_dtype))
 
     def reference():
         return scale_epilogue_torch(_codes_matmul(a, w), sa, sw, bias, out_dtype)
@@ -192,12 +218,17 @@ def dequantize_int8_torch(w, w_scale, dtype):
 
 
 def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
-    """W8A16: ``x @ (w * w_scale).T + bias`` with ``x`` float, ``w`` int8 (N, K)."""
+                            bias: torch.Tensor | None, glu: bool = False) -> torch.Tensor:
+    """W8A16: ``x @ (w * w_scale).T + bias`` with ``x`` float, ``w`` int8 (N, K). ``glu`` as :func:`int8_linear`'s."""
     N, K = w.shape
     lead = x.shape[:-1]
     a = _flat(x)
     M = a.shape[0]
+    if glu:
+        if 0 < M <= WEIGHT_ONLY_M and a.dtype in (torch.float16, torch.bfloat16) and (
+                h := glu_decode(a, w, _col_scale(w_scale), "int8", lead, bias=bias, out_dtype=a.dtype)) is not None:
+            return h
+        return interleaved_glu(int8_weight_only_linear(x, w, w_scale, bias))
 
     def reference():
         return F.linear(a, dequantize_int8(w, w_scale, a.dtype), bias)

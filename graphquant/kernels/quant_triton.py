@@ -57,6 +57,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .int8_mm import GLU_BLOCK
+
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 
@@ -250,20 +252,60 @@ def last_to_arrive(COUNT, idx, n):
 
 
 @triton.jit
-def _last_split_sums(C, OUT, COUNT, tile, rm, rn, M, N, stride_cm, SPLIT_K):
+def _last_split_sums(C, OUT, COUNT, tile, rm, rn, M, N, stride_cm, SPLIT_K, GLU: tl.constexpr = False):
     """Split-K without a second launch: called by every split of output tile ``tile`` (rows ``rm``, columns
     ``rn``) after it stored its partial sums to its slice of the fp32 workspace ``C``. The split that arrives
     last at the tile's counter (acquire-release: every other split's stores come before its loads) adds the
-    slices up in split order, as ``split_sum_kernel`` does, stores the result to ``OUT`` (M, N) and sets the
-    counter back to zero for the next launch."""
+    slices up in split order, as ``split_sum_kernel`` does, stores the result to ``OUT`` (M, N) (``GLU``: the
+    tile's ``silu(gate) * up`` to ``OUT`` (M, N / 2), :func:`_glu_tile`) and sets the counter back to zero for the
+    next launch."""
     if last_to_arrive(COUNT, tile, SPLIT_K):
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         offs = rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
         acc = tl.load(C + offs, mask=mask, other=0.0, cache_modifier=".cg")
         for s in range(1, SPLIT_K):
             acc += tl.load(C + s * M * stride_cm + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(OUT + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+        if GLU:
+            h, rh, h_ok = _glu_tile(acc, rn, N, OUT.dtype.element_ty)
+            tl.store(OUT + rm.to(tl.int64)[:, None] * (N // 2) + rh[None, :], h.to(OUT.dtype.element_ty),
+                     mask=(rm < M)[:, None] & h_ok[None, :])
+        else:
+            tl.store(OUT + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
         tl.atomic_xchg(COUNT + tile, 0)
+
+
+#: a fused gate|up projection whose rows ``generation.prepare`` interleaved in blocks of ``GLU_BLOCK``
+#: (``int8_mm.interleaved_glu``) hands a decode kernel output tiles that hold whole (gate, up) pairs: with
+#: ``glu=True`` the kernel stores ``silu(gate) * up`` ((M, N / 2)) itself
+_GLU_BLOCK = tl.constexpr(GLU_BLOCK)
+
+
+@triton.jit
+def _rounded(x, DT: tl.constexpr):
+    """fp32 ``x`` rounded to ``DT`` (to nearest even) and back to fp32; bf16 by its bits, as Triton's CPU
+    interpreter truncates in ``.to(bfloat16)``."""
+    if DT == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _glu_tile(out, rn, N, DT: tl.constexpr):
+    """``silu(gate) * up`` of an fp32 output tile ``out`` (BM, BN) of gate|up rows interleaved in ``GLU_BLOCK``
+    blocks (columns ``rn``, a whole number of block pairs): the products rounded to ``DT`` first (the output the
+    separate path hands the SiLU·mul), then ``g * sigmoid(g) * u`` in fp32, rounded to ``DT`` once (as
+    Inductor's fused SiLU·mul kernel computes it). Returns the (BM, BN / 2) result, its columns in the (M, N / 2)
+    output and their mask."""
+    BM: tl.constexpr = out.shape[0]
+    BN: tl.constexpr = out.shape[1]
+    G: tl.constexpr = _GLU_BLOCK
+    x = tl.reshape(_rounded(out, DT), (BM, BN // (2 * G), 2, G))
+    g, u = tl.split(tl.permute(x, (0, 1, 3, 2)))
+    h = tl.reshape(_rounded(g * tl.sigmoid(g) * u, DT), (BM, BN // 2))
+    cg, cu = tl.split(tl.permute(tl.reshape(rn, (BN // (2 * G), 2, G)), (0, 2, 1)))
+    rh = tl.reshape((cg // (2 * G)) * G + cg % G, (BN // 2,))
+    return h, rh, rh < N // 2
 
 
 @triton.jit
@@ -281,15 +323,20 @@ def _mm_tile(M, N, K, SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLO
 
 @triton.jit
 def _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K,
-              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, LAST_SUMS: tl.constexpr):
+              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, LAST_SUMS: tl.constexpr, GLU: tl.constexpr = False):
     """The fp32 tile ``out`` plus the bias (split 0 only with split-K) to the program's output slice; with
-    ``LAST_SUMS`` the tile's last split adds the slices up (:func:`_last_split_sums`)."""
+    ``LAST_SUMS`` the tile's last split adds the slices up (:func:`_last_split_sums`). ``GLU`` (one split, or
+    ``LAST_SUMS``): the result is the tile's ``silu(gate) * up`` (:func:`_glu_tile`), (M, N / 2)."""
     if HAS_BIAS:
         out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
-    c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    if LAST_SUMS:
-        _last_split_sums(C, OUT, COUNT, pid, rm, rn, M, N, stride_cm, SPLIT_K)
+    if GLU and not PARTIAL:
+        h, rh, h_ok = _glu_tile(out, rn, N, C.dtype.element_ty)
+        tl.store(C + rm[:, None] * stride_cm + rh[None, :], h.to(C.dtype.element_ty), mask=m_ok[:, None] & h_ok[None, :])
+    else:
+        c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        if LAST_SUMS:
+            _last_split_sums(C, OUT, COUNT, pid, rm, rn, M, N, stride_cm, SPLIT_K, GLU)
 
 
 @triton.jit
@@ -330,7 +377,8 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
                  W_SCALE: tl.constexpr,  # 0 one scale, 1 per output channel, 2 per group
                  HAS_ZERO: tl.constexpr, SA_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT_K, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False, SWAP: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, LAST_SUMS: tl.constexpr = False, SWAP: tl.constexpr = False,
+                 GLU: tl.constexpr = False):
     """``LAST_SUMS`` (with split-K): the tile's last split adds the partial sums up into ``OUT``
     (:func:`_last_split_sums`) instead of a :func:`split_sum` launch. ``SWAP`` (8-bit codes times 8-bit codes
     only): the product is computed transposed, the weight tile as the left operand (``BLOCK_N`` rows, 64 or 128)
@@ -395,7 +443,7 @@ def wq_mm_kernel(A, B, SW, ZW, SA, BIAS, C, OUT, COUNT,
             out = out * tl.load(SA)
         out = _scale_columns(out, SW, rn, n_ok, W_SCALE)
     _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
-              PARTIAL, LAST_SUMS)
+              PARTIAL, LAST_SUMS, GLU)
 
 @triton.jit
 def _nibbles_minus(p, z):
@@ -744,7 +792,8 @@ def _i8_f16(w, ASM: tl.constexpr):
 def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, stride_cm,
                   W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K, PARTIAL: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True, ONE_SCALE: tl.constexpr = False):
+                  LAST_SUMS: tl.constexpr = False, ASM: tl.constexpr = True, ONE_SCALE: tl.constexpr = False,
+                  GLU: tl.constexpr = False):
     """W8A16 at decode-sized M on the fp16 tensor cores, exact: ``C = A @ (B * SW).T (+ BIAS)`` with A float
     (M, K) and B int8 codes (N, K). Each K tile of the activation becomes fp16 under a power-of-two scale per row
     (:func:`_f16_rows`) and the codes become fp16 from their bits (:func:`_i8_f16`): every product is exact
@@ -781,7 +830,7 @@ def w8_mma_kernel(A, B, SW, BIAS, C, OUT, COUNT, M, N, K, stride_am, stride_bn, 
         acc = acc * down[:, None]
     out = _scale_columns(acc, SW, rn, n_ok, W_SCALE)
     _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
-              PARTIAL, LAST_SUMS)
+              PARTIAL, LAST_SUMS, GLU)
 
 
 @triton.jit
@@ -964,7 +1013,7 @@ def store_pieces(q, rs, P, RS, XS, s):
 def w4_i8mma_kernel(P, RS, XS, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_bn, stride_cm, stride_sw,
                     GROUP: tl.constexpr, GPS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
                     PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, LAST_SUMS: tl.constexpr = False,
-                    ASM: tl.constexpr = True):
+                    ASM: tl.constexpr = True, GLU: tl.constexpr = False):
     """W4A16 at one to four rows on the int8 tensor cores with the activation's pieces made beforehand
     (:func:`int8_pieces_kernel`): per step of ``GPS`` groups, the (16, STEP) int8 tile of pieces times the
     nibbles ``u`` (int8, as they are), int32 sums exact per group, made fp32 exactly (``2^23 + 2^22`` added to the
@@ -1006,7 +1055,7 @@ def w4_i8mma_kernel(P, RS, XS, B, SW, ZW, BIAS, C, OUT, COUNT, M, N, K, stride_b
         acc += (v * rs[:, None]) * ws
     out = tl.sum(tl.sum(tl.reshape(acc, (GPS, AR, 4, BLOCK_N)), axis=2), axis=0)
     _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, stride_cm, SPLIT_K, HAS_BIAS,
-              PARTIAL, LAST_SUMS)
+              PARTIAL, LAST_SUMS, GLU)
 
 
 @triton.jit
@@ -1218,9 +1267,22 @@ def tile_counters(device: torch.device, n: int) -> torch.Tensor:
     return bufs[-1]
 
 
-def _split_outputs(M: int, N: int, split: int, tiles: int, device, out_dtype):
+def glu_fits(N: int, block_n: int, split: int) -> bool:
+    """Whether a launch with ``block_n``-column tiles and ``split`` K-splits can store ``silu(gate) * up`` of an
+    interleaved gate|up product itself (``GLU``): whole block pairs per tile, and one split or the last split's sums."""
+    return N % (2 * GLU_BLOCK) == 0 and block_n % (2 * GLU_BLOCK) == 0 and (split == 1 or LAST_SPLIT_SUMS)
+
+
+def _split_outputs(M: int, N: int, split: int, tiles: int, device, out_dtype, glu: bool = False):
     """(workspace, result, counters, last_sums) for a launch of ``wq_mm`` / ``gemv_packed``: with split-K and
-    ``LAST_SPLIT_SUMS`` the kernel writes the result itself, else ``split_sum`` runs on the workspace."""
+    ``LAST_SPLIT_SUMS`` the kernel writes the result itself, else ``split_sum`` runs on the workspace. ``glu``
+    (:func:`glu_fits`): the result is (M, N / 2)."""
+    if glu:
+        if split == 1:
+            c = torch.empty((M, N // 2), device=device, dtype=out_dtype)
+            return c, c, c, False
+        return (_output(M, N, split, device, out_dtype), torch.empty((M, N // 2), device=device, dtype=out_dtype),
+                tile_counters(device, tiles), True)
     c = _output(M, N, split, device, out_dtype)
     if split == 1 or not LAST_SPLIT_SUMS:
         return c, c, c, False
@@ -1243,19 +1305,23 @@ def split_sum(c: torch.Tensor, out_dtype) -> torch.Tensor:
 
 
 def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None,
-          w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None) -> torch.Tensor:
+          w_zero=None, bias=None, group: int = 0, out_dtype=None, config: dict | None = None,
+          glu: bool = False) -> torch.Tensor | None:
     """``a (M, K) @ dequant(w).T -> (M, N)``. ``a``: float (weight-only) or int8 / fp8 codes with
     ``a_scale`` (one per row, or one). ``w``: int8 / fp8 (N, K), or int4 nibble-packed (N, K/2) with
-    ``w_scale`` / ``w_zero`` of shape (N, K/group)."""
+    ``w_scale`` / ``w_zero`` of shape (N, K/group). ``glu``: ``silu(gate) * up`` (M, N / 2) of an interleaved
+    gate|up weight (``GLU_BLOCK``), or None where the tiles do not allow it (:func:`glu_fits`)."""
     M, K = a.shape
     N = w.shape[0]
     a_kind = _a_kind(a)
     out_dtype = out_dtype or a.dtype
     cfg = dict(config or _mm_config(M, N, K, w_kind, group, a.device))
     split = cfg["SPLIT_K"]
+    if glu and not glu_fits(N, cfg["BLOCK_N"], split):
+        return None
     w_scale_kind = 2 if w_kind == W_INT4 else (1 if w_scale.numel() > 1 else 0)
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
-    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
+    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype, glu)
     dummy = w_scale
     wq_mm_kernel[grid](a, w, w_scale, w_zero if w_zero is not None else dummy,
                      a_scale if a_scale is not None else dummy, bias if bias is not None else dummy, c, out, count,
@@ -1263,8 +1329,8 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
                      w_scale.stride(0) if w_scale.dim() == 2 else 0,
                      A_KIND=a_kind, W_KIND=w_kind, W_SCALE=w_scale_kind, HAS_ZERO=w_zero is not None,
                      SA_ROW=a_scale is not None and a_scale.numel() > 1, HAS_BIAS=bias is not None,
-                     PARTIAL=split > 1, LAST_SUMS=last, **cfg)
-    return out if last else split_sum(c, out_dtype)
+                     PARTIAL=split > 1, LAST_SUMS=last, GLU=glu, **cfg)
+    return out if last or glu else split_sum(c, out_dtype)
 
 
 #: Decode kernels measured on the GPU (``benchmarks/decode_kernels.py`` writes ``gemv_tuned.json`` beside
@@ -1330,15 +1396,45 @@ def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, 
     return "wq_mm", {}
 
 
+#: the decode kernels that can store ``silu(gate) * up`` of an interleaved gate|up product (``glu``)
+GLU_KERNELS = ("w8_mma", "w4_i8mma", "wq_mm")
+
+
+def glu_decode_fits(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, device) -> bool:
+    """Whether :func:`decode_mm` with ``glu=True`` runs for an (N, K) gate|up weight at ``M`` rows: the kernel the
+    decode table picks stores the SiLU·mul itself with its tiles (:func:`glu_fits`)."""
+    choice = decode_choice(M, N, K, a_kind, w_kind, group, device)
+    if choice is None or choice[0] not in GLU_KERNELS:
+        return False
+    impl, cfg = choice
+    if impl == "wq_mm":
+        cfg = _complete_wq_cfg(cfg, M, N, K, w_kind, group, device) or _mm_config(M, N, K, w_kind, group, device)
+    elif impl == "w8_mma" and not all(k in cfg for k in ("BLOCK_N", "SPLIT_K")):
+        cfg = {**_mm_config(M, N, K, W_FP8, 0, device), **cfg}
+    elif impl == "w4_i8mma":
+        cfg = {"BLOCK_N": 128, "SPLIT_K": 2, **cfg}
+    return glu_fits(N, cfg["BLOCK_N"], cfg["SPLIT_K"])
+
+
 def decode_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int, a_scale=None, w_zero=None,
-              bias=None, group: int = 0, out_dtype=None):
-    """``a @ dequant(w).T`` with the decode kernel :func:`decode_choice` picks, or None if none applies."""
+              bias=None, group: int = 0, out_dtype=None, glu: bool = False):
+    """``a @ dequant(w).T`` with the decode kernel :func:`decode_choice` picks, or None if none applies.
+    ``glu``: ``silu(gate) * up`` (M, N / 2) of an interleaved gate|up weight (``GLU_BLOCK``), stored by the kernel
+    itself, or None where the picked kernel cannot (:data:`GLU_KERNELS`, :func:`glu_fits`)."""
     M, K = a.shape
     a_kind = _a_kind(a)
     choice = decode_choice(M, w.shape[0], K, a_kind, w_kind, group, a.device)
-    if choice is None:
+    if choice is None or (glu and choice[0] not in GLU_KERNELS):
         return None
     impl, cfg = choice
+    if glu:
+        if impl == "wq_mm":
+            return wq_mm(a, w, w_scale, w_kind=w_kind, a_scale=a_scale, w_zero=w_zero, bias=bias, group=group,
+                         out_dtype=out_dtype, config=_complete_wq_cfg(cfg, M, w.shape[0], K, w_kind, group, a.device),
+                         glu=True)
+        kernel = w8_mma if impl == "w8_mma" else w4_i8mma
+        return kernel(a, w, w_scale, w_kind=w_kind, w_zero=w_zero, bias=bias, group=group, out_dtype=out_dtype,
+                      config=cfg or None, a_scale=a_scale, glu=True)
     if impl == "tinygemm":  # torch's kernel runs where the caller holds its layout (QuantLinear); else ours
         impl, cfg = "gemv_packed", {}
     if impl == "w8_mma":
@@ -1529,9 +1625,10 @@ def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
 
 
 def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT8, bias=None,
-           out_dtype=None, config: dict | None = None, **_) -> torch.Tensor | None:
+           out_dtype=None, config: dict | None = None, glu: bool = False, **_) -> torch.Tensor | None:
     """W8A16 ``a (M <= 64, K) float @ (w * w_scale).T (+ bias)`` through :func:`w8_mma_kernel`; None when it
-    does not apply (not int8 weights, activation codes, more than 64 rows, a weight not contiguous along K)."""
+    does not apply (not int8 weights, activation codes, more than 64 rows, a weight not contiguous along K;
+    ``glu`` as :func:`wq_mm`'s where the tiles do not allow it)."""
     M, K = a.shape
     if w_kind != W_INT8 or _a_kind(a) != A_FLOAT or not 0 < M <= 64 or w.stride(1) != 1:
         return None
@@ -1542,12 +1639,14 @@ def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
         cfg = {**_mm_config(M, N, K, W_FP8, 0, a.device), **cfg}  # the fp8 kernel's tiles: the same fp16 dot
     cfg["BLOCK_M"] = 16 if M <= 16 else 32 if M <= 32 else 64
     split = cfg["SPLIT_K"]
+    if glu and not glu_fits(N, cfg["BLOCK_N"], split):
+        return None
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), split)
-    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
+    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype, glu)
     w8_mma_kernel[grid](a, w, w_scale, bias if bias is not None else w_scale, c, out, count, M, N, K, a.stride(0),
                         w.stride(0), c.stride(-2), W_SCALE=1 if w_scale.numel() > 1 else 0, HAS_BIAS=bias is not None,
-                        PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
-    return out if last else split_sum(c, out_dtype)
+                        PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, GLU=glu, **cfg)
+    return out if last or glu else split_sum(c, out_dtype)
 
 
 def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
@@ -1579,7 +1678,7 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
 
 def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
              bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None,
-             pieces=None, gated: bool = False, **_) -> torch.Tensor | None:
+             pieces=None, gated: bool = False, glu: bool = False, **_) -> torch.Tensor | None:
     """W4A16 ``a (M <= 4, K) bf16/fp16 @ dequant(w).T (+ bias)`` in two launches: :func:`int8_pieces_kernel`
     (the activation's int8 pieces, one program per step of ``GPS`` groups) and :func:`w4_i8mma_kernel`. None when
     the operands do not fit it (other weight kinds, activation codes or other activation dtypes, more
@@ -1588,7 +1687,8 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
     row its four MMA rows. ``pieces``: ``(P, RS, XS)`` made beforehand for one row and four groups per step
     (``hadamard_triton.hadamard_pieces``: QuaRot's online R4 with the pieces in its epilogue); then ``a`` gives
     only the shapes. ``gated``: ``a`` (M, 2 K) holds a gated MLP's gate|up pairs and the product is of
-    ``silu(gate) * up`` (the pieces launch computes it; ``generation.prepare``'s SiLU·mul into the down projection)."""
+    ``silu(gate) * up`` (the pieces launch computes it; ``generation.prepare``'s SiLU·mul into the down projection).
+    ``glu``: the product's own ``silu(gate) * up`` (M, N / 2) as :func:`wq_mm`'s."""
     M, K = a.shape
     if gated:
         if pieces is not None or K % 2:
@@ -1608,6 +1708,8 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
         gps //= 2
     cfg["GPS"] = gps
     steps = K // (group * gps)
+    if glu and (gated or not glu_fits(N, cfg["BLOCK_N"], max(1, min(cfg["SPLIT_K"], steps)))):
+        return None
     if pieces is not None:
         if gps != 4 or M != 1 or pieces[0].shape != (steps, 16, group * gps):
             return None
@@ -1621,12 +1723,13 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
     split = max(1, min(cfg["SPLIT_K"], steps))
     cfg["SPLIT_K"] = split
     grid = (-(-N // cfg["BLOCK_N"]), split)
-    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype)
+    c, out, count, last = _split_outputs(M, N, split, grid[0], a.device, out_dtype, glu)
     w4_i8mma_kernel[grid](pieces, rs, xs, w, w_scale, w_zero if w_zero is not None else w_scale,
                           bias if bias is not None else w_scale, c, out, count, M, N, K, w.stride(0), c.stride(-2),
                           w_scale.stride(0), GROUP=group, HAS_ZERO=w_zero is not None,
-                          HAS_BIAS=bias is not None, PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, **cfg)
-    return out if last else split_sum(c, out_dtype)
+                          HAS_BIAS=bias is not None, PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, GLU=glu,
+                          **cfg)
+    return out if last or glu else split_sum(c, out_dtype)
 
 
 def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:

@@ -5,18 +5,22 @@ Schemas::
     graphquant::quantize_act_dynamic(Tensor x, str spec, bool hadamard=False) -> (Tensor codes, Tensor scale)
     graphquant::quantize_act_static(Tensor x, Tensor scale, str spec, bool hadamard=False) -> Tensor codes
     graphquant::int8_linear(Tensor xq, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias,
-                            ScalarType out_dtype) -> Tensor
+                            ScalarType out_dtype, bool glu=False) -> Tensor
     graphquant::fp8_linear(Tensor xq, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias,
-                           ScalarType out_dtype) -> Tensor
-    graphquant::int8_weight_only_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor
+                           ScalarType out_dtype, bool glu=False) -> Tensor
+    graphquant::int8_weight_only_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, bool glu=False) -> Tensor
     graphquant::int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor? zero_point, Tensor? bias,
-                            int group_size, str layout, bool hadamard=False, bool gated=False) -> Tensor
+                            int group_size, str layout, bool hadamard=False, bool gated=False,
+                            bool glu=False) -> Tensor
 
 Activation quantization is its own op so that one quantizer feeding several Linears (q/k/v,
 gate/up) runs once. ``spec`` is ``QuantizationSpec.to_op_str()``. Codes are int8 or
 float8_e4m3fn with ``x``'s shape; dynamic scales are fp32, ``x.shape[:-1] + (1,)`` per token or
 ``()`` per tensor. Linear outputs are ``x.shape[:-1] + (N,)``; ``int4_linear``'s ``gated``: ``x`` is a
 gated MLP's gate|up pair (``2 K`` wide) and the product is of ``silu(gate) * up`` (``int4_mm.silu_mul``).
+``glu`` (every linear op): ``w`` is a fused gate|up weight with its rows interleaved in ``int8_mm.GLU_BLOCK``
+blocks and the op returns ``silu(gate) * up`` (``N / 2`` wide, ``int8_mm.interleaved_glu``), which a decode
+kernel computes in its own epilogue (``quant_triton.decode_mm(..., glu=True)``).
 Every op has a fake kernel, so lowered graphs trace under ``torch.export`` and ``torch.compile`` (where they
 stay opaque calls into the kernels). Implementations: ``graphquant.lowering.activation`` and
 ``graphquant.kernels.{int8_mm, fp8_mm, int4_mm}``.
@@ -62,44 +66,44 @@ def _linear_fake(x, n: int, dtype):
 
 @torch.library.custom_op("graphquant::int8_linear", mutates_args=())
 def int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return int8_mm.int8_linear(xq, x_scale, w, w_scale, bias, out_dtype)
+                bias: Optional[torch.Tensor], out_dtype: torch.dtype, glu: bool = False) -> torch.Tensor:
+    return int8_mm.int8_linear(xq, x_scale, w, w_scale, bias, out_dtype, glu)
 
 
 @int8_linear.register_fake
-def _(xq, x_scale, w, w_scale, bias, out_dtype):
-    return _linear_fake(xq, w.shape[0], out_dtype)
+def _(xq, x_scale, w, w_scale, bias, out_dtype, glu=False):
+    return _linear_fake(xq, w.shape[0] // (2 if glu else 1), out_dtype)
 
 
 @torch.library.custom_op("graphquant::fp8_linear", mutates_args=())
 def fp8_linear(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return fp8_mm.fp8_linear(xq, x_scale, w, w_scale, bias, out_dtype)
+               bias: Optional[torch.Tensor], out_dtype: torch.dtype, glu: bool = False) -> torch.Tensor:
+    return fp8_mm.fp8_linear(xq, x_scale, w, w_scale, bias, out_dtype, glu)
 
 
 @fp8_linear.register_fake
-def _(xq, x_scale, w, w_scale, bias, out_dtype):
-    return _linear_fake(xq, w.shape[0], out_dtype)
+def _(xq, x_scale, w, w_scale, bias, out_dtype, glu=False):
+    return _linear_fake(xq, w.shape[0] // (2 if glu else 1), out_dtype)
 
 
 @torch.library.custom_op("graphquant::int8_weight_only_linear", mutates_args=())
 def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                            bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return int8_mm.int8_weight_only_linear(x, w, w_scale, bias)
+                            bias: Optional[torch.Tensor], glu: bool = False) -> torch.Tensor:
+    return int8_mm.int8_weight_only_linear(x, w, w_scale, bias, glu)
 
 
 @int8_weight_only_linear.register_fake
-def _(x, w, w_scale, bias):
-    return _linear_fake(x, w.shape[0], x.dtype)
+def _(x, w, w_scale, bias, glu=False):
+    return _linear_fake(x, w.shape[0] // (2 if glu else 1), x.dtype)
 
 
 @torch.library.custom_op("graphquant::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], group_size: int, layout: str, hadamard: bool = False,
-                gated: bool = False) -> torch.Tensor:
-    return int4_mm.int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard, gated)
+                gated: bool = False, glu: bool = False) -> torch.Tensor:
+    return int4_mm.int4_linear(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard, gated, glu)
 
 
 @int4_linear.register_fake
-def _(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False, gated=False):
-    return _linear_fake(x, w_packed.shape[0], x.dtype)
+def _(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False, gated=False, glu=False):
+    return _linear_fake(x, w_packed.shape[0] // (2 if glu else 1), x.dtype)
