@@ -571,6 +571,9 @@ def _run_variant(model, v: Variant, setup: Setup, calib, r: dict, keep: dict | N
     r["build_s"] = time.time() - t
     if m is not None:
         r["attention"] = getattr(m.config, "_attn_implementation", None)  # what the model really runs
+        report = getattr(m, "graphquant_prepared", None) or {}  # how many modules each prepare step changed
+        if report:
+            r["prepared"] = {k: len(v) for k, v in report.items() if isinstance(v, list)}
         r["resident_layer_bytes"] = resident_layer_bytes(m)
         if dev == "cuda":
             sync(dev)

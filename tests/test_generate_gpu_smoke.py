@@ -229,6 +229,8 @@ def test_smoke_run_times_each_quarot_row_against_its_plain_row_in_rounds(bench, 
         {"decode_b1_ms": [2, 2], "prefill_ms": [2, 2]}
     row = next(r for r in doc["rows"] if r["variant"] == "int8 W8A8 + QuaRot")
     assert row["quarot_overhead_source"] == "interleaved" and row["quarot_overhead"] is not None
+    # the raw row says what prepare changed (on CPU no decode kernel stores the SiLU·mul: step 5 changes nothing)
+    assert rot["prepared"]["fused"] > 0 and rot["prepared"]["glu_into_gate_up"] == 0, rot["prepared"]
 
 
 def test_ab_switch_twins_each_graphquant_row(bench, monkeypatch):
