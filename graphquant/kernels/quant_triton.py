@@ -303,7 +303,7 @@ def _glu_tile(out, rn, N, DT: tl.constexpr):
     x = tl.reshape(_rounded(out, DT), (BM, BN // (2 * G), 2, G))
     g, u = tl.split(tl.permute(x, (0, 1, 3, 2)))
     h = tl.reshape(_rounded(g * tl.sigmoid(g) * u, DT), (BM, BN // 2))
-    cg, cu = tl.split(tl.permute(tl.reshape(rn, (BN // (2 * G), 2, G)), (0, 2, 1)))
+    cg, _ = tl.split(tl.permute(tl.reshape(rn, (BN // (2 * G), 2, G)), (0, 2, 1)))
     rh = tl.reshape((cg // (2 * G)) * G + cg % G, (BN // 2,))
     return h, rh, rh < N // 2
 
@@ -331,7 +331,8 @@ def _mm_store(out, BIAS, C, OUT, COUNT, pid, pid_k, rm, rn, m_ok, n_ok, M, N, st
         out = out + _bias(BIAS, rn, n_ok, pid_k, PARTIAL)[None, :]
     if GLU and not PARTIAL:
         h, rh, h_ok = _glu_tile(out, rn, N, C.dtype.element_ty)
-        tl.store(C + rm[:, None] * stride_cm + rh[None, :], h.to(C.dtype.element_ty), mask=m_ok[:, None] & h_ok[None, :])
+        tl.store(C + rm[:, None] * stride_cm + rh[None, :], h.to(C.dtype.element_ty),
+                 mask=m_ok[:, None] & h_ok[None, :])
     else:
         c_ptrs = _split_rows(C, pid_k, M, stride_cm) + rm[:, None] * stride_cm + rn[None, :]
         tl.store(c_ptrs, out.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -974,11 +975,7 @@ def int8_pieces_kernel(A, P, RS, XS, M, stride_am, K_UP, GROUP: tl.constexpr, GP
         g = x.to(tl.float32)
         u = tl.load(A + K_UP + offs, mask=(rm < M)[None, :, None], other=0.0).to(tl.float32)
         x = g * tl.sigmoid(g) * u
-        if A.dtype.element_ty == tl.bfloat16:  # rounded to nearest even by its bits (Triton's CPU interpreter
-            b = x.to(tl.uint32, bitcast=True)  # truncates in .to(bfloat16))
-            x = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        else:
-            x = x.to(A.dtype.element_ty)
+        x = _rounded(x, A.dtype.element_ty)
     x = x.to(tl.float32)
     q, rs = _int8_pieces(x)
     store_pieces(q, rs, P, RS, XS, s)
