@@ -232,31 +232,42 @@ def _gated_down_fits(mod: nn.Module, device) -> bool:
         down.out_features, down.in_features, kw.args["group_size"], kw.args["layout"], device)
 
 
+def _kept_if_same(mod: nn.Module, in_features: int, dtype, device, change, undo) -> bool:
+    """Apply ``change()`` to ``mod`` and keep it if ``mod``'s output on random inputs (one token; 2 x 3) moves by at
+    most ``PROBE_TOLERANCE``; else ``undo()`` (also where the changed module raises). Returns whether it was kept."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(shape + (in_features,), generator=g).to(device=device, dtype=dtype) for shape in ((1, 1), (2, 3))]
+    with torch.no_grad():
+        want = [mod(x).float() for x in xs]
+        change()
+        try:
+            got = [mod(x).float() for x in xs]
+        except Exception:  # noqa: BLE001 - a module the step does not fit keeps its own forward
+            got = [torch.full((1,), float("inf"))] * len(xs)
+    if max(_relative_change(b, a) for a, b in zip(got, want)) <= PROBE_TOLERANCE:
+        return True
+    undo()
+    return False
+
+
 def fuse_silu_into_down(model: nn.Module, device) -> list[str]:
     """Step 4 of :func:`prepare`; returns the modules changed."""
     changed = []
     for name, mod in list(model.named_modules()):
         if type(mod).__name__.startswith("GraphquantGatedDown") or not _gated_down_fits(mod, device):
             continue
-        g = torch.Generator().manual_seed(0)
-        xs = [torch.randn(shape + (mod.graphquant_fused.in_features,), generator=g).to(device=device,
-                                                                                     dtype=mod.down_proj.dtype)
-              for shape in ((1, 1), (2, 3))]
         old_cls = type(mod)
-        with torch.no_grad():
-            want = [mod(x).float() for x in xs]
+
+        def change():
             mod.__class__ = _gated_down_class(old_cls)
             mod.down_proj.gated_decode = True
-            try:
-                got = [mod(x).float() for x in xs]
-            except Exception:  # noqa: BLE001 - a module this step does not fit keeps its own forward
-                got = [torch.full((1,), float("inf"))] * len(xs)
-        errs = [_relative_change(b, a) for a, b in zip(got, want)]
-        if not max(errs) <= PROBE_TOLERANCE:
-            mod.__class__ = old_cls  # its forward is not down_proj(silu(gate) * up)
+
+        def undo():  # its forward is not down_proj(silu(gate) * up)
+            mod.__class__ = old_cls
             mod.down_proj.gated_decode = False
-            continue
-        changed.append(name)
+
+        if _kept_if_same(mod, mod.graphquant_fused.in_features, mod.down_proj.dtype, device, change, undo):
+            changed.append(name)
     return changed
 
 
@@ -346,23 +357,17 @@ def glu_into_gate_up(model: nn.Module, device) -> list[str]:
         new = QuantLinear(_interleaved(big.record(), half), big.backend)
         new.prepare_kernels(device)
         new.glu_buckets = _glu_buckets(new, device)
-        g = torch.Generator().manual_seed(0)
-        xs = [torch.randn(shape + (big.in_features,), generator=g).to(device=device, dtype=big.dtype)
-              for shape in ((1, 1), (2, 3))]
-        old = (type(mod), mod.gate_proj, mod.up_proj)
-        with torch.no_grad():
-            want = [mod(x).float() for x in xs]
+        old = (type(mod), big, mod.gate_proj, mod.up_proj)
+
+        def change():
             mod.graphquant_fused, mod.gate_proj, mod.up_proj = new, _GluHalf(0), _GluHalf(1)
             mod.__class__ = _glu_class(old[0])
-            try:
-                got = [mod(x).float() for x in xs]
-            except Exception:  # noqa: BLE001 - a module this step does not fit keeps its own forward
-                got = [torch.full((1,), float("inf"))] * len(xs)
-        if not max(_relative_change(b, a) for a, b in zip(got, want)) <= PROBE_TOLERANCE:
-            mod.__class__, mod.gate_proj, mod.up_proj = old
-            mod.graphquant_fused = big  # its forward is not down_proj(silu(gate) * up)
-            continue
-        changed.append(name)
+
+        def undo():  # its forward is not down_proj(silu(gate) * up)
+            mod.__class__, mod.graphquant_fused, mod.gate_proj, mod.up_proj = old
+
+        if _kept_if_same(mod, big.in_features, big.dtype, device, change, undo):
+            changed.append(name)
     return changed
 
 

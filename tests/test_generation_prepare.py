@@ -18,6 +18,14 @@ def _fused_names(model):
     return sorted(n for n, m in model.named_modules() if n.endswith("graphquant_fused"))
 
 
+def _on_kernels(hf):
+    """``hf`` with every graphquant Linear on its kernel backend (as ``prepare`` sets it on CUDA)."""
+    for m in hf.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "kernel"
+    return hf
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("scheme,group,pre,kv", [
     ("w_int8_per_channel_a_int8_per_token", None, (), None),
@@ -156,10 +164,7 @@ def test_silu_mul_into_the_int4_down_projection_keeps_logits_and_tokens(monkeypa
     calls = []
     real = int4_mm.int4_linear
     monkeypatch.setattr(int4_mm, "int4_linear", lambda x, *a: calls.append((tuple(x.shape), a[7])) or real(x, *a))
-    hf = qm.to_hf()
-    for m in hf.modules():
-        if isinstance(m, QuantLinear):
-            m.backend = "kernel"
+    hf = _on_kernels(qm.to_hf())
     ref = logits(hf, ids)
     ref_tokens = hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
     prepare(hf)
@@ -175,10 +180,7 @@ def test_silu_mul_into_the_int4_down_projection_keeps_logits_and_tokens(monkeypa
     assert torch.equal(hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), ref_tokens)
     k = mlp.down_proj.in_features
     assert (((1, 1, 2 * k), True) in calls) and all(not gated for shape, gated in calls if shape[-1] != 2 * k)
-    hf2 = qm.to_hf()
-    for m in hf2.modules():
-        if isinstance(m, QuantLinear):
-            m.backend = "kernel"
+    hf2 = _on_kernels(qm.to_hf())
     monkeypatch.setattr(generation, "SILU_INTO_DOWN", False)
     prepare(hf2)
     assert "silu_into_down" not in hf2.graphquant_prepared
@@ -193,10 +195,7 @@ def test_silu_mul_into_the_down_projection_is_undone_where_the_module_computes_s
     monkeypatch.setattr(int4_mm, "gated_decode_fits", lambda *a: True)
     for wrong in (lambda self, gu: self(gu[..., :gu.shape[-1] // 2]), lambda self, gu: 1 / 0):
         monkeypatch.setattr(QuantLinear, "forward_gated", wrong)
-        hf = qm.to_hf()
-        for m in hf.modules():
-            if isinstance(m, QuantLinear):
-                m.backend = "kernel"
+        hf = _on_kernels(qm.to_hf())
         prepare(hf)
         assert hf.graphquant_prepared["silu_into_down"] == []
         mlp = hf.model.layers[0].mlp
@@ -231,10 +230,7 @@ def test_silu_mul_in_the_gate_up_kernel_before_an_online_r4_keeps_logits_and_tok
         monkeypatch.setattr(mod, name, lambda *a, _r=real, **k: calls.append(a[-1] is True) or _r(*a, **k))
     for pre, applies in (((C.QuaRotConfig(),), True), ((), False)):
         qm = gq.quantize(tiny_model("llama"), _glu_config(scheme, group, pre), calib(), progress=False)
-        hf = qm.to_hf()
-        for m in hf.modules():
-            if isinstance(m, QuantLinear):
-                m.backend = "kernel"
+        hf = _on_kernels(qm.to_hf())
         ref = logits(hf, ids)
         ref_tokens = hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
         prepare(hf)

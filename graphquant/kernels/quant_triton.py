@@ -1406,10 +1406,10 @@ def glu_decode_fits(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int
     impl, cfg = choice
     if impl == "wq_mm":
         cfg = _complete_wq_cfg(cfg, M, N, K, w_kind, group, device) or _mm_config(M, N, K, w_kind, group, device)
-    elif impl == "w8_mma" and not all(k in cfg for k in ("BLOCK_N", "SPLIT_K")):
-        cfg = {**_mm_config(M, N, K, W_FP8, 0, device), **cfg}
+    elif impl == "w8_mma":
+        cfg = _w8_mma_tiles(cfg, M, N, K, device)
     elif impl == "w4_i8mma":
-        cfg = {"BLOCK_N": 128, "SPLIT_K": 2, **cfg}
+        cfg = {**W4_I8MMA_TILES, **cfg}
     return glu_fits(N, cfg["BLOCK_N"], cfg["SPLIT_K"])
 
 
@@ -1621,6 +1621,14 @@ def w4_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
     return split_sum(c, out_dtype)
 
 
+def _w8_mma_tiles(cfg: dict, M: int, N: int, K: int, device) -> dict:
+    """:func:`w8_mma`'s tile options: ``cfg``, completed with the fp8 kernel's tiles (the same fp16 dot) unless it
+    names the tile and split itself."""
+    if not all(k in cfg for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")):
+        cfg = {**_mm_config(M, N, K, W_FP8, 0, device), **cfg}
+    return cfg
+
+
 def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT8, bias=None,
            out_dtype=None, config: dict | None = None, glu: bool = False, **_) -> torch.Tensor | None:
     """W8A16 ``a (M <= 64, K) float @ (w * w_scale).T (+ bias)`` through :func:`w8_mma_kernel`; None when it
@@ -1631,9 +1639,7 @@ def w8_mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: i
         return None
     N = w.shape[0]
     out_dtype = out_dtype or a.dtype
-    cfg = dict(config or {})
-    if not all(k in cfg for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K")):
-        cfg = {**_mm_config(M, N, K, W_FP8, 0, a.device), **cfg}  # the fp8 kernel's tiles: the same fp16 dot
+    cfg = _w8_mma_tiles(dict(config or {}), M, N, K, a.device)
     cfg["BLOCK_M"] = 16 if M <= 16 else 32 if M <= 32 else 64
     split = cfg["SPLIT_K"]
     if glu and not glu_fits(N, cfg["BLOCK_N"], split):
@@ -1673,6 +1679,10 @@ def w4_f16mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind
     return out if last else split_sum(c, out_dtype)
 
 
+#: :func:`w4_i8mma`'s tile options where its caller names none
+W4_I8MMA_TILES = {"BLOCK_N": 128, "SPLIT_K": 2, "GPS": 4, "num_warps": 4, "num_stages": 3}
+
+
 def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: int = W_INT4, w_zero=None,
              bias=None, group: int = 0, out_dtype=None, config: dict | None = None, a_scale=None,
              pieces=None, gated: bool = False, glu: bool = False, **_) -> torch.Tensor | None:
@@ -1697,7 +1707,7 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
         return None
     N = w.shape[0]
     out_dtype = out_dtype or a.dtype
-    cfg = {"BLOCK_N": 128, "SPLIT_K": 2, "GPS": 4, "num_warps": 4, "num_stages": 3, **(config or {})}
+    cfg = {**W4_I8MMA_TILES, **(config or {})}
     for k in ("BLOCK_K", "BLOCK_M"):
         cfg.pop(k, None)
     gps = cfg["GPS"]
