@@ -39,12 +39,21 @@ CUDA graphs (``graphquant.static_decode.StaticDecoder``, or HF ``generate`` with
    Without the R4 (step 4, or Inductor's SiLU·mul fused with the activation quantization) the launch count is
    the same either way, so this step leaves those models alone. Checked per module like step 4.
 
-6. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
+6. **Residual add + RMSNorm into the int4 gate|up's operand.** In a Llama-style decoder layer (input norm,
+   attention, post-attention RMSNorm, MLP and nothing else) whose MLP's fused gate|up is W4A16 and decodes one row
+   on ``quant_triton.w4_i8mma``, a one-row forward hands the attention output, the residual and the RMSNorm to the
+   gate|up (``QuantLinear.forward_add_norm``, op ``graphquant::add_rms_norm_int4_linear``): one launch adds,
+   normalizes and makes ``w4_i8mma``'s int8 pieces (``quant_triton.add_rms_norm_pieces``), where the model's ops
+   took two (Inductor's add + RMSNorm, then the pieces); the rest of the MLP then runs from the gate|up output
+   (``graphquant_from_fused``, which steps 2, 4 and 5 give the MLP). Other row counts run the layer's own
+   forward. Kept only if a one-token forward of the model moves by at most ``PROBE_TOLERANCE``.
+
+7. **Decode attention.** On CUDA the model switches to graphquant's decode attention backend
    (:mod:`graphquant.decode_attention`: the one-token decode calls read each KV head once for its
    query group instead of sdpa's ``repeat_kv`` copies; prefill and everything else stay sdpa's).
    ``attention="keep"`` leaves the model's attention as it was.
 
-A probe forward before and after steps 2-5 (same kernels) must agree to rounding noise
+A probe forward before and after steps 2-6 (same kernels) must agree to rounding noise
 (``PROBE_TOLERANCE``), else :class:`PrepareError` says so; the model is then left half-prepared:
 build it again and call ``prepare(model, fuse=False, r3="keep")``. The prepared model is for
 generation only: saving it raises (save before preparing).
@@ -69,6 +78,8 @@ PREPARED_ATTR = "graphquant_prepared"
 SILU_INTO_DOWN = True
 #: ``prepare``'s step 5 (SiLU·mul in the gate|up kernel before an online R4); a module switch likewise
 GLU_INTO_GATE_UP = True
+#: ``prepare``'s step 6 (the residual add + RMSNorm into the int4 gate|up's operand launch); a module switch likewise
+ADD_NORM_INTO_GATE_UP = True
 #: Inductor options ``prepare`` records (report key ``decode_compile_options``) for ``StaticDecoder``'s decode step
 #: compile when its caller gives none. ``combo_kernels``: the step's independent small kernels launched as one
 #: (W4A16 37 -> 28 launches per profiled 2-layer step, ``benchmarks/results/decode_profile_combo_kernels.json``).
@@ -115,7 +126,11 @@ def _fused_class(cls: type) -> type:
             args = (self.graphquant_fused(args[0]),) + tuple(args[1:])
         return cls.forward(self, *args, **kwargs)
 
-    return type(f"GraphquantFused{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
+    def from_fused(self, y):  # the rest of the module, given the fused projection's output (step 6)
+        return cls.forward(self, y)
+
+    return type(f"GraphquantFused{cls.__name__}", (cls,), {"forward": forward, "graphquant_from_fused": from_fused,
+                                                          "__module__": cls.__module__})
 
 
 # ----------------------------------------------------------------------------------- fusion
@@ -203,7 +218,11 @@ def _gated_down_class(cls: type) -> type:
         x = kwargs.pop("hidden_states") if x is None else x
         return self.down_proj.forward_gated(self.graphquant_fused(x))
 
-    return type(f"GraphquantGatedDown{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
+    def from_fused(self, y):
+        return self.down_proj.forward_gated(y)
+
+    return type(f"GraphquantGatedDown{cls.__name__}", (cls,), {"forward": forward, "graphquant_from_fused": from_fused,
+                                                              "__module__": cls.__module__})
 
 
 def _is_silu(act, device, dtype) -> bool:
@@ -295,7 +314,11 @@ def _glu_class(cls: type) -> type:
         x = kwargs.pop("hidden_states") if x is None else x
         return self.down_proj(self.graphquant_fused.forward_glu(x))
 
-    return type(f"GraphquantGlu{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
+    def from_fused(self, y):  # y: the SiLU·mul (the fused op's glu=True)
+        return self.down_proj(y)
+
+    return type(f"GraphquantGlu{cls.__name__}", (cls,), {"forward": forward, "graphquant_from_fused": from_fused,
+                                                        "graphquant_glu": True, "__module__": cls.__module__})
 
 
 def _glu_buckets(big: QuantLinear, device) -> tuple[int, ...]:
@@ -371,6 +394,102 @@ def glu_into_gate_up(model: nn.Module, device) -> list[str]:
     return changed
 
 
+#: the children of a decoder layer whose forward step 6 knows (Llama's: Mistral, Qwen2 and Qwen3 have the same)
+_ADD_NORM_LAYER_CHILDREN = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
+#: the keyword arguments a Hugging Face decoder layer passes its attention with these defaults
+_LAYER_DEFAULTS = {"attention_mask": None, "position_ids": None, "past_key_values": None, "use_cache": False,
+                   "position_embeddings": None}
+
+
+def _rms_eps(norm: nn.Module):
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def _is_rms_norm(norm: nn.Module, eps: float, width: int, device, dtype) -> bool:
+    """Whether ``norm`` computes Hugging Face's (Llama's) RMSNorm with its ``weight`` and ``eps``
+    (``int4_mm.rms_norm``), bit for bit on random rows."""
+    from .kernels import int4_mm
+
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (width,) or w.dtype != dtype:
+        return False
+    x = torch.randn((3, width), generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        try:
+            return torch.equal(norm(x), int4_mm.rms_norm(x, w, eps))
+        except Exception:  # noqa: BLE001 - a norm that does not take a plain tensor is not one
+            return False
+
+
+def _add_norm_fits(layer: nn.Module, device) -> bool:
+    """A Llama-style decoder layer (exactly :data:`_ADD_NORM_LAYER_CHILDREN`) whose MLP starts with a fused gate|up
+    (step 2) on a W4A16 kernel without an online rotation, that decodes one row on ``w4_i8mma``
+    (``int4_mm.add_norm_decode_fits``), after a Hugging Face RMSNorm."""
+    from .kernels import int4_mm
+
+    if {n for n, _ in layer.named_children()} != _ADD_NORM_LAYER_CHILDREN:
+        return False
+    mlp, norm = layer.mlp, layer.post_attention_layernorm
+    big = getattr(mlp, "graphquant_fused", None)
+    if getattr(mlp, "graphquant_fused_group", None) != ("gate_proj", "up_proj") or not isinstance(big, QuantLinear) \
+            or not hasattr(type(mlp), "graphquant_from_fused") or big.backend != "kernel" \
+            or big.kernel != "int4_linear" or big.input_rotation or big.input_quantizer is not None \
+            or big.decodes_on_tinygemm(device) or (eps := _rms_eps(norm)) is None:
+        return False
+    kw = big._layout(device)
+    return int4_mm.add_norm_decode_fits(big.out_features, big.in_features, kw.args["group_size"],
+                                        kw.args["layout"], device) \
+        and _is_rms_norm(norm, eps, big.in_features, device, big.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _add_norm_layer_class(cls: type) -> type:
+    """``cls`` (a Llama-style decoder layer) whose one-row forward hands the attention output, the residual and the
+    post-attention RMSNorm to the MLP's fused gate|up (``QuantLinear.forward_add_norm``) and the gate|up output to
+    the rest of the MLP (``graphquant_from_fused``); other row counts run ``cls``'s forward."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args or hidden_states[..., 0].numel() != 1:
+            return cls.forward(self, hidden_states, *args, **kwargs)
+        residual = hidden_states
+        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **{**_LAYER_DEFAULTS, **kwargs})
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        s, y = mlp.graphquant_fused.forward_add_norm(h, residual, norm, _rms_eps(norm),
+                                                     glu=getattr(mlp, "graphquant_glu", False))
+        return s + mlp.graphquant_from_fused(y)
+
+    return type(f"GraphquantAddNorm{cls.__name__}", (cls,), {"forward": forward, "__module__": cls.__module__})
+
+
+def _probe_one_token(model: nn.Module, device) -> torch.Tensor:
+    """Logits of one token (one row through every layer: the decode shape)."""
+    ids = torch.tensor([[min(5, int(model.config.vocab_size) - 1)]], device=device)
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def add_norm_into_gate_up(model: nn.Module, device) -> list[str]:
+    """Step 6 of :func:`prepare`; returns the layers changed (all that fit, or none where a one-token probe of
+    the model moves by more than ``PROBE_TOLERANCE`` or raises)."""
+    layers = [(name, mod) for name, mod in model.named_modules()
+              if not type(mod).__name__.startswith("GraphquantAddNorm") and _add_norm_fits(mod, device)]
+    if not layers:
+        return []
+    before = _probe_one_token(model, device)
+    for _, mod in layers:
+        mod.__class__ = _add_norm_layer_class(type(mod))
+    try:
+        kept = _relative_change(before, _probe_one_token(model, device)) <= PROBE_TOLERANCE
+    except Exception:  # noqa: BLE001 - a layer whose forward is not the one this step knows
+        kept = False
+    if not kept:
+        for _, mod in layers:
+            mod.__class__ = type(mod).__mro__[1]
+        return []
+    return [name for name, _ in layers]
+
+
 def elide_r3(model: nn.Module) -> list[str]:
     """Step 3 of :func:`prepare`: drop R3 where no K quantizer follows it; returns the modules changed."""
     changed = []
@@ -405,13 +524,14 @@ def _probe(model: nn.Module, device) -> torch.Tensor:
 
 def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool = True,
             attention: str = "decode", silu_into_down: bool | None = None,
-            glu_into_up: bool | None = None) -> nn.Module:
+            glu_into_up: bool | None = None, add_norm_into_up: bool | None = None) -> nn.Module:
     """Ready a written-back graphquant model for fast generation (see the module docstring); returns
     it (changed in place). ``fuse``: horizontal fusion of q|k|v and gate|up; ``r3``: "elide" (drop R3
     where it feeds no K quantizer) or "keep"; ``check``: compare a probe forward before and after;
     ``attention``: "decode" (graphquant's decode attention backend, on CUDA) or "keep"; ``silu_into_down``
     (default ``SILU_INTO_DOWN``): step 4, on the fused gate|up (so only with ``fuse``); ``glu_into_up`` (default
-    ``GLU_INTO_GATE_UP``): step 5, likewise."""
+    ``GLU_INTO_GATE_UP``): step 5, likewise; ``add_norm_into_up`` (default ``ADD_NORM_INTO_GATE_UP``): step 6,
+    likewise."""
     if r3 not in ("elide", "keep"):
         raise ValueError(f"r3={r3!r}: choose 'elide' or 'keep'")
     if attention not in ("decode", "keep"):
@@ -435,6 +555,8 @@ def prepare(model: nn.Module, fuse: bool = True, r3: str = "elide", check: bool 
         report["silu_into_down"] = fuse_silu_into_down(model, device)
     if fuse and (GLU_INTO_GATE_UP if glu_into_up is None else glu_into_up):
         report["glu_into_gate_up"] = glu_into_gate_up(model, device)
+    if fuse and (ADD_NORM_INTO_GATE_UP if add_norm_into_up is None else add_norm_into_up):
+        report["add_norm_into_gate_up"] = add_norm_into_gate_up(model, device)
     if check:
         after = _probe(model, device)
         err = _relative_change(before, after)

@@ -240,6 +240,45 @@ def test_int4_linear_gated_makes_the_w4_i8mma_operand_from_the_gate_up_pair(monk
     assert calls[0] is True and "w4_i8mma_gated" not in int8_mm._FAILED
 
 
+@pytest.mark.parametrize("glu", [False, True])
+def test_add_rms_norm_int4_linear_makes_the_w4_i8mma_operand_in_the_norm_launch(monkeypatch, glu):
+    """``graphquant::add_rms_norm_int4_linear`` at one row where the table names ``w4_i8mma`` (a Llama-3-8B gate|up
+    slice, K = 4096; ``glu``: the interleaved gate|up's SiLU·mul in the product's epilogue): the residual sum bit for
+    bit, the product that of the unfused add, ``int4_mm.rms_norm`` and ``int4_linear`` (the rsqrt's last bit aside),
+    the same bits in CUDA-graph replays; two rows run the unfused ops."""
+    from graphquant.kernels import int4_mm, int8_mm
+    from graphquant.kernels import quant_triton as QT
+
+    N, K = 1024, 4096
+    g = torch.Generator(device="cuda").manual_seed(8)
+    x = (torch.randn(2, K, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    r = (torch.randn(2, K, device="cuda", generator=g) * 8).to(torch.bfloat16)
+    nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    w = torch.randint(0, 256, (N, K // 2), device="cuda", dtype=torch.uint8, generator=g)
+    s = torch.rand(N, K // 128, device="cuda", generator=g) * 1e-2
+    cfg = dict(BLOCK_N=64, SPLIT_K=1, GPS=4, num_warps=4, num_stages=3)
+    tuned_only(monkeypatch, (QT.A_FLOAT, QT.W_INT4, N, K, 1), "w4_i8mma", cfg)
+    assert int4_mm.add_norm_decode_fits(N, K, 128, "nibble", torch.device("cuda"))
+    assert not int4_mm.add_norm_decode_fits(N, K, 128, "cpu_tinygemm", torch.device("cuda"))
+    calls = []
+    real = QT.add_rms_norm_pieces
+    monkeypatch.setattr(QT, "add_rms_norm_pieces", lambda *a: calls.append(a[0].shape) or real(*a))
+    for rows in (1, 2):
+        run = lambda: int4_mm.add_rms_norm_int4_linear(x[:rows], r[:rows], nw, 1e-5, w, s, None, None, 128,  # noqa
+                                                       "nibble", glu)
+        total, got = run()
+        assert torch.equal(total, r[:rows] + x[:rows])
+        want = int4_mm.int4_linear(int4_mm.rms_norm(r[:rows] + x[:rows], nw, 1e-5), w, s, None, None, 128, "nibble",
+                                   glu=glu)
+        assert got.shape == want.shape == (rows, N // 2 if glu else N)
+        assert float((got.float() - want.float()).abs().max() / want.float().abs().max()) < 1e-2
+        assert float((got == want).float().mean()) > 0.9
+        if rows == 1:
+            outs = eager_and_graphed(lambda: run()[1])
+            assert all(torch.equal(o, got) for o in outs)
+    assert calls == [(1, K)] * len(calls) and calls and "add_rms_norm_pieces" not in int8_mm._FAILED
+
+
 @pytest.mark.parametrize("M", [1, 5, 16, 40])
 @pytest.mark.parametrize("N,K", [(1024, 4096), (328, 1536)])
 def test_w4_f16mma_matches_reference_for_every_tile_option(M, N, K, monkeypatch):

@@ -255,3 +255,60 @@ def test_silu_mul_in_the_gate_up_kernel_before_an_online_r4_keeps_logits_and_tok
                      progress=False).to_hf()
     prepare(hf)
     assert "glu_into_gate_up" not in hf.graphquant_prepared
+
+
+@pytest.mark.parametrize("arch,pre,silu_into_down", [("llama", (), True), ("qwen3", (), False),
+                                                     ("mistral", (C.QuaRotConfig(),), True), ("gemma", (), True)])
+def test_residual_add_and_rms_norm_into_the_int4_gate_up_keep_logits_and_tokens(monkeypatch, arch, pre,
+                                                                                silu_into_down):
+    """Step 6 of ``prepare``: a Llama-style decoder layer whose fused W4A16 gate|up decodes on ``w4_i8mma`` (forced
+    here: on CPU the op adds, normalizes and runs the product in torch) hands the attention output, the residual
+    and the post-attention RMSNorm to ``graphquant::add_rms_norm_int4_linear`` at one row, then the rest of the MLP
+    (plain fused, step 4's gated down projection, or step 5's SiLU·mul before QuaRot's R4) runs from its output;
+    logits and greedy tokens do not move, other row counts keep the layer's own forward. Gemma's layer (other
+    norms) is left alone; a wrong rest-of-MLP is caught by the one-token probe and undone; the switch turns it off."""
+    from graphquant import generation
+    from graphquant.kernels import int4_mm
+
+    monkeypatch.setattr(int4_mm, "add_norm_decode_fits", lambda *a: True)
+    monkeypatch.setattr(int4_mm, "gated_decode_fits", lambda *a: True)
+    monkeypatch.setattr(generation, "_glu_buckets", lambda big, device: (1, 4, 16))
+    monkeypatch.setattr(generation, "SILU_INTO_DOWN", silu_into_down)
+    calls = []
+    real = int4_mm.add_rms_norm_int4_linear
+    monkeypatch.setattr(int4_mm, "add_rms_norm_int4_linear",
+                        lambda *a, **k: calls.append((tuple(a[0].shape), a[-1])) or real(*a, **k))
+    qm = gq.quantize(tiny_model(arch), make_config("w_int4_per_group_sym", 32, pre=pre), calib(), progress=False)
+    hf = _on_kernels(qm.to_hf())
+    ids = torch.randint(2, 128, (2, 9))
+    ref = logits(hf, ids)
+    ref_tokens = hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    prepare(hf)
+    changed = hf.graphquant_prepared["add_norm_into_gate_up"]
+    layer = hf.model.layers[0]
+    if arch == "gemma":
+        assert changed == [] and not calls
+        return
+    assert changed == [f"model.layers.{i}" for i in range(hf.config.num_hidden_layers)]
+    assert type(layer).__name__.startswith("GraphquantAddNorm")
+    want_mlp = "GraphquantGlu" if pre else ("GraphquantGatedDown" if silu_into_down else "GraphquantFused")
+    assert type(layer.mlp).__name__.startswith(want_mlp)
+    calls.clear()
+    assert rel(logits(hf, ids), ref) < 1e-3
+    assert not calls  # nine rows: the layer's own forward
+    assert torch.equal(hf.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0),
+                       ref_tokens)
+    glu = bool(pre)
+    assert calls and all(c == ((1, 1, hf.config.hidden_size), glu) for c in calls), calls[:3]
+    # a rest-of-MLP that computes something else: the probe undoes the step
+    hf2 = _on_kernels(qm.to_hf())
+    cls = type(hf.model.layers[0].mlp)
+    monkeypatch.setattr(cls, "graphquant_from_fused", lambda self, y: torch.zeros(
+        *y.shape[:-1], self.down_proj.out_features, dtype=y.dtype))
+    prepare(hf2)
+    assert hf2.graphquant_prepared["add_norm_into_gate_up"] == []
+    assert not type(hf2.model.layers[0]).__name__.startswith("GraphquantAddNorm")
+    monkeypatch.setattr(generation, "ADD_NORM_INTO_GATE_UP", False)
+    hf3 = _on_kernels(qm.to_hf())
+    prepare(hf3)
+    assert "add_norm_into_gate_up" not in hf3.graphquant_prepared

@@ -119,3 +119,55 @@ def test_w4_i8mma_gated_makes_its_operand_from_the_gate_up_pair():
     Triton vs torch), bf16 and fp16, 1-4 rows, zero points, groups per step lowered; pairs that do not fit are
     refused."""
     assert "gated 3" in run_in_triton_interpreter(_GATED)
+
+
+_ADD_NORM = r"""
+import torch
+from graphquant.kernels import quant_triton as QT
+from graphquant.kernels.int4_mm import rms_norm
+torch.manual_seed(0)
+checked = same = total = 0
+for K, group, dtype in ((1024, 128, torch.bfloat16), (512, 64, torch.float16), (2048, 128, torch.bfloat16)):
+    x = (torch.randn(1, K) * torch.logspace(-2, 1, K)[torch.randperm(K)]).to(dtype)
+    r = (torch.randn(1, K) * 4).to(dtype)
+    nw = (torch.rand(K) + 0.5).to(dtype)
+    s, pieces = QT.add_rms_norm_pieces(x, r, nw, 1e-5, group)
+    assert torch.equal(s, r + x), K  # the layer's add, rounded once
+    h = rms_norm(r + x, nw, 1e-5)
+    want = [torch.empty_like(t) for t in pieces]
+    QT.int8_pieces_kernel[(K // (4 * group),)](h, *want, 1, h.stride(0), 0, GROUP=group, GPS=4, num_warps=4)
+    # the pieces hold the normalized row exactly: it is h but for the rsqrt's last bit (libdevice vs torch)
+    P, RS, XS = pieces
+    full = torch.stack(P.float().chunk(2, -1), -1).reshape(P.shape)  # even / odd columns back in place
+    back = torch.cat([sum(full[i, 4 * g + p, g * group:(g + 1) * group] * RS[i, 4 * g + p] for p in range(4))
+                      for i in range(P.shape[0]) for g in range(4)]).reshape(1, K)
+    assert (back - h.float()).abs().max() <= 2 * 2.0 ** -7 * h.float().abs().max(), K
+    same += sum(int(torch.equal(a, b)) for a, b in zip(pieces, want))
+    total += 3
+    w = torch.randint(0, 256, (48, K // 2), dtype=torch.uint8)
+    sw = torch.rand(48, K // group) * 0.01
+    cfg = dict(BLOCK_N=32, SPLIT_K=2, GPS=4, num_warps=4, num_stages=1)
+    got = QT.w4_i8mma(s, w, sw, group=group, out_dtype=torch.float32, config=cfg, pieces=pieces)
+    ref = QT.w4_i8mma(h, w, sw, group=group, out_dtype=torch.float32, config=cfg)
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max(), (K, (got - ref).abs().max())
+    checked += 1
+assert same >= total - 3, (same, total)  # at most one case's pieces move by the rsqrt's rounding
+for bad in ((torch.zeros(2, 1024, dtype=torch.bfloat16),), (torch.zeros(1, 1000, dtype=torch.bfloat16),)):
+    try:
+        QT.add_rms_norm_pieces(bad[0], bad[0], bad[0][0], 1e-5, 128)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(bad[0].shape)
+print("add norm", checked, same, total)
+"""
+
+
+def test_add_rms_norm_pieces_make_the_pieces_of_the_normalized_sum():
+    """``quant_triton.add_rms_norm_pieces`` (``prepare``'s step 6): one launch returns a decoder layer's residual sum
+    bit for bit and ``w4_i8mma``'s int8 pieces of its Hugging Face RMSNorm (``int4_mm.rms_norm``): they hold the
+    normalized row (up to the rsqrt's last bit, Triton's libdevice vs torch), mostly bit for bit the pieces
+    ``int8_pieces_kernel`` makes of the reference norm, and the product on them matches; rows it cannot take are
+    refused."""
+    out = run_in_triton_interpreter(_ADD_NORM)
+    assert "add norm 3" in out, out

@@ -197,6 +197,20 @@ class QuantLinear(nn.Module):
             return self._forward_kernel(x, glu=True)
         return interleaved_glu(self(x))
 
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, eps: float,
+                         glu: bool = False):
+        """``(s, self(norm(s)))`` with ``s = x + residual`` and ``norm`` a Hugging Face RMSNorm (weight ``norm.weight``,
+        epsilon ``eps``) for this W4A16 projection on its kernel (``glu``: :meth:`forward_glu`'s SiLU·mul): one op,
+        ``graphquant::add_rms_norm_int4_linear``, whose decode path makes the product's operand in the launch that
+        adds and normalizes (``generation.prepare``'s residual add + RMSNorm into the gate|up)."""
+        from ..lowering import ops as _lops  # noqa: F401  registers the kernel ops
+
+        kw = self._layout(x.device)
+        t = kw.tensors
+        return torch.ops.graphquant.add_rms_norm_int4_linear(x, residual, norm.weight, float(eps), t["qweight"],
+                                                             t["qscale"], t.get("qzeros"), self.bias,
+                                                             kw.args["group_size"], kw.args["layout"], glu)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
             return self._forward_kernel(x)

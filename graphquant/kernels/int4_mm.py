@@ -164,3 +164,59 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, ze
     else:
         out = reference()
     return out.reshape(*lead, N)
+
+
+def rms_norm(s: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's RMSNorm (Llama's): ``weight * (s · rsqrt(mean(s²) + eps))``, in fp32, the normalized rows
+    rounded to ``s``'s dtype before the product with ``weight``."""
+    h = s.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(s.dtype)
+
+
+def add_norm_decode_fits(N: int, K: int, group_size: int, layout: str, device) -> bool:
+    """Whether :func:`add_rms_norm_int4_linear` runs its one-launch residual add + RMSNorm + int8 pieces at one row:
+    the nibble layout, the decode table picks ``w4_i8mma`` (four groups per step) for the shape, and ``K`` is whole
+    steps of four groups, at most 16384 (``quant_triton.add_rms_norm_pieces``)."""
+    return layout == "nibble" and K % (4 * group_size) == 0 and K <= 16384 and _decode_w4_i8mma(
+        N, K, group_size, torch.device(device), "add_rms_norm_pieces") is not None
+
+
+def _add_norm_decode(x: torch.Tensor, residual: torch.Tensor, norm_weight, eps: float, w_packed, scale, zero_point,
+                     bias, group_size: int, glu: bool):
+    """``(x + residual, rms_norm(x + residual) @ W.T + bias)`` for one row: the sum, the norm and ``w4_i8mma``'s
+    pieces in one launch, then ``w4_i8mma``; None where that path does not apply or failed before."""
+    K = x.shape[1]
+    if not (x.shape[0] == 1 and x.dtype in (torch.float16, torch.bfloat16) and residual.dtype == x.dtype
+            and norm_weight.dtype == x.dtype and K % (4 * group_size) == 0 and K <= 16384):
+        return None
+    if (fit := _decode_w4_i8mma(w_packed.shape[0], K, group_size, x.device, "add_rms_norm_pieces")) is None:
+        return None
+    qt, cfg = fit
+
+    def fused():
+        s, pieces = qt.add_rms_norm_pieces(x, residual, norm_weight, eps, group_size)
+        out = qt.w4_i8mma(s, w_packed, scale, w_zero=zero_point, bias=bias, group=group_size, out_dtype=x.dtype,
+                          config=cfg, pieces=pieces, glu=glu)
+        if out is None:
+            raise RuntimeError("w4_i8mma refused the pieces of add_rms_norm_pieces")
+        return s, out
+
+    return guarded("add_rms_norm_pieces", fused, lambda: None)
+
+
+def add_rms_norm_int4_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                             bias: torch.Tensor | None, group_size: int, layout: str, glu: bool = False):
+    """A decoder layer's ``s = x + residual`` and ``int4_linear(rms_norm(s, norm_weight, eps), ...)`` (``glu``: the
+    interleaved gate|up's SiLU·mul, as :func:`int4_linear`'s): ``(s, out)``. At one row where
+    :func:`add_norm_decode_fits`, two launches (``quant_triton.add_rms_norm_pieces``, then ``w4_i8mma`` on those
+    pieces) where the model's ops take three (Inductor's add + RMSNorm, the pieces, the product); elsewhere the
+    model's ops."""
+    if layout == "nibble" and (got := _add_norm_decode(_flat(x), _flat(residual), norm_weight, eps, w_packed, scale,
+                                                       zero_point, bias, group_size, glu)) is not None:
+        s, out = got
+        return s.reshape(x.shape), out.reshape(*x.shape[:-1], out.shape[-1])
+    s = residual + x
+    return s, int4_linear(rms_norm(s, norm_weight, eps), w_packed, scale, zero_point, bias, group_size, layout,
+                          glu=glu)

@@ -982,6 +982,31 @@ def int8_pieces_kernel(A, P, RS, XS, M, stride_am, K_UP, GROUP: tl.constexpr, GP
 
 
 @triton.jit
+def add_rms_norm_pieces_kernel(X, R, W, S, P, RS, XS, K, eps, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A decoder layer's residual add and RMSNorm for one row, ending in :func:`w4_i8mma_kernel`'s left operand
+    instead of the normalized row: ``S = X + R`` (rounded to ``X``'s dtype, as the layer's add), then Hugging Face's
+    RMSNorm ``W * (S · rsqrt(mean(S²) + eps))`` (fp32, the normalized row rounded to the dtype before the product
+    with ``W``, the product rounded once) and its int8 pieces for one step of four groups (program ``s``; the
+    layout of :func:`int8_pieces_kernel` with ``GPS = 4``). Every program reads the whole row for the mean and
+    stores its own step's share of ``S``."""
+    GPS: tl.constexpr = 4
+    STEP: tl.constexpr = GPS * GROUP
+    DT: tl.constexpr = X.dtype.element_ty
+    s = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    v = _rounded(tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+                 + tl.load(R + offs, mask=ok, other=0.0).to(tl.float32), DT)
+    rstd = tl.math.rsqrt(tl.sum(v * v, axis=0) / K + eps)
+    kk = s * STEP + tl.arange(0, STEP)
+    vs = _rounded(tl.load(X + kk).to(tl.float32) + tl.load(R + kk).to(tl.float32), DT)
+    tl.store(S + kk, vs.to(DT))
+    y = _rounded(tl.load(W + kk).to(tl.float32) * _rounded(vs * rstd, DT), DT)
+    q, rs = _int8_pieces(tl.reshape(y, (GPS, 1, GROUP)))
+    store_pieces(q, rs, P, RS, XS, s)
+
+
+@triton.jit
 def store_pieces(q, rs, P, RS, XS, s):
     """Step ``s``'s pieces ``q`` (GPS, 16 / GPS, GROUP) and row scales ``rs`` (GPS, 16 / GPS) from
     :func:`_int8_pieces` in :func:`w4_i8mma_kernel`'s layout: ``P[s]`` (16, 2, STEP / 2) int8, block-diagonal
@@ -1737,6 +1762,28 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
                           HAS_BIAS=bias is not None, PARTIAL=split > 1, LAST_SUMS=last, ASM=not _INTERPRET, GLU=glu,
                           **cfg)
     return out if last or glu else split_sum(c, out_dtype)
+
+
+def add_rms_norm_pieces(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: int):
+    """``(x + residual, (P, RS, XS))`` for one row (1, K) (bf16 / fp16; ``weight`` (K,) of the same dtype): the sum,
+    and :func:`w4_i8mma`'s pieces (four groups of ``group`` per step) of the row's RMSNorm ``weight * norm(sum)``, in
+    one launch (:func:`add_rms_norm_pieces_kernel`; ``K`` a multiple of ``4 group``, at most 16384). For
+    ``w4_i8mma(..., pieces=...)``."""
+    K = x.shape[-1]
+    step = 4 * group
+    if x.dtype not in (torch.bfloat16, torch.float16) or residual.dtype != x.dtype or weight.dtype != x.dtype \
+            or x.numel() != K or residual.numel() != K or weight.numel() != K or K % step or K > 16384:
+        raise ValueError(f"add_rms_norm_pieces takes one {K}-wide bf16/fp16 row, its residual and norm weight of "
+                         f"the same dtype, K a multiple of {step} and at most 16384")
+    steps = K // step
+    x, residual, weight = (t.reshape(K).contiguous() for t in (x, residual, weight))
+    s = torch.empty((1, K), device=x.device, dtype=x.dtype)
+    P = torch.empty((steps, 16, step), device=x.device, dtype=torch.int8)
+    RS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
+    XS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
+    add_rms_norm_pieces_kernel[(steps,)](x, residual, weight, s, P, RS, XS, K, float(eps), GROUP=group,
+                                         BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+    return s, (P, RS, XS)
 
 
 def scale_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:

@@ -12,6 +12,9 @@ Schemas::
     graphquant::int4_linear(Tensor x, Tensor w_packed, Tensor scale, Tensor? zero_point, Tensor? bias,
                             int group_size, str layout, bool hadamard=False, bool gated=False,
                             bool glu=False) -> Tensor
+    graphquant::add_rms_norm_int4_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps,
+                                         Tensor w_packed, Tensor scale, Tensor? zero_point, Tensor? bias,
+                                         int group_size, str layout, bool glu=False) -> (Tensor sum, Tensor out)
 
 Activation quantization is its own op so that one quantizer feeding several Linears (q/k/v,
 gate/up) runs once. ``spec`` is ``QuantizationSpec.to_op_str()``. Codes are int8 or
@@ -20,7 +23,9 @@ float8_e4m3fn with ``x``'s shape; dynamic scales are fp32, ``x.shape[:-1] + (1,)
 gated MLP's gate|up pair (``2 K`` wide) and the product is of ``silu(gate) * up`` (``int4_mm.silu_mul``).
 ``glu`` (every linear op): ``w`` is a fused gate|up weight with its rows interleaved in ``int8_mm.GLU_BLOCK``
 blocks and the op returns ``silu(gate) * up`` (``N / 2`` wide, ``int8_mm.interleaved_glu``), which a decode
-kernel computes in its own epilogue (``quant_triton.decode_mm(..., glu=True)``).
+kernel computes in its own epilogue (``quant_triton.decode_mm(..., glu=True)``). ``add_rms_norm_int4_linear`` is a
+decoder layer's residual add, its RMSNorm (Hugging Face's) and an ``int4_linear`` of the normalized rows: the sum
+and the product (``int4_mm.add_rms_norm_int4_linear``: one launch before the product at decode).
 Every op has a fake kernel, so lowered graphs trace under ``torch.export`` and ``torch.compile`` (where they
 stay opaque calls into the kernels). Implementations: ``graphquant.lowering.activation`` and
 ``graphquant.kernels.{int8_mm, fp8_mm, int4_mm}``.
@@ -35,7 +40,7 @@ from ..kernels import fp8_mm, int4_mm, int8_mm
 from . import activation as act
 
 __all__ = ["quantize_act_dynamic", "quantize_act_static", "int8_linear", "fp8_linear", "int8_weight_only_linear",
-           "int4_linear"]
+           "int4_linear", "add_rms_norm_int4_linear"]
 
 
 @torch.library.custom_op("graphquant::quantize_act_dynamic", mutates_args=())
@@ -107,3 +112,17 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, ze
 @int4_linear.register_fake
 def _(x, w_packed, scale, zero_point, bias, group_size, layout, hadamard=False, gated=False, glu=False):
     return _linear_fake(x, w_packed.shape[0] // (2 if glu else 1), x.dtype)
+
+
+@torch.library.custom_op("graphquant::add_rms_norm_int4_linear", mutates_args=())
+def add_rms_norm_int4_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             w_packed: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], group_size: int, layout: str,
+                             glu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return int4_mm.add_rms_norm_int4_linear(x, residual, norm_weight, eps, w_packed, scale, zero_point, bias,
+                                            group_size, layout, glu)
+
+
+@add_rms_norm_int4_linear.register_fake
+def _(x, residual, norm_weight, eps, w_packed, scale, zero_point, bias, group_size, layout, glu=False):
+    return torch.empty_like(x), _linear_fake(x, w_packed.shape[0] // (2 if glu else 1), x.dtype)
