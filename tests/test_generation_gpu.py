@@ -164,7 +164,31 @@ def test_gq_llama_20m_greedy_tokens_with_every_w4a16_product_on_int8_mma(quarot,
     assert any(c[4] == QT.W_INT4 and c[0] <= 4 for c in calls)
 
 
-def _greedy_tokens_equal_fake_quant(name, quarot=False):
+@pytest.mark.skipif(GQ20M is None, reason="gq-llama-20m not available")
+@pytest.mark.parametrize("quarot", [False, pytest.param(True, marks=QUAROT_TIE)])
+def test_gq_llama_20m_greedy_tokens_with_the_residual_add_and_norm_in_the_pieces_launch(quarot, monkeypatch):
+    """The issue's check through ``prepare``'s step 6 (the decoder layer's residual add + RMSNorm make the W4A16
+    gate|up's ``w4_i8mma`` pieces in one launch): every W4A16 decode product on ``w4_i8mma`` and groups of 32, so
+    that gq-llama-20m's 384-wide rows are whole steps of four groups."""
+    from graphquant.kernels import quant_triton as QT
+
+    real = QT.decode_choice
+
+    def on_int8_mma(M, N, K, a_kind, w_kind, group, device):
+        if a_kind == QT.A_FLOAT and w_kind == QT.W_INT4 and M <= 4:
+            return "w4_i8mma", dict(BLOCK_N=64, SPLIT_K=2, GPS=4, num_warps=4, num_stages=3)
+        return real(M, N, K, a_kind, w_kind, group, device)
+
+    monkeypatch.setattr(QT, "decode_choice", on_int8_mma)
+    calls = []
+    real_pieces = QT.add_rms_norm_pieces
+    monkeypatch.setattr(QT, "add_rms_norm_pieces", lambda *a: calls.append(a[0].shape) or real_pieces(*a))
+    report = _greedy_tokens_equal_fake_quant("W4A16 g128", quarot=quarot, group=32)
+    assert len(report["add_norm_into_gate_up"]) == 8, report
+    assert calls
+
+
+def _greedy_tokens_equal_fake_quant(name, quarot=False, group=None):
     from transformers import AutoModelForCausalLM
 
     from graphquant.static_decode import StaticDecoder
@@ -172,7 +196,8 @@ def _greedy_tokens_equal_fake_quant(name, quarot=False):
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(GQ20M, dtype=torch.bfloat16).cuda().eval()
-    qm = gq.quantize(model, _config(name, quarot), _calib(model.config.vocab_size), progress=False, check=False)
+    qm = gq.quantize(model, _config(name, quarot, group), _calib(model.config.vocab_size), progress=False,
+                     check=False)
     ref_model = qm.to_hf(device="cuda")
     # a story opening (gq-llama-20m is a TinyStories-style model): random token ids give flat next-token
     # distributions whose near-ties flip under any rounding change
@@ -192,3 +217,4 @@ def _greedy_tokens_equal_fake_quant(name, quarot=False):
         raise AssertionError(f"{name}: {same}/32 tokens equal, first difference at new token {first - n}, where "
                              f"the fake-quant model's top-2 logit margin is {float(top[0] - top[1]):.4f}\n"
                              f"{got.tolist()}\n{want.tolist()}")
+    return fast.graphquant_prepared
