@@ -993,15 +993,19 @@ def add_rms_norm_pieces_kernel(X, R, W, S, P, RS, XS, K, eps, GROUP: tl.constexp
     STEP: tl.constexpr = GPS * GROUP
     DT: tl.constexpr = X.dtype.element_ty
     s = tl.program_id(0)
+    kk = s * STEP + tl.arange(0, STEP)
+    # the step's own loads first: every load is issued before the row's reduction waits on any of them
+    xs = tl.load(X + kk)
+    rs_ = tl.load(R + kk)
+    w = tl.load(W + kk)
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
     v = _rounded(tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
                  + tl.load(R + offs, mask=ok, other=0.0).to(tl.float32), DT)
     rstd = tl.math.rsqrt(tl.sum(v * v, axis=0) / K + eps)
-    kk = s * STEP + tl.arange(0, STEP)
-    vs = _rounded(tl.load(X + kk).to(tl.float32) + tl.load(R + kk).to(tl.float32), DT)
+    vs = _rounded(xs.to(tl.float32) + rs_.to(tl.float32), DT)
     tl.store(S + kk, vs.to(DT))
-    y = _rounded(tl.load(W + kk).to(tl.float32) * _rounded(vs * rstd, DT), DT)
+    y = _rounded(w.to(tl.float32) * _rounded(vs * rstd, DT), DT)
     q, rs = _int8_pieces(tl.reshape(y, (GPS, 1, GROUP)))
     store_pieces(q, rs, P, RS, XS, s)
 
