@@ -167,13 +167,16 @@ def test_gq_llama_20m_greedy_tokens_with_every_w4a16_product_on_int8_mma(quarot,
 #: H200, 2026-11-30: gq-llama-20m W4A16 with groups of 32 and every decode product on ``w4_i8mma`` parts from
 #: fake-quant also without step 6 (31/32: an exact tie, top-2 margin 0, at new token 31); with step 6 (its RMSNorm's
 #: sum of squares and rsqrt rounded in another order than Inductor's) at new token 1, top-2 margin 0.0625 (one bf16
-#: step). The prepare report and the step's calls are checked before the tokens.
+#: step); with QuaRot and step 6 at new token 16, margin 0 (an exact tie). In both the prepare report and the step's
+#: calls, checked before the tokens, passed (``--runxfail``).
 G32_TIE = pytest.mark.xfail(reason="near-ties of this config (new token 1: margin 0.0625; 31: margin 0)",
                             strict=False)
+G32_QUAROT_TIE = pytest.mark.xfail(reason="exact tie of this config with QuaRot (new token 16: margin 0)",
+                                   strict=False)
 
 
 @pytest.mark.skipif(GQ20M is None, reason="gq-llama-20m not available")
-@pytest.mark.parametrize("quarot", [pytest.param(False, marks=G32_TIE), pytest.param(True, marks=QUAROT_TIE)])
+@pytest.mark.parametrize("quarot", [pytest.param(False, marks=G32_TIE), pytest.param(True, marks=G32_QUAROT_TIE)])
 def test_gq_llama_20m_greedy_tokens_with_the_residual_add_and_norm_in_the_pieces_launch(quarot, monkeypatch):
     """The issue's check through ``prepare``'s step 6 (the decoder layer's residual add + RMSNorm make the W4A16
     gate|up's ``w4_i8mma`` pieces in one launch): every W4A16 decode product on ``w4_i8mma`` and groups of 32, so
