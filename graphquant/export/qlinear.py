@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import int8_mm as _int8_mm
 from ..quant import fake_quant as FQ
 from .records import LinearRecord, TensorQuantizer
 
@@ -178,9 +179,10 @@ class QuantLinear(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return self(F.silu(gate) * up)
 
-    #: decode row buckets (1, up to 4, up to 16 rows: ``quant_triton.M_BUCKETS``) and, set by ``generation.prepare``
-    #: on a fused gate|up, those at which its decode kernel stores the SiLU·mul itself (:meth:`forward_glu`)
-    GLU_BUCKETS = (1, 4, 16)
+    #: decode row buckets (``int8_mm.M_BUCKETS`` up to 16 rows: 1, up to 4, up to 16) and, set by
+    #: ``generation.prepare`` on a fused gate|up, those at which its decode kernel stores the SiLU·mul itself
+    #: (:meth:`forward_glu`)
+    GLU_BUCKETS = tuple(b for b in _int8_mm.M_BUCKETS if b <= 16)
     glu_buckets: tuple = ()
 
     def forward_glu(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,8 +194,7 @@ class QuantLinear(nn.Module):
         from ..kernels.int8_mm import interleaved_glu
 
         rows = x[..., 0].numel()
-        bucket = next((b for b in self.GLU_BUCKETS if rows <= b), None)
-        if self.backend == "kernel" and bucket in self.glu_buckets:
+        if self.backend == "kernel" and rows <= self.GLU_BUCKETS[-1] and _int8_mm.m_bucket(rows) in self.glu_buckets:
             return self._forward_kernel(x, glu=True)
         return interleaved_glu(self(x))
 

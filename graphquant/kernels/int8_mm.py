@@ -40,6 +40,14 @@ SKINNY_M = 16  # W8A8 rows handled by the Triton decode kernels on CUDA (above: 
 #: 2-layer prefill 8x2048 per layer 11.05 -> 8.82 ms (results/generate_gpu_ab_switches.json)
 PREFILL_TRITON = True
 WEIGHT_ONLY_M = 64  # weight-only rows handled by the Triton decode kernels (above: dequantize + cuBLAS)
+#: the row buckets of the measured decode-kernel table (``quant_triton.decode_choice``: 1, up to 4, 16, 64 rows); here,
+#: Triton-free, so that ``QuantLinear`` can look them up on installs without Triton
+M_BUCKETS = (1, 4, 16, 64)
+
+
+def m_bucket(M: int) -> int:
+    """The decode-table bucket of ``M`` rows (the last one for more rows)."""
+    return next((b for b in M_BUCKETS if M <= b), M_BUCKETS[-1])
 #: a fused gate|up projection whose rows ``generation.prepare`` interleaved in blocks of this many (gate rows
 #: ``16 b .. 16 b + 15``, then the matching up rows, then the next block): the linear ops' ``glu=True`` returns
 #: ``silu(gate) * up`` (:func:`interleaved_glu`), which a decode kernel's output tile can compute itself

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .int8_mm import GLU_BLOCK
+from .int8_mm import GLU_BLOCK, M_BUCKETS, m_bucket  # noqa: F401  (the table's buckets, re-exported)
 
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
@@ -1363,7 +1363,6 @@ def wq_mm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind: in
 #: this file): "<GPU name>" -> "<a_kind>,<w_kind>,<N>,<K>,<M bucket>" -> dict(impl="gemv"|"wq_mm", tile
 #: options, us = the measured time). Shapes not in it use the heuristics of :func:`decode_choice`.
 GEMV_PROGRAMS_PER_SM = 4
-M_BUCKETS = (1, 4, 16, 64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1379,10 +1378,6 @@ def _tuned(device_name: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
-
-
-def m_bucket(M: int) -> int:
-    return next((b for b in M_BUCKETS if M <= b), M_BUCKETS[-1])
 
 
 def decode_choice(M: int, N: int, K: int, a_kind: int, w_kind: int, group: int, device) -> tuple[str, dict] | None:
