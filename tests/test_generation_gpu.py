@@ -151,17 +151,27 @@ def test_gq_llama_20m_greedy_tokens_with_every_w4a16_product_on_int8_mma(quarot,
     W4A16 kernels (new token 19, top-2 margin 0)."""
     from graphquant.kernels import quant_triton as QT
 
+    calls = _w4a16_decode_on_int8_mma(monkeypatch)
+    _greedy_tokens_equal_fake_quant("W4A16 g128", quarot=quarot)
+    assert any(c[4] == QT.W_INT4 and c[0] <= 4 for c in calls)
+
+
+def _w4a16_decode_on_int8_mma(monkeypatch) -> list:
+    """Every W4A16 decode product (1-4 rows) on ``w4_i8mma`` (fixed tiles, four groups per step), the other products
+    on the table's choice; returns the list the decode choices are recorded in."""
+    from graphquant.kernels import quant_triton as QT
+
     real = QT.decode_choice
+    calls = []
 
     def on_int8_mma(M, N, K, a_kind, w_kind, group, device):
+        calls.append((M, N, K, a_kind, w_kind, group, device))
         if a_kind == QT.A_FLOAT and w_kind == QT.W_INT4 and M <= 4:
             return "w4_i8mma", dict(BLOCK_N=64, SPLIT_K=2, GPS=4, num_warps=4, num_stages=3)
         return real(M, N, K, a_kind, w_kind, group, device)
 
-    calls = []
-    monkeypatch.setattr(QT, "decode_choice", lambda *a: calls.append(a) or on_int8_mma(*a))
-    _greedy_tokens_equal_fake_quant("W4A16 g128", quarot=quarot)
-    assert any(c[4] == QT.W_INT4 and c[0] <= 4 for c in calls)
+    monkeypatch.setattr(QT, "decode_choice", on_int8_mma)
+    return calls
 
 
 #: H200, 2026-11-30: gq-llama-20m W4A16 with groups of 32 and every decode product on ``w4_i8mma`` parts from
@@ -184,17 +194,11 @@ def test_gq_llama_20m_greedy_tokens_with_the_residual_add_and_norm_in_the_pieces
     run (checked before the tokens, so an expected near-tie failure still checks them)."""
     from graphquant.kernels import quant_triton as QT
 
-    real = QT.decode_choice
-
-    def on_int8_mma(M, N, K, a_kind, w_kind, group, device):
-        if a_kind == QT.A_FLOAT and w_kind == QT.W_INT4 and M <= 4:
-            return "w4_i8mma", dict(BLOCK_N=64, SPLIT_K=2, GPS=4, num_warps=4, num_stages=3)
-        return real(M, N, K, a_kind, w_kind, group, device)
-
-    monkeypatch.setattr(QT, "decode_choice", on_int8_mma)
+    _w4a16_decode_on_int8_mma(monkeypatch)
     calls = []
     real_pieces = QT.add_rms_norm_pieces
     monkeypatch.setattr(QT, "add_rms_norm_pieces", lambda *a: calls.append(a[0].shape) or real_pieces(*a))
+
     def applied(report):
         assert len(report["add_norm_into_gate_up"]) == 8, report
         assert calls  # the step's one-token probe ran the fused launch

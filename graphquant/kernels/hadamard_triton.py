@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import (FP8_MAX, TINY_C, _fp32_reciprocal, _int8_pieces, codes, fast_codes, store_pieces,
-                           tile_quant_kernel)
+from .quant_triton import (FP8_MAX, TINY_C, _fp32_reciprocal, _int8_pieces, codes, empty_pieces, fast_codes,
+                           store_pieces, tile_quant_kernel)
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "hadamard_pieces", "pieces_fusable", "fusable",
            "supports", "plan", "candidates", "Plan", "few_rows_plan", "FEW_ROWS"]
@@ -743,9 +743,7 @@ def hadamard_pieces(x: torch.Tensor, group: int):
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     steps = p.M0 // 4
-    P = torch.empty((steps, 16, 4 * group), device=x.device, dtype=torch.int8)
-    RS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
-    XS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
+    P, RS, XS = empty_pieces(steps, 4 * group, x.device)
     a = _factor_operand(p.m, p.i, False, p.M0 + 16, p.NKC * p.BK, x.device)
     out_dtype = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
     _factored_kernel[(steps,)](

@@ -174,23 +174,37 @@ def rms_norm(s: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(s.dtype)
 
 
+#: the widest row ``quant_triton.add_rms_norm_pieces`` takes (each program holds the whole row for its mean)
+ADD_NORM_MAX_K = 16384
+
+
+def add_norm_width_fits(K: int, group_size: int) -> bool:
+    """Whether a ``K``-wide row is whole steps of four groups and at most :data:`ADD_NORM_MAX_K` wide."""
+    return K % (4 * group_size) == 0 and K <= ADD_NORM_MAX_K
+
+
+def _add_norm_fit(N: int, K: int, group_size: int, device):
+    """``(quant_triton, tile options)`` where the residual add + RMSNorm + pieces launch can feed ``w4_i8mma`` for
+    (N, K) int4 weights at one row on ``device`` (:func:`add_norm_width_fits`, :func:`_decode_w4_i8mma`), else None."""
+    if not add_norm_width_fits(K, group_size):
+        return None
+    return _decode_w4_i8mma(N, K, group_size, torch.device(device), "add_rms_norm_pieces")
+
+
 def add_norm_decode_fits(N: int, K: int, group_size: int, layout: str, device) -> bool:
     """Whether :func:`add_rms_norm_int4_linear` runs its one-launch residual add + RMSNorm + int8 pieces at one row:
-    the nibble layout, the decode table picks ``w4_i8mma`` (four groups per step) for the shape, and ``K`` is whole
-    steps of four groups, at most 16384 (``quant_triton.add_rms_norm_pieces``)."""
-    return layout == "nibble" and K % (4 * group_size) == 0 and K <= 16384 and _decode_w4_i8mma(
-        N, K, group_size, torch.device(device), "add_rms_norm_pieces") is not None
+    the nibble layout and :func:`_add_norm_fit`."""
+    return layout == "nibble" and _add_norm_fit(N, K, group_size, device) is not None
 
 
 def _add_norm_decode(x: torch.Tensor, residual: torch.Tensor, norm_weight, eps: float, w_packed, scale, zero_point,
                      bias, group_size: int, glu: bool):
     """``(x + residual, rms_norm(x + residual) @ W.T + bias)`` for one row: the sum, the norm and ``w4_i8mma``'s
     pieces in one launch, then ``w4_i8mma``; None where that path does not apply or failed before."""
-    K = x.shape[1]
     if not (x.shape[0] == 1 and x.dtype in (torch.float16, torch.bfloat16) and residual.dtype == x.dtype
-            and norm_weight.dtype == x.dtype and K % (4 * group_size) == 0 and K <= 16384):
+            and norm_weight.dtype == x.dtype):
         return None
-    if (fit := _decode_w4_i8mma(w_packed.shape[0], K, group_size, x.device, "add_rms_norm_pieces")) is None:
+    if (fit := _add_norm_fit(w_packed.shape[0], x.shape[1], group_size, x.device)) is None:
         return None
     qt, cfg = fit
 

@@ -48,6 +48,8 @@ M_BUCKETS = (1, 4, 16, 64)
 def m_bucket(M: int) -> int:
     """The decode-table bucket of ``M`` rows (the last one for more rows)."""
     return next((b for b in M_BUCKETS if M <= b), M_BUCKETS[-1])
+
+
 #: a fused gate|up projection whose rows ``generation.prepare`` interleaved in blocks of this many (gate rows
 #: ``16 b .. 16 b + 15``, then the matching up rows, then the next block): the linear ops' ``glu=True`` returns
 #: ``silu(gate) * up`` (:func:`interleaved_glu`), which a decode kernel's output tile can compute itself

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .int4_mm import ADD_NORM_MAX_K, add_norm_width_fits
 from .int8_mm import GLU_BLOCK, M_BUCKETS, m_bucket  # noqa: F401  (the table's buckets, re-exported)
 
 TINY_C: tl.constexpr = tl.constexpr(float(torch.finfo(torch.float32).tiny))
@@ -1746,9 +1747,7 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
             return None
         pieces, rs, xs = pieces
     else:
-        pieces = torch.empty((steps, 16, group * gps), device=a.device, dtype=torch.int8)
-        rs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
-        xs = torch.empty((steps, 16), device=a.device, dtype=torch.float32)
+        pieces, rs, xs = empty_pieces(steps, group * gps, a.device)
         int8_pieces_kernel[(steps,)](a, pieces, rs, xs, M, a.stride(0), K, GROUP=group, GPS=gps, GATED=gated,
                                      num_warps=4)
     split = max(1, min(cfg["SPLIT_K"], steps))
@@ -1763,23 +1762,29 @@ def w4_i8mma(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, w_kind:
     return out if last or glu else split_sum(c, out_dtype)
 
 
+def empty_pieces(steps: int, step: int, device):
+    """Unfilled ``(P, RS, XS)`` for :func:`w4_i8mma_kernel`'s left operand: ``steps`` steps of ``step`` columns
+    (int8 (steps, 16, step), fp32 (steps, 16) twice), for the launches that make the pieces."""
+    return (torch.empty((steps, 16, step), device=device, dtype=torch.int8),
+            torch.empty((steps, 16), device=device, dtype=torch.float32),
+            torch.empty((steps, 16), device=device, dtype=torch.float32))
+
+
 def add_rms_norm_pieces(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group: int):
     """``(x + residual, (P, RS, XS))`` for one row (1, K) (bf16 / fp16; ``weight`` (K,) of the same dtype): the sum,
     and :func:`w4_i8mma`'s pieces (four groups of ``group`` per step) of the row's RMSNorm ``weight * norm(sum)``, in
-    one launch (:func:`add_rms_norm_pieces_kernel`; ``K`` a multiple of ``4 group``, at most 16384). For
+    one launch (:func:`add_rms_norm_pieces_kernel`; ``K`` whole steps, at most ``int4_mm.ADD_NORM_MAX_K``). For
     ``w4_i8mma(..., pieces=...)``."""
     K = x.shape[-1]
     step = 4 * group
     if x.dtype not in (torch.bfloat16, torch.float16) or residual.dtype != x.dtype or weight.dtype != x.dtype \
-            or x.numel() != K or residual.numel() != K or weight.numel() != K or K % step or K > 16384:
+            or x.numel() != K or residual.numel() != K or weight.numel() != K or not add_norm_width_fits(K, group):
         raise ValueError(f"add_rms_norm_pieces takes one {K}-wide bf16/fp16 row, its residual and norm weight of "
-                         f"the same dtype, K a multiple of {step} and at most 16384")
+                         f"the same dtype, K a multiple of {step} and at most {ADD_NORM_MAX_K}")
     steps = K // step
     x, residual, weight = (t.reshape(K).contiguous() for t in (x, residual, weight))
     s = torch.empty((1, K), device=x.device, dtype=x.dtype)
-    P = torch.empty((steps, 16, step), device=x.device, dtype=torch.int8)
-    RS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
-    XS = torch.empty((steps, 16), device=x.device, dtype=torch.float32)
+    P, RS, XS = empty_pieces(steps, step, x.device)
     add_rms_norm_pieces_kernel[(steps,)](x, residual, weight, s, P, RS, XS, K, float(eps), GROUP=group,
                                          BLOCK_K=triton.next_power_of_2(K), num_warps=4)
     return s, (P, RS, XS)
