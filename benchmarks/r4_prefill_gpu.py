@@ -31,10 +31,11 @@ import torch  # noqa: E402
 from generate_gpu import write_json  # noqa: E402
 from hadamard_gpu import bench_graph, max_ulps  # noqa: E402
 
-#: (col_split, row_split, num_warps, ctas, stages)
+#: (col_split, row_split, num_warps, ctas, stages[, maxnreg])
 VARIANTS = ((1, 1, 4, 2, 1), (1, 2, 4, 2, 1), (2, 1, 4, 2, 1), (2, 2, 4, 2, 1), (2, 2, 4, 2, 2), (2, 1, 8, 1, 2))
-#: (name, fp8, static)
-MODES = (("transform", None, None), ("fp8 static", True, True), ("int8 static", False, True),
+#: (name, fp8, static); static "exact": without the scale's multiplier (``hadamard_triton.STATIC_MULTIPLIER`` off)
+MODES = (("transform", None, None), ("fp8 static", True, True), ("fp8 static exact", True, True),
+         ("int8 static", False, True), ("int8 static exact", False, True),
          ("fp8 dynamic", True, False), ("int8 dynamic", False, False))
 
 
@@ -51,9 +52,9 @@ def main(argv=None) -> None:
             else VARIANTS
     except ValueError:
         variants = [()]
-    if any(len(v) != 5 for v in variants):
-        raise SystemExit(f"r4_prefill_gpu.py: --variants takes ';'-separated cs,rh,warps,ctas,stages integers, "
-                         f"e.g. 2,2,4,2,2; got {args.variants!r}")
+    if any(len(v) not in (5, 6) for v in variants):
+        raise SystemExit(f"r4_prefill_gpu.py: --variants takes ';'-separated cs,rh,warps,ctas,stages[,maxnreg] "
+                         f"integers, e.g. 2,2,4,2,2 or 2,2,4,3,2,168; got {args.variants!r}")
     if not torch.cuda.is_available():
         raise SystemExit("r4_prefill_gpu.py needs a CUDA GPU")
     from graphquant import hadamard as H
@@ -71,13 +72,14 @@ def main(argv=None) -> None:
     print(f"{args.rows} x {args.n} bf16, tuned plan {base.describe()}; copy {copy_ms * 1e3:.1f} us; ms per call, "
           "graph-replayed")
     print(f"{'plan':40s} " + " ".join(f"{m[0]:>12s}" for m in MODES) + "  ulps  differ  same codes")
-    for cs, rh, w, ctas, st in variants:
+    for cs, rh, w, ctas, st, *reg in variants:
         if time.time() - t0 > args.budget_s:
             print("budget spent: later variants not timed")
             break
-        p = dataclasses.replace(base, col_split=cs, row_split=rh, num_warps=w, ctas=ctas, stages=st)
+        p = dataclasses.replace(base, col_split=cs, row_split=rh, num_warps=w, ctas=ctas, stages=st,
+                                maxnreg=reg[0] if reg else 0)
         row = {"plan": p.describe(), "col_split": cs, "row_split": rh, "num_warps": w, "ctas": ctas, "stages": st,
-               "ms": {}, "same_codes": True}
+               "maxnreg": p.maxnreg, "ms": {}, "same_codes": True}
         try:
             y = HT.hadamard_transform_triton(x, plan_override=p)
             row["max_ulps_vs_float64"] = max_ulps(y[:64], ref)
@@ -87,12 +89,16 @@ def main(argv=None) -> None:
                     row["ms"][name] = bench_graph(lambda: HT.hadamard_transform_triton(x, plan_override=p))
                     continue
                 sc = s if static else None
-                q, qs = HT.hadamard_quantize(x, fp8, sc, plan_override=p)
-                wq, ws = QT.quantize_rows(y, fp8, sc)
-                row["same_codes"] &= torch.equal(q.view(torch.int8), wq.view(torch.int8)) and (
-                    static or torch.equal(qs, ws))
-                del q, qs, wq, ws
-                row["ms"][name] = bench_graph(lambda: HT.hadamard_quantize(x, fp8, sc, plan_override=p))
+                HT.STATIC_MULTIPLIER = not name.endswith("exact")
+                try:
+                    q, qs = HT.hadamard_quantize(x, fp8, sc, plan_override=p)
+                    wq, ws = QT.quantize_rows(y, fp8, sc)
+                    row["same_codes"] &= torch.equal(q.view(torch.int8), wq.view(torch.int8)) and (
+                        static or torch.equal(qs, ws))
+                    del q, qs, wq, ws
+                    row["ms"][name] = bench_graph(lambda: HT.hadamard_quantize(x, fp8, sc, plan_override=p))
+                finally:
+                    HT.STATIC_MULTIPLIER = True
             del y
         except Exception as e:  # noqa: BLE001 - a launch shape that does not build is reported
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"

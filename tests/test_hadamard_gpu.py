@@ -93,3 +93,39 @@ def test_op_float64_uses_torch_fallback():
     x = torch.randn(4, 28, device="cuda", dtype=torch.float64)
     y = torch.ops.graphquant.hadamard_transform(x, True)
     assert torch.allclose(y, _reference(x, 28, True), atol=1e-12)
+
+
+def test_static_codes_through_the_multiplier_equal_the_exact_codes(ht, monkeypatch):
+    """QuaRot's R4 at prefill with a static scale (the persistent kernels, ``STATIC_MULTIPLIER``): for 40 random
+    scales, int8 and fp8, bf16 and fp16 rows at 4096 and 14336 (the sliced plan), the codes of ``quantize_rows``
+    on the same transform bit for bit (which candidate the check picked is counted: every scale found one here);
+    also where the check is made to pass none (the exact kernel then writes the codes)."""
+    from graphquant.kernels import quant_triton as QT
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scales = torch.exp(torch.empty(40).uniform_(-9, 2, generator=torch.Generator().manual_seed(1)))
+    picked = {0: 0, 1: 0, 2: 0, None: 0}
+    for n in (4096, 14336):
+        for dtype in (torch.bfloat16, torch.float16):
+            x = (torch.randn(300, n, device="cuda", generator=g) * 2).to(dtype)
+            y = ht.hadamard_transform_triton(x)
+            for i, sv in enumerate(scales.tolist()):
+                fp8 = i % 2 == 0
+                s = torch.tensor(sv, device="cuda")
+                flags = QT.multiplier_flags(s.reshape(1), fp8, dtype)
+                acc = 0
+                for f in flags.tolist():
+                    acc |= f
+                picked[next((k for k in range(3) if not acc >> k & 1), None)] += 1
+                q, _ = ht.hadamard_quantize(x, fp8, s)
+                want, _ = QT.quantize_rows(y, fp8, s)
+                assert torch.equal(q.view(torch.int8), want.view(torch.int8)), (n, dtype, sv, fp8, acc)
+            monkeypatch.setattr(ht, "multiplier_flags", lambda *a: torch.full((64,), 7, dtype=torch.int32,
+                                                                                device="cuda"))
+            for fp8 in (False, True):
+                s = torch.tensor(0.05, device="cuda")
+                q, _ = ht.hadamard_quantize(x, fp8, s)
+                want, _ = QT.quantize_rows(y, fp8, s)
+                assert torch.equal(q.view(torch.int8), want.view(torch.int8)), (n, dtype, fp8, "no multiplier")
+            monkeypatch.undo()
+    assert picked[None] == 0 and sum(picked.values()) == 160, picked

@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import (FP8_MAX, TINY_C, _fp32_reciprocal, _int8_pieces, codes, empty_pieces, fast_codes,
-                           store_pieces, tile_quant_kernel)
+from .quant_triton import (FP8_MAX, TINY_C, _fp32_reciprocal, _int8_pieces, codes, codes_by, empty_pieces, fast_codes,
+                           multiplier_flags, static_multiplier, store_pieces, tile_quant_kernel)
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "hadamard_pieces", "pieces_fusable", "fusable",
            "supports", "plan", "candidates", "Plan", "few_rows_plan", "FEW_ROWS"]
@@ -232,16 +232,22 @@ def _sylvester_stages(t, h1, h2, BM: tl.constexpr, D1: tl.constexpr, D2: tl.cons
 @triton.jit
 def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
                     QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr,
-                    FAST: tl.constexpr = False):
+                    FAST: tl.constexpr = False, rm=0.0, MUL: tl.constexpr = 0):
     """Store the codes of ``y`` (the transform's output, already rounded to the activation dtype):
-    per-row dynamic scale ``max(amax / QMAX, tiny)`` (stored at ``s_ptr + row``) or the static one.
+    per-row dynamic scale ``max(amax / QMAX, tiny)`` (stored at ``s_ptr + row``) or the static one (``MUL`` 1:
+    through its verified multiplier ``rm``, ``quant_triton.codes_by``).
     Numerics of ``quant_triton.quant_rows_kernel`` (and so of fake-quant)."""
     if STATIC:
         sc = tl.load(s_in_ptr).to(tl.float32)
+        if MUL == 1:
+            q = codes_by(y.to(tl.float32), rm, QMAX, QUANT == 2, FAST)
+        else:
+            q = codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST)
     else:
         sc = tl.maximum(row_amax * RCP, TINY_C)
         tl.store(s_ptr + row, sc, mask=s_mask)
-    tl.store(q_ptrs, codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST), mask=mask)
+        q = codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST)
+    tl.store(q_ptrs, q, mask=mask)
 
 
 @triton.jit
@@ -254,19 +260,23 @@ def _stage1(a, x, BMH: tl.constexpr, NS: tl.constexpr, IN_PARTS: tl.constexpr, O
 
 
 @triton.jit
-def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr,
+def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr, f_ptr,
                        BM: tl.constexpr, D1: tl.constexpr, LOG1: tl.constexpr, D1H: tl.constexpr,
                        D2: tl.constexpr, LOG2: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
                        MIDDLE: tl.constexpr, OP: tl.constexpr, STAGES: tl.constexpr,
                        QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False, QMAX: tl.constexpr = 127.0,
                        RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                       FAST: tl.constexpr = False):
+                       FAST: tl.constexpr = False, MUL: tl.constexpr = 0):
     """The factored transform for ``M0 ≤ BM`` (one row tile), persistent over rows.
 
     ``A`` (``BM×BM``, zero-padded) and the Sylvester matrices are built once per program and
     stay on chip; each loop iteration loads one row, applies the three stages, stores it. With
     ``QUANT`` (1 int8, 2 fp8 e4m3) it stores the row's codes instead (``y_ptr`` then points to codes)
-    and, for a dynamic scale, the row's scale: the transformed row is never written out.
+    and, for a dynamic scale, the row's scale: the transformed row is never written out. ``MUL`` (static scale;
+    ``quant_triton.static_multiplier`` of the check launch's flags at ``f_ptr``): 1 the codes through the scale's
+    verified multiplier (zeros where the check found none); 2 the exact codes, only where it found none (else it
+    takes no row). The launch wrapper launches 1 then 2: no branch in the row loop, no host sync (a loop bound
+    read from the flags in kernel 1 too cost 24 registers and spills, ``benchmarks/kernel_sass.py``).
     """
     N: tl.constexpr = D1 * D2
     offs_m = tl.arange(0, BM)
@@ -275,7 +285,13 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
     h2 = _sylvester(D2, LOG2, OP)
     h1 = _sylvester(D1H, LOG1, OP)
     in_rows = offs_m[:, None] < M0
-    for row in tl.range(tl.program_id(0), ROWS, NPROG, num_stages=STAGES):
+    rm = 0.0
+    end = ROWS
+    if MUL != 0:
+        rm = static_multiplier(f_ptr, tl.load(s_in_ptr).to(tl.float32))
+        if MUL == 2:
+            end = tl.where(rm == 0.0, ROWS, 0)
+    for row in tl.range(tl.program_id(0), end, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
         x = tl.load(x_ptr + base + offs_m[:, None] * N + offs_n[None, :], mask=in_rows, other=0.0)
         acc = _stage1(a, x, BM, N, IN_PARTS, OP)
@@ -287,7 +303,7 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
             y = (t * scale).to(OUT_DTYPE)
             amax = _tile_amax(y, in_rows)
             _quantize_store(y, in_rows, amax, y_ptr + base + offs_m[:, None] * N + offs_n[None, :], s_ptr, s_in_ptr,
-                            row, True, QUANT, STATIC, QMAX, RCP, FAST)
+                            row, True, QUANT, STATIC, QMAX, RCP, FAST, rm, MUL)
 
 
 @triton.jit
@@ -299,10 +315,11 @@ def _load_slice(x_ptr, base, offs_k, in_k, S: tl.constexpr, N: tl.constexpr, NS:
 
 @triton.jit
 def _slice_emit(b, h, scale, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.constexpr, NS: tl.constexpr,
-                BMH: tl.constexpr, amax, sc, MID_PARTS: tl.constexpr, OP: tl.constexpr, QUANT: tl.constexpr,
-                STATIC: tl.constexpr, QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr):
+                BMH: tl.constexpr, amax, sc, rm, MID_PARTS: tl.constexpr, OP: tl.constexpr, QUANT: tl.constexpr,
+                STATIC: tl.constexpr, QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr,
+                MUL: tl.constexpr):
     """Columns ``S·NS …`` of ``B · H_{NS}`` (``B`` one butterfly output, fp32): stored, or their codes under the
-    static scale ``sc``; returns the running absolute maximum (dynamic scale) and the tile rounded to
+    static scale ``sc`` (``MUL`` 1: through its multiplier ``rm``); returns the running absolute maximum (dynamic scale) and the tile rounded to
     ``OUT_DTYPE``, which the caller keeps for its codes under a dynamic scale."""
     z = _dot_split_left(b, h, tl.zeros((BMH, NS), dtype=tl.float32), MID_PARTS, OP) * scale
     cols = S * NS + tl.arange(0, NS)
@@ -311,7 +328,11 @@ def _slice_emit(b, h, scale, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.
     if QUANT == 0:
         tl.store(y_ptr + base + off, z.to(y_ptr.dtype.element_ty), mask=in_rows)
     elif STATIC:
-        tl.store(y_ptr + base + off, codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST), mask=in_rows)
+        if MUL == 1:
+            q = codes_by(y.to(tl.float32), rm, QMAX, QUANT == 2, FAST)
+        else:
+            q = codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST)
+        tl.store(y_ptr + base + off, q, mask=in_rows)
     else:
         amax = tl.maximum(amax, _tile_amax(y, in_rows))
     return amax, y
@@ -327,34 +348,35 @@ def _store_codes(y, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.constexpr
 
 
 @triton.jit
-def _row_block(a, x0, x1, y_ptr, base, rows, in_rows, h, scale, amax, sc, N: tl.constexpr, NS: tl.constexpr,
+def _row_block(a, x0, x1, y_ptr, base, rows, in_rows, h, scale, amax, sc, rm, N: tl.constexpr, NS: tl.constexpr,
                CS: tl.constexpr, BMH: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
                OP: tl.constexpr, QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr,
-               OUT_DTYPE: tl.constexpr, FAST: tl.constexpr):
+               OUT_DTYPE: tl.constexpr, FAST: tl.constexpr, MUL: tl.constexpr):
     """Rows ``rows`` of ``Y = A · X · H_N`` with ``H_N = H_{CS} ⊗ H_{NS}`` (``CS`` 1 or 2): stage 1 on each column
     slice ``x0``, ``x1`` of ``X``, ``H_2`` as one fp32 butterfly across them, then ``H_{NS}`` on the tensor cores per
     slice (``_slice_emit``). Returns the running absolute maximum and the two slices' rounded tiles."""
     if CS == 1:
         amax, f0 = _slice_emit(_stage1(a, x0, BMH, NS, IN_PARTS, OP), h, scale, y_ptr, base, rows, in_rows, 0, N, NS,
-                               BMH, amax, sc, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
+                               BMH, amax, sc, rm, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
         f1 = f0
     else:
         y0 = _stage1(a, x0, BMH, NS, IN_PARTS, OP)
         y1 = _stage1(a, x1, BMH, NS, IN_PARTS, OP)
-        amax, f0 = _slice_emit(y0 + y1, h, scale, y_ptr, base, rows, in_rows, 0, N, NS, BMH, amax, sc, MID_PARTS, OP,
-                               QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
-        amax, f1 = _slice_emit(y0 - y1, h, scale, y_ptr, base, rows, in_rows, 1, N, NS, BMH, amax, sc, MID_PARTS, OP,
-                               QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
+        amax, f0 = _slice_emit(y0 + y1, h, scale, y_ptr, base, rows, in_rows, 0, N, NS, BMH, amax, sc, rm, MID_PARTS,
+                               OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
+        amax, f1 = _slice_emit(y0 - y1, h, scale, y_ptr, base, rows, in_rows, 1, N, NS, BMH, amax, sc, rm, MID_PARTS,
+                               OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
     return amax, f0, f1
 
 
 @triton.jit
-def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr,
+def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr, f_ptr,
                               BM: tl.constexpr, N: tl.constexpr, CS: tl.constexpr, LOGS: tl.constexpr,
                               RH: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, OP: tl.constexpr,
                               STAGES: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False,
                               QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0,
-                              OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False):
+                              OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False,
+                              MUL: tl.constexpr = 0):
     """``_persistent_kernel``'s transform (``D1 = 1``: ``Y = A · X · H_N``, one row ``X`` of ``M0 ≤ BM`` rows per
     loop step) with fewer tensor-core products and fewer live registers: ``H_N = H_{CS} ⊗ H_{N/CS}`` (``CS`` 1 or
     2), so stage 1 runs on ``CS`` column slices of ``X``, ``H_{CS}`` is one fp32 butterfly across them and only
@@ -363,7 +385,8 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
     after the other. Each stage is exact to fp32 accumulation, as in ``_persistent_kernel`` (the sums are grouped
     differently). With ``QUANT`` it stores codes: under the static scale as each tile is done, or under a dynamic
     per-row scale once the row's maximum is known, the row's rounded tiles kept in registers until then (a
-    workspace row read back, or a second launch, measured slower: ``benchmarks/r4_prefill_gpu.py``)."""
+    workspace row read back, or a second launch, measured slower: ``benchmarks/r4_prefill_gpu.py``). ``MUL``: as in
+    ``_persistent_kernel``."""
     NS: tl.constexpr = N // CS
     BMH: tl.constexpr = BM // RH
     offs_h = tl.arange(0, BMH)
@@ -375,9 +398,15 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
         a1 = a0
     h = _sylvester(NS, LOGS, OP)
     sc = 1.0
+    rm = 0.0
+    end = ROWS
     if QUANT != 0 and STATIC:
         sc = tl.load(s_in_ptr).to(tl.float32)
-    for row in tl.range(tl.program_id(0), ROWS, NPROG, num_stages=STAGES):
+        if MUL != 0:  # as in _persistent_kernel
+            rm = static_multiplier(f_ptr, sc)
+            if MUL == 2:
+                end = tl.where(rm == 0.0, ROWS, 0)
+    for row in tl.range(tl.program_id(0), end, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
         in_k = offs_k[:, None] < M0
         rows0 = offs_h
@@ -388,13 +417,13 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
         x1 = x0
         if CS == 2:
             x1 = _load_slice(x_ptr, base, offs_k, in_k, 1, N, NS)
-        amax, t00, t01 = _row_block(a0, x0, x1, y_ptr, base, rows0, in0, h, scale, 0.0, sc, N, NS, CS, BMH,
-                                    IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
+        amax, t00, t01 = _row_block(a0, x0, x1, y_ptr, base, rows0, in0, h, scale, 0.0, sc, rm, N, NS, CS, BMH,
+                                    IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
         t10 = t00
         t11 = t01
         if RH == 2:
-            amax, t10, t11 = _row_block(a1, x0, x1, y_ptr, base, rows1, in1, h, scale, amax, sc, N, NS, CS, BMH,
-                                        IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST)
+            amax, t10, t11 = _row_block(a1, x0, x1, y_ptr, base, rows1, in1, h, scale, amax, sc, rm, N, NS, CS, BMH,
+                                        IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
         if QUANT != 0 and not STATIC:
             rs = tl.maximum(amax * RCP, TINY_C)
             tl.store(s_ptr + row, rs)
@@ -467,6 +496,7 @@ class Plan:
     BR: int = 32              # dense: rows per block
     col_split: int = 1        # persistent, D1 = 1: H_N as an H_{col_split} butterfly ⊗ H_{N/col_split} products (1, 2)
     row_split: int = 1        # persistent, D1 = 1: row blocks of BM/row_split taken one after the other (1, 2)
+    maxnreg: int = 0          # persistent, factored: registers per thread the compiler may use (0: its choice)
 
     @property
     def NT(self) -> int:
@@ -480,6 +510,8 @@ class Plan:
         per = f" P{self.ctas}s{self.stages}" if self.persistent else ""
         if self.persistent and self.kind == "factored" and (self.col_split > 1 or self.row_split > 1):
             per += f" c{self.col_split}r{self.row_split}"
+        if self.persistent and self.maxnreg:
+            per += f" R{self.maxnreg}"
         if self.kind == "dense":
             return f"dense n={self.n} BR{self.BR} w{self.num_warps}{per}"
         mid = f"x{self.D1}{'p' if self.middle == 0 else 'b'}" if self.D1 > 1 else ""
@@ -611,6 +643,13 @@ def _factor_operand(m: int, i: int, transpose: bool, rows: int, cols: int, devic
 
 _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
+#: the persistent (prefill) kernels compute static-scale codes through the scale's multiplier: one launch of
+#: ``quant_triton.multiplier_check_kernel`` per call checks, for every finite 16-bit input, that ``RN(y · r)`` gives
+#: the codes of the correctly rounded ``y / s`` for ``r = RN(1/s)`` or a neighbour; the kernel then takes the
+#: first such ``r`` (one multiply per element where the exact quotient takes eight instructions), or the exact
+#: quotient where none passed. The same codes bit for bit either way
+STATIC_MULTIPLIER = True
+
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the Triton path handles ``x`` (CUDA, fp32/fp16/bf16, a supported order with a plan)."""
@@ -662,9 +701,9 @@ def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: O
 
 def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
                        sq: Optional[torch.Tensor] = None, s_in: Optional[torch.Tensor] = None,
-                       quant: Optional[dict] = None) -> None:
+                       quant: Optional[dict] = None, flags: Optional[torch.Tensor] = None) -> None:
     """The persistent kernels; with ``quant`` (constexprs of ``_quantize_store``) ``y`` receives codes and
-    ``sq`` the per-row scales (or ``s_in`` is the static scale)."""
+    ``sq`` the per-row scales (or ``s_in`` is the static scale; ``flags``: its multiplier check, factored plans)."""
     quant = quant or {}
     sq = sq if sq is not None else x2
     s_in = s_in if s_in is not None else x2
@@ -683,18 +722,28 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
         return
     a = _factor_operand(p.m, p.i, transpose, p.BM, p.BM, x2.device)
     nprog = max(1, min(rows, programs))
+    f = flags if flags is not None else x2
+    for mul in ((1, 2) if flags is not None else (0,)):  # the multiplier's codes, else (none passed) the exact ones
+        _launch_factored_persistent(p, x2, a, y, rows, nprog, scale, sq, s_in, f, in_parts, out_parts,
+                                    dict(quant, MUL=mul) if mul else quant)
+
+
+def _launch_factored_persistent(p: Plan, x2, a, y, rows, nprog, scale, sq, s_in, f, in_parts, out_parts, quant):
+    """One launch of a factored plan's persistent kernel (sliced where the plan splits columns or rows)."""
+    if p.maxnreg:
+        quant = dict(quant, maxnreg=p.maxnreg)
     if p.col_split > 1 or p.row_split > 1:
         if p.D1 != 1 or p.col_split not in (1, 2) or p.row_split not in (1, 2) or p.D2 // p.col_split < 16:
             raise ValueError(f"no sliced persistent kernel for {p.describe()}")
         ns = p.D2 // p.col_split
         _persistent_sliced_kernel[(nprog,)](
-            x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1,
+            x2, a, y, rows, nprog, p.M0, scale, sq, s_in, f, BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1,
             RH=p.row_split, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), OP=_OPERAND, STAGES=p.stages,
             num_warps=p.num_warps, **quant)
         return
     d1h = max(p.D1, 16)
     _persistent_kernel[(nprog,)](
-        x2, a, y, rows, nprog, p.M0, scale, sq, s_in, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
+        x2, a, y, rows, nprog, p.M0, scale, sq, s_in, f, BM=p.BM, D1=p.D1, LOG1=d1h.bit_length() - 1, D1H=d1h,
         D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts),
         MIDDLE=p.middle, OP=_OPERAND, STAGES=p.stages, num_warps=p.num_warps, **quant)
 
@@ -787,7 +836,10 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     if tiled:
         _launch_tiled(p if plan_override is not None else few_rows_plan(p), x2, q, False, out_parts, s_in, quant, sq)
     else:
-        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static))
+        flags = None
+        if static and STATIC_MULTIPLIER and p.kind == "factored":
+            flags = multiplier_flags(s_in, fp8, x.dtype)
+        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static), flags)
     return q.reshape(x.shape), (None if static else sq.reshape(*x.shape[:-1], 1))
 
 

@@ -123,10 +123,21 @@ def codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, FAST: tl.constexpr = 
     :func:`_div_rn_by`, the rounding by the conversion instructions themselves (``cvt.rni`` for int8,
     ``cvt.rn.satfinite.e4m3x2.f32`` for fp8, round-to-nearest-even in hardware on the sm_89+ GPUs that have
     fp8) instead of the bit-level grid rounding that Triton's CPU interpreter needs."""
+    return _clamp_round(_quotient(x, scale, QMAX, FAST), QMAX, FP8, FAST)
+
+
+@triton.jit
+def _quotient(x, scale, QMAX: tl.constexpr, FAST: tl.constexpr):
     if FAST:
         v = _div_rn_by(x, scale, 2.0 * QMAX)
     else:
         v = tl.math.div_rn(x, scale)
+    return v
+
+
+@triton.jit
+def _clamp_round(v, QMAX: tl.constexpr, FP8: tl.constexpr, FAST: tl.constexpr):
+    """The codes of the quotient ``v``: clamped to ``±QMAX``, rounded half-to-even, converted."""
     v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
     # one return: Triton checks every return statement's type, also those of a constexpr branch not taken
     if FP8:
@@ -140,6 +151,80 @@ def codes(x, scale, QMAX: tl.constexpr, FP8: tl.constexpr, FAST: tl.constexpr = 
         else:
             q = _rint(v).to(tl.int8)
     return q
+
+
+@triton.jit
+def codes_by(x, rm, QMAX: tl.constexpr, FP8: tl.constexpr, FAST: tl.constexpr = False):
+    """:func:`codes` under a static scale through its verified multiplier ``rm`` (:func:`static_multiplier`, not
+    zero): the quotient is one rounded product ``x · rm``, which the check launch found to give :func:`codes`'
+    codes for every finite input of the activation's dtype. fp8 with ``FAST``: no clamp, the conversion saturates
+    (an infinite input gives ``±448`` as the clamp does; NaN gives the NaN code, as fake-quant's cast does)."""
+    v = x * rm
+    if FP8 and FAST:
+        q = v.to(tl.float8e4nv)
+    else:
+        q = _clamp_round(v, QMAX, FP8, FAST)
+    return q
+
+
+#: programs of :func:`multiplier_check_kernel` (each checks 65536 / ``MUL_CHECKS`` 16-bit inputs) and so the flags
+#: a kernel that takes a static multiplier reads
+MUL_CHECKS: tl.constexpr = tl.constexpr(64)
+
+
+@triton.jit
+def _mul_candidate(s, K: tl.constexpr):
+    """Candidate ``K`` for the multiplier of the static scale ``s``: ``RN(1/s)`` and its two fp32 neighbours."""
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    if K == 1:
+        r = (r.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True)
+    elif K == 2:
+        r = (r.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+    return r
+
+
+@triton.jit
+def multiplier_check_kernel(S, FLAGS, QMAX: tl.constexpr, FP8: tl.constexpr, IN_FP16: tl.constexpr,
+                            FAST: tl.constexpr = False):
+    """For the static scale at ``S`` and one share of the 65536 bf16 (``IN_FP16``: fp16) bit patterns: bit ``k`` of
+    ``FLAGS[program]`` set where some finite input's code under candidate ``k`` (:func:`_mul_candidate`) differs
+    from :func:`codes`' (one launch of ``MUL_CHECKS`` programs; :func:`static_multiplier` reads the flags)."""
+    BLOCK: tl.constexpr = 65536 // MUL_CHECKS
+    bits = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int16)
+    if IN_FP16:
+        y = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        y = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    s = tl.load(S).to(tl.float32)
+    want = codes(y, s, QMAX, FP8, FAST).to(tl.int8, bitcast=True)
+    finite = tl.abs(y) < float("inf")
+    flag = 0
+    for k in tl.static_range(3):
+        got = _clamp_round(y * _mul_candidate(s, k), QMAX, FP8, FAST).to(tl.int8, bitcast=True)
+        flag = flag | (tl.max((finite & (got != want)).to(tl.int32), axis=0) << k)
+    tl.store(FLAGS + tl.program_id(0), flag)
+
+
+@triton.jit
+def static_multiplier(flags_ptr, s):
+    """The multiplier :func:`codes_by` uses for the static scale ``s``: the first candidate no share of the check
+    flagged, else 0.0 (:func:`codes`' quotient then)."""
+    f = tl.load(flags_ptr + tl.arange(0, MUL_CHECKS))
+    rm = tl.where(tl.max((f >> 2) & 1, axis=0) == 0, _mul_candidate(s, 2), 0.0)
+    rm = tl.where(tl.max((f >> 1) & 1, axis=0) == 0, _mul_candidate(s, 1), rm)
+    return tl.where(tl.max(f & 1, axis=0) == 0, _mul_candidate(s, 0), rm)
+
+
+def multiplier_flags(static_scale: torch.Tensor, fp8: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """The check launch for a static scale (a one-element fp32 tensor) and activations of ``dtype``: its flags
+    (int32, ``MUL_CHECKS``), or None for a dtype with more than 65536 values (fp32: no multiplier)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    flags = torch.empty(MUL_CHECKS, dtype=torch.int32, device=static_scale.device)
+    qmax = FP8_MAX if fp8 else 127.0
+    multiplier_check_kernel[(MUL_CHECKS,)](static_scale, flags, QMAX=qmax, FP8=fp8, IN_FP16=dtype == torch.float16,
+                                           FAST=fast_codes(), num_warps=4)
+    return flags
 
 
 @triton.jit
