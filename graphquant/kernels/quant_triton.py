@@ -186,11 +186,12 @@ def multiplier_check_kernel(S, FLAGS, QMAX: tl.constexpr, FP8: tl.constexpr, IN_
     ``FLAGS[program]`` set where some finite input's code under candidate ``k`` (:func:`_mul_candidate`) differs
     from :func:`codes`' (one launch of ``MUL_CHECKS`` programs; :func:`static_multiplier` reads the flags)."""
     BLOCK: tl.constexpr = 65536 // MUL_CHECKS
-    bits = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int16)
+    bits = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if IN_FP16:
-        y = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        y = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        y = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:  # a bf16 value is the upper half of its fp32 one (an int16 -> bf16 bitcast gave wrong values on the
+        # H200's Triton 3.6: every scale failed every candidate there)
+        y = (bits << 16).to(tl.float32, bitcast=True)
     s = tl.load(S).to(tl.float32)
     want = codes(y, s, QMAX, FP8, FAST).to(tl.int8, bitcast=True)
     finite = tl.abs(y) < float("inf")
