@@ -53,7 +53,8 @@ between calls on the H200), printed after the targets. Every speedup stays over 
 QuaRot's cost (``quarot_overhead``: the QuaRot row's per-layer decode batch-1 and prefill times over its plain
 row's, the larger) is a difference of a few percent between two rows, and single rows moved by 3-5% between runs
 of the same code (runs l and m). With ``--quarot-rounds R`` (default 5; 0 turns it off) a plain row's batch-1
-decoder and prefill decoder stay alive while its QuaRot twin runs next, then both are timed alternately R times
+decoder and prefill decoder stay alive while its QuaRot twin runs next, then both are timed alternately R times,
+plain first in even rounds and QuaRot first in odd ones (from run r on; before, plain always first)
 (``quarot_pair`` in the QuaRot raw row) and the cost comes from the medians of those rounds
 (``quarot_overhead_source`` "interleaved"); the rows' own times stay as measured.
 
@@ -539,11 +540,13 @@ def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int) -> dict:
     """QuaRot's cost from alternating measurements: ``rounds`` times the plain row's batch-1 decode step and prefill,
     then the QuaRot row's, each the median of ``setup.step_iters`` / ``setup.prefill_iters`` calls on the decoders
     ``measure`` kept. Returns ``{"decode_b1_ms": {"plain": [...], "quarot": [...]}, "prefill_ms": {...}}``: a drift
-    of the GPU's speed over the run acts on both rows alike."""
+    of the GPU's speed over the run acts on both rows alike. The order alternates (plain first in even rounds,
+    QuaRot first in odd ones: A B B A ...), so neither row is always the one timed right after the other."""
     out = {"decode_b1_ms": {"plain": [], "quarot": []}, "prefill_ms": {"plain": [], "quarot": []}}
     position = _decode_position(setup)
-    for _ in range(rounds):
-        for name, kept in (("plain", plain), ("quarot", rotated)):
+    for i in range(rounds):
+        pair = (("plain", plain), ("quarot", rotated))
+        for name, kept in (pair if i % 2 == 0 else pair[::-1]):
             if "decode_b1" in kept:
                 out["decode_b1_ms"][name].append(kept["decode_b1"].time_step_ms(setup.step_iters, position=position))
             if "prefill" in kept:

@@ -96,8 +96,8 @@ def test_a_row_with_its_own_head_subtracts_it(bench):
 
 
 def test_interleaved_rounds_give_quarot_its_cost(bench):
-    """``--quarot-rounds``: the plain row and its QuaRot twin timed alternately; the cost comes from the rounds'
-    medians (head subtracted), not from the two rows' own times, which here disagree (a drift between them)."""
+    """``--quarot-rounds``: the plain row and its QuaRot twin timed alternately (plain first, then QuaRot first, ...);
+    the cost comes from the rounds' medians (head subtracted), not from the two rows' own times, which here disagree (a drift between them)."""
     calls = []
 
     class Dec:
@@ -116,7 +116,9 @@ def test_interleaved_rounds_give_quarot_its_cost(bench):
     plain = {"decode_b1": Dec("plain", 0.2 + 2 * 0.070, None), "prefill": (Dec("plain", None, 1.0 + 2 * 9.0), None)}
     rotated = {"decode_b1": Dec("rot", 0.2 + 2 * 0.0714, None), "prefill": (Dec("rot", None, 1.0 + 2 * 9.18), None)}
     pair = bench.interleave(plain, rotated, setup, rounds=3)
-    assert calls == [("plain", "step"), ("plain", "prefill"), ("rot", "step"), ("rot", "prefill")] * 3
+    ab = [("plain", "step"), ("plain", "prefill"), ("rot", "step"), ("rot", "prefill")]
+    ba = ab[2:] + ab[:2]
+    assert calls == ab + ba + ab  # the order alternates round by round
     assert pair["decode_b1_ms"]["quarot"] == [0.2 + 2 * 0.0714] * 3 and len(pair["prefill_ms"]["plain"]) == 3
     raw = fake_raw()
     raw[2] = dict(raw[2], prefill_ms=1.0 + 2 * 9.9, quarot_pair=pair)  # its own prefill 10% over the plain row's

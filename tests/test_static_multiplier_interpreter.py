@@ -36,7 +36,8 @@ for dtype in (torch.bfloat16, torch.float16):
             exact = code(y / s, fp8)
             r0 = 1.0 / s
             want = 0
-            for k, r in enumerate((r0, torch.nextafter(r0, torch.zeros(1)), torch.nextafter(r0, torch.full((1,), 1e30)))):
+            cands = (r0, torch.nextafter(r0, torch.zeros(1)), torch.nextafter(r0, torch.full((1,), 1e30)))
+            for k, r in enumerate(cands):
                 want |= int(bool((finite & (code(y * r, fp8) != exact)).any())) << k
             assert got == want, (dtype, fp8, sv, got, want)
             seen.add(got)

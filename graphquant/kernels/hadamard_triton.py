@@ -320,8 +320,8 @@ def _slice_emit(b, h, scale, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.
                 STATIC: tl.constexpr, QMAX: tl.constexpr, OUT_DTYPE: tl.constexpr, FAST: tl.constexpr,
                 MUL: tl.constexpr):
     """Columns ``S·NS …`` of ``B · H_{NS}`` (``B`` one butterfly output, fp32): stored, or their codes under the
-    static scale ``sc`` (``MUL`` 1: through its multiplier ``rm``); returns the running absolute maximum (dynamic scale) and the tile rounded to
-    ``OUT_DTYPE``, which the caller keeps for its codes under a dynamic scale."""
+    static scale ``sc`` (``MUL`` 1: through its multiplier ``rm``); returns the running absolute maximum (dynamic
+    scale) and the tile rounded to ``OUT_DTYPE``, which the caller keeps for its codes under a dynamic scale."""
     z = _dot_split_left(b, h, tl.zeros((BMH, NS), dtype=tl.float32), MID_PARTS, OP) * scale
     cols = S * NS + tl.arange(0, NS)
     off = rows[:, None] * N + cols[None, :]
@@ -648,8 +648,8 @@ _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 #: ``quant_triton.multiplier_check_kernel`` per call checks, for every finite 16-bit input, that ``RN(y · r)`` gives
 #: the codes of the correctly rounded ``y / s`` for ``r = RN(1/s)`` or a neighbour; the kernel then takes the
 #: first such ``r`` (one multiply per element where the exact quotient takes eight instructions), or the exact
-#: quotient where none passed. The same codes bit for bit either way. H200, 16384 x 14336 (QuaRot's R4 at 8 x 2048 prefill
-#: of Llama-3-8B), the launches timed together (``benchmarks/r4_prefill_gpu.py``,
+#: quotient where none passed. The same codes bit for bit either way. H200, 16384 x 14336 (QuaRot's R4 at 8 x 2048
+#: prefill of Llama-3-8B), the launches timed together (``benchmarks/r4_prefill_gpu.py``,
 #: ``results/r4_prefill_gpu_static_multiplier.json``): fp8 static 0.499 -> 0.342 ms, int8 static 0.514 -> 0.373 (the
 #: transform alone 0.338); sm_90 loop instructions per element 25.5 -> 17.5 (fp8), 28.1 -> 20.1 (int8)
 STATIC_MULTIPLIER = True

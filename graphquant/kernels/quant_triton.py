@@ -1,12 +1,15 @@
 """Triton kernels behind the lowered linears (CUDA only; ``triton`` is imported lazily).
 
-Ten kernels, each with a launch wrapper that takes and returns torch tensors:
+Eleven kernels, each with a launch wrapper that takes and returns torch tensors:
 
 ``quantize_rows``     activation quantization: float rows -> int8 / fp8 e4m3 codes and one fp32
                       scale per row (dynamic per-token), or codes under a given per-tensor scale
                       (static). Numerics are those of ``graphquant.quant.fake_quant``:
                       ``scale = max(amax / qmax, tiny)``, codes ``rint(x / scale)`` (half-even),
                       clamped; fp8 saturates at +-448 and rounds to nearest even.
+``multiplier_flags``  for one static scale, which multiplier ``r`` (``RN(1/s)`` or a neighbour) gives every
+                      16-bit input the codes of the correctly rounded ``x / s`` as ``RN(x · r)`` (one launch
+                      checks all 65536 patterns); QuaRot's R4 prefill kernels then quantize with one multiply.
 ``wq_mm``             "skinny" matmul for decode-sized M: ``out = a @ dequant(w).T`` with the
                       weight streamed in its low-precision form (int8, fp8 e4m3 or int4 packed two
                       per byte with per-group scales / zero points), the activation either float
