@@ -261,6 +261,18 @@ def _stage1(a, x, BMH: tl.constexpr, NS: tl.constexpr, IN_PARTS: tl.constexpr, O
 
 
 @triton.jit
+def _multiplier_rows(f_ptr, sc, ROWS, MUL: tl.constexpr):
+    """``(rm, end)`` for a persistent kernel's ``MUL`` launch under the static scale ``sc``: the multiplier from the
+    check launch's flags at ``f_ptr`` (``quant_triton.static_multiplier``; 0.0 where none passed) and the row loop's
+    end: every row for ``MUL`` 1, for ``MUL`` 2 (the exact codes) every row only where no multiplier passed."""
+    rm = static_multiplier(f_ptr, sc)
+    end = ROWS
+    if MUL == 2:
+        end = tl.where(rm == 0.0, ROWS, 0)
+    return rm, end
+
+
+@triton.jit
 def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr, f_ptr,
                        BM: tl.constexpr, D1: tl.constexpr, LOG1: tl.constexpr, D1H: tl.constexpr,
                        D2: tl.constexpr, LOG2: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr,
@@ -289,9 +301,7 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
     rm = 0.0
     end = ROWS
     if MUL != 0:
-        rm = static_multiplier(f_ptr, tl.load(s_in_ptr).to(tl.float32))
-        if MUL == 2:
-            end = tl.where(rm == 0.0, ROWS, 0)
+        rm, end = _multiplier_rows(f_ptr, tl.load(s_in_ptr).to(tl.float32), ROWS, MUL)
     for row in tl.range(tl.program_id(0), end, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
         x = tl.load(x_ptr + base + offs_m[:, None] * N + offs_n[None, :], mask=in_rows, other=0.0)
@@ -403,10 +413,8 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
     end = ROWS
     if QUANT != 0 and STATIC:
         sc = tl.load(s_in_ptr).to(tl.float32)
-        if MUL != 0:  # as in _persistent_kernel
-            rm = static_multiplier(f_ptr, sc)
-            if MUL == 2:
-                end = tl.where(rm == 0.0, ROWS, 0)
+        if MUL != 0:
+            rm, end = _multiplier_rows(f_ptr, sc, ROWS, MUL)
     for row in tl.range(tl.program_id(0), end, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
         in_k = offs_k[:, None] < M0
