@@ -115,13 +115,10 @@ def specs():
                 sliced = dict(BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1, RH=p.row_split,
                               IN_PARTS=1, MID_PARTS=2, OP=tl.bfloat16, STAGES=p.stages,
                               QUANT=2 if fp8 else 1, STATIC=True, QMAX=qmax, RCP=1 / qmax, FAST=True)
-                # the static scale's multiplier (hadamard_triton.STATIC_MULTIPLIER); GLU: the SiLU·mul of a gate|up
-                # row made as the slices load (per element of the transform)
-                for mul, glu in ((0, False), (1, False), (1, True)):
+                for mul in (0, 1):  # the static scale's multiplier (hadamard_triton.STATIC_MULTIPLIER)
                     out.append((f"hadamard_quantize 14336 {tag} sliced c{p.col_split}r{p.row_split}"
-                                + (" MUL" if mul else "") + (" GLU" if glu else ""), HT._persistent_sliced_kernel,
-                                dict(ptrs, f_ptr="i32"), dict(sliced, MUL=mul, GLU=glu), dict(num_warps=p.num_warps),
-                                14336 / (32 * p.num_warps)))
+                                + (" MUL" if mul else ""), HT._persistent_sliced_kernel, dict(ptrs, f_ptr="i32"),
+                                dict(sliced, MUL=mul), dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
     return out
 
 

@@ -45,13 +45,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=14336)
     ap.add_argument("--variants", default="", help="';'-separated cs,rh,warps,ctas,stages (default: VARIANTS)")
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new variant after this many seconds")
-    ap.add_argument("--glu", action="store_true",
-                    help="time the gate|up input instead (the tuned plan): Inductor's SiLU·mul then the kernel, "
-                         "against the kernel making the SiLU·mul as it loads (glu=True)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "r4_prefill_gpu.json"))
     args = ap.parse_args(argv)
-    if args.glu:
-        return glu_main(args)
     try:
         variants = [tuple(int(v) for v in s.split(",")) for s in args.variants.split(";")] if args.variants \
             else VARIANTS
@@ -119,57 +114,6 @@ def main(argv=None) -> None:
     write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                           "triton": __import__("triton").__version__, "rows": args.rows, "n": args.n,
                           "tuned_plan": base.describe(), "copy_ms": copy_ms, "variants": rows, "best": best})
-    print(f"wrote {args.out}")
-
-
-def glu_main(args) -> None:
-    """``--glu``: a (rows, 2n) interleaved gate|up bf16 tensor (``generation.prepare``'s fused gate|up output);
-    per mode (the transform, fp8 / int8 under a static or a dynamic per-row scale) the median ms of Inductor's
-    SiLU·mul kernel (``torch.compile(int8_mm.interleaved_glu)``) followed by the tuned plan's kernel, against the
-    kernel reading the pair (``glu=True``). Checks: the fused codes equal ``quantize_rows`` of the fused transform
-    bit for bit; how many codes differ from the separate path's (the SiLU through ``ex2`` / ``rcp``)."""
-    if not torch.cuda.is_available():
-        raise SystemExit("r4_prefill_gpu.py needs a CUDA GPU")
-    from graphquant.kernels import hadamard_triton as HT
-    from graphquant.kernels import quant_triton as QT
-    from graphquant.kernels.int8_mm import interleaved_glu
-
-    torch.manual_seed(0)
-    gu = torch.randn(args.rows, 2 * args.n, device="cuda", dtype=torch.bfloat16) * 2
-    glu = torch.compile(interleaved_glu)
-    h = glu(gu)
-    s = torch.tensor(0.05, device="cuda")
-    copy_ms = bench_graph(lambda: gu.clone())
-    glu_ms = bench_graph(lambda: glu(gu))
-    y_sep = HT.hadamard_transform_triton(h)
-    y_glu = HT.hadamard_transform_triton(gu, glu=True)
-    rec = {"mode": "transform", "separate_ms": bench_graph(lambda: HT.hadamard_transform_triton(glu(gu))),
-           "fused_ms": bench_graph(lambda: HT.hadamard_transform_triton(gu, glu=True)),
-           "differ": int((y_sep != y_glu).sum()), "max_abs_diff": float((y_sep.float() - y_glu.float()).abs().max())}
-    rows = [rec]
-    for name, fp8, static in MODES:
-        if fp8 is None or name.endswith("exact"):
-            continue
-        sc = s if static else None
-        q, qs = HT.hadamard_quantize(gu, fp8, sc, glu=True)
-        wq, ws = QT.quantize_rows(y_glu, fp8, sc)
-        sq, _ = HT.hadamard_quantize(h, fp8, sc)
-        rows.append({"mode": name, "separate_ms": bench_graph(lambda: HT.hadamard_quantize(glu(gu), fp8, sc)),
-                     "fused_ms": bench_graph(lambda: HT.hadamard_quantize(gu, fp8, sc, glu=True)),
-                     "same_codes": torch.equal(q.view(torch.int8), wq.view(torch.int8))
-                     and (static or torch.equal(qs.flatten(), ws.flatten())),
-                     "differ_from_separate": int((q.view(torch.int8) != sq.view(torch.int8)).sum())})
-        del q, qs, wq, ws, sq
-    print(f"{args.rows} x 2*{args.n} bf16 gate|up, plan {HT.plan(args.n, 2).describe()}; copy of the pair "
-          f"{copy_ms * 1e3:.1f} us, Inductor SiLU·mul {glu_ms * 1e3:.1f} us; ms per call, graph-replayed")
-    print(f"{'mode':14s} {'separate':>9s} {'fused':>9s}  same codes  differ")
-    for r in rows:
-        print(f"{r['mode']:14s} {r['separate_ms']:9.4f} {r['fused_ms']:9.4f}  {str(r.get('same_codes', '')):10s}  "
-              f"{r.get('differ_from_separate', r.get('differ'))}", flush=True)
-    write_json(args.out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                          "triton": __import__("triton").__version__, "rows": args.rows, "n": args.n, "glu": True,
-                          "tuned_plan": HT.plan(args.n, 2).describe(), "copy_ms": copy_ms, "silu_mul_ms": glu_ms,
-                          "modes": rows})
     print(f"wrote {args.out}")
 
 

@@ -51,8 +51,8 @@ import triton
 import triton.language as tl
 
 from .. import hadamard as _had
-from .quant_triton import (_GLU_BLOCK, FP8_MAX, TINY_C, _fp32_reciprocal, _int8_pieces, _rounded, codes, codes_by,
-                           empty_pieces, fast_codes, multiplier_flags, static_multiplier, store_pieces, tile_quant_kernel)
+from .quant_triton import (FP8_MAX, TINY_C, _fp32_reciprocal, _int8_pieces, codes, codes_by, empty_pieces, fast_codes,
+                           multiplier_flags, static_multiplier, store_pieces, tile_quant_kernel)
 
 __all__ = ["hadamard_transform_triton", "hadamard_quantize", "hadamard_pieces", "pieces_fusable", "fusable",
            "supports", "plan", "candidates", "Plan", "few_rows_plan", "FEW_ROWS"]
@@ -66,8 +66,6 @@ PERMUTE_COST = 48          # extra multiply-adds/element charged for the D1 stag
 # the kernels without a GPU) mishandles bf16 dots, so there the operands (bf16 values, exact in
 # fp32) are widened to fp32, which gives the same sums.
 _OPERAND = tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
-#: inline PTX available (not Triton's CPU interpreter)
-_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,37 +318,10 @@ def _persistent_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_
 
 
 @triton.jit
-def _silu_mul(g, u, DT: tl.constexpr):
-    """``silu(g) · u`` of fp32 ``g``, ``u``, rounded to ``DT`` once: on the GPU ``g · u / (1 + 2^(-g·log2 e))``
-    through the approximate ``ex2`` and ``rcp`` instructions (a few fp32 units in the last place from Inductor's
-    ``g · sigmoid(g) · u``, far under the 16-bit rounding; 4 instructions where ``tl.sigmoid``'s exact division takes
-    about 20); in Triton's CPU interpreter (no PTX) ``tl.sigmoid``, rounded by its bits (the interpreter truncates
-    in ``.to(bfloat16)``)."""
-    if _PTX:
-        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [g * -1.4426950408889634],
-                                      dtype=tl.float32, is_pure=True, pack=1)
-        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e + 1.0], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        return (g * r * u).to(DT)
-    return _rounded(g * tl.sigmoid(g) * u, DT).to(DT)
-
-
-@triton.jit
-def _load_slice(x_ptr, base, offs_k, in_k, S: tl.constexpr, N: tl.constexpr, NS: tl.constexpr,
-                GLU: tl.constexpr = False):
-    """Columns ``S·NS … S·NS+NS-1`` of one row ``X`` (``M0 × N``), its padding rows zero. ``GLU``: ``X`` is the
-    SiLU·mul of a gate|up row (``2·M0·N`` elements from ``base``) interleaved in ``GLU_BLOCK`` blocks (gate block,
-    up block, ...: ``generation.prepare``'s fused gate|up), computed as Inductor's fused SiLU·mul kernel does
-    (``int8_mm.interleaved_glu``): ``g · sigmoid(g) · u`` in fp32, rounded to the input's dtype once."""
-    c = tl.arange(0, NS)
-    if GLU:
-        G: tl.constexpr = _GLU_BLOCK
-        # X column S·NS + c of X row k is gate element 2·(k·N + S·NS) + (c // G)·2G + c % G, its up G further
-        off = offs_k[:, None] * (2 * N) + (2 * S * NS + (c // G) * (2 * G) + c % G)[None, :]
-        g = tl.load(x_ptr + base + off, mask=in_k, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + base + off + G, mask=in_k, other=0.0).to(tl.float32)
-        return _silu_mul(g, u, x_ptr.dtype.element_ty)
-    return tl.load(x_ptr + base + offs_k[:, None] * N + (S * NS + c)[None, :], mask=in_k, other=0.0)
+def _load_slice(x_ptr, base, offs_k, in_k, S: tl.constexpr, N: tl.constexpr, NS: tl.constexpr):
+    """Columns ``S·NS … S·NS+NS-1`` of one row ``X`` (``M0 × N``), its padding rows zero."""
+    cols = S * NS + tl.arange(0, NS)
+    return tl.load(x_ptr + base + offs_k[:, None] * N + cols[None, :], mask=in_k, other=0.0)
 
 
 @triton.jit
@@ -416,7 +387,7 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
                               STAGES: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False,
                               QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0,
                               OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False,
-                              MUL: tl.constexpr = 0, GLU: tl.constexpr = False):
+                              MUL: tl.constexpr = 0):
     """``_persistent_kernel``'s transform (``D1 = 1``: ``Y = A · X · H_N``, one row ``X`` of ``M0 ≤ BM`` rows per
     loop step) with fewer tensor-core products and fewer live registers: ``H_N = H_{CS} ⊗ H_{N/CS}`` (``CS`` 1 or
     2), so stage 1 runs on ``CS`` column slices of ``X``, ``H_{CS}`` is one fp32 butterfly across them and only
@@ -426,8 +397,7 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
     differently). With ``QUANT`` it stores codes: under the static scale as each tile is done, or under a dynamic
     per-row scale once the row's maximum is known, the row's rounded tiles kept in registers until then (a
     workspace row read back, or a second launch, measured slower: ``benchmarks/r4_prefill_gpu.py``). ``MUL``: as in
-    ``_persistent_kernel``. ``GLU``: the rows are gate|up rows (``2·M0·N`` elements each, interleaved in
-    ``GLU_BLOCK`` blocks) and ``X`` their SiLU·mul, made as each slice is loaded (:func:`_load_slice`)."""
+    ``_persistent_kernel``."""
     NS: tl.constexpr = N // CS
     BMH: tl.constexpr = BM // RH
     offs_h = tl.arange(0, BMH)
@@ -452,11 +422,10 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
         in0 = rows0[:, None] < M0
         rows1 = BMH + offs_h
         in1 = rows1[:, None] < M0
-        x_base = base * 2 if GLU else base
-        x0 = _load_slice(x_ptr, x_base, offs_k, in_k, 0, N, NS, GLU)
+        x0 = _load_slice(x_ptr, base, offs_k, in_k, 0, N, NS)
         x1 = x0
         if CS == 2:
-            x1 = _load_slice(x_ptr, x_base, offs_k, in_k, 1, N, NS, GLU)
+            x1 = _load_slice(x_ptr, base, offs_k, in_k, 1, N, NS)
         amax, t00, t01 = _row_block(a0, x0, x1, y_ptr, base, rows0, in0, h, scale, 0.0, sc, rm, N, NS, CS, BMH,
                                     IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
         t10 = t00
@@ -712,22 +681,11 @@ _FAILED: set = set()  # persistent variants that did not compile here: their til
 
 
 def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: Optional[str] = None,
-                              plan_override: Optional[Plan] = None, glu: bool = False) -> torch.Tensor:
+                              plan_override: Optional[Plan] = None) -> torch.Tensor:
     """``x @ hadamard_matrix(n).T`` (``x @ hadamard_matrix(n)`` if ``transpose``) along the last dim.
 
-    ``glu``: of ``int8_mm.interleaved_glu(x)`` for an interleaved gate|up ``x`` (..., 2n), made as the sliced
-    persistent kernel reads the pair (:func:`glu_fusable`'s orders and rows, or a sliced ``plan_override``).
     ``force`` and ``plan_override`` exist for benchmarks and tests.
     """
-    if glu:
-        n = x.shape[-1] // 2
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        p = plan_override or plan(n, 3 if x.dtype == torch.float32 else 2)
-        if x.shape[-1] % 2 or not _glu_plan(p) or (plan_override is None and not glu_fusable(n, x.dtype, len(x2))):
-            raise ValueError(f"no gate|up Hadamard kernel for {tuple(x.shape)} ({x.dtype})")
-        y = x2.new_empty((len(x2), n))
-        _launch_persistent(p, x2, y, bool(transpose), 3 if x.dtype == torch.float32 else 2, glu=True)
-        return y.reshape(*x.shape[:-1], n)
     n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     p = plan_override or plan(n, out_parts, force)
@@ -755,18 +713,13 @@ def hadamard_transform_triton(x: torch.Tensor, transpose: bool = False, force: O
 
 def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
                        sq: Optional[torch.Tensor] = None, s_in: Optional[torch.Tensor] = None,
-                       quant: Optional[dict] = None, flags: Optional[torch.Tensor] = None, glu: bool = False) -> None:
+                       quant: Optional[dict] = None, flags: Optional[torch.Tensor] = None) -> None:
     """The persistent kernels; with ``quant`` (constexprs of ``_quantize_store``) ``y`` receives codes and
-    ``sq`` the per-row scales (or ``s_in`` is the static scale; ``flags``: its multiplier check, factored plans).
-    ``glu``: ``x2``'s rows are interleaved gate|up rows and the transform is of their SiLU·mul (sliced plans)."""
+    ``sq`` the per-row scales (or ``s_in`` is the static scale; ``flags``: its multiplier check, factored plans)."""
     quant = quant or {}
     sq = sq if sq is not None else x2
     s_in = s_in if s_in is not None else x2
-    rows, n = y.shape
-    if glu:
-        if not _glu_plan(p):
-            raise ValueError(f"no gate|up input for the Hadamard kernel of {p.describe()}")
-        quant = dict(quant, GLU=True)
+    rows, n = x2.shape
     scale = 1.0 / math.sqrt(n)
     in_parts = _PARTS[x2.dtype]
     programs = _multiprocessors(x2.device) * p.ctas
@@ -861,22 +814,8 @@ def hadamard_pieces(x: torch.Tensor, group: int):
     return P, RS, XS
 
 
-def _glu_plan(p: Optional[Plan]) -> bool:
-    """Whether ``p``'s kernel reads a gate|up row pair (``glu``): the sliced persistent kernel (``Plan.col_split`` /
-    ``Plan.row_split``) of an order made of whole ``GLU_BLOCK`` blocks."""
-    return (p is not None and p.kind == "factored" and p.persistent and (p.col_split > 1 or p.row_split > 1)
-            and p.n % _GLU_BLOCK.value == 0 and (p.D2 // p.col_split) % _GLU_BLOCK.value == 0)
-
-
-@torch.compiler.assume_constant_result
-def glu_fusable(n: int, dtype: torch.dtype, rows: int) -> bool:
-    """Whether :func:`hadamard_quantize` takes ``rows`` interleaved gate|up rows (``2n`` elements) of ``dtype``
-    (``glu=True``): past ``FEW_ROWS`` rows, where order ``n``'s plan runs the sliced persistent kernel (14336)."""
-    return rows > FEW_ROWS and fusable(n, dtype, rows) and _glu_plan(plan(n, 3 if dtype == torch.float32 else 2))
-
-
 def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.Tensor] = None,
-                      plan_override: Optional[Plan] = None, glu: bool = False):
+                      plan_override: Optional[Plan] = None):
     """QuaRot's online Hadamard then activation quantization in one kernel: ``(codes, scale)`` of
     ``hadamard_transform(x)`` exactly as ``quantize_rows`` would give them (the transform rounded to
     ``x``'s dtype first, as the unfused ops do), without writing the transformed rows out (except, for a
@@ -885,26 +824,19 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
     Orders whose plan has no persistent kernel (rows longer than one on-chip tile) raise ValueError
     (the caller runs the two ops instead), except at most ``FEW_ROWS`` rows (:func:`fusable`): then the
     tiled kernel (:func:`few_rows_plan`) runs with the quantization in its epilogue.
-    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled factored one.
-    ``glu``: ``x`` (..., 2n) is a gate|up output interleaved in ``GLU_BLOCK`` blocks and the transform is of its
-    SiLU·mul (``int8_mm.interleaved_glu(x)``), made as the kernel reads the pair: never written out (where
-    :func:`glu_fusable`; codes (..., n))."""
-    if glu and x.shape[-1] % 2:
-        raise ValueError(f"a gate|up input has an even last dimension, got {x.shape[-1]}")
-    n = x.shape[-1] // 2 if glu else x.shape[-1]
+    ``plan_override`` (benchmarks) picks the kernel: a persistent plan, or a tiled factored one."""
+    n = x.shape[-1]
     out_parts = 3 if x.dtype == torch.float32 else 2
     static = static_scale is not None
-    rows = x.numel() // x.shape[-1] if n else 0
-    if not (glu_fusable(n, x.dtype, rows) if glu and plan_override is None else fusable(n, x.dtype, rows)):
-        raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype}{', gate|up' if glu else ''})")
+    rows = x.numel() // n if n else 0
+    if not fusable(n, x.dtype, rows):
+        raise ValueError(f"no fused Hadamard+quantize kernel for order {n} ({x.dtype})")
     p = plan_override or plan(n, out_parts)
     tiled = not p.persistent if plan_override is not None else _few_rows_tiled(p, rows)
-    if glu and tiled:
-        raise ValueError(f"the tiled Hadamard+quantize kernel takes no gate|up input ({p.describe()})")
     if tiled and (p.kind != "factored" or rows > FEW_ROWS):
         raise ValueError(f"the tiled Hadamard+quantize kernel takes a factored plan and at most {FEW_ROWS} rows, "
                          f"got {p.describe()} for {rows} rows")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
@@ -919,8 +851,8 @@ def hadamard_quantize(x: torch.Tensor, fp8: bool, static_scale: Optional[torch.T
         flags = None
         if static and STATIC_MULTIPLIER and p.kind == "factored":
             flags = multiplier_flags(s_in, fp8, x.dtype)
-        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static), flags, glu)
-    return q.reshape(*x.shape[:-1], n), (None if static else sq.reshape(*x.shape[:-1], 1))
+        _launch_persistent(p, x2, q, False, out_parts, sq, s_in, dict(quant, STATIC=static), flags)
+    return q.reshape(x.shape), (None if static else sq.reshape(*x.shape[:-1], 1))
 
 
 def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, out_parts: int,
