@@ -18,7 +18,6 @@ Needs Triton with its NVIDIA backend (the ``triton`` wheel); no CUDA device.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
 import inspect
 import os
@@ -113,20 +112,13 @@ def specs():
                         dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
             if fast and p.col_split > 1:  # the plan's sliced kernel (per element of its BM x N tile)
                 ns = p.D2 // p.col_split
-                sliced = dict(BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1,
+                sliced = dict(BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1, RH=p.row_split,
                               IN_PARTS=1, MID_PARTS=2, OP=tl.bfloat16, STAGES=p.stages,
                               QUANT=2 if fp8 else 1, STATIC=True, QMAX=qmax, RCP=1 / qmax, FAST=True)
-                # MUL: the static scale's multiplier (hadamard_triton.STATIC_MULTIPLIER); tight: Plan.tight_rows;
-                # dynamic: a per-row scale (tiles kept until the row's maximum is known)
-                for mul, tight, static in ((0, False, True), (1, False, True), (1, True, True), (0, False, False),
-                                           (0, True, False)):
-                    q = dataclasses.replace(p, tight_rows=tight)
-                    b = (*HT.row_blocks(q), 0, 0)
-                    name = (f"hadamard_quantize 14336 {tag if static else label + ' dynamic FAST'} sliced "
-                            f"c{q.col_split}r{q.row_split}{'t' if tight else ''}" + (" MUL" if mul else ""))
-                    out.append((name, HT._persistent_sliced_kernel, dict(ptrs, f_ptr="i32"),
-                                dict(sliced, MUL=mul, STATIC=static, B0=b[0], B1=b[1], B2=b[2]),
-                                dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
+                for mul in (0, 1):  # the static scale's multiplier (hadamard_triton.STATIC_MULTIPLIER)
+                    out.append((f"hadamard_quantize 14336 {tag} sliced c{p.col_split}r{p.row_split}"
+                                + (" MUL" if mul else ""), HT._persistent_sliced_kernel, dict(ptrs, f_ptr="i32"),
+                                dict(sliced, MUL=mul), dict(num_warps=p.num_warps), 14336 / (32 * p.num_warps)))
     return out
 
 

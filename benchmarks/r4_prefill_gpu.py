@@ -31,8 +31,7 @@ import torch  # noqa: E402
 from generate_gpu import write_json  # noqa: E402
 from hadamard_gpu import bench_graph, max_ulps  # noqa: E402
 
-#: (col_split, row_split, num_warps, ctas, stages[, maxnreg]); row_split 0: ``Plan.tight_rows`` (row blocks the powers of
-#: two of M0, with row_split 2's plan otherwise)
+#: (col_split, row_split, num_warps, ctas, stages[, maxnreg])
 VARIANTS = ((1, 1, 4, 2, 1), (1, 2, 4, 2, 1), (2, 1, 4, 2, 1), (2, 2, 4, 2, 1), (2, 2, 4, 2, 2), (2, 1, 8, 1, 2))
 #: (name, fp8, static); static "exact": without the scale's multiplier (``hadamard_triton.STATIC_MULTIPLIER`` off)
 MODES = (("transform", None, None), ("fp8 static", True, True), ("fp8 static exact", True, True),
@@ -77,10 +76,9 @@ def main(argv=None) -> None:
         if time.time() - t0 > args.budget_s:
             print("budget spent: later variants not timed")
             break
-        p = dataclasses.replace(base, col_split=cs, row_split=rh or 2, tight_rows=rh == 0, num_warps=w, ctas=ctas,
-                                stages=st, maxnreg=reg[0] if reg else 0)
-        row = {"plan": p.describe(), "col_split": cs, "row_split": p.row_split, "tight_rows": p.tight_rows,
-               "num_warps": w, "ctas": ctas, "stages": st,
+        p = dataclasses.replace(base, col_split=cs, row_split=rh, num_warps=w, ctas=ctas, stages=st,
+                                maxnreg=reg[0] if reg else 0)
+        row = {"plan": p.describe(), "col_split": cs, "row_split": rh, "num_warps": w, "ctas": ctas, "stages": st,
                "maxnreg": p.maxnreg, "ms": {}, "same_codes": True}
         try:
             y = HT.hadamard_transform_triton(x, plan_override=p)

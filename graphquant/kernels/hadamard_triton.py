@@ -383,31 +383,30 @@ def _row_block(a, x0, x1, y_ptr, base, rows, in_rows, h, scale, amax, sc, rm, N:
 @triton.jit
 def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr, s_in_ptr, f_ptr,
                               BM: tl.constexpr, N: tl.constexpr, CS: tl.constexpr, LOGS: tl.constexpr,
-                              B0: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, OP: tl.constexpr,
+                              RH: tl.constexpr, IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, OP: tl.constexpr,
                               STAGES: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = False,
                               QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0,
                               OUT_DTYPE: tl.constexpr = tl.bfloat16, FAST: tl.constexpr = False,
-                              MUL: tl.constexpr = 0, B1: tl.constexpr = 0, B2: tl.constexpr = 0):
+                              MUL: tl.constexpr = 0):
     """``_persistent_kernel``'s transform (``D1 = 1``: ``Y = A · X · H_N``, one row ``X`` of ``M0 ≤ BM`` rows per
     loop step) with fewer tensor-core products and fewer live registers: ``H_N = H_{CS} ⊗ H_{N/CS}`` (``CS`` 1 or
     2), so stage 1 runs on ``CS`` column slices of ``X``, ``H_{CS}`` is one fp32 butterfly across them and only
     ``H_{N/CS}`` runs on the tensor cores (multiply-adds per element ``BM + MID_PARTS·N/CS`` instead of
-    ``BM + MID_PARTS·N``); the row blocks of ``B0``, ``B1``, ``B2`` rows (powers of two; 0: none) go from stage 1
-    to the store one after the other: ``BM/2`` twice, or the powers of two of ``M0`` (``Plan.tight_rows``: 112 =
-    64 + 32 + 16, no padding row transformed). Each stage is exact to fp32 accumulation, as in
-    ``_persistent_kernel`` (the sums are grouped differently). With ``QUANT`` it stores codes: under the static
-    scale as each tile is done, or under a dynamic per-row scale once the row's maximum is known, the row's
-    rounded tiles kept in registers until then (a workspace row read back, or a second launch, measured slower:
-    ``benchmarks/r4_prefill_gpu.py``). ``MUL``: as in ``_persistent_kernel``."""
+    ``BM + MID_PARTS·N``); the ``RH`` (1 or 2) row blocks of ``BM/RH`` rows go from stage 1 to the store one
+    after the other. Each stage is exact to fp32 accumulation, as in ``_persistent_kernel`` (the sums are grouped
+    differently). With ``QUANT`` it stores codes: under the static scale as each tile is done, or under a dynamic
+    per-row scale once the row's maximum is known, the row's rounded tiles kept in registers until then (a
+    workspace row read back, or a second launch, measured slower: ``benchmarks/r4_prefill_gpu.py``). ``MUL``: as in
+    ``_persistent_kernel``."""
     NS: tl.constexpr = N // CS
+    BMH: tl.constexpr = BM // RH
+    offs_h = tl.arange(0, BMH)
     offs_k = tl.arange(0, BM)
-    a0 = tl.load(a_ptr + tl.arange(0, B0)[:, None] * BM + offs_k[None, :]).to(OP)
-    a1 = a0
-    a2 = a0
-    if B1 > 0:
-        a1 = tl.load(a_ptr + (B0 + tl.arange(0, B1))[:, None] * BM + offs_k[None, :]).to(OP)
-    if B2 > 0:
-        a2 = tl.load(a_ptr + (B0 + B1 + tl.arange(0, B2))[:, None] * BM + offs_k[None, :]).to(OP)
+    a0 = tl.load(a_ptr + offs_h[:, None] * BM + offs_k[None, :]).to(OP)
+    if RH == 2:
+        a1 = tl.load(a_ptr + (BMH + offs_h)[:, None] * BM + offs_k[None, :]).to(OP)
+    else:
+        a1 = a0
     h = _sylvester(NS, LOGS, OP)
     sc = 1.0
     rm = 0.0
@@ -419,27 +418,20 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
     for row in tl.range(tl.program_id(0), end, NPROG, num_stages=STAGES):
         base = tl.cast(row, tl.int64) * M0 * N
         in_k = offs_k[:, None] < M0
-        rows0 = tl.arange(0, B0)
+        rows0 = offs_h
         in0 = rows0[:, None] < M0
+        rows1 = BMH + offs_h
+        in1 = rows1[:, None] < M0
         x0 = _load_slice(x_ptr, base, offs_k, in_k, 0, N, NS)
         x1 = x0
         if CS == 2:
             x1 = _load_slice(x_ptr, base, offs_k, in_k, 1, N, NS)
-        amax, t00, t01 = _row_block(a0, x0, x1, y_ptr, base, rows0, in0, h, scale, 0.0, sc, rm, N, NS, CS, B0,
+        amax, t00, t01 = _row_block(a0, x0, x1, y_ptr, base, rows0, in0, h, scale, 0.0, sc, rm, N, NS, CS, BMH,
                                     IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
-        rows1 = B0 + tl.arange(0, B1 + (B1 == 0))
-        in1 = rows1[:, None] < M0
         t10 = t00
         t11 = t01
-        if B1 > 0:
-            amax, t10, t11 = _row_block(a1, x0, x1, y_ptr, base, rows1, in1, h, scale, amax, sc, rm, N, NS, CS, B1,
-                                        IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
-        rows2 = B0 + B1 + tl.arange(0, B2 + (B2 == 0))
-        in2 = rows2[:, None] < M0
-        t20 = t00
-        t21 = t01
-        if B2 > 0:
-            amax, t20, t21 = _row_block(a2, x0, x1, y_ptr, base, rows2, in2, h, scale, amax, sc, rm, N, NS, CS, B2,
+        if RH == 2:
+            amax, t10, t11 = _row_block(a1, x0, x1, y_ptr, base, rows1, in1, h, scale, amax, sc, rm, N, NS, CS, BMH,
                                         IN_PARTS, MID_PARTS, OP, QUANT, STATIC, QMAX, OUT_DTYPE, FAST, MUL)
         if QUANT != 0 and not STATIC:
             rs = tl.maximum(amax * RCP, TINY_C)
@@ -447,14 +439,10 @@ def _persistent_sliced_kernel(x_ptr, a_ptr, y_ptr, ROWS, NPROG, M0, scale, s_ptr
             _store_codes(t00, y_ptr, base, rows0, in0, 0, N, NS, rs, QMAX, QUANT, FAST)
             if CS == 2:
                 _store_codes(t01, y_ptr, base, rows0, in0, 1, N, NS, rs, QMAX, QUANT, FAST)
-            if B1 > 0:
+            if RH == 2:
                 _store_codes(t10, y_ptr, base, rows1, in1, 0, N, NS, rs, QMAX, QUANT, FAST)
                 if CS == 2:
                     _store_codes(t11, y_ptr, base, rows1, in1, 1, N, NS, rs, QMAX, QUANT, FAST)
-            if B2 > 0:
-                _store_codes(t20, y_ptr, base, rows2, in2, 0, N, NS, rs, QMAX, QUANT, FAST)
-                if CS == 2:
-                    _store_codes(t21, y_ptr, base, rows2, in2, 1, N, NS, rs, QMAX, QUANT, FAST)
 
 
 @triton.jit
@@ -517,7 +505,6 @@ class Plan:
     BR: int = 32              # dense: rows per block
     col_split: int = 1        # persistent, D1 = 1: H_N as an H_{col_split} butterfly ⊗ H_{N/col_split} products (1, 2)
     row_split: int = 1        # persistent, D1 = 1: row blocks of BM/row_split taken one after the other (1, 2)
-    tight_rows: bool = False  # persistent sliced: row blocks the powers of two of M0 (112 = 64 + 32 + 16), no padding
     maxnreg: int = 0          # persistent, factored: registers per thread the compiler may use (0: its choice)
 
     @property
@@ -531,7 +518,7 @@ class Plan:
     def describe(self) -> str:
         per = f" P{self.ctas}s{self.stages}" if self.persistent else ""
         if self.persistent and self.kind == "factored" and (self.col_split > 1 or self.row_split > 1):
-            per += f" c{self.col_split}r{self.row_split}" + ("t" if self.tight_rows else "")
+            per += f" c{self.col_split}r{self.row_split}"
         if self.persistent and self.maxnreg:
             per += f" R{self.maxnreg}"
         if self.kind == "dense":
@@ -753,30 +740,17 @@ def _launch_persistent(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bo
                                     dict(quant, MUL=mul) if mul else quant)
 
 
-def row_blocks(p: Plan) -> tuple:
-    """The sliced kernel's row blocks for ``p`` (at most three, each a power of two of at least 16 rows): ``BM /
-    row_split`` each, or with ``tight_rows`` the powers of two of ``M0`` rounded up to 16 (112: 64, 32, 16; then
-    no padding row of ``A · X`` is computed). Empty where neither fits."""
-    if p.tight_rows:
-        m = -(-p.M0 // 16) * 16
-        blocks = tuple(1 << b for b in range(m.bit_length() - 1, 3, -1) if m >> b & 1)
-        return blocks if len(blocks) <= 3 else ()
-    return (p.BM // p.row_split,) * p.row_split if p.row_split in (1, 2) else ()
-
-
 def _launch_factored_persistent(p: Plan, x2, a, y, rows, nprog, scale, sq, s_in, f, in_parts, out_parts, quant):
     """One launch of a factored plan's persistent kernel (sliced where the plan splits columns or rows)."""
     if p.maxnreg:
         quant = dict(quant, maxnreg=p.maxnreg)
     if p.col_split > 1 or p.row_split > 1:
-        blocks = row_blocks(p)
-        if p.D1 != 1 or p.col_split not in (1, 2) or not blocks or p.D2 // p.col_split < 16:
+        if p.D1 != 1 or p.col_split not in (1, 2) or p.row_split not in (1, 2) or p.D2 // p.col_split < 16:
             raise ValueError(f"no sliced persistent kernel for {p.describe()}")
         ns = p.D2 // p.col_split
-        b0, b1, b2 = (*blocks, 0, 0)[:3]
         _persistent_sliced_kernel[(nprog,)](
             x2, a, y, rows, nprog, p.M0, scale, sq, s_in, f, BM=p.BM, N=p.D2, CS=p.col_split, LOGS=ns.bit_length() - 1,
-            B0=b0, B1=b1, B2=b2, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), OP=_OPERAND, STAGES=p.stages,
+            RH=p.row_split, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), OP=_OPERAND, STAGES=p.stages,
             num_warps=p.num_warps, **quant)
         return
     d1h = max(p.D1, 16)
