@@ -231,6 +231,17 @@ def _sylvester_stages(t, h1, h2, BM: tl.constexpr, D1: tl.constexpr, D2: tl.cons
 
 
 @triton.jit
+def _static_codes(y, sc, rm, QMAX: tl.constexpr, FP8: tl.constexpr, FAST: tl.constexpr, MUL: tl.constexpr):
+    """The codes of the rounded transform tile ``y`` under the static scale ``sc``: for ``MUL`` 1 through its verified
+    multiplier ``rm`` (``quant_triton.codes_by``), else the exact quotient (``quant_triton.codes``)."""
+    if MUL == 1:
+        q = codes_by(y.to(tl.float32), rm, QMAX, FP8, FAST)
+    else:
+        q = codes(y.to(tl.float32), sc, QMAX, FP8, FAST)
+    return q
+
+
+@triton.jit
 def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
                     QUANT: tl.constexpr, STATIC: tl.constexpr, QMAX: tl.constexpr, RCP: tl.constexpr,
                     FAST: tl.constexpr = False, rm=0.0, MUL: tl.constexpr = 0):
@@ -239,11 +250,7 @@ def _quantize_store(y, mask, row_amax, q_ptrs, s_ptr, s_in_ptr, row, s_mask,
     through its verified multiplier ``rm``, ``quant_triton.codes_by``).
     Numerics of ``quant_triton.quant_rows_kernel`` (and so of fake-quant)."""
     if STATIC:
-        sc = tl.load(s_in_ptr).to(tl.float32)
-        if MUL == 1:
-            q = codes_by(y.to(tl.float32), rm, QMAX, QUANT == 2, FAST)
-        else:
-            q = codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST)
+        q = _static_codes(y, tl.load(s_in_ptr).to(tl.float32), rm, QMAX, QUANT == 2, FAST, MUL)
     else:
         sc = tl.maximum(row_amax * RCP, TINY_C)
         tl.store(s_ptr + row, sc, mask=s_mask)
@@ -339,11 +346,7 @@ def _slice_emit(b, h, scale, y_ptr, base, rows, in_rows, S: tl.constexpr, N: tl.
     if QUANT == 0:
         tl.store(y_ptr + base + off, z.to(y_ptr.dtype.element_ty), mask=in_rows)
     elif STATIC:
-        if MUL == 1:
-            q = codes_by(y.to(tl.float32), rm, QMAX, QUANT == 2, FAST)
-        else:
-            q = codes(y.to(tl.float32), sc, QMAX, QUANT == 2, FAST)
-        tl.store(y_ptr + base + off, q, mask=in_rows)
+        tl.store(y_ptr + base + off, _static_codes(y, sc, rm, QMAX, QUANT == 2, FAST, MUL), mask=in_rows)
     else:
         amax = tl.maximum(amax, _tile_amax(y, in_rows))
     return amax, y
