@@ -117,12 +117,19 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
             replay()
         torch.cuda.synchronize()
     per = collections.defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+    cuda = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+    for e in cuda:
+        if True:
             per[e.name][0] += 1
             per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     kernels = sorted(({"kernel": k, "launches": c / steps, "us": t / steps} for k, (c, t) in per.items()),
                      key=lambda d: -d["us"])
+    per_step = round(sum(k["launches"] for k in kernels))
+    # one step's kernels in the order they ran (the last full step), with their start relative to the first
+    last = cuda[-per_step:] if per_step else []
+    sequence = [{"kernel": e.name, "start_us": e.time_range.start - last[0].time_range.start,
+                 "us": e.time_range.elapsed_us()} for e in last]
     del dec
     cats = collections.defaultdict(float)
     for k in kernels:
@@ -132,7 +139,8 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
             "sdpa": "default" if sdpa is None else ",".join(sdpa),
             "inductor": inductor or {}, "batch": batch, "step_ms": step_ms, "kernel_us": sum(k["us"] for k in kernels),
             "launches": sum(k["launches"] for k in kernels),
-            "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels}
+            "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels,
+            "sequence": sequence}
 
 
 def _print(r: dict, top: int) -> None:
@@ -146,6 +154,10 @@ def _print(r: dict, top: int) -> None:
     print(f"{'us/step':>9} {'launches':>8}  kernel")
     for k in r["kernels"][:top]:
         print(f"{k['us']:9.2f} {k['launches']:8.1f}  {_short(k['kernel'])}")
+    if r.get("sequence"):
+        print("   one step in order (start us, us, kernel):")
+        for k in r["sequence"]:
+            print(f"   {k['start_us']:8.1f} {k['us']:7.2f}  {_short(k['kernel'])}")
 
 
 def sdpa_options(text: str) -> list:

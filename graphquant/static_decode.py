@@ -262,7 +262,10 @@ class StaticDecoder:
             return self._prefill_fn(input_ids.to(self.device))
 
     def _capture(self) -> None:
-        """Warm up (compiles) on a side stream, then capture one step into a CUDA graph."""
+        """Warm up (compiles) on a side stream, then capture one step into a CUDA graph on that same stream.
+        Per-stream state the warm-up created (the split-K kernels' tile counters, ``quant_triton.tile_counters``)
+        is then found by the capture; on another stream it would be allocated inside the capture, and its
+        zero-fill kernel would run in every replay."""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -270,7 +273,7 @@ class StaticDecoder:
                 self._out = self._step_fn(self._ids, self._pos)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=s):
             self._out = self._step_fn(self._ids, self._pos)
         self._graph = graph
 

@@ -46,7 +46,7 @@ def graphed(fn, reps: int = 1, warmup: int = 3):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=s):  # the warm-up's stream: see StaticDecoder._capture
         for _ in range(reps):
             fn()
     return g.replay, g

@@ -230,3 +230,21 @@ def test_a_prepared_model_brings_its_decode_compile_options(llama, monkeypatch):
         assert dict(seen) == {"_forward_step": want or None, "_forward_prefill": None}
     ids = prompt(1, 5)
     assert torch.equal(dec.generate(ids, 3), hf_greedy(llama, ids, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_capture_finds_the_counters_its_warm_up_made(monkeypatch):
+    """The step is captured on its warm-up's stream: per-stream state the warm-up made (the split-K tile counters)
+    is found by the capture, not allocated (and zero-filled) inside the graph on every replay."""
+    from graphquant.kernels import quant_triton as QT
+    from graphquant.timing import graphed
+
+    dev = torch.device("cuda")
+    monkeypatch.setattr(QT, "_COUNTERS", {})
+    dec = StaticDecoder(tiny_model("llama").to(dev), 1, 16, compile=False)
+    made = []
+    dec._step_fn = lambda ids, pos: (made.append(QT.tile_counters(dev, 8)), ids[:, 0])[1]
+    dec._capture()
+    assert len(QT._COUNTERS) == 1 and len(made) == 4 and all(m is made[0] for m in made)
+    graphed(lambda: made.append(QT.tile_counters(dev, 8)))
+    assert len(QT._COUNTERS) == 2 and made[-1] is made[-2]  # graphed(): the same
