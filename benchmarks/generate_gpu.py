@@ -58,6 +58,15 @@ plain first in even rounds and QuaRot first in odd ones (from run r on; before, 
 (``quarot_pair`` in the QuaRot raw row) and the cost comes from the medians of those rounds
 (``quarot_overhead_source`` "interleaved"); the rows' own times stay as measured.
 
+The stock bf16 row's batch-1 speed moved by 2-3% within a call and between calls (0.1636-0.1691 ms per layer in
+runs p-s), which moves every decode speedup with it. With ``--speedup-rounds R`` (default 5; 0 turns it off) the
+bf16 row's batch-1 decoder stays alive for the whole run, and after each later row of this process its batch-1
+step and the row's are timed alternately R times (the row first in even rounds; ``bf16_pair`` in the row's raw
+dict): ``decode_b1_layer_speedup`` is then the ratio of the two medians, heads subtracted
+(``decode_b1_speedup_source`` "interleaved"), and the ratio of the row's own measurement to the first bf16
+measurement stays as ``decode_b1_layer_speedup_own``. Rows run in their own process (``--isolate-s``: torchao's by
+default) have no such rounds. Runs before 2026-12-01's run t had none.
+
 Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
 position, argmax, and the rotary embedding's cos / sin, which the model computes once per step for all
 layers) timed on its own. Runs before 2026-11-30's run j left the rotary embedding out of the head, so
@@ -479,9 +488,10 @@ def _attempt(r: dict, what: str, fn) -> None:
 
 
 @torch.no_grad()
-def measure(model, setup: Setup, r: dict, keep: dict | None = None) -> None:
+def measure(model, setup: Setup, r: dict, keep: dict | None = None, keep_b1: dict | None = None) -> None:
     """Fill ``r`` with the raw timings of one variant (see the module docstring). ``keep``: receives the batch-1
-    decoder and the prefill decoder with its prompt, for :func:`interleave` (they are not released then)."""
+    decoder and the prefill decoder with its prompt, for :func:`interleave` (they are not released then);
+    ``keep_b1``: the batch-1 decoder only, for :func:`alternate`."""
     from graphquant.static_decode import StaticDecoder
 
     dev = setup.device
@@ -506,8 +516,9 @@ def measure(model, setup: Setup, r: dict, keep: dict | None = None) -> None:
             r[f"generate_b{b}_wall_ms"] = statistics.median(walls)
             r[f"generate_b{b}_prefill_ms"] = statistics.median(pre)
             r[f"generate_b{b}_decode_ms"] = statistics.median(dec_ms)
-            if keep is not None and b == 1:
-                keep["decode_b1"] = dec
+            for k in (keep, keep_b1):
+                if k is not None and b == 1:
+                    k["decode_b1"] = dec
             del dec
         _attempt(r, f"decode/generate batch {b}", decode)
         gc.collect()
@@ -527,13 +538,15 @@ def measure(model, setup: Setup, r: dict, keep: dict | None = None) -> None:
 _HEADS: dict = {}
 
 
-def run_variant(model, v: Variant, setup: Setup, calib, keep: dict | None = None, reset: bool = True) -> dict:
+def run_variant(model, v: Variant, setup: Setup, calib, keep: dict | None = None, reset: bool = True,
+                keep_b1: dict | None = None) -> dict:
     """One row's raw measurements. ``keep`` (see :func:`measure`) and ``reset=False`` (Dynamo's caches are kept, so
-    the kept prefill decoder does not compile again) serve :func:`interleave`."""
+    the kept prefill decoder does not compile again) serve :func:`interleave`; ``keep_b1`` serves :func:`alternate`
+    (a CUDA-graph replay needs no Dynamo cache)."""
     r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention,
          "compiled": v.compile, "switch": v.switch}
     with switched(v.switch):
-        return _run_variant(model, v, setup, calib, r, keep, reset)
+        return _run_variant(model, v, setup, calib, r, keep, reset, keep_b1)
 
 
 def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int) -> dict:
@@ -555,8 +568,21 @@ def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int) -> dict:
     return {k: v for k, v in out.items() if v["plain"] and v["quarot"]}
 
 
+def alternate(base, row, setup: Setup, rounds: int) -> dict:
+    """The bf16 row's batch-1 decoder ``base`` and a later row's ``row`` (kept by :func:`measure`) timed alternately
+    ``rounds`` times (the row first in even rounds), each the median of ``setup.step_iters`` replays:
+    ``{"decode_b1_ms": {"bf16": [...], "row": [...]}}``."""
+    out = {"bf16": [], "row": []}
+    position = _decode_position(setup)
+    for i in range(rounds):
+        pair = (("row", row), ("bf16", base))
+        for name, dec in (pair if i % 2 == 0 else pair[::-1]):
+            out[name].append(dec.time_step_ms(setup.step_iters, position=position))
+    return {"decode_b1_ms": out}
+
+
 def _run_variant(model, v: Variant, setup: Setup, calib, r: dict, keep: dict | None = None,
-                 reset: bool = True) -> dict:
+                 reset: bool = True, keep_b1: dict | None = None) -> dict:
     dev = setup.device
     gc.collect()
     if dev == "cuda":
@@ -582,7 +608,7 @@ def _run_variant(model, v: Variant, setup: Setup, calib, r: dict, keep: dict | N
             sync(dev)
             r["resident_bytes"] = torch.cuda.memory_allocated() - base
             torch.cuda.reset_peak_memory_stats()
-        measure(m, setup if v.compile else dataclasses.replace(setup, compile=False), r, keep)
+        measure(m, setup if v.compile else dataclasses.replace(setup, compile=False), r, keep, keep_b1)
         options = r.get("decode_compile_options")
         if options and v.compile and setup.compile:  # the head as this variant's step compiles it (time_head)
             key = repr(sorted(options.items()))
@@ -658,6 +684,16 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
                 if base else None
             row[f"{key}_layer_speedup_same_attention"] = \
                 _ratio(same.get(f"{key}_layer_ms"), row.get(f"{key}_layer_ms")) if same else None
+        src = next((x for x in raw if x.get("who") == row["who"] and x.get("variant") == row["variant"]
+                    and x.get("switch", "") == row.get("switch", "")), {})
+        rounds = (src.get("bf16_pair") or {}).get("decode_b1_ms")
+        if rounds and rounds.get("bf16") and rounds.get("row"):  # alternating rounds (alternate), heads subtracted
+            h_row = (src.get("head") or {}).get("decode_b1_ms", head.get("decode_b1_ms"))
+            h_base = head.get("decode_b1_ms")
+            row["decode_b1_layer_speedup_own"] = row["decode_b1_layer_speedup"]
+            row["decode_b1_layer_speedup"] = _ratio(statistics.median(rounds["bf16"]) - h_base,
+                                                    statistics.median(rounds["row"]) - h_row)
+            row["decode_b1_speedup_source"] = "interleaved"
         for b in batches:
             for k in (f"tokens_per_s_b{b}", f"full32_decode_tokens_per_s_b{b}_extrapolated"):
                 row[f"{k}_vs_bf16"] = _ratio(row.get(k), base.get(k)) if base else None
@@ -761,6 +797,12 @@ def table(rows: list[dict], layers: int, batches=(1, 16)) -> str:
             f"{_f(r['peak_bytes'] / 1e9 if r.get('peak_bytes') else None, '7.2f')}",
             f"{_f(100 * r['quarot_overhead'] if r.get('quarot_overhead') is not None else None, '6.1f')}"
             + ("%" if r.get("quarot_overhead") is not None else " ")]))
+    inter = [r for r in rows if r.get("decode_b1_speedup_source") == "interleaved"]
+    if inter:
+        lines += ["", "Decode batch-1 x above, where marked *: from alternating rounds with the bf16 row (medians); "
+                  "the row's own measurement over the first bf16 measurement in brackets"]
+        lines += [f"  * {r['who']:10s} {r['variant']:33s} {_f(r.get('decode_b1_layer_speedup'), '5.2f')}x "
+                  f"({_f(r.get('decode_b1_layer_speedup_own'), '4.2f')}x)" for r in inter]
     lines += ["", f"Full {FULL_LAYERS}-layer model, EXTRAPOLATED (head + {FULL_LAYERS} x per-layer): "
               "decode ms per step "
               f"and tokens/s (decode only), vs bf16"]
@@ -915,6 +957,9 @@ def main(argv=None):
     ap.add_argument("--quarot-rounds", type=int, default=5,
                     help="QuaRot's cost from this many alternating measurements of each plain row and its QuaRot "
                          "row (0: from the two rows' own measurements)")
+    ap.add_argument("--speedup-rounds", type=int, default=5,
+                    help="the decode batch-1 speedup from this many alternating measurements of the bf16 row and "
+                         "each later row of this process (0: from the rows' own measurements)")
     ap.add_argument("--ab", action="append", metavar="MODULE.ATTR=VALUE[;MODULE.ATTR=VALUE]",
                     help="also measure every graphquant row with this switch set, right after it (repeatable), "
                          "e.g. graphquant.kernels.int8_mm.PREFILL_TRITON=1")
@@ -981,7 +1026,11 @@ def main(argv=None):
     if args.quarot_rounds:
         out["notes"].append(f"QuaRot's cost from {args.quarot_rounds} alternating rounds of each plain row and its "
                             "QuaRot row (quarot_pair in the QuaRot rows)")
+    if args.speedup_rounds:
+        out["notes"].append(f"decode batch-1 speedups from {args.speedup_rounds} alternating rounds of the bf16 row "
+                            "and each row (bf16_pair in the raw rows)")
     kept = None  # the previous row's decoders while its QuaRot twin runs next (--quarot-rounds)
+    base_b1 = None  # the stock bf16 row's batch-1 decoder, kept for the whole run (--speedup-rounds)
     for i, v in enumerate(variants):
         if time.time() - T0 > args.budget_s:
             out["notes"].append(f"time budget {args.budget_s:.0f} s reached: {v.who} {v.name} and later not run")
@@ -994,10 +1043,18 @@ def main(argv=None):
             and nxt.scheme == v.scheme and nxt.switch == v.switch
         paired = pairs and v.quarot and kept is not None
         keep = {} if twin_next or paired else None
+        row_b1 = {} if args.speedup_rounds and v.who not in isolated else None
         if v.who in isolated:
             r = run_isolated(v, args, args.isolate_s)
         else:
-            r = run_variant(model, v, setup, calib, keep=keep, reset=keep is None)
+            r = run_variant(model, v, setup, calib, keep=keep, reset=keep is None, keep_b1=row_b1)
+        if row_b1 and base_b1 is None and v.who == "bf16" and v.attention != "decode" and not v.again:
+            base_b1 = row_b1["decode_b1"]  # the row every speedup is over (baseline())
+        elif row_b1 and base_b1 is not None:
+            _attempt(r, "alternating bf16 rounds",
+                     lambda: r.__setitem__("bf16_pair", alternate(base_b1, row_b1["decode_b1"], setup,
+                                                                  args.speedup_rounds)))
+        row_b1 = None
         if paired:
             _attempt(r, "interleaved QuaRot rounds",
                      lambda: r.__setitem__("quarot_pair", interleave(kept, keep, setup, args.quarot_rounds)))

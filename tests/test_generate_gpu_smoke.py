@@ -191,6 +191,39 @@ def test_merge_two_runs_and_variant_selection(bench, tmp_path):
     assert [(v.name, v.compile) for v in eager] == [("int8 W8A8 (eager + CUDA graph)", False)]
 
 
+def test_alternating_bf16_rounds_give_the_decode_speedup(bench):
+    """``--speedup-rounds``: the bf16 row's batch-1 decoder and a later row's timed alternately (the row first,
+    then bf16 first, ...); ``decode_b1_layer_speedup`` is the ratio of the rounds' medians (heads subtracted), the
+    row's own measurement over the first bf16 measurement stays as ``decode_b1_layer_speedup_own``."""
+    calls = []
+
+    class Dec:
+        def __init__(self, name, steps):
+            self.name, self.steps = name, iter(steps)
+
+        def time_step_ms(self, iters, position=None):
+            calls.append(self.name)
+            return next(self.steps)
+
+    # bf16 drifts slower over the rounds (0.2 -> 0.21 ms per layer); the row stays at 0.08
+    base = Dec("bf16", [0.2 + 2 * 0.20, 0.2 + 2 * 0.21, 0.2 + 2 * 0.21])
+    row = Dec("row", [0.2 + 2 * 0.08] * 3)
+    pair = bench.alternate(base, row, bench.SMOKE, rounds=3)
+    assert calls == ["row", "bf16", "bf16", "row", "row", "bf16"]
+    assert len(pair["decode_b1_ms"]["bf16"]) == 3 and len(pair["decode_b1_ms"]["row"]) == 3
+    raw = fake_raw()
+    raw[1] = dict(raw[1], bf16_pair=pair)  # W4A16: its own 0.07 ms per layer against the first bf16's 0.2
+    rows = bench.build_rows(raw, HEAD, layers=2)
+    w4 = next(r for r in rows if r["variant"] == "W4A16 g128")
+    assert w4["decode_b1_speedup_source"] == "interleaved"
+    assert w4["decode_b1_layer_speedup"] == pytest.approx(0.21 / 0.08)
+    assert w4["decode_b1_layer_speedup_own"] == pytest.approx(0.2 / 0.07)
+    assert w4["decode_b1_layer_ms"] == pytest.approx(0.07)  # the row's own time stays as measured
+    fp8 = next(r for r in rows if r["variant"] == "fp8 dynamic" and r["who"] == "graphquant")
+    assert "decode_b1_speedup_source" not in fp8 and fp8["decode_b1_layer_speedup"] == pytest.approx(0.2 / 0.11)
+    assert "* graphquant W4A16 g128" in bench.table(rows, 2)
+
+
 def test_smoke_run_on_cpu(bench, tmp_path):
     """The whole script on a tiny fp32 Llama: bf16 + graphquant int8 W8A8 with and without QuaRot, every row
     measured; the graphquant rows each in their own process (``--isolate``), as torchao's run on the GPU."""
@@ -231,6 +264,10 @@ def test_smoke_run_times_each_quarot_row_against_its_plain_row_in_rounds(bench, 
         {"decode_b1_ms": [2, 2], "prefill_ms": [2, 2]}
     row = next(r for r in doc["rows"] if r["variant"] == "int8 W8A8 + QuaRot")
     assert row["quarot_overhead_source"] == "interleaved" and row["quarot_overhead"] is not None
+    # every row after the first bf16 one was also timed against it in alternating rounds (--speedup-rounds 5)
+    later = [r for r in doc["raw"] if r["variant"] != "bf16"]
+    assert later and all(len(r["bf16_pair"]["decode_b1_ms"]["row"]) == 5 for r in later), later
+    assert all(r.get("decode_b1_speedup_source") == "interleaved" for r in doc["rows"] if r["variant"] != "bf16")
     # the raw row says what prepare changed (on CPU no decode kernel stores the SiLU·mul: step 5 changes nothing)
     assert rot["prepared"]["fused"] > 0 and rot["prepared"]["glu_into_gate_up"] == 0, rot["prepared"]
 
