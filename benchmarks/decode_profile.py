@@ -8,8 +8,9 @@ Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.p
 :class:`graphquant.static_decode.StaticDecoder` step (compiled, CUDA graph) under
 ``torch.profiler`` for ``--steps`` replays and prints, per variant, the kernels of one step:
 name, launches per step, microseconds per step, and the sum of kernel time against the replay's
-CUDA-event time (the difference is the gap between kernels inside the graph), and the time by kind
-of kernel (``category``). ``--sdpa`` repeats each variant with the decode step restricted to other
+CUDA-event time (the difference is the gap between kernels inside the graph), the time by kind
+of kernel (``category``), and the last step's kernels in the order they ran, with their start times
+(``sequence``: where a kernel sits in the layer, which gap follows it). ``--sdpa`` repeats each variant with the decode step restricted to other
 attention backends (``StaticDecoder(sdpa=...)``), ``--inductor`` with other Inductor options for the step's
 compile (``StaticDecoder(compile_options=...)``). ``--prefill B,L`` profiles the compiled prefill of a
 B x L prompt instead (no CUDA graph; "step" then means one prefill). Kernel names are shortened (Triton's generated
