@@ -198,9 +198,9 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
         tl.store(y_ptr + tile_off, (tl.reshape(t, (BM, N)) * scale).to(y_ptr.dtype.element_ty), mask=in_rows)
     elif QUANT == 3:  # the pieces of the step's four groups; rows ROWS.. of the tile are zeros
         y = (tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE).to(tl.float32)
-        q, rs = _int8_pieces(tl.reshape(y, (BM, 1, N)))  # (BM, 4, N), (BM, 4)
-        q = tl.sum(tl.reshape(q, (BM // ROWS, ROWS, 4, N)), axis=0)
-        rs = tl.sum(tl.reshape(tl.where(a_rows[:, None], rs, 0.0), (BM // ROWS, ROWS, 4)), axis=0)
+        # the tile's ROWS rows (the others are exact zeros, so the sum is exact), then their pieces
+        y = tl.sum(tl.reshape(y, (BM // ROWS, ROWS, N)), axis=0)
+        q, rs = _int8_pieces(tl.reshape(y, (ROWS, 1, N)))  # (ROWS, 4, N), (ROWS, 4)
         store_pieces(q, rs, y_ptr, ws_ptr, amax_ptr, tile)
     elif STATIC:
         _quantize_store((tl.reshape(t, (BM, N)) * scale).to(OUT_DTYPE), in_rows, 0.0, y_ptr + tile_off,
