@@ -10,8 +10,8 @@ Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.p
 name, launches per step, microseconds per step, and the sum of kernel time against the replay's
 CUDA-event time (the difference is the gap between kernels inside the graph), the time by kind
 of kernel (``category``), and the last step's kernels in the order they ran, with their start times
-(``sequence``: where a kernel sits in the layer, which gap follows it). ``--sdpa`` repeats each variant with the decode step restricted to other
-attention backends (``StaticDecoder(sdpa=...)``), ``--inductor`` with other Inductor options for the step's
+(``sequence``: where a kernel sits in the layer, which gap follows it). ``--sdpa`` repeats each variant with the
+decode step restricted to other attention backends (``StaticDecoder(sdpa=...)``), ``--inductor`` with other Inductor options for the step's
 compile (``StaticDecoder(compile_options=...)``). ``--prefill B,L`` profiles the compiled prefill of a
 B x L prompt instead (no CUDA graph; "step" then means one prefill). Kernel names are shortened (Triton's generated
 names keep their fused-op suffixes). CUDA only.
@@ -121,9 +121,8 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
     cuda = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                   key=lambda e: e.time_range.start)
     for e in cuda:
-        if True:
-            per[e.name][0] += 1
-            per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        per[e.name][0] += 1
+        per[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     kernels = sorted(({"kernel": k, "launches": c / steps, "us": t / steps} for k, (c, t) in per.items()),
                      key=lambda d: -d["us"])
     per_step = round(sum(k["launches"] for k in kernels))

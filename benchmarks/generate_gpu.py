@@ -491,7 +491,7 @@ def _attempt(r: dict, what: str, fn) -> None:
 def measure(model, setup: Setup, r: dict, keep: dict | None = None, keep_b1: dict | None = None) -> None:
     """Fill ``r`` with the raw timings of one variant (see the module docstring). ``keep``: receives the batch-1
     decoder and the prefill decoder with its prompt, for :func:`interleave` (they are not released then);
-    ``keep_b1``: the batch-1 decoder only, for :func:`alternate`."""
+    ``keep_b1``: the batch-1 decoder only, for ``--speedup-rounds`` (:func:`interleave`)."""
     from graphquant.static_decode import StaticDecoder
 
     dev = setup.device
@@ -541,44 +541,34 @@ _HEADS: dict = {}
 def run_variant(model, v: Variant, setup: Setup, calib, keep: dict | None = None, reset: bool = True,
                 keep_b1: dict | None = None) -> dict:
     """One row's raw measurements. ``keep`` (see :func:`measure`) and ``reset=False`` (Dynamo's caches are kept, so
-    the kept prefill decoder does not compile again) serve :func:`interleave`; ``keep_b1`` serves :func:`alternate`
-    (a CUDA-graph replay needs no Dynamo cache)."""
+    the kept prefill decoder does not compile again) serve :func:`interleave`; so does ``keep_b1`` for
+    ``--speedup-rounds`` (a CUDA-graph replay needs no Dynamo cache)."""
     r = {"who": v.who, "variant": v.name, "scheme": v.scheme, "quarot": v.quarot, "attention": v.attention,
          "compiled": v.compile, "switch": v.switch}
     with switched(v.switch):
         return _run_variant(model, v, setup, calib, r, keep, reset, keep_b1)
 
 
-def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int) -> dict:
+def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int, names=("plain", "quarot")) -> dict:
     """QuaRot's cost from alternating measurements: ``rounds`` times the plain row's batch-1 decode step and prefill,
     then the QuaRot row's, each the median of ``setup.step_iters`` / ``setup.prefill_iters`` calls on the decoders
-    ``measure`` kept. Returns ``{"decode_b1_ms": {"plain": [...], "quarot": [...]}, "prefill_ms": {...}}``: a drift
-    of the GPU's speed over the run acts on both rows alike. The order alternates (plain first in even rounds,
-    QuaRot first in odd ones: A B B A ...), so neither row is always the one timed right after the other."""
-    out = {"decode_b1_ms": {"plain": [], "quarot": []}, "prefill_ms": {"plain": [], "quarot": []}}
+    ``measure`` kept (what a dict lacks is not timed). Returns ``{"decode_b1_ms": {"plain": [...], "quarot": [...]},
+    "prefill_ms": {...}}`` (keys ``names``): a drift of the GPU's speed over the run acts on both rows alike. The
+    order alternates (plain first in even rounds, QuaRot first in odd ones: A B B A ...), so neither row is always
+    the one timed right after the other. ``--speedup-rounds`` times a row's batch-1 decoder against the bf16 row's
+    this way (``names=("row", "bf16")``)."""
+    a, b = names
+    out = {"decode_b1_ms": {a: [], b: []}, "prefill_ms": {a: [], b: []}}
     position = _decode_position(setup)
     for i in range(rounds):
-        pair = (("plain", plain), ("quarot", rotated))
+        pair = ((a, plain), (b, rotated))
         for name, kept in (pair if i % 2 == 0 else pair[::-1]):
             if "decode_b1" in kept:
                 out["decode_b1_ms"][name].append(kept["decode_b1"].time_step_ms(setup.step_iters, position=position))
             if "prefill" in kept:
                 dec, ids = kept["prefill"]
                 out["prefill_ms"][name].append(dec.time_prefill_ms(ids, setup.prefill_iters))
-    return {k: v for k, v in out.items() if v["plain"] and v["quarot"]}
-
-
-def alternate(base, row, setup: Setup, rounds: int) -> dict:
-    """The bf16 row's batch-1 decoder ``base`` and a later row's ``row`` (kept by :func:`measure`) timed alternately
-    ``rounds`` times (the row first in even rounds), each the median of ``setup.step_iters`` replays:
-    ``{"decode_b1_ms": {"bf16": [...], "row": [...]}}``."""
-    out = {"bf16": [], "row": []}
-    position = _decode_position(setup)
-    for i in range(rounds):
-        pair = (("row", row), ("bf16", base))
-        for name, dec in (pair if i % 2 == 0 else pair[::-1]):
-            out[name].append(dec.time_step_ms(setup.step_iters, position=position))
-    return {"decode_b1_ms": out}
+    return {k: v for k, v in out.items() if v[a] and v[b]}
 
 
 def _run_variant(model, v: Variant, setup: Setup, calib, r: dict, keep: dict | None = None,
@@ -685,9 +675,9 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
             row[f"{key}_layer_speedup_same_attention"] = \
                 _ratio(same.get(f"{key}_layer_ms"), row.get(f"{key}_layer_ms")) if same else None
         src = next((x for x in raw if x.get("who") == row["who"] and x.get("variant") == row["variant"]
-                    and x.get("switch", "") == row.get("switch", "")), {})
+                    and x.get("switch", "") == row.get("switch", "")), {})  # the row's raw measurements
         rounds = (src.get("bf16_pair") or {}).get("decode_b1_ms")
-        if rounds and rounds.get("bf16") and rounds.get("row"):  # alternating rounds (alternate), heads subtracted
+        if rounds and rounds.get("bf16") and rounds.get("row"):  # alternating rounds (interleave), heads subtracted
             h_row = (src.get("head") or {}).get("decode_b1_ms", head.get("decode_b1_ms"))
             h_base = head.get("decode_b1_ms")
             row["decode_b1_layer_speedup_own"] = row["decode_b1_layer_speedup"]
@@ -701,8 +691,6 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
             plain = next((x for x in rows if x["who"] == row["who"] and x["scheme"] == row["scheme"]
                           and not x.get("quarot") and x.get("switch", "") == row.get("switch", "")), None)
             parts = {}
-            src = next((x for x in raw if x.get("who") == row["who"] and x.get("variant") == row["variant"]
-                        and x.get("switch", "") == row.get("switch", "")), {})
             pair = src.get("quarot_pair") or {}
             for key in ("decode_b1", "prefill"):
                 a = row.get(f"{key}_layer_ms")
@@ -1052,8 +1040,8 @@ def main(argv=None):
             base_b1 = row_b1["decode_b1"]  # the row every speedup is over (baseline())
         elif row_b1 and base_b1 is not None:
             _attempt(r, "alternating bf16 rounds",
-                     lambda: r.__setitem__("bf16_pair", alternate(base_b1, row_b1["decode_b1"], setup,
-                                                                  args.speedup_rounds)))
+                     lambda: r.__setitem__("bf16_pair", interleave(row_b1, {"decode_b1": base_b1}, setup,
+                                                                   args.speedup_rounds, names=("row", "bf16"))))
         row_b1 = None
         if paired:
             _attempt(r, "interleaved QuaRot rounds",

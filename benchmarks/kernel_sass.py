@@ -8,8 +8,8 @@ against 14.5 us to stream the int4 weight (27 us for int8). This script compiles
 wrapper would (Triton's sm_90 target, 16-divisible pointers and sizes, as Triton specializes them at launch),
 disassembles it with the ``nvdisasm`` Triton ships, finds the main loop (the body of the backward branch) and
 prints, per kernel and tile: registers per thread, stack / local memory (spills), the kernel's instructions, the
-loop's instruction count per weight element for one thread, and its most frequent opcodes. A kernel change that cuts the count can be
-judged before GPU time is spent on it; the GPU still decides (``benchmarks/decode_kernels.py``).
+loop's instruction count per weight element for one thread, and its most frequent opcodes. A kernel change that
+cuts the count can be judged before GPU time is spent on it; the GPU still decides (``benchmarks/decode_kernels.py``).
 
     python benchmarks/kernel_sass.py [--out benchmarks/results/kernel_sass.json]
 

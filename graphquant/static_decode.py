@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from .timing import median_ms
+from .timing import graphed, median_ms
 
 __all__ = ["StaticDecoder", "compile_cache_tag"]
 
@@ -262,20 +262,12 @@ class StaticDecoder:
             return self._prefill_fn(input_ids.to(self.device))
 
     def _capture(self) -> None:
-        """Warm up (compiles) on a side stream, then capture one step into a CUDA graph on that same stream.
-        Per-stream state the warm-up created (the split-K kernels' tile counters, ``quant_triton.tile_counters``)
-        is then found by the capture; on another stream it would be allocated inside the capture, and its
-        zero-fill kernel would run in every replay."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                self._out = self._step_fn(self._ids, self._pos)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
+        """Warm up (compiles) on a side stream, then capture one step into a CUDA graph on that same stream
+        (:func:`graphquant.timing.graphed`)."""
+        def step():
             self._out = self._step_fn(self._ids, self._pos)
-        self._graph = graph
+
+        _, self._graph = graphed(step, reps=1, warmup=3)
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:

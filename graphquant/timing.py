@@ -39,6 +39,10 @@ def median_ms(fn, iters: int, device: str = "cuda", warmup: int = 2) -> float:
 
 
 def graphed(fn, reps: int = 1, warmup: int = 3):
+    """``reps`` calls of ``fn`` captured in one CUDA graph after ``warmup`` calls on a side stream, on that same
+    stream: per-stream state the warm-up created (the split-K kernels' tile counters,
+    ``quant_triton.tile_counters``) is then found by the capture; on another stream it would be allocated inside
+    the capture, and its zero-fill kernel would run in every replay. Returns ``(replay, graph)``."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -46,7 +50,7 @@ def graphed(fn, reps: int = 1, warmup: int = 3):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):  # the warm-up's stream: see StaticDecoder._capture
+    with torch.cuda.graph(g, stream=s):
         for _ in range(reps):
             fn()
     return g.replay, g

@@ -208,7 +208,7 @@ def test_alternating_bf16_rounds_give_the_decode_speedup(bench):
     # bf16 drifts slower over the rounds (0.2 -> 0.21 ms per layer); the row stays at 0.08
     base = Dec("bf16", [0.2 + 2 * 0.20, 0.2 + 2 * 0.21, 0.2 + 2 * 0.21])
     row = Dec("row", [0.2 + 2 * 0.08] * 3)
-    pair = bench.alternate(base, row, bench.SMOKE, rounds=3)
+    pair = bench.interleave({"decode_b1": row}, {"decode_b1": base}, bench.SMOKE, rounds=3, names=("row", "bf16"))
     assert calls == ["row", "bf16", "bf16", "row", "row", "bf16"]
     assert len(pair["decode_b1_ms"]["bf16"]) == 3 and len(pair["decode_b1_ms"]["row"]) == 3
     raw = fake_raw()
