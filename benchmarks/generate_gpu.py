@@ -961,6 +961,9 @@ def main(argv=None):
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSONs into --out and print")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.quarot_rounds < 0 or args.speedup_rounds < 0:
+        raise SystemExit(f"generate_gpu.py: --quarot-rounds and --speedup-rounds take a count >= 0 (0 turns the "
+                         f"rounds off); got {args.quarot_rounds} and {args.speedup_rounds}")
     default_name = "generate_gpu_smoke.json" if args.smoke else "generate_gpu.json"
     path = args.out or str(ROOT / "benchmarks" / "results" / default_name)
     if args.merge:

@@ -224,6 +224,13 @@ def test_alternating_bf16_rounds_give_the_decode_speedup(bench):
     assert "* graphquant W4A16 g128" in bench.table(rows, 2)
 
 
+def test_negative_round_counts_are_refused_with_a_one_line_message(bench, tmp_path):
+    for flag in ("--quarot-rounds", "--speedup-rounds"):
+        with pytest.raises(SystemExit, match="take a count >= 0"):
+            bench.main(["--smoke", flag, "-1", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_smoke_run_on_cpu(bench, tmp_path):
     """The whole script on a tiny fp32 Llama: bf16 + graphquant int8 W8A8 with and without QuaRot, every row
     measured; the graphquant rows each in their own process (``--isolate``), as torchao's run on the GPU."""
