@@ -67,6 +67,15 @@ dict): ``decode_b1_layer_speedup`` is then the ratio of the two medians, heads s
 measurement stays as ``decode_b1_layer_speedup_own``. Rows run in their own process (``--isolate-s``: torchao's by
 default) have no such rounds. Runs before 2026-12-01's run t had none.
 
+From run t on, a decode step's time (the rows', the head's, the rounds') is the median over samples of
+``Setup.step_replays`` (10) graph replays queued back to back, per replay (``graphquant.timing.back_to_back_ms``),
+as ``StaticDecoder.generate`` queues its steps without waiting for the GPU. Before, each replay was timed on its own
+(``decode_b{b}_ms_synced`` in the raw rows and the head, ``decode_b{b}_layer_ms_synced`` in the rows): the GPU
+then idles until the CPU has submitted the graph, and in the 2026-12-01 profile the W4A16 + QuaRot step measured
+that way was 9 us longer than its kernels' span while the plain step matched its own. Each round-robin
+(``interleave``) also runs one unrecorded round first: in runs p-s the first decode measured after a row's build
+was 2-5% faster than the later ones, for whichever row came first.
+
 Per layer = (model time - head time) / layers, the head (embedding, final norm, lm_head of one
 position, argmax, and the rotary embedding's cos / sin, which the model computes once per step for all
 layers) timed on its own. Runs before 2026-11-30's run j left the rotary embedding out of the head, so
@@ -104,7 +113,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from graphquant.timing import graphed, median_ms, sync  # noqa: E402
+from graphquant.timing import back_to_back_ms, graphed, median_ms, sync  # noqa: E402
 
 HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy, measured on this workplace's machines (KINDS.md)
 FULL_LAYERS = 32
@@ -129,6 +138,7 @@ class Setup:
     compile: bool = True
     cuda_graph: bool = True
     step_iters: int = 100
+    step_replays: int = 10
     prefill_iters: int = 30
     generate_iters: int = 3
 
@@ -139,7 +149,7 @@ class Setup:
 
 SMOKE = Setup(hidden=256, intermediate=512, heads=4, kv_heads=2, head_dim=64, vocab=512, dtype=torch.float32,
               device="cpu", prompt=16, new_tokens=16, batches=(1, 4), prefill_shape=(2, 64), compile=False,
-              cuda_graph=False, step_iters=5, prefill_iters=2, generate_iters=1)
+              cuda_graph=False, step_iters=5, step_replays=1, prefill_iters=2, generate_iters=1)
 SMOKE_VARIANTS = ("int8 W8A8", "W4A16 g128")
 
 
@@ -460,7 +470,10 @@ def time_head(model, setup: Setup, options: dict | None = None) -> dict:
             pos = torch.full((1, 1), setup.max_length - setup.new_tokens // 2, device=setup.device)
             replay, g = graph_replay(lambda ids=ids, pos=pos: fn(ids, pos), setup.device) if setup.cuda_graph \
                 else (lambda: fn(ids, pos), None)
-            out[f"decode_b{b}_ms{suffix}"] = median_ms(replay, setup.step_iters, setup.device)
+            out[f"decode_b{b}_ms{suffix}"] = back_to_back_ms(replay, setup.step_iters, setup.step_replays,
+                                                             setup.device)
+            if setup.step_replays > 1:  # how runs before 2026-12-01's run t timed it (see the module docstring)
+                out[f"decode_b{b}_ms{suffix}_synced"] = median_ms(replay, setup.step_iters, setup.device)
             del g
         if options is not None:  # no Dynamo reset here: a kept decoder (interleave) would compile again
             continue
@@ -503,7 +516,10 @@ def measure(model, setup: Setup, r: dict, keep: dict | None = None, keep_b1: dic
             dec.generate(prompt, setup.new_tokens)  # compiles prefill and step, captures the graph
             r[f"compile_b{b}_s"] = time.time() - t
             r["decode_compile_options"] = dict(getattr(dec, "decode_compile_options", None) or {})
-            r[f"decode_b{b}_ms"] = dec.time_step_ms(setup.step_iters, position=_decode_position(setup))
+            r[f"decode_b{b}_ms"] = dec.time_step_ms(setup.step_iters, position=_decode_position(setup),
+                                                    replays=setup.step_replays)
+            if setup.step_replays > 1:  # each replay timed on its own, as before run t
+                r[f"decode_b{b}_ms_synced"] = dec.time_step_ms(setup.step_iters, position=_decode_position(setup))
             walls, pre, dec_ms = [], [], []
             for _ in range(setup.generate_iters):
                 sync(dev)
@@ -549,25 +565,32 @@ def run_variant(model, v: Variant, setup: Setup, calib, keep: dict | None = None
         return _run_variant(model, v, setup, calib, r, keep, reset, keep_b1)
 
 
-def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int, names=("plain", "quarot")) -> dict:
+def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int, names=("plain", "quarot"),
+               settle: bool = True) -> dict:
     """QuaRot's cost from alternating measurements: ``rounds`` times the plain row's batch-1 decode step and prefill,
     then the QuaRot row's, each the median of ``setup.step_iters`` / ``setup.prefill_iters`` calls on the decoders
     ``measure`` kept (what a dict lacks is not timed). Returns ``{"decode_b1_ms": {"plain": [...], "quarot": [...]},
     "prefill_ms": {...}}`` (keys ``names``): a drift of the GPU's speed over the run acts on both rows alike. The
     order alternates (plain first in even rounds, QuaRot first in odd ones: A B B A ...), so neither row is always
     the one timed right after the other. ``--speedup-rounds`` times a row's batch-1 decoder against the bf16 row's
-    this way (``names=("row", "bf16")``)."""
+    this way (``names=("row", "bf16")``). With ``settle`` one more round runs first and is not recorded: in runs
+    p-s the first decode measured after a row's build (the GPU idle through the compile) was 2-5% faster than
+    every later one, for whichever row came first."""
     a, b = names
     out = {"decode_b1_ms": {a: [], b: []}, "prefill_ms": {a: [], b: []}}
     position = _decode_position(setup)
-    for i in range(rounds):
+    for i in range(-1 if settle else 0, rounds):
         pair = ((a, plain), (b, rotated))
         for name, kept in (pair if i % 2 == 0 else pair[::-1]):
             if "decode_b1" in kept:
-                out["decode_b1_ms"][name].append(kept["decode_b1"].time_step_ms(setup.step_iters, position=position))
+                ms = kept["decode_b1"].time_step_ms(setup.step_iters, position=position, replays=setup.step_replays)
+                if i >= 0:
+                    out["decode_b1_ms"][name].append(ms)
             if "prefill" in kept:
                 dec, ids = kept["prefill"]
-                out["prefill_ms"][name].append(dec.time_prefill_ms(ids, setup.prefill_iters))
+                ms = dec.time_prefill_ms(ids, setup.prefill_iters)
+                if i >= 0:
+                    out["prefill_ms"][name].append(ms)
     return {k: v for k, v in out.items() if v[a] and v[b]}
 
 
@@ -641,6 +664,9 @@ def build_rows(raw: list[dict], head: dict, layers: int, batches=(1, 16), new_to
             if v is not None and h is not None:
                 row[f"{key}_layer_ms"] = (v - h) / layers
                 row[f"{key}_full32_ms_extrapolated"] = h + FULL_LAYERS * (v - h) / layers
+            v, h = r.get(f"{key}_ms_synced"), own.get(f"{key}_ms_synced", head.get(f"{key}_ms_synced"))
+            if v is not None and h is not None:  # each replay timed on its own (runs before t)
+                row[f"{key}_layer_ms_synced"] = (v - h) / layers
         for b in batches:
             wall = r.get(f"generate_b{b}_wall_ms")
             dec = r.get(f"generate_b{b}_decode_ms")

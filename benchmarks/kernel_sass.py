@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 #: pointer and size arguments Triton specializes as 16-divisible at a launch on the Llama-3-8B shapes
 _DIVISIBLE = {"A", "P", "RS", "XS", "B", "SW", "ZW", "SA", "BIAS", "C", "OUT", "COUNT", "N", "K", "Q", "G", "stride_am", "stride_bn",
-              "stride_cm", "stride_sw", "X", "x_ptr", "a_ptr", "y_ptr", "M0"}
+              "stride_cm", "stride_sw", "X", "x_ptr", "a_ptr", "y_ptr", "M0", "h_ptr"}
 
 
 def specs():
@@ -122,11 +122,14 @@ def specs():
     # QuaRot's R4 at one row with w4_i8mma's int8 pieces in the epilogue (hadamard_pieces; straight-line code, no
     # main loop: compare the kernel's whole instruction count)
     fp = HT.few_rows_plan(p)
-    ptrs = {"x_ptr": "bf16", "a_ptr": "bf16", "y_ptr": "i8", "s_in_ptr": "bf16", "ws_ptr": "fp32", "amax_ptr": "fp32"}
+    ptrs = {"x_ptr": "bf16", "a_ptr": "bf16", "y_ptr": "i8", "s_in_ptr": "bf16", "ws_ptr": "fp32", "amax_ptr": "fp32",
+            "h_ptr": "bf16"}
     const = dict(BM=16, NT=fp.M0 // 4, BK=fp.BK, NKC=fp.NKC, D1=1, LOG1=0, D2=fp.D2, LOG2=fp.D2.bit_length() - 1,
                  IN_PARTS=1, MID_PARTS=min(fp.mid_parts, 2), MIDDLE=fp.middle, OP=tl.bfloat16, QUANT=3,
                  OUT_DTYPE=tl.bfloat16, ROWS=4)
-    out.append(("hadamard_pieces 14336 one row", HT._factored_kernel, ptrs, const, dict(num_warps=fp.num_warps), 1))
+    for loaded in (False, True):  # stage 2's Sylvester matrix built in registers / read from memory
+        out.append((f"hadamard_pieces 14336 one row{' H loaded' if loaded else ''}", HT._factored_kernel, ptrs,
+                    dict(const, H_LOADED=loaded), dict(num_warps=fp.num_warps), 1))
     return out
 
 

@@ -3,12 +3,13 @@ the tiled factored Hadamard kernel's launch choices, graph-replayed.
 
     python benchmarks/r4_decode_gpu.py [--rows 1 16] [--out benchmarks/results/r4_decode_gpu.json]
 
-For each choice of ``hadamard_triton.FEW_ROWS_WARPS`` (4, 8) and ``FEW_ROWS_BK`` (the plan's 32, 128) it times
+For each choice of ``hadamard_triton.SYLVESTER_LOADED`` (0, 1), ``FEW_ROWS_WARPS`` (4, 8) and ``FEW_ROWS_BK``
+(128; 0 is the plan's 32) it times
 the kernels a decode step runs for R4: ``hadamard_pieces`` (W4A16 on ``w4_i8mma``: the transform with the int8
 pieces in its epilogue; one row), ``hadamard_quantize`` with a static fp8 / int8 scale (one launch) and with a
 dynamic one (two), and the plain transform (W8A16). Beside them, for scale: the pieces launch alone (plain and
 gated, ``int8_pieces_kernel``) and a copy of the row. Every choice's outputs are compared bit for bit with the
-default's (4 warps, the plan's ``BK``). Times: ``triton.testing.do_bench_cudagraph`` means in microseconds (a
+first choice's. Times: ``triton.testing.do_bench_cudagraph`` means in microseconds (a
 CUDA graph of repeated calls: kernel time plus the gaps between launches, no Python). Writes the JSON with a
 ``rows`` list and prints a table.
 """
@@ -80,7 +81,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--bk", type=int, nargs="+", default=[0, 128], help="0: the plan's BK")
+    ap.add_argument("--bk", type=int, nargs="+", default=[128], help="0: the plan's BK")
+    ap.add_argument("--loaded", type=int, nargs="+", default=[0, 1],
+                    help="hadamard_triton.SYLVESTER_LOADED: stage 2's Sylvester matrix built in registers (0) or read "
+                         "from memory (1)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "r4_decode_gpu.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -90,6 +94,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     rows_out = []
+    defaults = HT.FEW_ROWS_WARPS, HT.FEW_ROWS_BK, HT.SYLVESTER_LOADED
     for rows in args.rows:
         x = torch.randn(rows, N, device="cuda", dtype=torch.bfloat16)
         pair = torch.randn(rows, 2 * N, device="cuda", dtype=torch.bfloat16)
@@ -97,9 +102,9 @@ def main() -> None:
         for name, fn in reference.items():
             rows_out.append({"rows": rows, "kernel": name, "config": "-", "us": _bench(fn)})
         base = {}
-        for warps, bk in itertools.product(args.warps, args.bk):
-            HT.FEW_ROWS_WARPS, HT.FEW_ROWS_BK = warps, (bk or None)
-            cfg = f"w{warps} BK{bk or HT.plan(N, 2).BK}"
+        for loaded, warps, bk in itertools.product(args.loaded, args.warps, args.bk):
+            HT.FEW_ROWS_WARPS, HT.FEW_ROWS_BK, HT.SYLVESTER_LOADED = warps, (bk or None), bool(loaded)
+            cfg = f"w{warps} BK{bk or HT.plan(N, 2).BK}{' H' if loaded else ''}"
             for name, fn in cases.items():
                 row = {"rows": rows, "kernel": name, "config": cfg}
                 try:
@@ -112,7 +117,7 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a choice that does not compile is a result
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 rows_out.append(row)
-        HT.FEW_ROWS_WARPS, HT.FEW_ROWS_BK = 4, None
+        HT.FEW_ROWS_WARPS, HT.FEW_ROWS_BK, HT.SYLVESTER_LOADED = defaults
     print(f"{'rows':>4} {'kernel':28} {'config':12} {'us':>7}  same")
     for r in rows_out:
         us = f"{r['us']:7.2f}" if "us" in r else "  error"

@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from .timing import graphed, median_ms
+from .timing import back_to_back_ms, graphed, median_ms
 
 __all__ = ["StaticDecoder", "compile_cache_tag"]
 
@@ -334,17 +334,22 @@ class StaticDecoder:
         return median_ms(fn, iters, self.device.type, warmup)
 
     @torch.no_grad()
-    def time_step_ms(self, iters: int = 50, position: int | None = None) -> float:
+    def time_step_ms(self, iters: int = 50, position: int | None = None, replays: int = 1) -> float:
         """Median ms of one decode step at cache ``position`` (default: half of ``max_length``): with a
-        CUDA graph, the replay alone (CUDA events). The cache slot at ``position`` is overwritten."""
+        CUDA graph, the replay alone (CUDA events). The cache slot at ``position`` is overwritten.
+        ``replays`` > 1 (CUDA graph only): each timed sample is that many replays queued back to back, as
+        :meth:`generate` queues its steps (it never waits for the GPU), so the graph's launch latency is paid once
+        per sample instead of once per step (:func:`graphquant.timing.back_to_back_ms`)."""
         position = self.max_length // 2 if position is None else int(position)
         if not 0 <= position < self.max_length:
             raise ValueError(f"position {position} is outside the cache (max_length={self.max_length})")
+        if int(replays) < 1:
+            raise ValueError(f"replays must be >= 1, got {replays}")
         ids = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
         pos = torch.full((1,), position, dtype=torch.long, device=self.device)
         self.step(ids, pos)  # fills the graph's input buffers (and captures it on first use)
-        if self._graph is not None:
-            return self._median_ms(self._graph.replay, iters)  # the replay alone, no input copies
+        if self._graph is not None:  # the replay alone, no input copies
+            return back_to_back_ms(self._graph.replay, iters, int(replays), self.device.type)
         return self._median_ms(lambda: self.step(ids, pos), iters)
 
     @torch.no_grad()

@@ -1,7 +1,9 @@
 """Timing helpers (the GPU benchmarks, ``StaticDecoder``): CUDA-event medians and CUDA-graph replay.
 
 ``median_ms(fn, iters, device)``: median milliseconds of ``fn()`` (CUDA events on CUDA, wall clock on CPU)
-after ``warmup`` calls. ``graphed(fn, reps)``: ``reps`` calls of ``fn`` captured in one CUDA graph (warmed
+after ``warmup`` calls. ``back_to_back_ms(fn, iters, replays)``: the same per call of ``fn``, each timed sample being
+``replays`` calls queued back to back (the GPU runs them without the CPU's launch latency between them, as a
+generation loop that never waits for the GPU does). ``graphed(fn, reps)``: ``reps`` calls of ``fn`` captured in one CUDA graph (warmed
 up on a side stream); returns ``(replay, graph)``: keep ``graph`` alive while timing. ``graph_us(fn)``:
 microseconds per call of ``fn`` from such a graph (no launch overhead).
 """
@@ -36,6 +38,22 @@ def median_ms(fn, iters: int, device: str = "cuda", warmup: int = 2) -> float:
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def back_to_back_ms(fn, iters: int, replays: int, device: str = "cuda", warmup: int = 2) -> float:
+    """Median milliseconds per call of ``fn`` over samples of ``replays`` calls each (``ceil(iters / replays)``
+    samples, at least 5; ``replays`` 1 is :func:`median_ms`). On CUDA one sample's events bracket all ``replays``
+    calls, so the launch latency of a call (the GPU idle until the CPU has submitted it) is paid once per sample,
+    not once per call: what a loop that launches ahead of the GPU sees."""
+    if replays < 1:
+        raise ValueError(f"replays must be >= 1, got {replays}")
+    if replays == 1:
+        return median_ms(fn, iters, device, warmup)
+
+    def many():
+        for _ in range(replays):
+            fn()
+    return median_ms(many, max(5, -(-iters // replays)), device, warmup=max(1, -(-warmup // replays))) / replays
 
 
 def graphed(fn, reps: int = 1, warmup: int = 3):

@@ -104,7 +104,7 @@ def test_interleaved_rounds_give_quarot_its_cost(bench):
         def __init__(self, name, step, pre):
             self.name, self.step, self.pre = name, step, pre
 
-        def time_step_ms(self, iters, position=None):
+        def time_step_ms(self, iters, position=None, replays=1):
             calls.append((self.name, "step"))
             return self.step
 
@@ -118,7 +118,7 @@ def test_interleaved_rounds_give_quarot_its_cost(bench):
     pair = bench.interleave(plain, rotated, setup, rounds=3)
     ab = [("plain", "step"), ("plain", "prefill"), ("rot", "step"), ("rot", "prefill")]
     ba = ab[2:] + ab[:2]
-    assert calls == ab + ba + ab  # the order alternates round by round
+    assert calls == ba + ab + ba + ab  # an unrecorded settling round, then the order alternates round by round
     assert pair["decode_b1_ms"]["quarot"] == [0.2 + 2 * 0.0714] * 3 and len(pair["prefill_ms"]["plain"]) == 3
     raw = fake_raw()
     raw[2] = dict(raw[2], prefill_ms=1.0 + 2 * 9.9, quarot_pair=pair)  # its own prefill 10% over the plain row's
@@ -201,16 +201,19 @@ def test_alternating_bf16_rounds_give_the_decode_speedup(bench):
         def __init__(self, name, steps):
             self.name, self.steps = name, iter(steps)
 
-        def time_step_ms(self, iters, position=None):
-            calls.append(self.name)
+        def time_step_ms(self, iters, position=None, replays=1):
+            calls.append((self.name, replays))
             return next(self.steps)
 
-    # bf16 drifts slower over the rounds (0.2 -> 0.21 ms per layer); the row stays at 0.08
-    base = Dec("bf16", [0.2 + 2 * 0.20, 0.2 + 2 * 0.21, 0.2 + 2 * 0.21])
-    row = Dec("row", [0.2 + 2 * 0.08] * 3)
-    pair = bench.interleave({"decode_b1": row}, {"decode_b1": base}, bench.SMOKE, rounds=3, names=("row", "bf16"))
-    assert calls == ["row", "bf16", "bf16", "row", "row", "bf16"]
-    assert len(pair["decode_b1_ms"]["bf16"]) == 3 and len(pair["decode_b1_ms"]["row"]) == 3
+    # bf16 drifts slower over the rounds (0.2 -> 0.21 ms per layer); the row stays at 0.08; the first measurement
+    # of each (the settling round) is fast and must not count
+    base = Dec("bf16", [0.1, 0.2 + 2 * 0.20, 0.2 + 2 * 0.21, 0.2 + 2 * 0.21])
+    row = Dec("row", [0.1] + [0.2 + 2 * 0.08] * 3)
+    setup = bench.dataclasses.replace(bench.SMOKE, step_replays=7)
+    pair = bench.interleave({"decode_b1": row}, {"decode_b1": base}, setup, rounds=3, names=("row", "bf16"))
+    assert calls == [(n, 7) for n in ("bf16", "row", "row", "bf16", "bf16", "row", "row", "bf16")]
+    assert pair["decode_b1_ms"]["bf16"] == [0.2 + 2 * 0.20, 0.2 + 2 * 0.21, 0.2 + 2 * 0.21]
+    assert pair["decode_b1_ms"]["row"] == [0.2 + 2 * 0.08] * 3
     raw = fake_raw()
     raw[1] = dict(raw[1], bf16_pair=pair)  # W4A16: its own 0.07 ms per layer against the first bf16's 0.2
     rows = bench.build_rows(raw, HEAD, layers=2)

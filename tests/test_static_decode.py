@@ -113,6 +113,8 @@ def test_errors_say_what_to_do(llama):
         dec.generate(prompt(2, 4), 0)
     with pytest.raises(ValueError, match="outside the cache"):
         dec.time_step_ms(1, position=10)
+    with pytest.raises(ValueError, match="replays must be >= 1"):
+        dec.time_step_ms(1, replays=0)
     # an all-ones mask is accepted
     assert dec.prefill(prompt(2, 4), attention_mask=torch.ones(2, 4, dtype=torch.long)).shape == (2,)
 
@@ -248,3 +250,15 @@ def test_capture_finds_the_counters_its_warm_up_made(monkeypatch):
     assert len(QT._COUNTERS) == 1 and len(made) == 4 and all(m is made[0] for m in made)
     graphed(lambda: made.append(QT.tile_counters(dev, 8)))
     assert len(QT._COUNTERS) == 2 and made[-1] is made[-2]  # graphed(): the same
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_back_to_back_step_timing_on_the_graph():
+    """``time_step_ms(replays=k)``: samples of k queued replays, per replay; the step still decodes the same."""
+    dev = torch.device("cuda")
+    dec = StaticDecoder(tiny_model("llama").to(dev), 1, 16, compile=False)
+    ids = torch.randint(0, 100, (1, 4), device=dev)
+    first = dec.generate(ids, 4)
+    one, many = dec.time_step_ms(10, position=8), dec.time_step_ms(10, position=8, replays=5)
+    assert dec._graph is not None and 0 < many and 0 < one
+    assert torch.equal(dec.generate(ids, 4), first)

@@ -135,13 +135,13 @@ def _tile_amax(y, mask):
 
 
 @triton.jit
-def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr, amax_ptr,
+def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr, amax_ptr, h_ptr,
                      BM: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, NKC: tl.constexpr,
                      D1: tl.constexpr, LOG1: tl.constexpr, D2: tl.constexpr, LOG2: tl.constexpr,
                      IN_PARTS: tl.constexpr, MID_PARTS: tl.constexpr, MIDDLE: tl.constexpr,
                      OP: tl.constexpr, QUANT: tl.constexpr = 0, STATIC: tl.constexpr = True,
                      QMAX: tl.constexpr = 127.0, RCP: tl.constexpr = 1.0, OUT_DTYPE: tl.constexpr = tl.bfloat16,
-                     FAST: tl.constexpr = False, ROWS: tl.constexpr = 0):
+                     FAST: tl.constexpr = False, ROWS: tl.constexpr = 0, H_LOADED: tl.constexpr = False):
     """Rows ``t·BM … t·BM+BM-1`` of ``Y = A · X · (H_{D1} ⊗ H_{D2})`` for one row ``X`` (M0 × N); with ``ROWS``
     only rows ``t·ROWS … t·ROWS+ROWS-1`` (the tile's other rows are zeros).
 
@@ -156,7 +156,12 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
 
     ``QUANT`` 3 (one row ``X``, ``ROWS`` = 4, ``D1`` = 1, ``D2`` the group size): each row of ``Y`` is one group of
     the transform; rounded to ``OUT_DTYPE`` they become ``quant_triton.w4_i8mma``'s int8 pieces for the step of
-    four groups ``t`` (``y_ptr``: pieces, ``ws_ptr``: row scales, ``amax_ptr``: sums; ``quant_triton.store_pieces``)."""
+    four groups ``t`` (``y_ptr``: pieces, ``ws_ptr``: row scales, ``amax_ptr``: sums; ``quant_triton.store_pieces``).
+
+    ``H_LOADED``: stage 2's Sylvester matrix ``H_{D2}`` is read from ``h_ptr`` (``D2 × D2`` bf16, L2-resident) with
+    ``X``, before stage 1. Built in registers (``_sylvester``) it came after stage 1, on the kernel's critical path:
+    the compiler reuses ``X``'s shared memory for it (sm_90 code of the one-row W4A16 kernel: 620 of its 1824
+    instructions between the two stages' MMAs)."""
     N: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     row = pid // NT
@@ -165,6 +170,11 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
     offs_m = tile * (ROWS if ROWS else BM) + tl.arange(0, BM)
     offs_n = tl.arange(0, N)
     a_rows = tl.arange(0, BM) < (ROWS if ROWS else BM)
+    if H_LOADED:
+        offs_h = tl.arange(0, D2)
+        h2 = tl.load(h_ptr + offs_h[:, None] * D2 + offs_h[None, :]).to(OP)
+    else:
+        h2 = _sylvester(D2, LOG2, OP)
 
     # Stage 1 (reads memory): acc = A[tile rows, :] @ X, exact for bf16 X.
     acc = tl.zeros((BM, N), dtype=tl.float32)
@@ -176,7 +186,7 @@ def _factored_kernel(x_ptr, a_ptr, y_ptr, M0, A_STRIDE, scale, s_in_ptr, ws_ptr,
 
     # Stage 2: H_{D2} along the last axis of the (BM, D1, D2) tile.
     t = tl.reshape(acc, (BM * D1, D2))
-    t = _dot_split_left(t, _sylvester(D2, LOG2, OP), tl.zeros((BM * D1, D2), dtype=tl.float32), MID_PARTS, OP)
+    t = _dot_split_left(t, h2, tl.zeros((BM * D1, D2), dtype=tl.float32), MID_PARTS, OP)
 
     # Stage 3: H_{D1} along the middle axis: moved last and back by permutes (MIDDLE = 0), or as
     # a batched left product H_{D1} @ T[b] over the BM rows (MIDDLE = 1; H_{D1} is symmetric).
@@ -653,7 +663,31 @@ def _factor_operand(m: int, i: int, transpose: bool, rows: int, cols: int, devic
     return out.to(device=device, dtype=torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=16)
+def _sylvester_operand(d: int, device: torch.device) -> torch.Tensor:
+    """The ``d×d`` Sylvester matrix ``(-1)^popcount(i & j)`` (what ``_sylvester`` builds in registers), bf16."""
+    i = torch.arange(d)
+    both = i[:, None] & i[None, :]
+    parity = torch.zeros_like(both)
+    for b in range(max(d.bit_length() - 1, 0)):
+        parity ^= (both >> b) & 1
+    return (1 - 2 * parity).to(device=device, dtype=torch.bfloat16)
+
+
+def _stage2_operand(d2: int, device: torch.device, fallback: torch.Tensor):
+    """``(h, H_LOADED)`` for ``_factored_kernel``: the Sylvester ``H_{d2}`` read from memory (``SYLVESTER_LOADED``)
+    or built in registers (``fallback``, any tensor, is then passed as the unused pointer)."""
+    if SYLVESTER_LOADED:
+        return _sylvester_operand(d2, device), True
+    return fallback, False
+
+
 _PARTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+
+#: the tiled factored kernel (QuaRot's R4 at decode: ``hadamard_pieces``, ``hadamard_quantize`` and the transform at
+#: up to ``FEW_ROWS`` rows) reads stage 2's Sylvester matrix from memory instead of building it in registers after
+#: stage 1 (see ``_factored_kernel``)
+SYLVESTER_LOADED = True
 
 #: the persistent (prefill) kernels compute static-scale codes through the scale's multiplier: one launch of
 #: ``quant_triton.multiplier_check_kernel`` per call checks, for every finite 16-bit input, that ``RN(y · r)`` gives
@@ -809,9 +843,10 @@ def hadamard_pieces(x: torch.Tensor, group: int):
     steps = p.M0 // 4
     P, RS, XS = empty_pieces(steps, 4 * group, x.device)
     a = _factor_operand(p.m, p.i, False, p.M0 + 16, p.NKC * p.BK, x.device)
+    h, loaded = _stage2_operand(p.D2, x.device, a)
     out_dtype = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
     _factored_kernel[(steps,)](
-        x2, a, P, p.M0, a.shape[1], 1.0 / math.sqrt(n), x2, RS, XS, BM=16, NT=steps, BK=p.BK, NKC=p.NKC,
+        x2, a, P, p.M0, a.shape[1], 1.0 / math.sqrt(n), x2, RS, XS, h, H_LOADED=loaded, BM=16, NT=steps, BK=p.BK, NKC=p.NKC,
         D1=1, LOG1=0, D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=_PARTS[x.dtype], MID_PARTS=min(p.mid_parts, 2),
         MIDDLE=p.middle, OP=_OPERAND, QUANT=3, OUT_DTYPE=out_dtype, ROWS=4, num_warps=p.num_warps)
     return P, RS, XS
@@ -885,8 +920,9 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
         ws = torch.empty_like(x2)
         amax = torch.empty((rows, p.NT), dtype=torch.float32, device=x2.device)
         quant = dict(quant, STATIC=False)
+    h, loaded = _stage2_operand(p.D2, x2.device, a)
     _factored_kernel[(rows * p.NT,)](
-        x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, BM=p.BM, NT=p.NT, BK=p.BK,
+        x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, h, H_LOADED=loaded, BM=p.BM, NT=p.NT, BK=p.BK,
         NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
         IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
         num_warps=p.num_warps, **quant)
