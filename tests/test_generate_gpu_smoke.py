@@ -116,9 +116,9 @@ def test_interleaved_rounds_give_quarot_its_cost(bench):
     plain = {"decode_b1": Dec("plain", 0.2 + 2 * 0.070, None), "prefill": (Dec("plain", None, 1.0 + 2 * 9.0), None)}
     rotated = {"decode_b1": Dec("rot", 0.2 + 2 * 0.0714, None), "prefill": (Dec("rot", None, 1.0 + 2 * 9.18), None)}
     pair = bench.interleave(plain, rotated, setup, rounds=3)
-    ab = [("plain", "step"), ("plain", "prefill"), ("rot", "step"), ("rot", "prefill")]
-    ba = ab[2:] + ab[:2]
-    assert calls == ba + ab + ba + ab  # an unrecorded settling round, then the order alternates round by round
+    # an unrecorded settling round, then the order alternates round by round; every decode round before the prefills
+    order = ["rot", "plain", "plain", "rot", "rot", "plain", "plain", "rot"]
+    assert calls == [(n, "step") for n in order] + [(n, "prefill") for n in order]
     assert pair["decode_b1_ms"]["quarot"] == [0.2 + 2 * 0.0714] * 3 and len(pair["prefill_ms"]["plain"]) == 3
     raw = fake_raw()
     raw[2] = dict(raw[2], prefill_ms=1.0 + 2 * 9.9, quarot_pair=pair)  # its own prefill 10% over the plain row's
