@@ -52,14 +52,14 @@ between calls on the H200), printed after the targets. Every speedup stays over 
 
 QuaRot's cost (``quarot_overhead``: the QuaRot row's per-layer decode batch-1 and prefill times over its plain
 row's, the larger) is a difference of a few percent between two rows, and single rows moved by 3-5% between runs
-of the same code (runs l and m). With ``--quarot-rounds R`` (default 5; 0 turns it off) a plain row's batch-1
+of the same code (runs l and m). With ``--quarot-rounds R`` (default 6, an odd count rounded up to even; 0 turns it off) a plain row's batch-1
 decoder and prefill decoder stay alive while its QuaRot twin runs next, then both are timed alternately R times,
 plain first in even rounds and QuaRot first in odd ones (from run r on; before, plain always first)
 (``quarot_pair`` in the QuaRot raw row) and the cost comes from the medians of those rounds
 (``quarot_overhead_source`` "interleaved"); the rows' own times stay as measured.
 
 The stock bf16 row's batch-1 speed moved by 2-3% within a call and between calls (0.1636-0.1691 ms per layer in
-runs p-s), which moves every decode speedup with it. With ``--speedup-rounds R`` (default 5; 0 turns it off) the
+runs p-s), which moves every decode speedup with it. With ``--speedup-rounds R`` (default 6, likewise) the
 bf16 row's batch-1 decoder stays alive for the whole run, and after each later row of this process its batch-1
 step and the row's are timed alternately R times (the row first in even rounds; ``bf16_pair`` in the row's raw
 dict): ``decode_b1_layer_speedup`` is then the ratio of the two medians, heads subtracted
@@ -577,7 +577,10 @@ def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int, names=("pl
     p-s the first decode measured after a row's build (the GPU idle through the compile) was 2-5% faster than
     every later one, for whichever row came first. The decode rounds all run before the prefill rounds: timed
     right after a prefill (run t's first try, which alternated them round by round) a decode step was 4-7% slower
-    and three times as spread as in the rounds against bf16 (0.435-0.449 against 0.4191-0.4195 ms)."""
+    and three times as spread as in the rounds against bf16 (0.435-0.449 against 0.4191-0.4195 ms). ``main`` rounds
+    an odd count up to even: in run t a prefill timed right after the other row's took 0.3-0.6 ms (2-4%) longer
+    than one timed right after its own, so with 5 rounds the plain row had the fast order three times and QuaRot
+    the slow one three times, and the medians moved fp8 static's QuaRot prefill cost from about 4.3% to 6.1%."""
     a, b = names
     out = {"decode_b1_ms": {a: [], b: []}, "prefill_ms": {a: [], b: []}}
     position = _decode_position(setup)
@@ -972,10 +975,10 @@ def main(argv=None):
     ap.add_argument("--who", default="graphquant,torchao",
                     help="comma-separated libraries to run besides bf16: graphquant, torchao (default both)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new variant after this many seconds")
-    ap.add_argument("--quarot-rounds", type=int, default=5,
+    ap.add_argument("--quarot-rounds", type=int, default=6,
                     help="QuaRot's cost from this many alternating measurements of each plain row and its QuaRot "
                          "row (0: from the two rows' own measurements)")
-    ap.add_argument("--speedup-rounds", type=int, default=5,
+    ap.add_argument("--speedup-rounds", type=int, default=6,
                     help="the decode batch-1 speedup from this many alternating measurements of the bf16 row and "
                          "each later row of this process (0: from the rows' own measurements)")
     ap.add_argument("--ab", action="append", metavar="MODULE.ATTR=VALUE[;MODULE.ATTR=VALUE]",
@@ -994,6 +997,9 @@ def main(argv=None):
     if args.quarot_rounds < 0 or args.speedup_rounds < 0:
         raise SystemExit(f"generate_gpu.py: --quarot-rounds and --speedup-rounds take a count >= 0 (0 turns the "
                          f"rounds off); got {args.quarot_rounds} and {args.speedup_rounds}")
+    # an even count: each row first in as many rounds as it is second (see interleave)
+    args.quarot_rounds += args.quarot_rounds % 2
+    args.speedup_rounds += args.speedup_rounds % 2
     default_name = "generate_gpu_smoke.json" if args.smoke else "generate_gpu.json"
     path = args.out or str(ROOT / "benchmarks" / "results" / default_name)
     if args.merge:
