@@ -8,7 +8,9 @@ Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.p
 :class:`graphquant.static_decode.StaticDecoder` step (compiled, CUDA graph) under
 ``torch.profiler`` for ``--steps`` replays and prints, per variant, the kernels of one step:
 name, launches per step, microseconds per step, and the sum of kernel time against the replay's
-CUDA-event time (the difference is the gap between kernels inside the graph), the time by kind
+CUDA-event time (the difference is the gap between kernels inside the graph and, between replays, the graph's own
+launch; since 2026-12-01 the step time is per replay of ten queued back to back, ``step_ms``, with the old time of one
+replay timed on its own beside it, ``step_ms_synced``, and the span of one step's kernels, ``span_us``), the time by kind
 of kernel (``category``), and the last step's kernels in the order they ran, with their start times
 (``sequence``: where a kernel sits in the layer, which gap follows it). ``--sdpa`` repeats each variant with the
 decode step restricted to other attention backends (``StaticDecoder(sdpa=...)``), ``--inductor`` with other Inductor options for the step's
@@ -100,6 +102,7 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
         dec = StaticDecoder(m, bp, lp + 8, cuda_graph=False)
         ids = torch.randint(0, setup.vocab, (bp, lp), device="cuda")
         step_ms = dec.time_prefill_ms(ids, 5)
+        synced_ms = None
         batch = bp
 
         def replay():
@@ -108,7 +111,10 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
         dec = StaticDecoder(m, batch, setup.max_length, sdpa=sdpa, compile_options=inductor)
         prompt = torch.randint(0, setup.vocab, (batch, setup.prompt), device="cuda")
         dec.generate(prompt, 8)
-        step_ms = dec.time_step_ms(100, position=setup.prompt + 64)
+        # ten replays queued back to back per sample, as generate() runs its steps (generate_gpu.py from run t on);
+        # the old timing (each replay on its own, the GPU idle until the CPU submitted it) beside it
+        step_ms = dec.time_step_ms(100, position=setup.prompt + 64, replays=10)
+        synced_ms = dec.time_step_ms(100, position=setup.prompt + 64)
         replay = dec._graph.replay
     for _ in range(5 if not prefill else 1):
         replay()
@@ -137,7 +143,9 @@ def _profile_step(m, v: gg.Variant, setup: gg.Setup, batch: int, steps: int, sdp
     return {"variant": f"{v.who} {v.name}" + (" + sdpa" if v.who != "bf16" and v.attention == "sdpa" else ""),
             "what": f"prefill {prefill[0]}x{prefill[1]}" if prefill else "decode step",
             "sdpa": "default" if sdpa is None else ",".join(sdpa),
-            "inductor": inductor or {}, "batch": batch, "step_ms": step_ms, "kernel_us": sum(k["us"] for k in kernels),
+            "inductor": inductor or {}, "batch": batch, "step_ms": step_ms, "step_ms_synced": synced_ms,
+            "span_us": sequence[-1]["start_us"] + sequence[-1]["us"] if sequence else None,
+            "kernel_us": sum(k["us"] for k in kernels),
             "launches": sum(k["launches"] for k in kernels),
             "categories_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "kernels": kernels,
             "sequence": sequence}
@@ -149,7 +157,10 @@ def _print(r: dict, top: int) -> None:
           f"inductor {r.get('inductor') or 'default'}  batch {r['batch']}: step {r['step_ms'] * 1e3:.1f} us "
           f"({'graph replay' if what == 'decode step' else 'compiled, no graph'}), "
           f"kernels {r['kernel_us']:.1f} us in {r['launches']:.0f} launches, "
-          f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us", flush=True)
+          f"gaps {r['step_ms'] * 1e3 - r['kernel_us']:.1f} us"
+          + (f"; one replay timed on its own {r['step_ms_synced'] * 1e3:.1f} us" if r.get("step_ms_synced") else "")
+          + (f"; one step's first kernel start to last kernel end {r['span_us']:.1f} us" if r.get("span_us") else ""),
+          flush=True)
     print("   by kind (us/step): " + ", ".join(f"{c} {us:.1f}" for c, us in r["categories_us"].items()))
     print(f"{'us/step':>9} {'launches':>8}  kernel")
     for k in r["kernels"][:top]:
