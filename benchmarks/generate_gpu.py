@@ -52,10 +52,10 @@ between calls on the H200), printed after the targets. Every speedup stays over 
 
 QuaRot's cost (``quarot_overhead``: the QuaRot row's per-layer decode batch-1 and prefill times over its plain
 row's, the larger) is a difference of a few percent between two rows, and single rows moved by 3-5% between runs
-of the same code (runs l and m). With ``--quarot-rounds R`` (default 6, an odd count rounded up to even; 0 turns it off) a plain row's batch-1
-decoder and prefill decoder stay alive while its QuaRot twin runs next, then both are timed alternately R times,
-plain first in even rounds and QuaRot first in odd ones (from run r on; before, plain always first)
-(``quarot_pair`` in the QuaRot raw row) and the cost comes from the medians of those rounds
+of the same code (runs l and m). With ``--quarot-rounds R`` (default 6, an odd count rounded up to even; 0 turns
+it off) a plain row's batch-1 decoder and prefill decoder stay alive while its QuaRot twin runs next, then both
+are timed alternately R times, plain first in even rounds and QuaRot first in odd ones (from run r on; before,
+plain always first) (``quarot_pair`` in the QuaRot raw row) and the cost comes from the medians of those rounds
 (``quarot_overhead_source`` "interleaved"); the rows' own times stay as measured.
 
 The stock bf16 row's batch-1 speed moved by 2-3% within a call and between calls (0.1636-0.1691 ms per layer in

@@ -109,7 +109,8 @@ for loaded in (False, True):
     out[loaded] = got
 assert len(out[True]) == len(out[False]) == 3 * 4 + 3
 for a, b in zip(out[False], out[True]):
-    assert torch.equal(a.view(torch.int8) if a.dtype.itemsize == 1 else a, b.view(torch.int8) if b.dtype.itemsize == 1 else b)
+    bits = [t.view(torch.int8) if t.dtype.itemsize == 1 else t for t in (a, b)]
+    assert torch.equal(*bits)
 print("same")
 """
 

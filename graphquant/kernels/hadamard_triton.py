@@ -846,8 +846,8 @@ def hadamard_pieces(x: torch.Tensor, group: int):
     h, loaded = _stage2_operand(p.D2, x.device, a)
     out_dtype = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
     _factored_kernel[(steps,)](
-        x2, a, P, p.M0, a.shape[1], 1.0 / math.sqrt(n), x2, RS, XS, h, H_LOADED=loaded, BM=16, NT=steps, BK=p.BK, NKC=p.NKC,
-        D1=1, LOG1=0, D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=_PARTS[x.dtype], MID_PARTS=min(p.mid_parts, 2),
+        x2, a, P, p.M0, a.shape[1], 1.0 / math.sqrt(n), x2, RS, XS, h, H_LOADED=loaded, BM=16, NT=steps, BK=p.BK,
+        NKC=p.NKC, D1=1, LOG1=0, D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=_PARTS[x.dtype], MID_PARTS=min(p.mid_parts, 2),
         MIDDLE=p.middle, OP=_OPERAND, QUANT=3, OUT_DTYPE=out_dtype, ROWS=4, num_warps=p.num_warps)
     return P, RS, XS
 
@@ -922,8 +922,8 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
         quant = dict(quant, STATIC=False)
     h, loaded = _stage2_operand(p.D2, x2.device, a)
     _factored_kernel[(rows * p.NT,)](
-        x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, h, H_LOADED=loaded, BM=p.BM, NT=p.NT, BK=p.BK,
-        NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
+        x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, h, H_LOADED=loaded, BM=p.BM,
+        NT=p.NT, BK=p.BK, NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
         IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
         num_warps=p.num_warps, **quant)
     if dynamic:  # a tile of the (M0, N) view is BM·N consecutive elements of its row
