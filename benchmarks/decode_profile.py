@@ -8,14 +8,15 @@ Builds the same 2-layer Llama-3-8B-shaped model and variants as ``generate_gpu.p
 :class:`graphquant.static_decode.StaticDecoder` step (compiled, CUDA graph) under
 ``torch.profiler`` for ``--steps`` replays and prints, per variant, the kernels of one step:
 name, launches per step, microseconds per step, and the sum of kernel time against the replay's
-CUDA-event time (the difference is the gap between kernels inside the graph and, between replays, the graph's own
-launch; since 2026-12-01 the step time is per replay of ten queued back to back, ``step_ms``, with the old time of one
-replay timed on its own beside it, ``step_ms_synced``, and the span of one step's kernels, ``span_us``), the time by kind
-of kernel (``category``), and the last step's kernels in the order they ran, with their start times
-(``sequence``: where a kernel sits in the layer, which gap follows it). ``--sdpa`` repeats each variant with the
-decode step restricted to other attention backends (``StaticDecoder(sdpa=...)``), ``--inductor`` with other Inductor options for the step's
-compile (``StaticDecoder(compile_options=...)``). ``--prefill B,L`` profiles the compiled prefill of a
-B x L prompt instead (no CUDA graph; "step" then means one prefill). Kernel names are shortened (Triton's generated
+CUDA-event time (the difference is the gap between kernels inside the graph and, between replays, the graph's
+own launch; since 2026-12-01 the step time is per replay of ten queued back to back, ``step_ms``, with the old
+time of one replay timed on its own beside it, ``step_ms_synced``, and the span of one step's kernels,
+``span_us``), the time by kind of kernel (``category``), and the last step's kernels in the order they ran, with
+their start times (``sequence``: where a kernel sits in the layer, which gap follows it). ``--sdpa`` repeats each
+variant with the decode step restricted to other attention backends (``StaticDecoder(sdpa=...)``),
+``--inductor`` with other Inductor options for the step's compile (``StaticDecoder(compile_options=...)``).
+``--prefill B,L`` profiles the compiled prefill of a B x L prompt instead (no CUDA graph; "step" then means one
+prefill). Kernel names are shortened (Triton's generated
 names keep their fused-op suffixes). CUDA only.
 """
 from __future__ import annotations

@@ -3,9 +3,9 @@
 ``median_ms(fn, iters, device)``: median milliseconds of ``fn()`` (CUDA events on CUDA, wall clock on CPU)
 after ``warmup`` calls. ``back_to_back_ms(fn, iters, replays)``: the same per call of ``fn``, each timed sample
 being ``replays`` calls queued back to back (the GPU runs them without the CPU's launch latency between them, as
-a generation loop that never waits for the GPU does). ``graphed(fn, reps)``: ``reps`` calls of ``fn`` captured in one CUDA graph (warmed
-up on a side stream); returns ``(replay, graph)``: keep ``graph`` alive while timing. ``graph_us(fn)``:
-microseconds per call of ``fn`` from such a graph (no launch overhead).
+a generation loop that never waits for the GPU does). ``graphed(fn, reps)``: ``reps`` calls of ``fn`` captured in
+one CUDA graph (warmed up on a side stream); returns ``(replay, graph)``: keep ``graph`` alive while timing.
+``graph_us(fn)``: microseconds per call of ``fn`` from such a graph (no launch overhead).
 """
 from __future__ import annotations
 

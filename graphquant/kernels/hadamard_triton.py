@@ -665,13 +665,8 @@ def _factor_operand(m: int, i: int, transpose: bool, rows: int, cols: int, devic
 
 @functools.lru_cache(maxsize=16)
 def _sylvester_operand(d: int, device: torch.device) -> torch.Tensor:
-    """The ``d×d`` Sylvester matrix ``(-1)^popcount(i & j)`` (what ``_sylvester`` builds in registers), bf16."""
-    i = torch.arange(d)
-    both = i[:, None] & i[None, :]
-    parity = torch.zeros_like(both)
-    for b in range(max(d.bit_length() - 1, 0)):
-        parity ^= (both >> b) & 1
-    return (1 - 2 * parity).to(device=device, dtype=torch.bfloat16)
+    """The ``d×d`` Sylvester matrix (what ``_sylvester`` builds in registers; ``d`` a power of two), bf16."""
+    return torch.from_numpy(_had.sylvester_matrix(d.bit_length() - 1)).to(device=device, dtype=torch.bfloat16)
 
 
 def _stage2_operand(d2: int, device: torch.device, fallback: torch.Tensor):
@@ -847,8 +842,9 @@ def hadamard_pieces(x: torch.Tensor, group: int):
     out_dtype = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
     _factored_kernel[(steps,)](
         x2, a, P, p.M0, a.shape[1], 1.0 / math.sqrt(n), x2, RS, XS, h, H_LOADED=loaded, BM=16, NT=steps, BK=p.BK,
-        NKC=p.NKC, D1=1, LOG1=0, D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=_PARTS[x.dtype], MID_PARTS=min(p.mid_parts, 2),
-        MIDDLE=p.middle, OP=_OPERAND, QUANT=3, OUT_DTYPE=out_dtype, ROWS=4, num_warps=p.num_warps)
+        NKC=p.NKC, D1=1, LOG1=0, D2=p.D2, LOG2=p.D2.bit_length() - 1, IN_PARTS=_PARTS[x.dtype],
+        MID_PARTS=min(p.mid_parts, 2), MIDDLE=p.middle, OP=_OPERAND, QUANT=3, OUT_DTYPE=out_dtype, ROWS=4,
+        num_warps=p.num_warps)
     return P, RS, XS
 
 
@@ -923,9 +919,9 @@ def _launch_tiled(p: Plan, x2: torch.Tensor, y: torch.Tensor, transpose: bool, o
     h, loaded = _stage2_operand(p.D2, x2.device, a)
     _factored_kernel[(rows * p.NT,)](
         x2, a, y, p.M0, a.shape[1], scale, s_in if s_in is not None else x2, ws, amax, h, H_LOADED=loaded, BM=p.BM,
-        NT=p.NT, BK=p.BK, NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2, LOG2=p.D2.bit_length() - 1,
-        IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle, OP=_OPERAND,
-        num_warps=p.num_warps, **quant)
+        NT=p.NT, BK=p.BK, NKC=p.NKC, D1=p.D1, LOG1=max(p.D1.bit_length() - 1, 0), D2=p.D2,
+        LOG2=p.D2.bit_length() - 1, IN_PARTS=in_parts, MID_PARTS=min(p.mid_parts, out_parts), MIDDLE=p.middle,
+        OP=_OPERAND, num_warps=p.num_warps, **quant)
     if dynamic:  # a tile of the (M0, N) view is BM·N consecutive elements of its row
         tile_quant_kernel[(rows, p.NT)](ws, y, sq, amax, n, n, n, p.NT, T_PAD=_pow2_at_least(p.NT, 2),
                                         QMAX=quant["QMAX"], RCP=quant["RCP"], FP8=quant["QUANT"] == 2,
