@@ -67,6 +67,13 @@ dict): ``decode_b1_layer_speedup`` is then the ratio of the two medians, heads s
 measurement stays as ``decode_b1_layer_speedup_own``. Rows run in their own process (``--isolate-s``: torchao's by
 default) have no such rounds. Runs before 2026-12-01's run t had none.
 
+From run v on (2026-12-01), each row in a round-robin is there with ``--builds`` (3) builds of its batch-1 decoder
+and, in QuaRot's, ``--prefill-builds`` (2) of its prefill decoder (:func:`extra_builds`: quantized, prepared,
+compiled and captured again from the same source model), each round timing every build and taking their mean
+(``builds`` and ``*_builds_ms`` in the raw rows): builds of one row differed by 1.1-2.7% in their batch-1 step
+where one build's rounds spread by 0.2-0.4% (``benchmarks/build_spread.py``), and fp8 static's QuaRot decode cost
+came out between 1.1% and 6.3% over the nine pairings of three builds each (3.2% from the means).
+
 From run t on, a decode step's time (the rows', the head's, the rounds') is the median over samples of
 ``Setup.step_replays`` (10) graph replays queued back to back, per replay (``graphquant.timing.back_to_back_ms``),
 as ``StaticDecoder.generate`` queues its steps without waiting for the GPU. Before, each replay was timed on its own
@@ -580,16 +587,21 @@ def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int, names=("pl
     and three times as spread as in the rounds against bf16 (0.435-0.449 against 0.4191-0.4195 ms). ``main`` rounds
     an odd count up to even: in run t a prefill timed right after the other row's took 0.3-0.6 ms (2-4%) longer
     than one timed right after its own, so with 5 rounds the plain row had the fast order three times and QuaRot
-    the slow one three times, and the medians moved fp8 static's QuaRot prefill cost from about 4.3% to 6.1%."""
+    the slow one three times, and the medians moved fp8 static's QuaRot prefill cost from about 4.3% to 6.1%.
+    A kept decoder may be a list of several builds of the row (:func:`extra_builds`): each round then times every
+    build, records their mean, and ``decode_b1_builds_ms`` / ``prefill_builds_ms`` keep each build's times."""
     a, b = names
     out = {"decode_b1_ms": {a: [], b: []}, "prefill_ms": {a: [], b: []}}
     position = _decode_position(setup)
 
+    builds = {"decode_b1_ms": {a: [], b: []}, "prefill_ms": {a: [], b: []}}
+
     def timed(kind, kept):
+        """One time per build of the row (``kept[kind]`` is one decoder, or a list of builds' decoders)."""
+        got = kept[kind] if isinstance(kept[kind], list) else [kept[kind]]
         if kind == "decode_b1":
-            return kept["decode_b1"].time_step_ms(setup.step_iters, position=position, replays=setup.step_replays)
-        dec, ids = kept["prefill"]
-        return dec.time_prefill_ms(ids, setup.prefill_iters)
+            return [d.time_step_ms(setup.step_iters, position=position, replays=setup.step_replays) for d in got]
+        return [dec.time_prefill_ms(ids, setup.prefill_iters) for dec, ids in got]
     for kind in ("decode_b1", "prefill"):  # all decode rounds first: a prefill slowed the decode steps after it
         for i in range(-1 if settle else 0, rounds):
             pair = ((a, plain), (b, rotated))
@@ -597,8 +609,42 @@ def interleave(plain: dict, rotated: dict, setup: Setup, rounds: int, names=("pl
                 if kind in kept:
                     ms = timed(kind, kept)
                     if i >= 0:
-                        out[f"{kind}_ms"][name].append(ms)
+                        out[f"{kind}_ms"][name].append(statistics.fmean(ms))
+                        builds[f"{kind}_ms"][name].append(ms)
+    for kind, per in builds.items():  # each build's times, round by round, where a row had more than one build
+        if out[kind][a] and out[kind][b] and any(len(ms) > 1 for ms in per[a] + per[b]):
+            out[kind.replace("_ms", "_builds_ms")] = per
     return {k: v for k, v in out.items() if v[a] and v[b]}
+
+
+@torch.no_grad()
+def extra_builds(model, v: Variant, setup: Setup, calib, decode: int, prefill: int) -> dict:
+    """``decode`` more batch-1 decoders (compiled, CUDA graph captured) and ``prefill`` more prefill decoders, each
+    on a build of its own of row ``v`` (quantized, prepared and compiled again from the same source model), for the
+    round-robins (:func:`interleave`): ``{"decode_b1": [decoder, ...], "prefill": [(decoder, ids), ...]}``. On the
+    H200 (``benchmarks/build_spread.py``, ``results/build_spread.json``) builds of one row differed by 1.1-2.7% in
+    their batch-1 step, while one build's rounds spread by 0.2-0.4%: one build per row left that much of a
+    goal check to the build."""
+    from graphquant.static_decode import StaticDecoder
+
+    out = {"decode_b1": [], "prefill": []}
+    compile_ = setup.compile and v.compile
+    with switched(v.switch):
+        for i in range(max(decode, prefill)):
+            m = build(model, v, setup, calib)
+            if i < decode:
+                dec = StaticDecoder(m, 1, setup.max_length, compile=compile_, cuda_graph=setup.cuda_graph,
+                                    compile_prefill=False)
+                dec.generate(torch.randint(0, setup.vocab, (1, setup.prompt), device=setup.device), 4)  # captures
+                out["decode_b1"].append(dec)
+            if i < prefill:
+                bp, lp = setup.prefill_shape
+                dec = StaticDecoder(m, bp, lp + 8, compile=compile_, cuda_graph=False)
+                ids = torch.randint(0, setup.vocab, (bp, lp), device=setup.device)
+                dec.time_prefill_ms(ids, 1)  # compiles
+                out["prefill"].append((dec, ids))
+            del m
+    return out
 
 
 def _run_variant(model, v: Variant, setup: Setup, calib, r: dict, keep: dict | None = None,
@@ -981,6 +1027,11 @@ def main(argv=None):
     ap.add_argument("--speedup-rounds", type=int, default=6,
                     help="the decode batch-1 speedup from this many alternating measurements of the bf16 row and "
                          "each later row of this process (0: from the rows' own measurements)")
+    ap.add_argument("--builds", type=int, default=3,
+                    help="builds of each row's batch-1 decoder timed in the round-robins, their mean taken "
+                         "(1: the measured build only)")
+    ap.add_argument("--prefill-builds", type=int, default=2,
+                    help="builds of each plain / QuaRot row's prefill decoder timed in QuaRot's round-robin")
     ap.add_argument("--ab", action="append", metavar="MODULE.ATTR=VALUE[;MODULE.ATTR=VALUE]",
                     help="also measure every graphquant row with this switch set, right after it (repeatable), "
                          "e.g. graphquant.kernels.int8_mm.PREFILL_TRITON=1")
@@ -994,6 +1045,9 @@ def main(argv=None):
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier runs' JSONs into --out and print")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.builds < 1 or args.prefill_builds < 1:
+        raise SystemExit(f"generate_gpu.py: --builds and --prefill-builds take a count >= 1; got {args.builds} and "
+                         f"{args.prefill_builds}")
     if args.quarot_rounds < 0 or args.speedup_rounds < 0:
         raise SystemExit(f"generate_gpu.py: --quarot-rounds and --speedup-rounds take a count >= 0 (0 turns the "
                          f"rounds off); got {args.quarot_rounds} and {args.speedup_rounds}")
@@ -1050,6 +1104,12 @@ def main(argv=None):
     calib = [torch.randint(0, setup.vocab, (1, 256 if not args.smoke else 32), device=setup.device) for _ in range(2)]
     out["head"] = time_head(model, setup)
     print("head: " + ", ".join(f"{k} {v:.4f}" for k, v in out["head"].items()), flush=True)
+    if args.builds > 1 or args.prefill_builds > 1:
+        out["notes"].append(f"round-robins time {args.builds} builds of each row's batch-1 decoder and "
+                            f"{args.prefill_builds} of each plain / QuaRot row's prefill decoder, their mean per round")
+        for name in ("recompile_limit", "cache_size_limit"):  # every build's step and prefill compile again
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
     if args.quarot_rounds:
         out["notes"].append(f"QuaRot's cost from {args.quarot_rounds} alternating rounds of each plain row and its "
                             "QuaRot row (quarot_pair in the QuaRot rows)")
@@ -1075,6 +1135,20 @@ def main(argv=None):
             r = run_isolated(v, args, args.isolate_s)
         else:
             r = run_variant(model, v, setup, calib, keep=keep, reset=keep is None, keep_b1=row_b1)
+            more_b1 = args.builds - 1 if row_b1 is not None or keep is not None else 0
+            more_prefill = args.prefill_builds - 1 if keep is not None and "prefill" in keep else 0
+            if (more_b1 or more_prefill) and not r.get("errors"):
+                def add_builds():
+                    more = extra_builds(model, v, setup, calib, more_b1, more_prefill)
+                    for k in (keep, row_b1):
+                        if k is not None and "decode_b1" in k and more["decode_b1"]:
+                            k["decode_b1"] = [k["decode_b1"], *more["decode_b1"]]
+                    if more["prefill"]:
+                        keep["prefill"] = [keep["prefill"], *more["prefill"]]
+                    r["builds"] = {"decode_b1": 1 + len(more["decode_b1"]), "prefill": 1 + len(more["prefill"])}
+                _attempt(r, "more builds for the rounds", add_builds)
+                if keep is None:
+                    torch._dynamo.reset()
         if row_b1 and base_b1 is None and v.who == "bf16" and v.attention != "decode" and not v.again:
             base_b1 = row_b1["decode_b1"]  # the row every speedup is over (baseline())
         elif row_b1 and base_b1 is not None:

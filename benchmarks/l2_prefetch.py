@@ -93,6 +93,9 @@ def main():
     ap.add_argument("--window-us", default="15")
     ap.add_argument("--parallel", action="store_true",
                     help="the prefetch on a parallel branch of the graph (a second stream), not before the window")
+    ap.add_argument("--window-op", default="",
+                    help="KIND:SHAPE: a product run in the window before the sleep (e.g. W4A16:q/o, as o_proj "
+                         "runs between attention and the MLP), so the prefetch competes with its weight reads")
     ap.add_argument("--variants", default="bulk64k:32,bulk64k:1,bulk16k:1,lines:256",
                     help="prefetch kernels: bulkNk:PER (NkB per instruction, PER per program) or lines:PER")
     args = ap.parse_args()
@@ -107,6 +110,13 @@ def main():
     # cycles per microsecond of torch.cuda._sleep, from a graph of one long sleep
     per_us = 200_000 / graph_us(lambda: torch.cuda._sleep(200_000), reps=2, iters=5)
     side = torch.cuda.Stream() if args.parallel else None
+    window_op = (lambda: None)
+    if args.window_op:
+        w_kind, w_shape = args.window_op.split(":")
+        w_op, _ = DK.operands(w_kind, *DK.SHAPES[w_shape], 1, dev)
+
+        def window_op(w_op=w_op):
+            QT.decode_mm(**w_op, out_dtype=torch.bfloat16)
     rows = []
     for window in [float(w) for w in args.window_us.split(",")]:
         cycles = int(window * per_us)
@@ -146,6 +156,7 @@ def main():
                                 l2_prefetch(w, size, **opts)
                         elif size:
                             l2_prefetch(w, size, **opts)
+                        window_op()
                         torch.cuda._sleep(cycles)
                         if with_product:
                             product()
@@ -155,7 +166,8 @@ def main():
                     t_without = graph_us(lambda: step(False), reps=10, iters=15)
                     row = dict(kind=kind, shape=shape, N=N, K=K, kernel=choice, weight_mb=nbytes / MB,
                                prefetch=variant if size else "none", prefetch_mb=size / MB, window_us=window,
-                               parallel=bool(args.parallel), product_us=t_with - t_without,
+                               parallel=bool(args.parallel), window_op=args.window_op,
+                               product_us=t_with - t_without,
                                step_with_us=t_with, step_without_us=t_without)
                     rows.append(row)
                     print(f"{kind:10s} {shape:8s} {choice:10s} {nbytes / MB:6.1f} MB  window {window:4.0f} us  "

@@ -231,7 +231,30 @@ def test_negative_round_counts_are_refused_with_a_one_line_message(bench, tmp_pa
     for flag in ("--quarot-rounds", "--speedup-rounds"):
         with pytest.raises(SystemExit, match="take a count >= 0"):
             bench.main(["--smoke", flag, "-1", "--out", str(tmp_path / "x.json")])
+    for flag in ("--builds", "--prefill-builds"):
+        with pytest.raises(SystemExit, match="take a count >= 1"):
+            bench.main(["--smoke", flag, "0", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_rounds_time_every_build_of_a_row_and_record_their_mean(bench):
+    """A kept decoder may be a list of builds (``--builds``): each round times every build of both rows, records
+    their mean, and keeps each build's time; the cost then comes from the means, so one slow build moves it by
+    its share only."""
+    class Dec:
+        def __init__(self, step):
+            self.step = step
+
+        def time_step_ms(self, iters, position=None, replays=1):
+            return self.step
+
+    plain = {"decode_b1": [Dec(1.0), Dec(1.1), Dec(1.2)]}
+    rotated = {"decode_b1": [Dec(1.3), Dec(1.1)]}
+    pair = bench.interleave(plain, rotated, bench.SMOKE, rounds=2)
+    assert pair["decode_b1_ms"] == {"plain": [pytest.approx(1.1)] * 2, "quarot": [pytest.approx(1.2)] * 2}
+    assert pair["decode_b1_builds_ms"] == {"plain": [[1.0, 1.1, 1.2]] * 2, "quarot": [[1.3, 1.1]] * 2}
+    one = bench.interleave({"decode_b1": Dec(1.0)}, {"decode_b1": [Dec(2.0)]}, bench.SMOKE, rounds=2)
+    assert set(one) == {"decode_b1_ms"} and one["decode_b1_ms"]["quarot"] == [2.0, 2.0]  # one build: no per-build key
 
 
 def test_smoke_run_on_cpu(bench, tmp_path):
@@ -271,7 +294,14 @@ def test_smoke_run_times_each_quarot_row_against_its_plain_row_in_rounds(bench, 
     rot = next(r for r in doc["raw"] if r["variant"] == "int8 W8A8 + QuaRot")
     assert not rot.get("errors"), rot.get("errors")
     assert {k: [len(v) for v in d.values()] for k, d in rot["quarot_pair"].items()} == \
-        {"decode_b1_ms": [2, 2], "prefill_ms": [2, 2]}
+        {"decode_b1_ms": [2, 2], "prefill_ms": [2, 2], "decode_b1_builds_ms": [2, 2], "prefill_builds_ms": [2, 2]}
+    # --builds 3 / --prefill-builds 2 (the defaults): every round timed each build, and recorded their mean
+    assert rot["builds"] == {"decode_b1": 3, "prefill": 2}
+    for kind, n in (("decode_b1", 3), ("prefill", 2)):
+        for name in ("plain", "quarot"):
+            per = rot["quarot_pair"][f"{kind}_builds_ms"][name]
+            assert all(len(ms) == n for ms in per), per
+            assert rot["quarot_pair"][f"{kind}_ms"][name] == pytest.approx([sum(ms) / n for ms in per])
     row = next(r for r in doc["rows"] if r["variant"] == "int8 W8A8 + QuaRot")
     assert row["quarot_overhead_source"] == "interleaved" and row["quarot_overhead"] is not None
     # (1 round asked: rounded up to 2, so that each row is first as often as second)
