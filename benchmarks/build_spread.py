@@ -13,6 +13,10 @@ Printed per build: the median step (us); per variant: the spread of the build me
 their mean) against the median spread of one build over the rounds; for each "X" / "X + QuaRot" pair, QuaRot's
 decode cost per layer (head subtracted, the head compiled with the step's options) from every pairing of
 builds. CUDA only.
+
+Finding (H200, 2026-12-01, ``results/build_spread.json``, 3 builds, 6 rounds): one build's rounds spread by 0.2-0.4%,
+the builds of one row by 1.1-2.7% (fp8 static 81.7 / 83.7 / 83.1 us per layer); fp8 static's QuaRot decode cost
+1.1-6.3% over the nine pairings of builds, 3.2% from the means. Hence ``generate_gpu.py --builds``.
 """
 from __future__ import annotations
 

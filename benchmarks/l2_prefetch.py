@@ -11,11 +11,13 @@ Finding (H200, ``results/l2_prefetch_tried.json``): the products gain 1.5-2.5 us
 prefetch launch holds the stream about as long as its traffic, whatever the idle window after it, so it is not
 part of graphquant's decode path (README).
 
-``--parallel`` (written 2026-12-01, not yet run on a GPU): the prefetch runs on a second stream forked from the
-graph's stream before the window and joined after the product (a parallel branch of the CUDA graph), so it cannot
-hold the window or the product back; then what counts is the whole step, ``step_with_us`` (flush, window and
-product), against the same step without a prefetch (``prefetch`` "none"). In a W4A16 decode layer the kernels
-between the two big products (RoPE, attention, ``o_proj``, the norm: about 18 us) leave HBM mostly idle.
+``--parallel``: the prefetch runs on a second stream forked from the graph's stream before the window and joined
+after the product (a parallel branch of the CUDA graph), so it cannot hold the window or the product back; then what
+counts is the whole step, ``step_with_us`` (flush, window and product), against the same step without a prefetch
+(``prefetch`` "none"). ``--window-op KIND:SHAPE`` runs that product in the window before the sleep (W4A16:q/o: the
+``o_proj`` of a decode layer, between attention and the MLP). Finding (H200, 2026-12-01,
+``results/l2_prefetch_parallel_tried.json``, ``_parallel_window_qo_tried.json``): at most 1.8 us off the whole step
+with a 15 us idle window, nothing with ``o_proj`` in the window; not adopted (README).
 
     PYTHONPATH=. python benchmarks/l2_prefetch.py --out benchmarks/results/l2_prefetch.json
 """
@@ -110,12 +112,13 @@ def main():
     # cycles per microsecond of torch.cuda._sleep, from a graph of one long sleep
     per_us = 200_000 / graph_us(lambda: torch.cuda._sleep(200_000), reps=2, iters=5)
     side = torch.cuda.Stream() if args.parallel else None
-    window_op = (lambda: None)
+    w_op = None
     if args.window_op:
         w_kind, w_shape = args.window_op.split(":")
         w_op, _ = DK.operands(w_kind, *DK.SHAPES[w_shape], 1, dev)
 
-        def window_op(w_op=w_op):
+    def window_op():
+        if w_op is not None:
             QT.decode_mm(**w_op, out_dtype=torch.bfloat16)
     rows = []
     for window in [float(w) for w in args.window_us.split(",")]:
