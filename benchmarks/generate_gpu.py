@@ -19,7 +19,8 @@ On the H200 (about 40 s per variant; the torchao wheel travels in ``.whl``, see 
     # run v's three calls (three builds per row take the graphquant rows to about 700 s: two calls of < 600 s)
     python3 benchmarks/generate_gpu.py --who graphquant --variants fp8,int8 --no-bf16-again --out a.json   # 421 s
     python3 benchmarks/generate_gpu.py --who graphquant --variants W8A16,W4A16 --out b.json                # 286 s
-    python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --variants "W4A16,fp8 dynamic" --isolate-s 95 --out t.json
+    python3 benchmarks/generate_gpu.py --who torchao --no-bf16 --variants "W4A16,fp8 dynamic" --isolate-s 95 \
+        --out t.json
     python3 benchmarks/generate_gpu.py --merge a.json b.json t.json --out benchmarks/results/generate_gpu.json
     # an A/B of one code path in one run: every graphquant row, then its twin with the switch set
     python3 benchmarks/generate_gpu.py --who graphquant --variants int8 --ab graphquant.kernels.int8_mm.PREFILL_TRITON=1
