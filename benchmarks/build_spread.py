@@ -49,26 +49,21 @@ def main(argv=None):
         raise SystemExit("build_spread.py needs a CUDA GPU")
     if args.builds < 1 or args.rounds < 1:
         raise SystemExit(f"build_spread.py: --builds and --rounds take a count >= 1, got {args.builds}, {args.rounds}")
-    from graphquant.static_decode import StaticDecoder
-
     setup = gg.Setup()
     model = gg.llama3_8b(setup, args.layers)
     calib = [torch.randint(0, setup.vocab, (1, 256), device=setup.device) for _ in range(2)]
     position = gg._decode_position(setup)
     kept, heads = [], {}
     for spec in [s.strip() for s in args.variants.split(",") if s.strip()]:
-        v = dp._variant(spec)
-        for b in range(args.builds):
-            m = gg.build(model, v, setup, calib)
-            dec = StaticDecoder(m, 1, setup.max_length, compile_prefill=False)
-            dec.generate(torch.randint(0, setup.vocab, (1, setup.prompt), device=setup.device), 8)
+        decoders = gg.extra_builds(model, dp._variant(spec), setup, calib, decode=args.builds, prefill=0)["decode_b1"]
+        for b, dec in enumerate(decoders):
             options = dict(dec.decode_compile_options or {})
             key = repr(sorted(options.items()))
             if key not in heads:
-                heads[key] = gg.time_head(m, setup, options)["decode_b1_ms"]  # no Dynamo reset with options
+                heads[key] = gg.time_head(dec.model, setup, options)["decode_b1_ms"]  # no Dynamo reset with options
             kept.append(dict(variant=spec, build=b, dec=dec, head_ms=heads[key], times=[]))
-            torch._dynamo.reset()  # the kept decoder replays its CUDA graph; the next build compiles afresh
-            print(f"built {spec} #{b}", flush=True)
+        torch._dynamo.reset()  # the kept decoders replay their CUDA graphs; the next variant compiles afresh
+        print(f"built {spec} x{len(decoders)}", flush=True)
     for i in range(-1, args.rounds):  # one settling round, not recorded (see generate_gpu.interleave)
         order = kept[i % len(kept):] + kept[:i % len(kept)]
         for k in order:
